@@ -1,0 +1,24 @@
+# The two commands a newcomer needs: `make run` (the daemon on the embedded default setup)
+# and `make test` (lint, types and the whole test suite, exactly what CI runs).
+VENV := .venv
+BIN := $(VENV)/bin
+STATE ?= .portsd
+
+.PHONY: run test lint bench
+$(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
+	tools/bootstrap
+
+run: $(VENV)/.installed
+	$(BIN)/portsd serve --tree . --state $(STATE)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check portsd tests bench
+	$(BIN)/ruff format --check portsd tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -n 2 -q
+
+bench: $(VENV)/.installed
+	PORTSD_BENCH=1 tools/bootstrap
+	$(BIN)/python -m bench

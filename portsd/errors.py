@@ -1,0 +1,231 @@
+"""Every error portsd raises on purpose, in one tree.
+
+    PortsdError
+    ├── ConfigError              a config file or flag is wrong
+    ├── RecipeError              one or more problems in one port.toml (file:line: message)
+    ├── GraphError
+    │   ├── DependencyCycle      every port on the cycle, in order
+    │   ├── MissingDependency    a dependency no port provides (or none in the wanted version)
+    │   └── BrokenDependency     a dependency that cannot be built itself, so neither can this
+    ├── GitError                 the ports tree could not be read from git
+    ├── FetchError               a source could not be obtained
+    │   └── ChecksumMismatch     ... or its sha256 is not the recipe's
+    ├── BuildError               a build step failed, timed out or was killed
+    ├── PackageError             a package file is malformed
+    │   └── UnsafeArchive        ... or tries to escape its root
+    ├── RepoError                the repository or its index is unusable
+    │   ├── BadSignature
+    │   ├── RollbackDetected
+    │   └── IndexExpired
+    └── InstallError
+        └── FileConflict
+
+Each error keeps its facts as fields and formats itself in ``__str__``; ``hint`` is an
+optional second line for humans. Only the command-line entry points and the daemon's top
+level turn an error into ``error: ...`` and an exit status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PortsdError(Exception):
+    """Base of every error portsd raises on purpose."""
+
+    hint: str | None = None
+
+
+class ConfigError(PortsdError):
+    """A configuration file or command-line setting is invalid."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.message = message
+        self.path = path
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in one file; ``line`` is 1-based when known."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+class RecipeError(PortsdError):
+    """A port.toml that cannot be used; carries every problem found in it, not just the first."""
+
+    def __init__(self, port: str, problems: Sequence[Problem]) -> None:
+        self.port = port
+        self.problems = tuple(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class GraphError(PortsdError):
+    """The dependency graph cannot be built for some ports."""
+
+
+class DependencyCycle(GraphError):
+    """Ports that (transitively) need each other to build; ``cycle`` lists each once, in order."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        self.cycle = tuple(cycle)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "dependency cycle: " + " -> ".join((*self.cycle, self.cycle[0]))
+
+
+class MissingDependency(GraphError):
+    """``port`` needs ``dependency`` (as written in its recipe) and nothing satisfies it."""
+
+    def __init__(self, port: str, dependency: str, kind: str, detail: str = "") -> None:
+        self.port = port
+        self.dependency = dependency
+        self.kind = kind
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.port}: {self.kind} '{self.dependency}' is not provided by any port"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+class BrokenDependency(GraphError):
+    """``port`` cannot be built because ``dependency`` (reached through ``path``) cannot."""
+
+    def __init__(self, port: str, dependency: str, reason: str) -> None:
+        self.port = port
+        self.dependency = dependency
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.port}: dependency {self.dependency} cannot be built: {self.reason}"
+
+
+class GitError(PortsdError):
+    """The ports tree could not be read from the git repository at ``path``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class FetchError(PortsdError):
+    """A source of ``port`` could not be obtained from any location."""
+
+    def __init__(self, port: str, filename: str, message: str) -> None:
+        self.port = port
+        self.filename = filename
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.port}: cannot fetch {self.filename}: {self.message}"
+
+
+class ChecksumMismatch(FetchError):
+    """A downloaded or cached file does not have the sha256 the recipe names."""
+
+    def __init__(self, port: str, filename: str, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(port, filename, f"expected {expected}, got {actual}")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.port}: sha256 mismatch for {self.filename}: "
+            f"expected {self.expected}, got {self.actual}"
+        )
+
+
+class BuildError(PortsdError):
+    """A build of ``port`` failed in ``step``; ``status`` says how (exit 2, killed by SIGKILL)."""
+
+    def __init__(self, port: str, step: str, status: str, log: str | None = None) -> None:
+        self.port = port
+        self.step = step
+        self.status = status
+        self.log = log
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.port}: {self.step} failed ({self.status})"
+        return f"{text}; log: {self.log}" if self.log else text
+
+
+class PackageError(PortsdError):
+    """A package file is malformed; ``path`` names the file."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class UnsafeArchive(PackageError):
+    """A package member would escape or subvert the root it is extracted into."""
+
+    def __init__(self, path: str, member: str, message: str) -> None:
+        self.member = member
+        super().__init__(path, f"unsafe member '{member}': {message}")
+
+
+class RepoError(PortsdError):
+    """The repository at ``path`` or its index cannot be used."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class BadSignature(RepoError):
+    """A signature does not verify against any trusted key."""
+
+
+class RollbackDetected(RepoError):
+    """An index has a lower serial than one already seen: someone serves an old index."""
+
+
+class IndexExpired(RepoError):
+    """An index is past its expiry time: someone may be freezing clients on old packages."""
+
+
+class InstallError(PortsdError):
+    """An install, upgrade or removal cannot be carried out; nothing was changed."""
+
+
+class FileConflict(InstallError):
+    """``path`` would be written by ``package`` but belongs to ``owner`` (None: unowned file)."""
+
+    def __init__(self, package: str, path: str, owner: str | None) -> None:
+        self.package = package
+        self.path = path
+        self.owner = owner
+        who = f"owned by {owner}" if owner else "exists and is not owned by any package"
+        super().__init__(f"{package}: /{path} {who}")
