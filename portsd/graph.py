@@ -102,7 +102,9 @@ class Graph:
                 affected.add(name)
         # A cycle that appeared or vanished runs through a port whose edges changed, and
         # every port on such a cycle is reachable from it.
-        region = graph._reachable(rescan)
+        # A vanished cycle may have lost its port entirely, so its old members count too.
+        old_members = {m for n in rescan if n in self._cycles for m in self._cycles[n].cycle}
+        region = graph._reachable(rescan | old_members) | rescan | old_members
         for name in region:
             graph._cycles.pop(name, None)
         graph._find_cycles(region)
@@ -201,6 +203,8 @@ class Graph:
             offered = self._recipes[candidate].provided_version(dep.name)
             if offered and dep.accepts(offered):  # an unversioned provides meets no constraint
                 return candidate
+        if dep.name in self._recipe_errors:
+            return dep.name  # an edge to the broken port, so dependents name the root cause
         return None
 
     def _why_missing(self, dep: Dependency) -> str:
@@ -210,8 +214,6 @@ class Graph:
         ]
         if offers:
             return ", ".join(offers)
-        if dep.name in self._recipe_errors:
-            return f"the recipe of {dep.name} is broken"
         if dep.name in self._unsupported:
             return f"{dep.name} is not available for {self.arch}"
         return ""

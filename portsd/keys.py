@@ -92,7 +92,7 @@ class KeySet:
             if problem is not None:
                 self.blocked[name] = problem
             return
-        build_root = self._build_root(graph, name)
+        build_root = self.build_root(graph, name)
         for dep in build_root:
             if dep not in self.keys:
                 self.blocked[name] = self._blocked_by(name, dep)
@@ -112,7 +112,8 @@ class KeySet:
         reason = str(cause).splitlines()[0] if cause else "it is not available"
         return BrokenDependency(name, dep, reason)
 
-    def _build_root(self, graph: Graph, name: str) -> list[str]:
+    def build_root(self, graph: Graph, name: str) -> list[str]:
+        """The ports installed to build ``name``, sorted (memoised runtime closures)."""
         root: set[str] = set()
         for edge in graph.edges(name):
             root |= self._runtime_closure(graph, edge.target)

@@ -62,12 +62,48 @@ def make_plan(
             up_to_date.add(name)
         else:
             missing.add(name)
+    needs = {name: sorted(set(keys.build_root(graph, name)) & missing - {name}) for name in missing}
     builds = tuple(
-        PlannedBuild(
-            name=name,
-            key=keys.keys[name],
-            needs=tuple(sorted({edge.target for edge in graph.edges(name)} & missing - {name})),
-        )
-        for name in graph.order(missing)
+        PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
+        for name in _order(needs)
     )
     return Plan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
+
+
+def _order(needs: Mapping[str, list[str]]) -> list[str]:
+    """Kahn's algorithm over ``needs``; ties broken by name so every run agrees."""
+    waiting = {name: len(required) for name, required in needs.items()}
+    unlocks: dict[str, list[str]] = {}
+    for name, required in needs.items():
+        for dep in required:
+            unlocks.setdefault(dep, []).append(name)
+    ready = sorted((name for name, count in waiting.items() if count == 0), reverse=True)
+    ordered: list[str] = []
+    while ready:
+        name = ready.pop()
+        ordered.append(name)
+        for dependent in unlocks.get(name, ()):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                ready.append(dependent)
+                ready.sort(reverse=True)
+    return ordered
+
+
+def critical_path(
+    plan: Plan, durations: Mapping[str, float], default: float = 60.0
+) -> dict[str, float]:
+    """Each planned build's priority: its own expected duration plus the longest chain of
+    expected durations of the planned builds waiting on it. Running the highest first
+    shortens the whole run (the critical path starts early); ``default`` stands in for a
+    port never built before.
+    """
+    waiting_on: dict[str, list[str]] = {build.name: [] for build in plan.builds}
+    for build in plan.builds:
+        for need in build.needs:
+            waiting_on[need].append(build.name)
+    priority: dict[str, float] = {}
+    for build in reversed(plan.builds):  # dependents come later in a plan, so are done first
+        tail = max((priority[d] for d in waiting_on[build.name]), default=0.0)
+        priority[build.name] = durations.get(build.name, default) + tail
+    return priority

@@ -178,6 +178,10 @@ _SOURCE_KEYS = frozenset({"url", "file", "sha256", "filename"})
 _BUILD_KEYS = frozenset({"style", "configure-args", "dir", *(step.value for step in Step)})
 
 
+Where = tuple[str, int] | None
+"""A table and which occurrence of it (1-based, for ``[[source]]``); None is the top level."""
+
+
 class _Checker:
     """Collects problems for one file, locating keys in the text only when something is wrong."""
 
@@ -186,46 +190,48 @@ class _Checker:
         self.text = text
         self.problems: list[Problem] = []
 
-    def add(self, message: str, key: str | None = None, table: str | None = None) -> None:
-        self.problems.append(Problem(self.path, message, self.line_of(key, table) if key else None))
+    def add(self, message: str, key: str | None = None, where: Where = None) -> None:
+        """Record a problem at ``key`` in ``where`` (at the table's header if no key)."""
+        line = self.line_of(key, where) if key or where else None
+        self.problems.append(Problem(self.path, message, line))
 
-    def line_of(self, key: str, table: str | None) -> int | None:
+    def line_of(self, key: str | None, where: Where) -> int | None:
         lines = self.text.splitlines()
+        is_header = [line.lstrip().startswith("[") for line in lines]
         start = 0
-        if table is not None:
+        if where is not None:
+            table, occurrence = where
             header = re.compile(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?")
-            start = next((n for n, line in enumerate(lines) if header.match(line)), -1) + 1
-            if start == 0:
+            headers = [n for n, line in enumerate(lines) if header.match(line)]
+            if len(headers) < occurrence:
                 return None
-        assignment = re.compile(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        for number in range(start, len(lines)):
-            if table is None and lines[number].lstrip().startswith("["):
-                break
-            if assignment.match(lines[number]):
-                return number + 1
-        return None
+            if key is None:
+                return headers[occurrence - 1] + 1
+            start = headers[occurrence - 1] + 1
+        stop = next((n for n in range(start, len(lines)) if is_header[n]), len(lines))
+        assignment = re.compile(rf"\s*[\"']?{re.escape(key or '')}[\"']?\s*=")
+        return next((n + 1 for n in range(start, stop) if assignment.match(lines[n])), None)
 
-    def string(self, data: Mapping[str, Any], key: str, table: str | None = None) -> str | None:
+    def string(self, data: Mapping[str, Any], key: str, where: Where = None) -> str | None:
         value = data.get(key)
         if value is None or isinstance(value, str):
             return value
-        self.add(f"'{key}' must be a string, not {_toml_type(value)}", key, table)
+        self.add(f"'{key}' must be a string, not {_toml_type(value)}", key, where)
         return None
 
-    def strings(self, data: Mapping[str, Any], key: str, table: str | None = None) -> list[str]:
+    def strings(self, data: Mapping[str, Any], key: str, where: Where = None) -> list[str]:
         value = data.get(key, [])
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return value
-        self.add(f"'{key}' must be a list of strings", key, table)
+        self.add(f"'{key}' must be a list of strings", key, where)
         return []
 
-    def unknown_keys(
-        self, data: Mapping[str, Any], allowed: frozenset[str], table: str | None
-    ) -> None:
+    def unknown_keys(self, data: Mapping[str, Any], allowed: frozenset[str], where: Where) -> None:
         for key in data:
             if key not in allowed:
-                where = f" in [{table}]" if table else ""
-                self.add(f"unknown key '{key}'{where}", key, table)
+                self.add(
+                    f"unknown key '{key}'" + (f" in [{where[0]}]" if where else ""), key, where
+                )
 
 
 def _toml_type(value: object) -> str:
@@ -341,42 +347,41 @@ def _parse_sources(check: _Checker, value: object, files: set[str] | None) -> tu
     sources: list[Source] = []
     for number, entry in enumerate(value, start=1):
         before = len(check.problems)
-        label = f"source #{number}"
-        check.unknown_keys(entry, _SOURCE_KEYS, "source")
-        url, file = check.string(entry, "url", "source"), check.string(entry, "file", "source")
-        sha256 = check.string(entry, "sha256", "source")
-        filename = check.string(entry, "filename", "source")
+        label, where = f"source #{number}", ("source", number)
+        check.unknown_keys(entry, _SOURCE_KEYS, where)
+        url, file = check.string(entry, "url", where), check.string(entry, "file", where)
+        sha256 = check.string(entry, "sha256", where)
+        filename = check.string(entry, "filename", where)
         if (url is None) == (file is None):
-            check.add(f"{label}: give exactly one of 'url' or 'file'", "source")
+            check.add(f"{label}: give exactly one of 'url' or 'file'", None, where)
         if url is not None:
             if not re.match(r"https?://[^/\s]+/\S*[^/\s]$", url):
-                check.add(f"{label}: url '{url}' is not an http(s) URL of a file", "url", "source")
+                check.add(f"{label}: url '{url}' is not an http(s) URL of a file", "url", where)
             if sha256 is None:
-                check.add(f"{label}: url source '{url}' has no sha256", "url", "source")
+                check.add(f"{label}: url source '{url}' has no sha256", "url", where)
         if sha256 is not None and not _SHA256.fullmatch(sha256):
-            check.add(f"{label}: sha256 must be 64 lowercase hex digits", "sha256", "source")
+            check.add(f"{label}: sha256 must be 64 lowercase hex digits", "sha256", where)
         if file is not None:
             parts = file.split("/")
             if file.startswith("/") or ".." in parts or "" in parts:
                 check.add(
-                    f"{label}: file '{file}' must be a relative path inside the port",
-                    "file",
-                    "source",
+                    f"{label}: file '{file}' must be a relative path inside the port", "file", where
                 )
             elif files is not None and file not in files:
                 check.add(
-                    f"{label}: file '{file}' does not exist in the port directory", "file", "source"
+                    f"{label}: file '{file}' does not exist in the port directory", "file", where
                 )
-        name = filename or (url.rsplit("/", 1)[-1] if url else (file or "").rsplit("/", 1)[-1])
         if filename is not None and ("/" in filename or filename in ("", ".", "..")):
             check.add(
-                f"{label}: filename '{filename}' must be a plain file name", "filename", "source"
+                f"{label}: filename '{filename}' must be a plain file name", "filename", where
             )
+        name = filename or (url or file or "").rsplit("/", 1)[-1]
         if len(check.problems) == before:
+            if any(source.filename == name for source in sources):
+                check.add(
+                    f"two sources are both named '{name}' (set 'filename' on one)", None, where
+                )
             sources.append(Source(filename=name, url=url, file=file, sha256=sha256))
-    names = [source.filename for source in sources]
-    for duplicate in sorted({n for n in names if names.count(n) > 1}):
-        check.add(f"two sources are both named '{duplicate}' (set 'filename' on one)", "source")
     return tuple(sources)
 
 
@@ -384,23 +389,25 @@ def _parse_build(check: _Checker, value: object) -> BuildSpec:
     if not isinstance(value, dict):
         check.add("'build' must be a table ([build])", "build")
         return BuildSpec()
-    check.unknown_keys(value, _BUILD_KEYS, "build")
-    style_text = check.string(value, "style", "build") or BuildStyle.CUSTOM.value
+    check.unknown_keys(value, _BUILD_KEYS, ("build", 1))
+    style_text = check.string(value, "style", ("build", 1)) or BuildStyle.CUSTOM.value
     try:
         style = BuildStyle(style_text)
     except ValueError:
         choices = " | ".join(s.value for s in BuildStyle)
-        check.add(f"unknown build style '{style_text}' (expected {choices})", "style", "build")
+        check.add(f"unknown build style '{style_text}' (expected {choices})", "style", ("build", 1))
         style = BuildStyle.CUSTOM
-    directory = check.string(value, "dir", "build")
+    directory = check.string(value, "dir", ("build", 1))
     if directory is not None and (directory.startswith("/") or ".." in directory.split("/")):
         check.add(
-            f"build dir '{directory}' must be a relative path inside the sources", "dir", "build"
+            f"build dir '{directory}' must be a relative path inside the sources",
+            "dir",
+            ("build", 1),
         )
-    steps = {step: check.string(value, step.value, "build") for step in Step}
+    steps = {step: check.string(value, step.value, ("build", 1)) for step in Step}
     return BuildSpec(
         style=style,
-        configure_args=tuple(check.strings(value, "configure-args", "build")),
+        configure_args=tuple(check.strings(value, "configure-args", ("build", 1))),
         dir=directory,
         prepare=steps[Step.PREPARE],
         build=steps[Step.BUILD],

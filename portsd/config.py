@@ -1,0 +1,146 @@
+"""Configuration: one TOML file, every setting also a flag, loaded once and passed explicitly.
+
+All state lives under one directory (``state_dir``) unless a setting moves a part of it:
+
+    <state>/portsd.toml        this file (optional; defaults everywhere)
+    <state>/repo/<arch>/...    the signed binary repository
+    <state>/distfiles/         downloaded sources, by sha256
+    <state>/keys/              the signing key pair (secret key mode 0600)
+    <state>/work/              build directories (removed after each build)
+    <state>/store/             unpacked packages, the layers of build roots
+    <state>/logs/              one log per build
+    <state>/cache/             parsed recipes by tree id
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import rtoml
+
+from portsd.errors import ConfigError
+
+CONFIG_NAME = "portsd.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the builder and the daemon, with its default."""
+
+    state_dir: Path
+    arch: str = field(default_factory=platform.machine)
+    jobs: int = 2  # builds at once
+    make_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # $JOBS inside a build
+    build_timeout: float = 3600.0  # seconds per step
+    mirrors: tuple[str, ...] = ()
+    index_expiry_days: float = 7.0
+    repo_dir: Path | None = None
+    distfiles_dir: Path | None = None
+
+    @property
+    def repo(self) -> Path:
+        return self.repo_dir or self.state_dir / "repo"
+
+    @property
+    def distfiles(self) -> Path:
+        return self.distfiles_dir or self.state_dir / "distfiles"
+
+    @property
+    def secret_key(self) -> Path:
+        return self.state_dir / "keys" / "portsd.key"
+
+    @property
+    def public_key(self) -> Path:
+        return self.state_dir / "keys" / "portsd.pub"
+
+    @property
+    def work(self) -> Path:
+        return self.state_dir / "work"
+
+    @property
+    def store(self) -> Path:
+        return self.state_dir / "store"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def cache(self) -> Path:
+        return self.state_dir / "cache"
+
+
+# TOML key -> (field name, expected type); the file groups settings in tables.
+_SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
+    "build": {
+        "arch": ("arch", str),
+        "jobs": ("jobs", int),
+        "make-jobs": ("make_jobs", int),
+        "timeout": ("build_timeout", float),
+    },
+    "sources": {"mirrors": ("mirrors", list), "distfiles": ("distfiles_dir", str)},
+    "repository": {"path": ("repo_dir", str), "expires-days": ("index_expiry_days", float)},
+}
+
+
+def load_config(
+    state_dir: Path, path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """The config of ``state_dir``: its portsd.toml (or ``path``), then ``overrides`` (flags).
+
+    A missing default file is fine; a missing explicit ``path`` is an error.
+    """
+    config = Config(state_dir=state_dir)
+    file = path or state_dir / CONFIG_NAME
+    if path is not None and not file.is_file():
+        raise ConfigError("no such config file", path=str(file))
+    if file.is_file():
+        config = replace(config, **_read(file, state_dir))
+    values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = {f.name for f in fields(Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    config = replace(config, **values)
+    if config.jobs < 1 or config.make_jobs < 1:
+        raise ConfigError("jobs and make-jobs must be at least 1", path=str(file))
+    return config
+
+
+def _read(file: Path, state_dir: Path) -> dict[str, Any]:
+    try:
+        data = rtoml.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read: {error}", path=str(file)) from None
+    except rtoml.TomlParsingError as error:
+        raise ConfigError(f"invalid TOML: {error}", path=str(file)) from None
+    values: dict[str, Any] = {}
+    for table, entries in data.items():
+        schema = _SCHEMA.get(table)
+        if schema is None or not isinstance(entries, dict):
+            raise ConfigError(f"unknown table [{table}]", path=str(file))
+        for key, value in entries.items():
+            if key not in schema:
+                raise ConfigError(f"unknown key '{key}' in [{table}]", path=str(file))
+            name, kind = schema[key]
+            values[name] = _coerce(value, kind, name, state_dir, f"[{table}] {key}", file)
+    return values
+
+
+def _coerce(value: Any, kind: type, name: str, state_dir: Path, where: str, file: Path) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be {kind.__name__}", path=str(file))
+    if kind is list:
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where} must be a list of strings", path=str(file))
+        return tuple(value)
+    if name.endswith("_dir"):
+        return (state_dir / os.path.expanduser(value)).resolve()
+    return value

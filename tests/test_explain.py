@@ -1,0 +1,86 @@
+"""`ports why`: root causes, the edges they travel, and the verdicts."""
+
+from __future__ import annotations
+
+from portsd.errors import Problem, RecipeError
+from portsd.explain import Evaluated, Touch, explain
+from portsd.graph import Graph
+from portsd.keys import KeySet
+from portsd.recipe import Recipe
+from tests.test_graph import port
+
+
+def evaluated(
+    revision: str, ports: dict[str, Recipe | RecipeError], tree_ids: dict[str, str]
+) -> Evaluated:
+    graph = Graph.build(ports, "x86_64")
+    return Evaluated(revision, graph, KeySet.compute(graph, tree_ids), tree_ids)
+
+
+PORTS: dict[str, Recipe | RecipeError] = {
+    "base": port("base"),
+    "mid": port("mid", depends=("base",)),
+    "tool": port("tool", build=("mid",)),
+    "other": port("other"),
+}
+IDS = {name: f"t-{name}" for name in PORTS}
+TOUCH = Touch("c0ffee1234567890", "base: bump to 2.0", ("port.toml", "fix.patch"))
+
+
+def test_a_change_deep_down_is_traced_through_every_edge() -> None:
+    old = evaluated("a" * 40, PORTS, IDS)
+    new = evaluated("b" * 40, PORTS, IDS | {"base": "t-base-2"})
+    explanation = explain("tool", old, new, {"base": [TOUCH]}, present=set())
+    assert explanation.lines() == [
+        f"tool must be rebuilt: key {old.keys.keys['tool'][:12]} -> {new.keys.keys['tool'][:12]}",
+        f"  ports/base changed since {'a' * 10}",
+        "    c0ffee1234 base: bump to 2.0 (port.toml, fix.patch)",
+        "    reaches tool through base -(depends)-> mid -(build-depends)-> tool",
+    ]
+
+
+def test_verdicts() -> None:
+    old = evaluated("a" * 40, PORTS, IDS)
+    new = evaluated("b" * 40, PORTS | {"fresh": port("fresh")}, IDS | {"fresh": "t-fresh"})
+    key = new.keys.keys["other"]
+    assert explain("other", old, new, {}, present={key}).lines() == [
+        f"other is up to date: key {key[:12]} is in the repository"
+    ]
+    assert (
+        explain("other", old, new, {}, present=set())
+        .lines()[0]
+        .startswith("other must be built: its inputs did not change")
+    )
+    assert (
+        explain("fresh", old, new, {}, present=set())
+        .lines()[0]
+        .startswith("fresh must be built: it is new")
+    )
+
+
+def test_resolution_changes_are_causes_too() -> None:
+    ports = PORTS | {
+        "user": port("user", depends=("sh",)),
+        "dash": port("dash", provides=("sh=1",)),
+    }
+    ids = IDS | {"user": "t-user", "dash": "t-dash"}
+    old = evaluated("a" * 40, ports, ids)
+    moved = evaluated(
+        "b" * 40, ports | {"ash": port("ash", provides=("sh=1",))}, ids | {"ash": "t-ash"}
+    )
+    assert explain("user", old, moved, {}, present=set()).lines()[1:] == [
+        "  user: 'sh' now resolves to ash (was dash)",
+        f"  ash was added in {'b' * 10}",
+        "    reaches user through ash -(depends)-> user",
+    ]
+
+
+def test_blocked_port_says_why() -> None:
+    broken = RecipeError(
+        "base", [Problem("ports/base/port.toml", "missing required field 'license'")]
+    )
+    new = evaluated("b" * 40, PORTS | {"base": broken}, IDS)
+    assert explain("tool", None, new, {}, present=set()).lines() == [
+        "tool cannot be built: tool: dependency base cannot be built: "
+        "ports/base/port.toml: missing required field 'license'"
+    ]

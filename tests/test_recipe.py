@@ -1,0 +1,223 @@
+"""Recipe parsing: the whole format, and an exact message for every way it can be wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from portsd.errors import RecipeError
+from portsd.recipe import BuildStyle, Dependency, Recipe, Source, Step, parse_recipe
+from portsd.version import Op
+
+PATH = "ports/zlib/port.toml"
+SHA = "9a93b2b7dfdac77ceba5a558a580e74667dd6fede4585b91eefb60f03b72df23"
+
+FULL = f"""\
+name = "zlib"
+version = "1.3.1"
+release = 2
+summary = "Lossless data-compression library"
+homepage = "https://zlib.net/"
+license = "Zlib"
+arch = ["x86_64", "aarch64"]
+
+depends = ["musl"]
+build-depends = ["make>=4.0"]
+check-depends = ["diffutils"]
+provides = ["libz=1.3.1"]
+conflicts = ["zlib-ng<2"]
+
+[[source]]
+url = "https://zlib.net/fossils/zlib-1.3.1.tar.gz"
+sha256 = "{SHA}"
+[[source]]
+file = "0001-fix.patch"
+[[source]]
+url = "https://example.org/download?id=7/data.bin"
+sha256 = "{SHA.replace("9", "8")}"
+filename = "extra-data.bin"
+
+[build]
+style = "autotools"
+configure-args = ["--enable-static"]
+dir = "zlib-1.3.1"
+prepare = "sed -i s/a/b/ Makefile.in"
+package = 'make DESTDIR="$DESTDIR" install'
+"""
+
+MINIMAL = 'name = "zlib"\nversion = "1.0"\nsummary = "s"\nlicense = "MIT"\n'
+
+
+def test_full_recipe() -> None:
+    recipe = parse_recipe(FULL, PATH, "zlib", files=["port.toml", "0001-fix.patch"])
+    assert recipe.name == "zlib" and recipe.full_version == "1.3.1-2"
+    assert recipe.arch == ("x86_64", "aarch64")
+    assert recipe.depends == (Dependency("musl"),)
+    assert recipe.build_depends == (Dependency("make", Op.GE, "4.0"),)
+    assert recipe.provides == (Dependency("libz", Op.EQ, "1.3.1"),)
+    assert recipe.conflicts == (Dependency("zlib-ng", Op.LT, "2"),)
+    assert recipe.sources == (
+        Source("zlib-1.3.1.tar.gz", url="https://zlib.net/fossils/zlib-1.3.1.tar.gz", sha256=SHA),
+        Source("0001-fix.patch", file="0001-fix.patch"),
+        Source(
+            "extra-data.bin",
+            url="https://example.org/download?id=7/data.bin",
+            sha256=SHA.replace("9", "8"),
+        ),
+    )
+    assert recipe.sources[1].is_patch and not recipe.sources[0].is_patch
+    assert recipe.build.style is BuildStyle.AUTOTOOLS
+    assert recipe.build.configure_args == ("--enable-static",)
+    assert recipe.build.script(Step.PREPARE) == "sed -i s/a/b/ Makefile.in"
+    assert recipe.build.script(Step.BUILD) is None  # the style's default applies
+    assert [str(dep) for _, dep in recipe.dependencies()] == ["musl", "make>=4.0", "diffutils"]
+    assert (
+        recipe.provided_version("libz") == "1.3.1" and recipe.provided_version("zlib") == "1.3.1-2"
+    )
+    assert recipe.supports("x86_64") and not recipe.supports("riscv64")
+
+
+def test_minimal_recipe_defaults() -> None:
+    recipe = parse_recipe(MINIMAL.encode(), PATH, "zlib")
+    assert recipe == Recipe(name="zlib", version="1.0", release=1, summary="s", license="MIT")
+    assert recipe.supports("anything")
+    assert recipe.build.style is BuildStyle.CUSTOM
+
+
+def problems(text: str, files: list[str] | None = None) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(text, PATH, "zlib", files=files)
+    assert caught.value.port == "zlib"
+    return [str(problem) for problem in caught.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "dependz = []\n", f"{PATH}:5: unknown key 'dependz'"),
+        (
+            MINIMAL + "x = 1\n[build]\nstyle = 'make'\nstile = 'x'\n",
+            f"{PATH}:8: unknown key 'stile' in [build]",
+        ),
+        (
+            'name = "zlib"\nversion = "1"\nlicense = "MIT"\n',
+            f"{PATH}: missing required field 'summary'",
+        ),
+        (
+            MINIMAL.replace('"zlib"', '"zlib2"'),
+            f"{PATH}:1: name 'zlib2' does not match its directory 'zlib'",
+        ),
+        (
+            MINIMAL + '[[source]]\nurl = "https://zlib.net/zlib-1.3.tar.gz"\n',
+            f"{PATH}:6: source #1: url source 'https://zlib.net/zlib-1.3.tar.gz' has no sha256",
+        ),
+        (
+            MINIMAL + 'depends = ["zlib >= 1"]\n',
+            f"{PATH}:5: depends: invalid dependency 'zlib >= 1' "
+            "(expected name[op version], op: = < <= > >=)",
+        ),
+        (
+            MINIMAL + 'build-depends = ["make=>4"]\n',
+            f"{PATH}:5: build-depends: invalid dependency 'make=>4' "
+            "(expected name[op version], op: = < <= > >=)",
+        ),
+        (MINIMAL + 'depends = ["a", "a>1"]\n', f"{PATH}:5: depends: 'a' is listed twice"),
+        (MINIMAL + 'depends = "musl"\n', f"{PATH}:5: 'depends' must be a list of strings"),
+        (MINIMAL + "release = 0\n", f"{PATH}:5: 'release' must be a positive integer"),
+        (MINIMAL + "homepage = 3\n", f"{PATH}:5: 'homepage' must be a string, not an integer"),
+        (
+            MINIMAL.replace('"1.0"', '"1.0-2"'),
+            f"{PATH}:2: invalid version '1.0-2' "
+            "(letters, digits, . _ + only; the release is separate)",
+        ),
+        (MINIMAL + 'provides = ["sh>=1"]\n', f"{PATH}:5: provides entry 'sh>=1' may only use '='"),
+        (
+            MINIMAL + '[[source]]\nurl = "https://x.org/a.tgz"\nsha256 = "abc"\n',
+            f"{PATH}:7: source #1: sha256 must be 64 lowercase hex digits",
+        ),
+        (
+            MINIMAL + '[[source]]\nurl = "ftp://x.org/a.tgz"\nsha256 = "' + SHA + '"\n',
+            f"{PATH}:6: source #1: url 'ftp://x.org/a.tgz' is not an http(s) URL of a file",
+        ),
+        (
+            MINIMAL + "[[source]]\nsha256 = '" + SHA + "'\n",
+            f"{PATH}:5: source #1: give exactly one of 'url' or 'file'",
+        ),
+        (
+            MINIMAL + '[[source]]\nfile = "../secret"\n',
+            f"{PATH}:6: source #1: file '../secret' must be a relative path inside the port",
+        ),
+        (
+            MINIMAL + '[build]\nstyle = "scons"\n',
+            f"{PATH}:6: unknown build style 'scons' "
+            "(expected autotools | cmake | meson | make | custom)",
+        ),
+        (
+            MINIMAL + '[build]\ndir = "/abs"\n',
+            f"{PATH}:6: build dir '/abs' must be a relative path inside the sources",
+        ),
+        (MINIMAL + "build = 1\n", f"{PATH}:5: 'build' must be a table ([build])"),
+        (
+            MINIMAL + '[[source]]\nfile = "a/x.patch"\n[[source]]\nfile = "b/x.patch"\n',
+            f"{PATH}:7: two sources are both named 'x.patch' (set 'filename' on one)",
+        ),
+    ],
+)
+def test_each_problem_names_file_and_line(text: str, expected: str) -> None:
+    assert expected in problems(text)
+
+
+def test_missing_patch_file_is_reported_when_the_file_list_is_known() -> None:
+    text = MINIMAL + '[[source]]\nfile = "0001-fix.patch"\n'
+    assert problems(text, files=["port.toml"]) == [
+        f"{PATH}:6: source #1: file '0001-fix.patch' does not exist in the port directory"
+    ]
+    assert parse_recipe(text, PATH, "zlib").sources[0].is_patch  # unknown file list: not checked
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ('name = "zlib"\nversion = \n', 2, "invalid TOML"),
+        ('name = "zlib"\nname = "zlib"\n', 2, "duplicate key"),
+        ('name = "zlib"\ndepends = ["a",\n', 2, "invalid TOML"),
+    ],
+)
+def test_toml_errors_carry_the_line(text: str, line: int, fragment: str) -> None:
+    [message] = problems(text)
+    assert message.startswith(f"{PATH}:{line}: ") and fragment in message
+
+
+def test_all_problems_reported_at_once_in_line_order() -> None:
+    text = 'name = "other"\nversion = "1-1"\nsummary = "s"\nlicense = "MIT"\nfoo = 1\n'
+    assert problems(text) == [
+        f"{PATH}:1: name 'other' does not match its directory 'zlib'",
+        f"{PATH}:2: invalid version '1-1' (letters, digits, . _ + only; the release is separate)",
+        f"{PATH}:5: unknown key 'foo'",
+    ]
+
+
+def test_not_utf8() -> None:
+    assert problems(b"name = \xff".decode("latin-1").encode("latin-1"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("zlib", Dependency("zlib")),
+        ("zlib>=1.2.13", Dependency("zlib", Op.GE, "1.2.13")),
+        ("libfoo<2:1.0-3", Dependency("libfoo", Op.LT, "2:1.0-3")),
+        ("gtk+3=3.24", Dependency("gtk+3", Op.EQ, "3.24")),
+        ("py3.11-x>1", Dependency("py3.11-x", Op.GT, "1")),
+    ],
+)
+def test_dependency_syntax(text: str, expected: Dependency) -> None:
+    assert Dependency.parse(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", "Zlib", "zlib>=", ">=1", "zlib >=1", "zlib==1", "-zlib", "zlib>=1 2"]
+)
+def test_bad_dependency_syntax(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid dependency"):
+        Dependency.parse(text)
