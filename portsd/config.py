@@ -135,12 +135,14 @@ def _read(file: Path, state_dir: Path) -> dict[str, Any]:
 def _coerce(value: Any, kind: type, name: str, state_dir: Path, where: str, file: Path) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
         raise ConfigError(f"{where} must be {kind.__name__}", path=str(file))
     if kind is list:
-        if not all(isinstance(item, str) for item in value):
+        items: list[Any] = value
+        if not all(isinstance(item, str) for item in items):
             raise ConfigError(f"{where} must be a list of strings", path=str(file))
-        return tuple(value)
+        return tuple(items)
     if name.endswith("_dir"):
-        return (state_dir / os.path.expanduser(value)).resolve()
+        return (state_dir / os.path.expanduser(str(value))).resolve()
     return value

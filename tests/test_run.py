@@ -1,0 +1,226 @@
+"""portsd.run: real child processes, real process trees, checked through /proc."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from portsd.run import RunResult, describe, run
+
+
+def marker() -> str:
+    """A sleep duration no other process on the machine is using: our processes' name tag."""
+    return f"{random.randrange(10**6, 10**7)}.{random.randrange(10**3, 10**4)}"
+
+
+def processes_with(tag: str) -> list[int]:
+    """PIDs of live (non-zombie) processes whose command line contains ``tag``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+            state = Path(entry.path, "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if tag.encode() in cmdline and state != b"Z":
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until_gone(tag: str, seconds: float = 5.0) -> list[int]:
+    """Survivors after giving the kernel ``seconds`` to finish killing; [] is success."""
+    deadline = time.monotonic() + seconds
+    while (left := processes_with(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.mark.parametrize(
+    ("returncode", "timed_out_after", "expected"),
+    [
+        (0, None, "exit 0"),
+        (2, None, "exit 2"),
+        (126, None, "exit 126 (not executable)"),
+        (127, None, "exit 127 (command not found)"),
+        (137, None, "exit 137 (128+SIGKILL)"),
+        (-signal.SIGTERM, None, "killed by SIGTERM"),
+        (-signal.SIGKILL, None, "killed by SIGKILL"),
+        (-9, 30.0, "timed out after 30 s"),
+        (-9, 0.5, "timed out after 0.5 s"),
+    ],
+)
+def test_describe(returncode: int, timed_out_after: float | None, expected: str) -> None:
+    assert describe(returncode, timed_out_after) == expected
+
+
+def test_output_goes_to_log_and_callback_line_by_line(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_bytes(b"header\n")
+    lines: list[str] = []
+    result = run(
+        ["sh", "-c", "echo one; echo two >&2; printf 'caf\\303\\251\\nlast'"],
+        log_path=log,
+        on_line=lines.append,
+    )
+    assert result.ok and result.status == "exit 0" and result.returncode == 0
+    assert lines == ["one", "two", "café", "last"]
+    assert log.read_bytes() == "header\none\ntwo\ncafé\nlast".encode()
+
+
+def test_lines_arrive_while_the_command_runs(tmp_path: Path) -> None:
+    seen: list[tuple[str, float]] = []
+    start = time.monotonic()
+    run(
+        ["sh", "-c", "echo first; sleep 0.5; echo second"],
+        on_line=lambda line: seen.append((line, time.monotonic() - start)),
+    )
+    assert [line for line, _ in seen] == ["first", "second"]
+    assert seen[0][1] < 0.4 < seen[1][1]
+
+
+def test_invalid_utf8_is_replaced_in_callback_kept_in_log(tmp_path: Path) -> None:
+    lines: list[str] = []
+    log = tmp_path / "log"
+    run(["printf", "a\\377b\\n"], on_line=lines.append, log_path=log)
+    assert lines == ["a\ufffdb"]
+    assert log.read_bytes() == b"a\xffb\n"
+
+
+def test_environment_is_built_from_scratch(tmp_path: Path) -> None:
+    os.environ["PORTSD_TEST_LEAK"] = "leaked"
+    try:
+        lines: list[str] = []
+        run(["/usr/bin/env"], env={"PATH": "/usr/bin:/bin", "ONLY": "this"}, on_line=lines.append)
+        assert sorted(lines) == ["ONLY=this", "PATH=/usr/bin:/bin"]
+        lines.clear()
+        run(["/usr/bin/env"], on_line=lines.append)
+        assert "PORTSD_TEST_LEAK=leaked" not in lines
+        assert sorted(lines) == ["LANG=C.UTF-8", "PATH=/usr/bin:/usr/sbin:/bin:/sbin"]
+    finally:
+        del os.environ["PORTSD_TEST_LEAK"]
+
+
+def test_cwd_and_new_session(tmp_path: Path) -> None:
+    lines: list[str] = []
+    run(["sh", "-c", "pwd; ps -o sid= -p $$; echo $$"], cwd=tmp_path, on_line=lines.append)
+    assert lines[0] == str(tmp_path)
+    assert int(lines[1]) == int(lines[2])  # the shell leads its own session
+    assert int(lines[1]) != os.getsid(0)
+
+
+def test_umask_is_fixed_whatever_the_callers() -> None:
+    previous = os.umask(0o077)
+    try:
+        lines: list[str] = []
+        run(["sh", "-c", "umask"], on_line=lines.append)
+        run(["sh", "-c", "umask"], on_line=lines.append, umask=0o027)
+        assert lines == ["0022", "0027"]
+    finally:
+        os.umask(previous)
+
+
+def test_stdin_is_empty() -> None:
+    lines: list[str] = []
+    result = run(["sh", "-c", "cat; echo done"], on_line=lines.append, timeout=5)
+    assert result.ok and lines == ["done"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["sh", "-c", "exit 2"], "exit 2"),
+        (["sh", "-c", "kill -TERM $$"], "killed by SIGTERM"),
+        (["sh", "-c", "kill -KILL $$"], "killed by SIGKILL"),
+        (["sh", "-c", "no-such-command-portsd"], "exit 127 (command not found)"),
+        (["/nonexistent/portsd-tool"], "exit 127 (command not found)"),
+        (["/etc/hostname"], "exit 126 (not executable)"),
+    ],
+)
+def test_failures_say_what_happened(argv: list[str], status: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    result = run(argv, log_path=log, timeout=10)
+    assert isinstance(result, RunResult)
+    assert not result.ok and result.status == status and not result.timed_out
+    if argv[0].startswith("/"):
+        assert f"cannot execute {argv[0]}" in log.read_text()
+
+
+def test_missing_cwd_is_the_callers_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        run(["true"], cwd=tmp_path / "missing")
+
+
+def test_timeout_kills_the_whole_tree(tmp_path: Path) -> None:
+    tag = marker()
+    script = (
+        f"sleep {tag} & "  # a background child
+        f"setsid sh -c 'sleep {tag} & sleep {tag}' & "  # a new session with its own child
+        f"sh -c 'trap \"\" TERM; sleep {tag}' & "  # one that ignores SIGTERM
+        "echo started; wait"
+    )
+    lines: list[str] = []
+    start = time.monotonic()
+    result = run(["sh", "-c", script], on_line=lines.append, timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and not result.ok
+    assert result.status == "timed out after 1 s"
+    assert result.returncode == -signal.SIGKILL
+    assert lines == ["started"]
+    assert 1.0 <= elapsed < 3.0
+    assert wait_until_gone(tag) == []
+
+
+def test_a_forking_tree_is_frozen_then_killed(tmp_path: Path) -> None:
+    tag = marker()
+    # Every process keeps starting more: killing them one by one would never finish.
+    script = f"f() {{ sleep {tag} & f & wait; }}; f"
+    result = run(["sh", "-c", script], timeout=0.5)
+    assert result.timed_out
+    assert wait_until_gone(tag) == []
+
+
+def test_leftovers_are_killed_when_the_command_exits(tmp_path: Path) -> None:
+    tag = marker()
+    start = time.monotonic()
+    # The background child keeps stdout open: run() must not wait for it to finish.
+    result = run(["sh", "-c", f"sleep {tag} & echo bye"], timeout=60)
+    assert result.ok and result.status == "exit 0"
+    assert time.monotonic() - start < 5
+    assert wait_until_gone(tag) == []
+
+
+def test_callback_exception_kills_the_child_and_propagates(tmp_path: Path) -> None:
+    tag = marker()
+
+    def interrupt(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(["sh", "-c", f"sleep {tag} & echo go; sleep {tag}"], on_line=interrupt, timeout=60)
+    assert wait_until_gone(tag) == []
+
+
+def test_a_long_line_without_newline_arrives_in_pieces() -> None:
+    lines: list[str] = []
+    run(["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x"], on_line=lines.append)
+    assert "".join(lines) == "x" * 200000
+    assert all(len(line) <= 65536 + 65536 for line in lines) and len(lines) >= 2
+
+
+def test_cancel_from_another_thread_kills_the_tree() -> None:
+    tag = marker()
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    start = time.monotonic()
+    result = run(["sh", "-c", f"sleep {tag} & sleep {tag}; wait"], cancel=cancel)
+    assert time.monotonic() - start < 3.0
+    assert result.cancelled and not result.ok and result.status == "cancelled"
+    assert wait_until_gone(tag) == []
