@@ -1,0 +1,440 @@
+"""The repository index: what a repository serves, as a value, and its byte encoding.
+
+Pure: values in, values out. No files, no clock (callers pass ``now`` in unix seconds).
+
+On the wire an index is a zstd frame (with checksum) holding one msgpack map::
+
+    {format, arch, serial, generated, expires, commit, packages: [entry, ...]}
+
+and each entry a map ``{name, version, release, arch, key, file, size, sha256, summary,
+license, depends, provides, conflicts, installed_size}``. Maps are written with their keys
+in that fixed order and packages sorted by name, so equal indexes encode to equal bytes.
+Readers ignore keys they do not know (a newer writer may add some) and reject anything
+else that is not exactly right, naming the field.
+
+``serial`` grows by one with every index a repository writes, including a re-signing with
+a new expiry, so one serial always means one set of bytes; ``check_fresh`` is the client's
+guard against being served an older (rollback) or stale (freeze) index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+import re
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+import zstandard
+
+from portsd.errors import IndexExpired, RepoError, RollbackDetected
+from portsd.recipe import NAME_PATTERN
+from portsd.version import VERSION_PATTERN
+
+FORMAT = 1
+"""The index format this module writes and reads; bumped on an incompatible change."""
+
+MAX_INDEX_BYTES = 256 << 20
+"""Refuse to inflate an index past this: a tiny hostile frame must not exhaust memory."""
+
+_ZSTD_LEVEL = 3  # rewritten per publish; the bulk is hex digests, which no level shrinks
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+ARCH_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]*")
+"""An architecture name (``x86_64``, ``aarch64``, ``any``): also a directory name."""
+
+_TOKEN = re.compile(r"\S+")
+_INT_MAX = (1 << 63) - 1
+_CHUNK = 1 << 16
+
+
+class _Invalid(ValueError):
+    """A field holds a value no index may contain; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+def _check_int(field: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(field, f"expected an integer, got {_kind(value)}")
+    if not 0 <= value <= _INT_MAX:
+        raise _Invalid(field, f"out of range: {value}")
+
+
+def _check_str(field: str, value: object, pattern: re.Pattern[str] | None = None) -> None:
+    if not isinstance(value, str):
+        raise _Invalid(field, f"expected a string, got {_kind(value)}")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _Invalid(field, f"invalid value {value!r}")
+
+
+def _check_names(field: str, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise _Invalid(field, f"expected a list of strings, got {_kind(value)}")
+    for item in value:
+        if not isinstance(item, str) or not _TOKEN.fullmatch(item):
+            raise _Invalid(field, f"invalid item {item!r}")
+
+
+def _check_file(field: str, value: object) -> None:
+    _check_str(field, value)
+    assert isinstance(value, str)
+    # a bare, visible file name: clients join it to a URL or a directory
+    if not value or value.startswith(".") or "/" in value or "\0" in value or len(value) > 255:
+        raise _Invalid(field, f"not a plain file name: {value!r}")
+
+
+def _check_meta(meta: PackageMeta | IndexEntry) -> None:
+    _check_str("name", meta.name, NAME_PATTERN)
+    _check_str("version", meta.version, VERSION_PATTERN)
+    _check_int("release", meta.release)
+    _check_str("arch", meta.arch, ARCH_PATTERN)
+    _check_str("key", meta.key, _HEX64)
+    _check_str("summary", meta.summary)
+    _check_str("license", meta.license)
+    _check_names("depends", meta.depends)
+    _check_names("provides", meta.provides)
+    _check_names("conflicts", meta.conflicts)
+    _check_int("installed_size", meta.installed_size)
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class PackageMeta:
+    """What a package says about itself; with its file's name, size and hash, an entry."""
+
+    name: str
+    version: str
+    release: int
+    arch: str
+    key: str
+    summary: str = ""
+    license: str = ""
+    depends: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    installed_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_meta(self)
+
+    @property
+    def filename(self) -> str:
+        """``<name>-<version>-<release>-<arch>-<key12>.pkg.tar.zst``: a rebuild gets a new name."""
+        return f"{self.name}-{self.version}-{self.release}-{self.arch}-{self.key[:12]}.pkg.tar.zst"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One package of an index: its metadata and the file holding it (in ``packages/``)."""
+
+    name: str
+    version: str
+    release: int
+    arch: str
+    key: str
+    file: str
+    size: int
+    sha256: str
+    summary: str = ""
+    license: str = ""
+    depends: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    installed_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_meta(self)
+        _check_file("file", self.file)
+        _check_int("size", self.size)
+        _check_str("sha256", self.sha256, _HEX64)
+
+    @classmethod
+    def of(cls, meta: PackageMeta, file: str, size: int, sha256: str) -> IndexEntry:
+        """The entry for ``meta`` stored as ``file`` (``size`` bytes, ``sha256``)."""
+        return cls(
+            name=meta.name,
+            version=meta.version,
+            release=meta.release,
+            arch=meta.arch,
+            key=meta.key,
+            file=file,
+            size=size,
+            sha256=sha256,
+            summary=meta.summary,
+            license=meta.license,
+            depends=meta.depends,
+            provides=meta.provides,
+            conflicts=meta.conflicts,
+            installed_size=meta.installed_size,
+        )
+
+    @property
+    def meta(self) -> PackageMeta:
+        return PackageMeta(
+            name=self.name,
+            version=self.version,
+            release=self.release,
+            arch=self.arch,
+            key=self.key,
+            summary=self.summary,
+            license=self.license,
+            depends=self.depends,
+            provides=self.provides,
+            conflicts=self.conflicts,
+            installed_size=self.installed_size,
+        )
+
+
+_ENTRY_FIELDS = (
+    "name",
+    "version",
+    "release",
+    "arch",
+    "key",
+    "file",
+    "size",
+    "sha256",
+    "summary",
+    "license",
+    "depends",
+    "provides",
+    "conflicts",
+    "installed_size",
+)
+_LIST_FIELDS = frozenset({"depends", "provides", "conflicts"})
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """A repository's catalogue at one serial; ``packages`` sorted by name, names unique."""
+
+    format: int
+    arch: str
+    serial: int
+    generated: int
+    expires: int
+    commit: str | None
+    packages: tuple[IndexEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("format", self.format)
+        _check_str("arch", self.arch, ARCH_PATTERN)
+        _check_int("serial", self.serial)
+        _check_int("generated", self.generated)
+        _check_int("expires", self.expires)
+        if self.commit is not None:
+            _check_str("commit", self.commit)
+        if not isinstance(self.packages, tuple):
+            raise _Invalid("packages", f"expected a tuple, got {_kind(self.packages)}")
+        previous = ""
+        for position, entry in enumerate(self.packages):
+            where = f"packages[{position}]"
+            if not isinstance(entry, IndexEntry):
+                raise _Invalid(where, f"expected an entry, got {_kind(entry)}")
+            if entry.name <= previous:
+                raise _Invalid(f"{where}.name", f"'{entry.name}' is out of order or repeated")
+            if entry.arch not in (self.arch, "any"):
+                raise _Invalid(f"{where}.arch", f"'{entry.arch}' in an index for {self.arch}")
+            previous = entry.name
+
+    @classmethod
+    def empty(cls, arch: str, *, now: int, expires_in: int, commit: str | None = None) -> Index:
+        """The first index of a new repository (serial 1, no packages)."""
+        return cls(FORMAT, arch, 1, now, now + expires_in, commit)
+
+    def __iter__(self) -> Iterator[IndexEntry]:
+        return iter(self.packages)
+
+    def __len__(self) -> int:
+        return len(self.packages)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.entry(name) is not None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(entry.name for entry in self.packages)
+
+    def entry(self, name: str) -> IndexEntry | None:
+        """The entry named ``name`` (binary search), or None."""
+        position = bisect.bisect_left(self.packages, name, key=lambda entry: entry.name)
+        if position < len(self.packages) and self.packages[position].name == name:
+            return self.packages[position]
+        return None
+
+    def by_key(self, key: str) -> IndexEntry | None:
+        """The entry built with build key ``key``, or None."""
+        return next((entry for entry in self.packages if entry.key == key), None)
+
+
+def with_entry(index: Index, entry: IndexEntry) -> Index:
+    """``index`` with ``entry`` added, replacing any entry of the same name."""
+    names = [existing.name for existing in index.packages]
+    position = bisect.bisect_left(names, entry.name)
+    end = position + 1 if position < len(names) and names[position] == entry.name else position
+    packages = (*index.packages[:position], entry, *index.packages[end:])
+    return replace(index, packages=packages)
+
+
+def without(index: Index, names: Collection[str]) -> Index:
+    """``index`` without the entries named in ``names`` (names it lacks are ignored)."""
+    return replace(index, packages=tuple(e for e in index.packages if e.name not in names))
+
+
+def successor(index: Index, *, now: int, expires_in: int, commit: str | None) -> Index:
+    """The next index to publish after ``index``: serial + 1, generated now."""
+    return replace(
+        index,
+        format=FORMAT,
+        serial=index.serial + 1,
+        generated=now,
+        expires=now + expires_in,
+        commit=commit,
+    )
+
+
+def check_fresh(index: Index, *, last_serial: int | None, now: int, label: str) -> None:
+    """Refuse an index older than one already seen, or past its expiry (both fail closed).
+
+    The same serial again is fine: a repository never signs two indexes with one serial.
+    """
+    if last_serial is not None and index.serial < last_serial:
+        raise RollbackDetected(
+            label, f"index serial {index.serial} is lower than {last_serial}, already seen"
+        )
+    if now >= index.expires:
+        raise IndexExpired(
+            label,
+            f"index serial {index.serial} expired at {index.expires} ({now - index.expires}s ago)",
+        )
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+_entry_values = operator.attrgetter(*_ENTRY_FIELDS)
+
+
+def _entry_map(entry: IndexEntry) -> dict[str, Any]:
+    # msgpack packs tuples as arrays: no conversion needed (the index is re-encoded per publish)
+    return dict(zip(_ENTRY_FIELDS, _entry_values(entry), strict=True))
+
+
+def _index_map(index: Index) -> dict[str, Any]:
+    return {
+        "format": index.format,
+        "arch": index.arch,
+        "serial": index.serial,
+        "generated": index.generated,
+        "expires": index.expires,
+        "commit": index.commit,
+        "packages": [_entry_map(entry) for entry in index.packages],
+    }
+
+
+def encode_index(index: Index) -> bytes:
+    """The index file's bytes: deterministic for equal indexes."""
+    payload = msgpack.packb(_index_map(index))
+    compressor = zstandard.ZstdCompressor(
+        level=_ZSTD_LEVEL, write_checksum=True, write_content_size=True
+    )
+    return compressor.compress(payload)
+
+
+def decode_index(data: bytes, label: str, *, max_bytes: int = MAX_INDEX_BYTES) -> Index:
+    """Parse an index file; ``RepoError`` names ``label`` and the first bad field.
+
+    An index that inflates past ``max_bytes`` is refused before it is all in memory.
+    """
+    raw = _unpack(_decompress(data, label, max_bytes), label)
+    if not isinstance(raw, dict):
+        raise RepoError(label, f"index is not a map but {_kind(raw)}")
+    try:
+        index_format = _field(raw, "format", "")
+        _check_int("format", index_format)
+        if index_format != FORMAT:
+            raise _Invalid("format", f"unsupported index format {index_format} (reads {FORMAT})")
+        packages = _field(raw, "packages", "")
+        if not isinstance(packages, list):
+            raise _Invalid("packages", f"expected a list, got {_kind(packages)}")
+        entries = tuple(_entry_from_map(item, f"packages[{n}]") for n, item in enumerate(packages))
+        return Index(
+            format=index_format,
+            arch=_field(raw, "arch", ""),
+            serial=_field(raw, "serial", ""),
+            generated=_field(raw, "generated", ""),
+            expires=_field(raw, "expires", ""),
+            commit=_field(raw, "commit", ""),
+            packages=entries,
+        )
+    except _Invalid as error:
+        raise RepoError(label, f"bad index field '{error.field}': {error.message}") from None
+
+
+def encode_entry(entry: IndexEntry) -> bytes:
+    """One entry alone, as msgpack (the repository's record of every package it built)."""
+    return msgpack.packb(_entry_map(entry))
+
+
+def decode_entry(data: bytes, label: str) -> IndexEntry:
+    """Parse ``encode_entry``'s bytes; ``RepoError`` names ``label`` and the bad field."""
+    try:
+        return _entry_from_map(_unpack(data, label), "")
+    except _Invalid as error:
+        raise RepoError(label, f"bad entry field '{error.field}': {error.message}") from None
+
+
+def _entry_from_map(raw: object, where: str) -> IndexEntry:
+    if not isinstance(raw, dict):
+        raise _Invalid(where or "entry", f"expected a map, got {_kind(raw)}")
+    prefix = f"{where}." if where else ""
+    name = raw.get("name")
+    if isinstance(name, str) and where:
+        prefix = f"{where}({name})."
+    values: dict[str, Any] = {}
+    for field in _ENTRY_FIELDS:
+        value = _field(raw, field, prefix)
+        if field in _LIST_FIELDS:
+            if not isinstance(value, list):
+                raise _Invalid(prefix + field, f"expected a list of strings, got {_kind(value)}")
+            value = tuple(value)
+        values[field] = value
+    try:
+        return IndexEntry(**values)
+    except _Invalid as error:
+        raise _Invalid(prefix + error.field, error.message) from None
+
+
+def _field(raw: dict[str, Any], name: str, prefix: str) -> Any:
+    if name not in raw:
+        raise _Invalid(prefix + name, "missing")
+    return raw[name]
+
+
+def _decompress(data: bytes, label: str, max_bytes: int) -> bytes:
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := reader.read(_CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                raise RepoError(label, f"index inflates past {max_bytes} bytes")
+            chunks.append(chunk)
+    except zstandard.ZstdError as error:
+        raise RepoError(label, f"index is not valid zstd: {error}") from None
+    return b"".join(chunks)
+
+
+def _unpack(payload: bytes, label: str) -> Any:
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise RepoError(label, f"not valid msgpack: {error}") from None
