@@ -15,6 +15,7 @@ evaluation of a one-recipe commit on a 30,000-port tree in milliseconds.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,50 @@ class Edge:
     kind: DepKind
     dependency: Dependency
     target: str
+
+
+class _Index:
+    """A dict of sets, shared with the graph it was copied from until a set changes.
+
+    A derived graph copies a set the first time it changes it and changes its own copy in
+    place from then on; a fresh graph owns every set it makes. (Copying on every change
+    made building a tree where 10,000 ports depend on musl quadratic.)
+    """
+
+    __slots__ = ("sets", "_owned")
+
+    def __init__(self, sets: dict[str, set[str]] | None = None) -> None:
+        self.sets: dict[str, set[str]] = {} if sets is None else sets
+        self._owned: set[str] = set()
+
+    def copy(self) -> _Index:
+        return _Index(dict(self.sets))
+
+    def get(self, key: str) -> Collection[str]:
+        return self.sets.get(key, ())
+
+    def add(self, key: str, value: str) -> None:
+        current = self.sets.get(key)
+        if current is None:
+            self.sets[key] = {value}
+            self._owned.add(key)
+        elif key in self._owned:
+            current.add(value)
+        else:
+            self.sets[key] = {*current, value}
+            self._owned.add(key)
+
+    def discard(self, key: str, value: str) -> None:
+        current = self.sets.get(key)
+        if current is None or value not in current:
+            return
+        if len(current) == 1:
+            del self.sets[key]
+        elif key in self._owned:
+            current.discard(value)
+        else:
+            self.sets[key] = current - {value}
+            self._owned.add(key)
 
 
 class Graph:
@@ -57,9 +102,9 @@ class Graph:
         self._recipe_errors: dict[str, RecipeError] = {}
         self._unsupported: set[str] = set()
         self._providers: dict[str, tuple[str, ...]] = {}  # provided name -> ports, sorted
-        self._wanted_by: dict[str, set[str]] = {}  # dependency name -> ports that list it
+        self._wanted_by = _Index()  # dependency name -> ports that list it
         self._edges: dict[str, tuple[Edge, ...]] = {}
-        self._dependents: dict[str, set[str]] = {}  # target -> ports with an edge to it
+        self._dependents = _Index()  # target -> ports with an edge to it
         self._missing: dict[str, MissingDependency] = {}
         self._cycles: dict[str, DependencyCycle] = {}
 
@@ -91,7 +136,7 @@ class Graph:
                 touched_names.update(graph._set_port(name, change))
         rescan = set(changes)
         for provided in touched_names:
-            rescan.update(graph._wanted_by.get(provided, ()))
+            rescan.update(graph._wanted_by.get(provided))
         affected = set(changes)
         for name in rescan:
             before = (graph._edges.get(name), graph._missing.get(name))
@@ -119,9 +164,9 @@ class Graph:
         graph._recipe_errors = dict(self._recipe_errors)
         graph._unsupported = set(self._unsupported)
         graph._providers = dict(self._providers)
-        graph._wanted_by = dict(self._wanted_by)  # the sets are copied on write
+        graph._wanted_by = self._wanted_by.copy()
         graph._edges = dict(self._edges)
-        graph._dependents = dict(self._dependents)
+        graph._dependents = self._dependents.copy()
         graph._missing = dict(self._missing)
         graph._cycles = dict(self._cycles)
         return graph
@@ -143,9 +188,7 @@ class Graph:
         for entry in provided:
             self._providers[entry] = tuple(sorted((*self._providers.get(entry, ()), name)))
         for _, dep in port.dependencies():
-            wanting = self._wanted_by.get(dep.name)
-            # copy on write: sets may be shared with the graph this one was copied from
-            self._wanted_by[dep.name] = {*wanting, name} if wanting else {name}
+            self._wanted_by.add(dep.name, name)
         return provided
 
     def _clear_port(self, name: str) -> list[str]:
@@ -162,20 +205,12 @@ class Graph:
             else:
                 self._providers.pop(entry, None)
         for _, dep in recipe.dependencies():
-            remaining_set = self._wanted_by.get(dep.name, set()) - {name}
-            if remaining_set:
-                self._wanted_by[dep.name] = remaining_set
-            else:
-                self._wanted_by.pop(dep.name, None)
+            self._wanted_by.discard(dep.name, name)
         return provided
 
     def _unresolve(self, name: str) -> None:
         for edge in self._edges.pop(name, ()):
-            remaining = self._dependents.get(edge.target, set()) - {name}
-            if remaining:
-                self._dependents[edge.target] = remaining
-            else:
-                self._dependents.pop(edge.target, None)
+            self._dependents.discard(edge.target, name)
         self._missing.pop(name, None)
 
     def _resolve(self, name: str) -> None:
@@ -190,8 +225,7 @@ class Graph:
             edges.append(Edge(kind, dep, target))
         self._edges[name] = tuple(edges)
         for edge in edges:
-            dependents = self._dependents.get(edge.target)
-            self._dependents[edge.target] = {*dependents, name} if dependents else {name}
+            self._dependents.add(edge.target, name)
 
     def _provider(self, dep: Dependency) -> str | None:
         candidates = self._providers.get(dep.name, ())
@@ -329,7 +363,7 @@ class Graph:
 
     def dependents(self, name: str) -> frozenset[str]:
         """Ports with a direct edge (of any kind) to ``name``."""
-        return frozenset(self._dependents.get(name, ()))
+        return frozenset(self._dependents.get(name))
 
     def runtime_closure(self, names: Iterable[str]) -> set[str]:
         """``names`` and everything they need at run time, transitively."""
@@ -366,7 +400,7 @@ class Graph:
             name = stack.pop()
             if name not in seen:
                 seen.add(name)
-                stack.extend(self._dependents.get(name, ()))
+                stack.extend(self._dependents.get(name))
         return seen
 
     def order(self, names: Iterable[str]) -> list[str]:
@@ -381,20 +415,17 @@ class Graph:
             for target in {edge.target for edge in self.edges(name)}:
                 if target in wanted and target != name:
                     pending[name] += 1
-        ready = sorted((name for name, count in pending.items() if count == 0), reverse=True)
+        ready = [name for name, count in pending.items() if count == 0]
+        heapq.heapify(ready)  # the smallest ready name next: a heap, not a re-sorted list
         ordered: list[str] = []
         while ready:
-            name = ready.pop()
+            name = heapq.heappop(ready)
             ordered.append(name)
-            released = []
-            for dependent in self._dependents.get(name, ()):
+            for dependent in self._dependents.get(name):
                 if dependent in pending and dependent != name:
                     pending[dependent] -= 1
                     if pending[dependent] == 0:
-                        released.append(dependent)
-            if released:
-                ready.extend(released)
-                ready.sort(reverse=True)
+                        heapq.heappush(ready, dependent)
         if len(ordered) < len(wanted):
             ordered.extend(sorted(wanted - set(ordered)))
         return ordered

@@ -7,6 +7,7 @@ without a key is reported as blocked with the reason, and everything else goes a
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -45,24 +46,31 @@ def make_plan(
 
     ``present`` holds the keys the repository already has.
     """
-    roots = [
-        name for name in (graph.names() if wanted is None else wanted) if graph.supported(name)
-    ]
-    scope = graph.dependency_closure(roots)
-    missing: set[str] = set()
-    blocked: dict[str, Problem] = {}
-    up_to_date: set[str] = set()
-    for name in scope:
-        key = keys.key(name)
-        if key is None:
-            problem = keys.blocked.get(name)
-            if problem is not None:
-                blocked[name] = problem
-        elif key in present:
-            up_to_date.add(name)
-        else:
-            missing.add(name)
-    needs = {name: sorted(set(keys.build_root(graph, name)) & missing - {name}) for name in missing}
+    missing: set[str]
+    blocked: dict[str, Problem]
+    up_to_date: set[str]
+    if wanted is None:
+        # The whole tree: ``keys`` already covers it (edges only lead to supported ports),
+        # and set operations beat walking 30,000 names on every push.
+        missing = {name for name, key in keys.keys.items() if key not in present}
+        up_to_date = keys.keys.keys() - missing
+        blocked = dict(keys.blocked)
+    else:
+        missing, blocked, up_to_date = set(), {}, set()
+        for name in graph.dependency_closure(n for n in wanted if graph.supported(n)):
+            key = keys.keys.get(name)
+            if key is None:
+                problem = keys.blocked.get(name)
+                if problem is not None:
+                    blocked[name] = problem
+            elif key in present:
+                up_to_date.add(name)
+            else:
+                missing.add(name)
+    needs = {
+        name: [dep for dep in keys.build_root(graph, name) if dep in missing and dep != name]
+        for name in missing
+    }
     builds = tuple(
         PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
         for name in _order(needs)
@@ -77,16 +85,16 @@ def _order(needs: Mapping[str, list[str]]) -> list[str]:
     for name, required in needs.items():
         for dep in required:
             unlocks.setdefault(dep, []).append(name)
-    ready = sorted((name for name, count in waiting.items() if count == 0), reverse=True)
+    ready = [name for name, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
     ordered: list[str] = []
     while ready:
-        name = ready.pop()
+        name = heapq.heappop(ready)
         ordered.append(name)
         for dependent in unlocks.get(name, ()):
             waiting[dependent] -= 1
             if waiting[dependent] == 0:
-                ready.append(dependent)
-                ready.sort(reverse=True)
+                heapq.heappush(ready, dependent)
     return ordered
 
 

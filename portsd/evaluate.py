@@ -1,0 +1,71 @@
+"""Evaluating a ports tree: its dependency graph and build keys, commit after commit.
+
+Pure: takes listings (port name -> tree id) and recipes, returns values. The first
+evaluation of a tree builds everything; each next commit's evaluation is derived from the
+previous one and the ports whose directories changed (``Graph.updated`` re-resolves only
+what those changes can affect, ``KeySet.compute`` recomputes only their reverse closure),
+and gives exactly the keys a full evaluation would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from portsd.errors import RecipeError
+from portsd.graph import Change, Graph
+from portsd.keys import KeySet
+from portsd.recipe import Recipe
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One commit's ports tree evaluated for one architecture.
+
+    ``changed`` holds the ports whose directories differ from the evaluation this one was
+    advanced from (empty for a full evaluation).
+    """
+
+    listing: Mapping[str, str]
+    graph: Graph
+    keys: KeySet
+    changed: frozenset[str] = frozenset()
+
+    @classmethod
+    def full(
+        cls, listing: Mapping[str, str], ports: Mapping[str, Recipe | RecipeError], arch: str
+    ) -> Evaluation:
+        """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse."""
+        if ports.keys() != listing.keys():
+            raise ValueError("every port of the listing needs its recipe or error, and no others")
+        graph = Graph.build(ports, arch)
+        return cls(listing, graph, KeySet.compute(graph, listing))
+
+    def advance(self, listing: Mapping[str, str], changes: Mapping[str, Change]) -> Evaluation:
+        """The evaluation of the next commit.
+
+        ``changes`` maps every port whose tree id differs between ``self.listing`` and
+        ``listing`` (added, edited or removed) to its new recipe, its ``RecipeError``, or
+        None when it is gone; ``changes_between`` computes the names when no cheaper
+        source (a git diff) is at hand. Ports not in ``changes`` must keep their tree ids.
+        """
+        for name, change in changes.items():
+            if (change is None) != (name not in listing):
+                state = "removed" if change is None else "given a recipe"
+                raise ValueError(
+                    f"{name}: {state} but {'still' if change is None else 'not'} in the new listing"
+                )
+        if not changes:
+            return Evaluation(listing, self.graph, self.keys)
+        graph, affected = self.graph.updated(changes)
+        keys = KeySet.compute(graph, listing, previous=self.keys, affected=affected)
+        return Evaluation(listing, graph, keys, frozenset(changes))
+
+
+def changes_between(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str | None]:
+    """Ports whose tree ids differ: name -> new tree id, or None if removed. O(ports)."""
+    changes: dict[str, str | None] = {
+        name: tree_id for name, tree_id in new.items() if old.get(name) != tree_id
+    }
+    changes.update((name, None) for name in old.keys() - new.keys())
+    return changes

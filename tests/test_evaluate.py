@@ -1,0 +1,121 @@
+"""Incremental evaluation: advancing commit by commit gives exactly a full evaluation's keys."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from portsd.errors import Problem, RecipeError
+from portsd.evaluate import Evaluation, changes_between
+from portsd.graph import Change
+from portsd.recipe import Recipe, parse_recipe
+
+ARCH = "x86_64"
+
+
+def random_port(rng: random.Random, name: str, names: list[str], step: int) -> Recipe | RecipeError:
+    """A recipe (sometimes broken) with random dependencies: cycles come and go."""
+    roll = rng.random()
+    if roll < 0.06:
+        return RecipeError(name, [Problem(f"ports/{name}/port.toml", "broken on purpose")])
+    others = [n for n in names if n != name]
+
+    def deps(count: int) -> list[str]:
+        chosen = rng.sample(others, min(count, len(others)))
+        texts = []
+        for dep in chosen:
+            constraint = rng.random()
+            if constraint < 0.1:
+                dep += f">={rng.randrange(1, 4)}.0"  # versions run 1.x to 3.x: may be unmet
+            elif constraint < 0.15:
+                dep += "<2.0"
+            texts.append(dep)
+        return texts
+
+    lines = [
+        f'name = "{name}"',
+        f'version = "{rng.randrange(1, 4)}.{step}"',
+        'summary = "random"',
+        'license = "MIT"',
+        f"depends = {deps(rng.choice((0, 0, 1, 1, 2, 3)))}",
+        f"build-depends = {deps(rng.choice((0, 0, 1)))}",
+        f"check-depends = {deps(rng.choice((0, 0, 0, 1)))}",
+    ]
+    if rng.random() < 0.15:
+        lines.append(f'provides = ["virt{rng.randrange(3)}={rng.randrange(1, 3)}.0"]')
+    if rng.random() < 0.1:
+        lines.append('arch = ["aarch64"]')
+    if rng.random() < 0.5:
+        sha = hashlib.sha256(f"{name}{step}".encode()).hexdigest()
+        lines += ["[[source]]", f'url = "https://example.org/{name}.tar.gz"', f'sha256 = "{sha}"']
+    text = "\n".join(lines).replace("'", '"') + "\n"
+    try:
+        return parse_recipe(text, f"ports/{name}/port.toml", name)
+    except RecipeError as error:
+        return error
+
+
+def tree_id(port: Recipe | RecipeError, salt: int) -> str:
+    return hashlib.sha1(f"{port!r}{salt}".encode()).hexdigest()
+
+
+def assert_same(a: Evaluation, b: Evaluation) -> None:
+    assert a.keys.keys == b.keys.keys
+    assert {n: str(p) for n, p in a.keys.blocked.items()} == {
+        n: str(p) for n, p in b.keys.blocked.items()
+    }
+    assert {n: str(p) for n, p in a.graph.problems()} == {n: str(p) for n, p in b.graph.problems()}
+    assert sorted(a.graph.names()) == sorted(b.graph.names())
+    for name in a.graph.names():
+        assert a.graph.edges(name) == b.graph.edges(name)
+        assert a.graph.dependents(name) == b.graph.dependents(name)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> None:
+    rng = random.Random(seed)
+    names = [f"p{n}" for n in range(rng.choice((8, 15, 40)))] + ["virt0", "virt1"]
+    ports: dict[str, Recipe | RecipeError] = {}
+    listing: dict[str, str] = {}
+    for name in rng.sample(names, len(names) // 2):
+        ports[name] = random_port(rng, name, names, 0)
+        listing[name] = tree_id(ports[name], 0)
+    evaluation = Evaluation.full(listing, ports, ARCH)
+    assert_same(evaluation, Evaluation.full(listing, ports, ARCH))
+    for step in range(1, 60):
+        changes: dict[str, Change] = {}
+        for _ in range(rng.choice((1, 1, 2, 3, 8))):
+            name = rng.choice(names)
+            if name in ports and rng.random() < 0.25:
+                del ports[name], listing[name]
+                changes[name] = None
+            else:
+                ports[name] = random_port(rng, name, names, step)
+                listing[name] = tree_id(ports[name], step)
+                changes[name] = ports[name]
+        if rng.random() < 0.1:  # a commit that only touches files beside the recipe
+            name = rng.choice(sorted(ports))
+            listing[name] = tree_id(ports[name], -step)
+            changes[name] = ports[name]
+        evaluation = evaluation.advance(dict(listing), changes)
+        assert evaluation.changed == frozenset(changes)
+        assert_same(evaluation, Evaluation.full(dict(listing), dict(ports), ARCH))
+
+
+def test_changes_between_listings() -> None:
+    old = {"a": "1", "b": "2", "c": "3"}
+    new = {"a": "1", "b": "9", "d": "4"}
+    assert changes_between(old, new) == {"b": "9", "c": None, "d": "4"}
+    assert changes_between(new, new) == {}
+
+
+def test_advance_refuses_changes_that_contradict_the_listing() -> None:
+    port = parse_recipe('name = "a"\nversion = "1"\nsummary = "a"\nlicense = "MIT"\n', "p", "a")
+    evaluation = Evaluation.full({"a": "1"}, {"a": port}, ARCH)
+    with pytest.raises(ValueError, match="a: removed but still in the new listing"):
+        evaluation.advance({"a": "2"}, {"a": None})
+    with pytest.raises(ValueError, match="b: given a recipe but not in the new listing"):
+        evaluation.advance({"a": "1"}, {"b": port})
+    assert evaluation.advance({"a": "1"}, {}).keys is evaluation.keys
