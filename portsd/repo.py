@@ -205,6 +205,18 @@ class Repository:
                 return None
             return entry
 
+    def stored_keys(self) -> frozenset[str]:
+        """Every build key with a record, listed in one directory read (cheap for planning).
+
+        A key here may still lack its package if a publish was killed midway; ``find_key``
+        is the check to trust before using one.
+        """
+        with _os_errors(self.path):
+            try:
+                return frozenset(name for name in os.listdir(self._keys) if len(name) == 64)
+            except FileNotFoundError:
+                return frozenset()
+
     def check(self) -> tuple[str, ...]:
         """Every problem a client would hit, as messages; empty when all is well.
 

@@ -1,0 +1,231 @@
+"""``ports build``: build what the named ports need, in parallel, with progress, and publish."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from portsd.cli.inspect import known_port
+from portsd.cli.workspace import config_from, open_tree
+from portsd.executor import Outcome, Result, execute
+from portsd.pipeline import Revision, Workspace
+from portsd.plan import PlannedBuild, critical_path, make_plan
+
+
+class BuildDisplay:
+    """Progress for a terminal (live bars) and one line per event for logs and pipes.
+
+    Implements the executor's Reporter and the fetcher's FetchReporter; every method may
+    be called from any build thread (rich's Progress is thread-safe).
+    """
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.overall = self.progress.add_task("[bold]building", total=total)
+        self.running: dict[str, TaskID] = {}
+        self.downloads: dict[tuple[str, str], TaskID] = {}
+        self.lock = threading.Lock()
+        self.done = 0
+        self.total = total
+
+    def __enter__(self) -> BuildDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    # executor.Reporter
+    def started(self, build: PlannedBuild) -> None:
+        with self.lock:
+            self.running[build.name] = self.progress.add_task(f"{build.name}: starting", total=None)
+
+    def finished(self, result: Result) -> None:
+        with self.lock:
+            task = self.running.pop(result.name, None)
+            if task is not None:
+                self.progress.remove_task(task)
+            self.done += 1
+        self.progress.advance(self.overall)
+        prefix = f"[{self.done}/{self.total}]"
+        match result.outcome:
+            case Outcome.BUILT:
+                line = f"{prefix} [green]built[/] {result.name} ({result.duration:.1f} s)"
+            case Outcome.FAILED:
+                first, *rest = (result.reason or "").splitlines() or [""]
+                line = f"{prefix} [red]failed[/] {escape(first)}" + "".join(
+                    f"\n  {escape(r)}" for r in rest
+                )
+            case Outcome.SKIPPED:
+                line = f"{prefix} [yellow]skipped[/] {result.name}: {escape(result.reason or '')}"
+            case Outcome.CANCELLED:
+                line = f"{prefix} [yellow]cancelled[/] {result.name}"
+        self.progress.console.print(line)
+
+    def step(self, name: str, line: str) -> None:
+        """The builder's log line; "==> step" lines update the row of that build."""
+        if line.startswith("==> ") and ":" not in line:
+            with self.lock:
+                task = self.running.get(name)
+            if task is not None:
+                self.progress.update(task, description=f"{name}: {line[4:].split(' ')[0]}")
+
+    # fetch.FetchReporter
+    def started_download(self, port: str, filename: str, total: int | None) -> None:
+        with self.lock:
+            self.downloads[(port, filename)] = self.progress.add_task(
+                f"  ↓ {filename}", total=total
+            )
+
+    def advanced_download(self, port: str, filename: str, nbytes: int) -> None:
+        with self.lock:
+            task = self.downloads.get((port, filename))
+        if task is not None:
+            self.progress.advance(task, nbytes)
+
+    def ended_download(self, port: str, filename: str) -> None:
+        with self.lock:
+            task = self.downloads.pop((port, filename), None)
+        if task is not None:
+            self.progress.remove_task(task)
+
+
+class _FetchEvents:
+    """Adapts the fetcher's reporter protocol to the display."""
+
+    def __init__(self, display: BuildDisplay | None = None) -> None:
+        self.display = display
+
+    def started(
+        self, port: str, filename: str, total_bytes: int | None, location: str, resumed_from: int
+    ) -> None:
+        if self.display is not None:
+            self.display.started_download(port, filename, total_bytes)
+            if resumed_from:
+                self.display.advanced_download(port, filename, resumed_from)
+
+    def advanced(self, port: str, filename: str, nbytes: int) -> None:
+        if self.display is not None:
+            self.display.advanced_download(port, filename, nbytes)
+
+    def finished(self, port: str, filename: str, location: str, path: Path) -> None:
+        if self.display is not None:
+            self.display.ended_download(port, filename)
+
+    def failed(self, port: str, filename: str, location: str, reason: str) -> None:
+        if self.display is not None:
+            self.display.ended_download(port, filename)
+
+
+def build(args: argparse.Namespace, console: Console) -> int:
+    config = config_from(args, jobs=args.jobs)
+    events = _FetchEvents()
+    workspace = Workspace.open(config, reporter=events)
+    opened = open_tree(args, config, config.arch)
+    graph, keys = opened.evaluation.graph, opened.evaluation.keys
+    wanted = [known_port(graph, name) for name in args.names] or None
+    plan = make_plan(graph, keys, workspace.present(), wanted)
+    revision = Revision(opened.tree, opened.evaluation, opened.commit)
+    restored = _republish(workspace, revision, plan.up_to_date)
+    for name in sorted(plan.blocked):
+        first, *rest = str(plan.blocked[name]).splitlines()
+        console.print(f"[red]cannot build[/] {escape(first)}")
+        for line in rest:
+            console.print(f"  {escape(line)}")
+    console.print(
+        f"{len(plan.builds)} to build, {len(plan.up_to_date)} up to date"
+        + (f" ({restored} republished)" if restored else "")
+        + (f", {len(plan.blocked)} cannot be built" if plan.blocked else "")
+    )
+    results: list[Result] = []
+    if plan.builds:
+        started = time.monotonic()
+        with BuildDisplay(console, len(plan.builds)) as display:
+            events.display = display
+
+            def run(build: PlannedBuild, cancel: threading.Event) -> None:
+                workspace.build(
+                    revision, build, cancel, on_line=lambda line: display.step(build.name, line)
+                )
+
+            results = execute(
+                plan,
+                run,
+                jobs=config.jobs,
+                priority=critical_path(plan, {}),
+                reporter=display,
+            )
+        _summary(console, results, time.monotonic() - started)
+    if wanted is None:
+        gone = [n for n in workspace.repo.index().names() if n not in opened.tree.listing]
+        if gone:
+            workspace.repo.unpublish(gone, commit=opened.commit)
+            console.print(
+                f"unpublished {len(gone)} port(s) no longer in the tree: {', '.join(gone)}"
+            )
+    failed = any(r.outcome is not Outcome.BUILT for r in results)
+    return 1 if failed or plan.blocked else 0
+
+
+def _republish(workspace: Workspace, revision: Revision, names: frozenset[str]) -> int:
+    """Put back into the index the stored packages of up-to-date ports it does not list
+    (a revert to an earlier version, say): no rebuild, just a new index."""
+    index = workspace.repo.index()
+    count = 0
+    for name in sorted(names):
+        key = revision.keys.keys[name]
+        entry = index.entry(name)
+        if entry is None or entry.key != key:
+            workspace.repo.restore(key, commit=revision.commit)
+            count += 1
+    return count
+
+
+def _summary(console: Console, results: list[Result], elapsed: float) -> None:
+    table = Table(title=f"build finished in {elapsed:.1f} s", show_edge=False)
+    table.add_column("port")
+    table.add_column("result")
+    table.add_column("time", justify="right")
+    table.add_column("detail", overflow="fold")
+    colours = {
+        Outcome.BUILT: "green",
+        Outcome.FAILED: "red",
+        Outcome.SKIPPED: "yellow",
+        Outcome.CANCELLED: "yellow",
+    }
+    for result in sorted(results, key=lambda r: (r.outcome is Outcome.BUILT, r.name)):
+        detail = (result.reason or "").splitlines()[0] if result.reason else ""
+        table.add_row(
+            result.name,
+            f"[{colours[result.outcome]}]{result.outcome}[/]",
+            f"{result.duration:.1f} s" if result.duration else "",
+            escape(detail),
+        )
+    console.print(table)

@@ -1,0 +1,70 @@
+"""``ports``: the command for people working on a ports tree and on the machines it serves."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from rich.console import Console
+
+from portsd.cli import run_main
+from portsd.cli.build import build
+from portsd.cli.inspect import graph, lint, why
+from portsd.cli.workspace import add_state_options, add_tree_options
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="ports",
+        description="Build, inspect and install the packages of a ports tree.",
+    )
+    top.add_argument("-v", "--verbose", action="store_true", help="show debug output")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("lint", help="check every recipe and dependency; list every problem")
+    add_tree_options(p)
+    p.add_argument("--arch", default=None, help="the target architecture (default: this machine's)")
+    p.set_defaults(handler=lint)
+
+    p = commands.add_parser("graph", help="what a port needs and what needs it")
+    p.add_argument("name")
+    p.add_argument("--dot", action="store_true", help="print Graphviz instead")
+    add_tree_options(p)
+    p.add_argument("--arch", default=None, help="the target architecture (default: this machine's)")
+    p.set_defaults(handler=graph)
+
+    p = commands.add_parser("why", help="why a port must be (re)built")
+    p.add_argument("name")
+    p.add_argument(
+        "--since",
+        help="compare with this revision (default: the commit last published, else HEAD~1)",
+    )
+    add_tree_options(p)
+    add_state_options(p)
+    p.set_defaults(handler=why)
+
+    p = commands.add_parser("build", help="build ports (default: all) and what they need")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="builds at once (default: config)")
+    add_tree_options(p)
+    add_state_options(p)
+    p.set_defaults(handler=build)
+    return top
+
+
+def _main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    console = Console(highlight=False)
+    code: int = args.handler(args, console)
+    return code
+
+
+def main() -> int:
+    return run_main(_main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Shared fixtures: a real HTTP server for upstream sources and a real git ports tree."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.fixtures import commit_all, git, write_tree
+
+
+@dataclass
+class SourceServer:
+    """Upstream tarballs over HTTP on 127.0.0.1; ``requests`` lists the paths asked for."""
+
+    url: str
+    files: dict[str, bytes]
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def source_server() -> Iterator[SourceServer]:
+    loop = asyncio.new_event_loop()
+    server = SourceServer(url="", files={})
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        server.requests.append(name)
+        if name not in server.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=server.files[name])
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app)
+
+    async def start() -> str:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server.url = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    yield server
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+@pytest.fixture
+def ports_tree(tmp_path: Path, source_server: SourceServer) -> Path:
+    """The fixture tree of tests/fixtures.py, committed to a fresh git repository."""
+    root = tmp_path / "tree"
+    source_server.files.update(write_tree(root, source_server.url))
+    git(root, "init", "-q", "-b", "main")
+    commit_all(root, "the test ports tree")
+    return root

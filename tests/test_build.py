@@ -1,0 +1,226 @@
+"""`ports build` end to end: real git, real downloads, real sandboxed gcc builds, signed repo.
+
+Every test here builds the C ports of tests/fixtures.py for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from portsd.package import extract_package
+from portsd.repo import Repository
+from portsd.sign import PublicKey
+from tests.conftest import SourceServer
+from tests.fixtures import commit_all
+
+pytestmark = pytest.mark.slow
+
+ARCH = platform.machine()
+ALL = {"libbase", "libmid", "libtop", "toptool", "liba", "libb", "diamond", "hello", "confapp"}
+
+
+def ports(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "portsd.cli.ports", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "COLUMNS": "200"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"ports {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def build(
+    tree: Path, state: Path, *names: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return ports("build", "--tree", tree, "--state", state, "-j", "2", *names, check=check)
+
+
+def repository(state: Path) -> Repository:
+    return Repository.reader(state / "repo", ARCH, [PublicKey.load(state / "keys" / "portsd.pub")])
+
+
+def published(state: Path) -> dict[str, str]:
+    """Port name -> build key of every package in the signed index."""
+    return {entry.name: entry.key for entry in repository(state).index()}
+
+
+def rebuilt(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {name for name in after if before.get(name) != after[name]}
+
+
+def run_installed(state: Path, name: str, tmp_path: Path) -> str:
+    repo = repository(state)
+    entry = repo.index().entry(name)
+    assert entry is not None
+    root = tmp_path / f"root-{name}"
+    extract_package(repo.package_path(entry), root, expected_sha256=entry.sha256)
+    return subprocess.run(
+        [root / "usr" / "bin" / name], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_builds_the_whole_tree_and_the_programs_work(
+    ports_tree: Path, tmp_path: Path, source_server: SourceServer
+) -> None:
+    state = tmp_path / "state"
+    result = build(ports_tree, state)
+    assert "9 to build, 0 up to date" in result.stdout
+    assert set(published(state)) == ALL
+    assert run_installed(state, "toptool", tmp_path) == "toptool\ntop=1101\n"  # depth-4 chain
+    assert run_installed(state, "diamond", tmp_path) == "diamond\na=11\nb=21\n"
+    assert run_installed(state, "hello", tmp_path) == "hello, ports\n"  # the patch applied
+    assert run_installed(state, "confapp", tmp_path) == "confapp answer=42 base=1\n"
+    assert repository(state).check() == ()
+    assert sorted(source_server.requests) == sorted(source_server.files)  # each fetched once
+
+    again = build(ports_tree, state)
+    assert "0 to build, 9 up to date" in again.stdout
+    assert sorted(source_server.requests) == sorted(source_server.files)  # nothing refetched
+
+
+def test_stock_minisign_verifies_index_and_packages(ports_tree: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    build(ports_tree, state, "hello")
+    repo = repository(state)
+    entry = repo.index().entry("hello")
+    assert entry is not None
+    pub = state / "keys" / "portsd.pub"
+    for path in (repo.index_path, repo.package_path(entry)):
+        verified = subprocess.run(
+            ["minisign", "-V", "-p", pub, "-m", path], capture_output=True, text=True
+        )
+        assert verified.returncode == 0, verified.stderr
+    tampered = tmp_path / "tampered.pkg.tar.zst"
+    tampered.write_bytes(repo.package_path(entry).read_bytes() + b"x")
+    signature = Path(f"{repo.package_path(entry)}.minisig")
+    refused = subprocess.run(
+        ["minisign", "-V", "-p", pub, "-m", tampered, "-x", signature], capture_output=True
+    )
+    assert refused.returncode != 0
+
+
+def test_rebuilds_exactly_what_a_change_reaches(ports_tree: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    build(ports_tree, state)
+    steps = [
+        ("toptool", {"toptool"}),  # a leaf
+        ("libmid", {"libmid", "libtop", "toptool"}),  # the middle of the chain
+        ("libbase", ALL - {"hello"}),  # the root library
+    ]
+    for port, expected in steps:
+        before = published(state)
+        recipe = ports_tree / "ports" / port / "port.toml"
+        recipe.write_text(recipe.read_text().replace("release = 1", "release = 2"))
+        commit_all(ports_tree, f"{port}: release 2")
+        result = build(ports_tree, state)
+        assert rebuilt(before, published(state)) == expected, result.stdout
+        assert f"{len(expected)} to build, {len(ALL) - len(expected)} up to date" in result.stdout
+
+
+def test_same_commit_gives_byte_identical_packages(ports_tree: Path, tmp_path: Path) -> None:
+    digests = []
+    for attempt in ("first", "second"):
+        state = tmp_path / attempt
+        build(ports_tree, state, "toptool", "confapp")
+        repo = repository(state)
+        digests.append(
+            {
+                entry.file: hashlib.sha256(repo.package_path(entry).read_bytes()).hexdigest()
+                for entry in repo.index()
+            }
+        )
+    assert digests[0] == digests[1] and len(digests[0]) == 5
+
+
+def test_a_failure_skips_its_dependents_and_nothing_else(ports_tree: Path, tmp_path: Path) -> None:
+    makefile_breaker = '\n[build]\nstyle = "make"\nbuild = "make && false"\n'
+    recipe = ports_tree / "ports" / "liba" / "port.toml"
+    recipe.write_text(recipe.read_text().split("\n[build]")[0] + makefile_breaker)
+    commit_all(ports_tree, "break liba")
+    state = tmp_path / "state"
+    result = build(ports_tree, state, check=False)
+    assert result.returncode == 1
+    assert "liba: build failed (exit 1); log: " in result.stdout
+    assert "skipped diamond: dependency liba failed" in result.stdout
+    assert set(published(state)) == ALL - {"liba", "diamond"}
+    log = next((state / "logs" / "liba").glob("*.log"))
+    assert "==> build" in log.read_text()
+    assert repository(state).check() == ()
+
+
+def test_a_broken_recipe_blocks_only_itself_and_its_dependents(
+    ports_tree: Path, tmp_path: Path
+) -> None:
+    recipe = ports_tree / "ports" / "libtop" / "port.toml"
+    recipe.write_text(recipe.read_text().replace("license =", "licence ="))
+    commit_all(ports_tree, "typo")
+    state = tmp_path / "state"
+    result = build(ports_tree, state, check=False)
+    assert result.returncode == 1
+    assert "ports/libtop/port.toml:5: unknown key 'licence'" in result.stdout
+    assert "toptool: dependency libtop cannot be built" in result.stdout
+    assert set(published(state)) == ALL - {"libtop", "toptool"}
+
+
+def test_a_checksum_mismatch_names_the_file_and_keeps_nothing(
+    ports_tree: Path, tmp_path: Path, source_server: SourceServer
+) -> None:
+    source_server.files["hello-1.0.tar.gz"] += b"tampered"
+    state = tmp_path / "state"
+    result = build(ports_tree, state, "hello", check=False)
+    assert result.returncode == 1
+    assert "hello: sha256 mismatch for hello-1.0.tar.gz: expected " in result.stdout
+    assert list((state / "distfiles" / "by-sha256").iterdir()) == []
+    assert published(state) == {}
+    assert list((state / "repo" / ARCH / "packages").iterdir()) == []
+
+
+def test_lint_lists_every_problem(ports_tree: Path) -> None:
+    (ports_tree / "ports" / "hello" / "port.toml").write_text('name = "hello"\nversion = \n')
+    for port, old, new in [
+        ("libb", 'depends = ["libbase"]', 'depends = ["libbase"]\nfoo = 1'),
+        ("liba", 'depends = ["libbase"]', 'depends = ["libbase", "nope>=2"]'),
+    ]:
+        recipe = ports_tree / "ports" / port / "port.toml"
+        recipe.write_text(recipe.read_text().replace(old, new))
+    result = ports("lint", "--tree", ports_tree, check=False)
+    assert result.returncode == 1
+    assert "ports/hello/port.toml:2: invalid TOML" in result.stdout
+    assert "ports/libb/port.toml:7: unknown key 'foo'" in result.stdout
+    assert "liba: depends 'nope>=2' is not provided by any port" in result.stdout
+    assert "9 ports checked: 3 problem(s) in 3 port(s)" in result.stdout
+
+
+def test_why_traces_a_change_through_the_graph(ports_tree: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    build(ports_tree, state, "toptool")
+    (ports_tree / "ports" / "libmid" / "mid.c").write_text(
+        '#include <base.h>\n#include "mid.h"\nint mid_value(void) { return 2000 + base_value(); }\n'
+    )
+    commit = commit_all(ports_tree, "libmid: now 2000")
+    result = ports("why", "toptool", "--tree", ports_tree, "--state", state)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("toptool must be rebuilt: key ")
+    assert "  ports/libmid changed since" in lines[1]
+    assert lines[2] == f"    {commit[:10]} libmid: now 2000 (ports/libmid/mid.c)"
+    assert lines[3] == "    reaches toptool through libmid -(depends)-> libtop -(depends)-> toptool"
+
+
+def test_graph_shows_both_directions(ports_tree: Path) -> None:
+    result = ports("graph", "liba", "--tree", ports_tree)
+    assert "libbase (depends: libbase)" in result.stdout
+    assert "needed by (1): diamond (depends)" in result.stdout
+    dot = ports("graph", "libbase", "--dot", "--tree", ports_tree).stdout
+    assert '"libmid" -> "libbase";' in dot and dot.startswith("digraph")
