@@ -34,6 +34,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 
 from portsd.errors import ChecksumMismatch, ConfigError, FetchError
+from portsd.fsio import fsync_dir
 from portsd.recipe import Source
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -504,7 +505,7 @@ class Fetcher:
         """Move the verified partial file into the cache (already fsynced), durably."""
         target = self.distfiles / "by-sha256" / sha256
         os.replace(self._partial(sha256), target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         self._sidecar(sha256).unlink(missing_ok=True)
         return target
 
@@ -616,11 +617,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

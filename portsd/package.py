@@ -62,6 +62,7 @@ from portsd.archive import (
     write_members,
 )
 from portsd.errors import PackageError, UnsafeArchive
+from portsd.index import PackageMeta as IndexMeta
 from portsd.recipe import NAME_PATTERN, Dependency
 from portsd.version import VERSION_PATTERN
 
@@ -195,6 +196,22 @@ class PortInfo:
         )
         info.check(label)
         return info
+
+    def index_meta(self) -> IndexMeta:
+        """What the repository's index says about this package."""
+        return IndexMeta(
+            name=self.name,
+            version=self.version,
+            release=self.release,
+            arch=self.arch,
+            key=self.build_key,
+            summary=self.summary,
+            license=self.license,
+            depends=self.depends,
+            provides=self.provides,
+            conflicts=self.conflicts,
+            installed_size=self.installed_size,
+        )
 
     def check(self, label: str) -> None:
         """Raise PackageError (UnsafeArchive for a dangerous entry) unless this is sound.

@@ -25,7 +25,6 @@ from portsd.evaluate import Evaluation
 from portsd.fetch import Fetcher, FetchReporter
 from portsd.graph import Graph
 from portsd.index import IndexEntry
-from portsd.index import PackageMeta as IndexMeta
 from portsd.keys import KeySet
 from portsd.package import PackageMeta, create_package
 from portsd.plan import PlannedBuild
@@ -148,23 +147,7 @@ class Workspace:
                 conflicts=tuple(str(entry) for entry in recipe.conflicts),
             )
             built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
-            return self.repo.publish(
-                built.path,
-                IndexMeta(
-                    name=meta.name,
-                    version=meta.version,
-                    release=meta.release,
-                    arch=meta.arch,
-                    key=meta.build_key,
-                    summary=meta.summary,
-                    license=meta.license,
-                    depends=meta.depends,
-                    provides=meta.provides,
-                    conflicts=meta.conflicts,
-                    installed_size=built.info.installed_size,
-                ),
-                commit=revision.commit,
-            )
+            return self.repo.publish(built.path, built.info.index_meta(), commit=revision.commit)
 
     def _unpacked(self, revision: Revision, name: str) -> Path:
         key = revision.keys.keys[name]

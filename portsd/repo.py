@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from portsd.errors import BadSignature, RepoError
+from portsd.fsio import fsync_dir, write_synced
 from portsd.index import (
     ARCH_PATTERN,
     Index,
@@ -377,7 +378,7 @@ class Repository:
                 pass  # killed before the index was renamed in: the old pair stands
             else:
                 os.replace(pending, self.signature_path)
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
         for stray in self._tmp.iterdir():
             stray.unlink()
 
@@ -419,8 +420,8 @@ class Repository:
             _stage(source, staged, entry.sha256)
             os.link(staged, target)  # never replaces: checked under the lock, link re-checks
             staged.unlink()
-        _fsync_dir(self._keys)
-        _fsync_dir(self.packages_path)
+        fsync_dir(self._keys)
+        fsync_dir(self.packages_path)
 
     def _replace_index(self, index: Index, commit: str | None) -> None:
         self._write_index(index, commit, force=False, expires_in=None)
@@ -445,17 +446,17 @@ class Repository:
         )
         staged_index = self._tmp / INDEX_NAME
         staged_sig = self._tmp / _PENDING_SIG
-        _write_synced(staged_index, data)
-        _write_synced(staged_sig, signature.encode("ascii"))
-        _fsync_dir(self._tmp)
+        write_synced(staged_index, data)
+        write_synced(staged_sig, signature.encode("ascii"))
+        fsync_dir(self._tmp)
         os.replace(staged_index, self.index_path)
         os.replace(staged_sig, self.signature_path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._cache = (_file_id(self.index_path), _file_id(self.signature_path), index)
 
     def _write_file(self, path: Path, data: bytes) -> None:
         staged = self._tmp / f"file-{secrets.token_hex(8)}"
-        _write_synced(staged, data)
+        write_synced(staged, data)
         os.replace(staged, path)
 
 
@@ -476,25 +477,6 @@ def _stage(source: Path, staged: Path, sha256: str) -> None:
     fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fchmod(fd, 0o644)  # served to anyone who may read the repository
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from portsd.errors import BadSignature, ConfigError
+from portsd.fsio import write_atomic
 
 _ALG_LEGACY = b"Ed"
 _ALG_HASHED = b"ED"
@@ -356,32 +357,10 @@ def _read_text(path: str | os.PathLike[str]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then move it in.
-
-    Without ``overwrite`` the move is ``link``, which fails instead of replacing a file
-    that appeared meanwhile. The directory is fsynced so the new name survives a crash.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    """``fsio.write_atomic`` with a key file's errors: never silently replace a key."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow a key's mode
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
+        write_atomic(path, data, mode, overwrite=overwrite)
     except FileExistsError:
         raise ConfigError("refusing to overwrite an existing key file", path=str(path)) from None
     except OSError as error:
         raise ConfigError(f"cannot write key file: {error.strerror}", path=str(path)) from error
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

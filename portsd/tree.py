@@ -20,7 +20,6 @@ import gc
 import hashlib
 import multiprocessing
 import os
-import tempfile
 import threading
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ import msgpack
 from portsd import recipe as recipe_module
 from portsd import version as version_module
 from portsd.errors import Problem, RecipeError
+from portsd.fsio import write_atomic
 from portsd.gitrepo import (
     PORTS_DIR,
     RECIPE_FILE,
@@ -263,17 +263,7 @@ class RecipeCache:
             ]
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".recipes-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(payload)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        write_atomic(self.path, payload)
 
 
 # -- loading -----------------------------------------------------------------------------

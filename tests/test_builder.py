@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from portsd.builder import (
 )
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict
 from portsd.recipe import BuildStyle, Recipe, Step, parse_recipe
+from tests.processes import marker, processes_with
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -123,25 +123,6 @@ def toml_string(script: str) -> str:
 
 def custom(script: str, step: str = "build") -> str:
     return f'style = "custom"\n{step} = {toml_string(script)}'
-
-
-def marker() -> str:
-    return f"{random.randrange(10**6, 10**7)}.{random.randrange(10**3, 10**4)}"
-
-
-def processes_with(tag: str) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
-            state = Path(entry.path, "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if tag.encode() in cmdline and state != b"Z":
-            found.append(int(entry.name))
-    return found
 
 
 # -- a library dependency, built on the host, laid out as an installed package ------------

@@ -15,6 +15,7 @@ from portsd import sandbox
 from portsd.errors import ConfigError
 from portsd.run import run
 from portsd.sandbox import Host, Mount, SandboxSpec
+from tests.processes import processes_with
 
 HOST = Host(
     bwrap="/usr/bin/bwrap",
@@ -316,18 +317,3 @@ def test_sandbox_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     while processes_with(tag) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with(tag) == []
-
-
-def processes_with(tag: str) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
-            state = Path(entry.path, "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if tag.encode() in cmdline and state != b"Z":
-            found.append(int(entry.name))
-    return found

@@ -80,7 +80,9 @@ def graph(args: argparse.Namespace, console: Console) -> int:
 
 def _grow(g: Graph, name: str, node: RichTree, shown: set[str]) -> None:
     for edge in g.edges(name):
-        label = f"{edge.target} [dim]({edge.kind.value}: {escape(str(edge.dependency))})[/]"
+        wanted = str(edge.dependency)
+        how = edge.kind.value if wanted == edge.target else f"{edge.kind.value}: {escape(wanted)}"
+        label = f"{edge.target} [dim]({how})[/]"
         if edge.target in shown:
             node.add(label + " [dim]...[/]")
             continue
