@@ -10,6 +10,8 @@ All state lives under one directory (``state_dir``) unless a setting moves a par
     <state>/store/             unpacked packages, the layers of build roots
     <state>/logs/              one log per build
     <state>/cache/             parsed recipes by tree id
+    <state>/portsd.sqlite      the daemon's evaluations and builds
+    <state>/token              the secret of the post-receive hook (mode 0600)
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Config:
     index_expiry_days: float = 7.0
     repo_dir: Path | None = None
     distfiles_dir: Path | None = None
+    tree_dir: Path | None = None  # the git repository the daemon follows
+    branch: str | None = None  # default: the repository's HEAD branch
+    listen: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8470
+    max_request_bytes: int = 1 << 20
 
     @property
     def repo(self) -> Path:
@@ -57,6 +64,15 @@ class Config:
     @property
     def public_key(self) -> Path:
         return self.state_dir / "keys" / "portsd.pub"
+
+    @property
+    def token_file(self) -> Path:
+        """The secret the post-receive hook presents to the daemon (mode 0600)."""
+        return self.state_dir / "token"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "portsd.sqlite"
 
     @property
     def work(self) -> Path:
@@ -85,6 +101,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     },
     "sources": {"mirrors": ("mirrors", list), "distfiles": ("distfiles_dir", str)},
     "repository": {"path": ("repo_dir", str), "expires-days": ("index_expiry_days", float)},
+    "server": {
+        "tree": ("tree_dir", str),
+        "branch": ("branch", str),
+        "listen": ("listen", str),
+        "port": ("port", int),
+        "max-request-bytes": ("max_request_bytes", int),
+    },
 }
 
 
