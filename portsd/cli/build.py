@@ -23,15 +23,15 @@ from rich.table import Table
 
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import config_from, open_tree
-from portsd.executor import Outcome, Result, execute
 from portsd.pipeline import Revision, Workspace
 from portsd.plan import PlannedBuild, critical_path, make_plan
+from portsd.scheduler import Outcome, Result, run_plan
 
 
 class BuildDisplay:
     """Progress for a terminal (live bars) and one line per event for logs and pipes.
 
-    Implements the executor's Reporter and the fetcher's FetchReporter; every method may
+    Implements the scheduler's Reporter and the fetcher's FetchReporter; every method may
     be called from any build thread (rich's Progress is thread-safe).
     """
 
@@ -62,7 +62,7 @@ class BuildDisplay:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    # executor.Reporter
+    # scheduler.Reporter
     def started(self, build: PlannedBuild) -> None:
         with self.lock:
             self.running[build.name] = self.progress.add_task(f"{build.name}: starting", total=None)
@@ -175,7 +175,7 @@ def build(args: argparse.Namespace, console: Console) -> int:
                     revision, build, cancel, on_line=lambda line: display.step(build.name, line)
                 )
 
-            results = execute(
+            results = run_plan(
                 plan,
                 run,
                 jobs=config.jobs,

@@ -1,4 +1,4 @@
-"""The executor: order, parallelism, failure isolation, priorities and cancellation."""
+"""The scheduler: order, parallelism, failure isolation, priorities, superseding, cancel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 
 from portsd.errors import BuildError
-from portsd.executor import Outcome, Result, execute
 from portsd.plan import Plan, PlannedBuild, critical_path
+from portsd.scheduler import Collector, Outcome, Result, Scheduler, run_plan
 
 
 def plan_of(needs: dict[str, tuple[str, ...]]) -> Plan:
@@ -61,14 +61,10 @@ class Recorder:
                 self.finished.append(build.name)
 
 
-def outcomes(results: list[Result]) -> dict[str, Outcome]:
-    return {result.name: result.outcome for result in results}
-
-
 @pytest.mark.parametrize("jobs", [1, 2, 4])
 def test_everything_builds_dependencies_first_within_the_job_limit(jobs: int) -> None:
     runner = Recorder()
-    results = execute(plan_of(DIAMOND), runner, jobs=jobs)
+    results = run_plan(plan_of(DIAMOND), runner, jobs=jobs)
     assert outcomes(results) == {name: Outcome.BUILT for name in DIAMOND}
     assert runner.most_at_once <= jobs
     if jobs > 1:
@@ -77,7 +73,7 @@ def test_everything_builds_dependencies_first_within_the_job_limit(jobs: int) ->
 
 def test_a_failure_skips_exactly_its_dependents() -> None:
     runner = Recorder(fail={"zlib"})
-    results = execute(plan_of(DIAMOND), runner, jobs=2)
+    results = run_plan(plan_of(DIAMOND), runner, jobs=2)
     assert outcomes(results) == {
         "libc": Outcome.BUILT,
         "zlib": Outcome.FAILED,
@@ -88,6 +84,7 @@ def test_a_failure_skips_exactly_its_dependents() -> None:
     }
     by_name = {result.name: result for result in results}
     assert by_name["zlib"].reason == "zlib: build failed (exit 2); log: /logs/zlib.log"
+    assert by_name["ssl"].reason == "dependency zlib failed"
     assert by_name["app"].reason == "dependency zlib failed"
     assert "app" not in runner.started
 
@@ -97,7 +94,7 @@ def test_an_unexpected_exception_is_a_failure_not_a_crash() -> None:
         if build.name == "png":
             raise ValueError("boom")
 
-    results = {r.name: r for r in execute(plan_of(DIAMOND), runner, jobs=2)}
+    results = {r.name: r for r in run_plan(plan_of(DIAMOND), runner, jobs=2)}
     assert results["png"].outcome is Outcome.FAILED
     assert results["png"].reason == "internal error: ValueError: boom"
     assert results["app"].outcome is Outcome.SKIPPED and results["ssl"].outcome is Outcome.BUILT
@@ -108,17 +105,64 @@ def test_critical_path_first() -> None:
     priority = critical_path(plan, {"short": 5, "long1": 2, "long2": 2, "long3": 2})
     assert priority == {"long3": 2, "long2": 4, "long1": 6, "short": 5}
     runner = Recorder()
-    execute(plan, runner, jobs=1, priority=priority)
+    run_plan(plan, runner, jobs=1, priority=priority)
     assert runner.started == ["long1", "short", "long2", "long3"]
 
 
 def test_cancel_stops_running_builds_and_reports_the_rest() -> None:
-    cancel = threading.Event()
     runner = Recorder(delay=30)
-    timer = threading.Timer(0.2, cancel.set)
-    timer.start()
+    collector = Collector()
+    scheduler = Scheduler(runner, jobs=2, reporter=collector)
+    scheduler.submit(plan_of(DIAMOND))
+    threading.Timer(0.2, scheduler.cancel).start()
     began = time.monotonic()
-    results = execute(plan_of(DIAMOND), runner, jobs=2, cancel=cancel)
+    assert scheduler.wait(timeout=10)
+    scheduler.close()
     assert time.monotonic() - began < 5
-    assert set(outcomes(results).values()) == {Outcome.CANCELLED}
-    assert set(outcomes(results)) == set(DIAMOND)
+    assert set(outcomes(collector.results).values()) == {Outcome.CANCELLED}
+    assert set(outcomes(collector.results)) == set(DIAMOND)
+
+
+def test_a_new_plan_keeps_still_wanted_builds_and_cancels_the_rest() -> None:
+    gate = threading.Event()
+    started: list[str] = []
+
+    def runner(build: PlannedBuild, cancel: threading.Event) -> None:
+        started.append(build.key)
+        while not gate.is_set() and not cancel.is_set():
+            time.sleep(0.005)
+        if cancel.is_set():
+            raise BuildError(build.name, "build", "cancelled")
+
+    collector = Collector()
+    scheduler = Scheduler(runner, jobs=2, reporter=collector)
+    first = Plan(builds=(PlannedBuild("a", "key-a1", ()), PlannedBuild("b", "key-b1", ())))
+    scheduler.submit(first)
+    deadline = time.monotonic() + 5
+    while len(started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the next commit still wants a (same key) but b changed, and c is new and needs b
+    second = Plan(
+        builds=(
+            PlannedBuild("a", "key-a1", ()),
+            PlannedBuild("b", "key-b2", ()),
+            PlannedBuild("c", "key-c2", ("b",)),
+        )
+    )
+    scheduler.submit(second)
+    gate.set()
+    assert scheduler.wait(timeout=10)
+    scheduler.close()
+    by_key = {r.build.key: r.outcome for r in collector.results}
+    assert by_key == {
+        "key-a1": Outcome.BUILT,  # kept running across the new submission, built once
+        "key-b1": Outcome.CANCELLED,
+        "key-b2": Outcome.BUILT,
+        "key-c2": Outcome.BUILT,
+    }
+    assert started.count("key-a1") == 1
+    assert started.index("key-b2") < started.index("key-c2")
+
+
+def outcomes(results: list[Result]) -> dict[str, Outcome]:
+    return {result.name: result.outcome for result in results}
