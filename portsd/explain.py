@@ -55,6 +55,7 @@ class Explanation:
     present: bool
     causes: tuple[Cause, ...]
     blocked: str | None = None
+    compared: bool = True  # False: no earlier revision to compare with
 
     def lines(self) -> list[str]:
         """Human-readable lines, the first a verdict."""
@@ -64,6 +65,8 @@ class Explanation:
         short = self.key[:12]
         if self.present:
             lines = [f"{self.port} is up to date: key {short} is in the repository"]
+        elif not self.compared:
+            lines = [f"{self.port} must be built: the repository has no package for key {short}"]
         elif self.old_key is None:
             lines = [f"{self.port} must be built: it is new (key {short})"]
         elif self.old_key == self.key:
@@ -103,7 +106,7 @@ def explain(
             what = _own_change(origin, old, new)
             if what is not None:
                 causes.append(Cause(origin, what, tuple(touches.get(origin, ())), path))
-    return Explanation(port, key, old_key, key in present, tuple(causes))
+    return Explanation(port, key, old_key, key in present, tuple(causes), compared=old is not None)
 
 
 def _own_change(name: str, old: Evaluated, new: Evaluated) -> str | None:

@@ -198,6 +198,18 @@ class GitRepo:
     def workdir(self) -> str | None:
         return self._repo.workdir
 
+    @property
+    def gitdir(self) -> str:
+        """The git directory itself (``.git`` of a working tree, or the bare repository)."""
+        return str(self._repo.path)
+
+    def head_branch(self) -> str:
+        """The branch HEAD names (it may not exist yet in a fresh bare repository)."""
+        target = self._repo.references["HEAD"].target
+        if not isinstance(target, str) or not target.startswith("refs/heads/"):
+            raise GitError(self.path, "HEAD is detached: name the branch to follow")
+        return target.removeprefix("refs/heads/")
+
     def commit(self, revision: str) -> str:
         """The id of the commit ``revision`` (an id, branch, tag or any rev-parse spec) names."""
         try:

@@ -159,8 +159,8 @@ class State:
                 "PRAGMA synchronous=NORMAL"
             )  # WAL: durable at checkpoints, never corrupt
             self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
             with self._transaction() as db:
-                db.executescript(_SCHEMA)
                 version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if version is None:
                     db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))

@@ -3,28 +3,191 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+from aiohttp import web
 from rich.console import Console
+from rich.table import Table
 
 from portsd.cli import run_main
 from portsd.cli.workspace import DEFAULT_STATE
-from portsd.config import load_config
+from portsd.config import Config, load_config
+from portsd.daemon import Daemon
+from portsd.errors import ConfigError, PortsdError
+from portsd.fsio import write_atomic
+from portsd.initrepo import init_repository, state_of
 from portsd.pipeline import ensure_signing_key
+from portsd.server.app import create_app
+
+log = logging.getLogger("portsd")
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="portsd", description="The portsd build host.")
+    top.add_argument("-v", "--verbose", action="store_true", help="show debug output")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("init", help="create a bare ports repository for the daemon to follow")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--port", type=int, default=8470, help="the daemon's port (default: 8470)")
+    p.set_defaults(handler=init)
+
+    p = commands.add_parser("serve", help="follow the branch, build, and serve packages over HTTP")
+    _where(p)
+    p.add_argument("--tree", type=Path, help="the git repository to follow (default: config)")
+    p.add_argument("--branch", help="the branch to follow (default: the repository's HEAD)")
+    p.add_argument("--listen", help="the address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, help="the port to listen on (default: 8470)")
+    p.add_argument("-j", "--jobs", type=int, help="builds at once (default: config)")
+    p.set_defaults(handler=serve)
+
+    p = commands.add_parser("status", help="what the daemon is doing")
+    _where(p)
+    p.set_defaults(handler=status)
+
+    p = commands.add_parser("rebuild", help="retry ports whose builds failed")
+    _where(p)
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(handler=rebuild)
+
     p = commands.add_parser("keygen", help="create the repository signing key (once)")
-    p.add_argument("--state", type=Path, default=DEFAULT_STATE.expanduser())
+    _where(p)
+    p.set_defaults(handler=keygen)
     return top
 
 
-def _main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    console = Console(highlight=False)
-    config = load_config(args.state.absolute())
+def _where(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--repo", type=Path, help="a repository made by `portsd init` (its state inside)"
+    )
+    group.add_argument("--state", type=Path, help=f"the state directory (default: {DEFAULT_STATE})")
+    parser.add_argument("--config", type=Path, help="a config file (default: <state>/portsd.toml)")
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    if args.repo is not None:
+        state = state_of(args.repo.absolute())
+        if not state.is_dir():
+            raise ConfigError(
+                "not a repository made by `portsd init` (no portsd/ inside)", path=str(args.repo)
+            )
+        overrides.setdefault("tree_dir", args.repo.absolute())
+    else:
+        state = (args.state or DEFAULT_STATE.expanduser()).absolute()
+    return load_config(state, args.config, overrides)
+
+
+def init(args: argparse.Namespace, console: Console) -> int:
+    made = init_repository(args.directory, port=args.port)
+    console.print(f"Created the ports repository {made.repository}")
+    console.print(f"  state, config and signing key (id {made.key_id}) in {made.config.state_dir}")
+    console.print("Next steps:")
+    console.print(f"  portsd serve --repo {made.repository}")
+    console.print("  and in your ports tree:")
+    console.print(f"  git remote add build {made.repository}")
+    console.print("  git push build main")
+    return 0
+
+
+def serve(args: argparse.Namespace, console: Console) -> int:
+    config = _config(
+        args,
+        tree_dir=args.tree.absolute() if args.tree else None,
+        branch=args.branch,
+        listen=args.listen,
+        port=args.port,
+        jobs=args.jobs,
+    )
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    if not config.token_file.exists():
+        write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
+    asyncio.run(_serve(config))
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(config, loop)
+    app = create_app(config, daemon)
+    app.cleanup_ctx.append(daemon.lifetime)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen, config.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    log.warning(
+        "portsd: serving http://%s:%d/ (following %s of %s, state in %s)",
+        config.listen,
+        config.port,
+        daemon.branch,
+        config.tree_dir,
+        config.state_dir,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.warning("portsd: stopping")
+        await runner.cleanup()
+
+
+def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
+    url = f"http://{_host(config.listen)}:{config.port}{path}"
+    headers = {"Content-Type": "application/json"}
+    if body is not None:
+        headers["Authorization"] = f"Bearer {config.token_file.read_text().strip()}"
+    request = urllib.request.Request(
+        url, data=None if body is None else json.dumps(body).encode(), headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        raise PortsdError(
+            f"{url}: HTTP {error.code}: {error.read().decode(errors='replace')}"
+        ) from None
+    except OSError as error:
+        failure = PortsdError(f"cannot reach the daemon at {url}: {error}")
+        failure.hint = "is `portsd serve` running with this state directory?"
+        raise failure from None
+
+
+def _host(listen: str) -> str:
+    return "127.0.0.1" if listen in ("0.0.0.0", "") else ("[::1]" if listen == "::" else listen)
+
+
+def status(args: argparse.Namespace, console: Console) -> int:
+    data = _api(_config(args), "/api/v1/status")
+    table = Table(show_header=False, show_edge=False)
+    for name in ("branch", "head", "evaluated", "queued", "eta"):
+        value = data.get(name)
+        table.add_row(name, "-" if value is None else str(value))
+    console.print(table)
+    for running in data.get("running", []):
+        build = running.get("build", running)
+        console.print(f"running: {build.get('port')} ({running.get('step', '?')})")
+    return 0
+
+
+def rebuild(args: argparse.Namespace, console: Console) -> int:
+    data = _api(_config(args), "/api/v1/rebuild", {"ports": args.names})
+    accepted = data.get("accepted", data.get("ports", []))
+    console.print(f"will retry: {', '.join(accepted) or 'nothing (no such ports)'}")
+    return 0 if accepted else 1
+
+
+def keygen(args: argparse.Namespace, console: Console) -> int:
+    config = _config(args)
     existed = config.secret_key.exists()
     key = ensure_signing_key(config)
     verb = "exists" if existed else "created"
@@ -33,5 +196,19 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    code: int = args.handler(args, Console(highlight=False, soft_wrap=True))
+    return code
+
+
 def main() -> int:
     return run_main(_main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

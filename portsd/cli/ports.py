@@ -57,7 +57,7 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s"
     )
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     code: int = args.handler(args, console)
     return code
 
