@@ -1,0 +1,61 @@
+"""Configuration: defaults, the file, flags on top, and errors that name the file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from portsd.config import CONFIG_NAME, Config, load_config
+from portsd.errors import ConfigError
+
+CONTRIB = Path(__file__).parent.parent / "contrib" / "portsd.toml.example"
+
+
+def test_defaults_put_everything_under_the_state_directory(tmp_path: Path) -> None:
+    config = load_config(tmp_path)
+    assert config == Config(state_dir=tmp_path)
+    assert config.repo == tmp_path / "repo" and config.distfiles == tmp_path / "distfiles"
+    assert config.secret_key.parent == tmp_path / "keys" and config.listen == "127.0.0.1"
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    (tmp_path / CONFIG_NAME).write_text(
+        '[build]\njobs = 3\ntimeout = 60\n[sources]\nmirrors = ["/m"]\n[repository]\npath = "out"\n'
+    )
+    config = load_config(tmp_path, overrides={"jobs": 5, "arch": None})
+    assert config.jobs == 5  # the flag wins
+    assert config.build_timeout == 60.0 and config.mirrors == ("/m",)
+    assert config.repo == tmp_path / "out"
+
+
+def test_the_contrib_example_is_valid(tmp_path: Path) -> None:
+    shutil.copy(CONTRIB, tmp_path / CONFIG_NAME)
+    config = load_config(tmp_path)
+    assert config.jobs == 4 and config.port == 8470 and config.branch == "main"
+    assert config.tree_dir == tmp_path.parent
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[build]\njobz = 1\n", "unknown key 'jobz' in [build]"),
+        ("[bild]\njobs = 1\n", "unknown table [bild]"),
+        ("[build]\njobs = 'two'\n", "[build] jobs must be int"),
+        ("[build]\njobs = 0\n", "jobs and make-jobs must be at least 1"),
+        ("[sources]\nmirrors = [1]\n", "[sources] mirrors must be a list of strings"),
+        ("[build\n", "invalid TOML"),
+    ],
+)
+def test_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / CONFIG_NAME).write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / CONFIG_NAME}: ")
+    assert message in str(caught.value)
+
+
+def test_an_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path, tmp_path / "nope.toml")
