@@ -1,0 +1,141 @@
+"""Running the real daemon (`portsd serve`) in a subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def portsd(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "portsd.cli.daemon", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        check=True,
+    )
+
+
+class RunningDaemon:
+    """``portsd serve --repo REPO`` on a free loopback port, with its log in a file."""
+
+    def __init__(self, repo: Path, log: Path, *extra: str) -> None:
+        self.repo = repo
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        # the hook must find this daemon
+        subprocess.run(["git", "-C", str(repo), "config", "portsd.url", self.url], check=True)
+
+    def start(self) -> RunningDaemon:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "portsd.cli.daemon", "serve", "--repo", str(self.repo)]
+                + ["--port", str(self.port), *self.extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")},
+            )
+        self.wait_for(lambda: self.get("/api/v1/status"), timeout=30, what="the daemon to answer")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (only the daemon: its sandboxed builds die with it)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def get(self, path: str) -> Any:
+        """JSON from the API, or None if the daemon does not answer (yet)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return json.load(response)
+        except (OSError, urllib.error.URLError, json.JSONDecodeError):
+            return None
+
+    def raw(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        request = urllib.request.Request(self.url + path, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def builds(self, **filters: object) -> list[dict[str, Any]]:
+        query = "&".join(f"{k}={v}" for k, v in filters.items())
+        data = self.get(f"/api/v1/builds?limit=1000&{query}")
+        assert data is not None, "the daemon does not answer"
+        return list(data["builds"] if isinstance(data, dict) else data)
+
+    def idle_at(self, commit: str) -> bool:
+        """The newest commit is evaluated and nothing is queued or running."""
+        status = self.get("/api/v1/status")
+        return bool(
+            status
+            and status.get("evaluated") == commit
+            and not status.get("evaluating")
+            and status.get("queued") == 0
+            and not status.get("running")
+        )
+
+    def wait_idle(self, commit: str, timeout: float = 180) -> None:
+        self.wait_for(
+            lambda: self.idle_at(commit),
+            timeout=timeout,
+            what=f"the daemon to finish {commit[:10]}",
+        )
+
+    def wait_for(self, condition: Callable[[], T], *, timeout: float, what: str) -> T:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"the daemon exited while waiting for {what}:\n{self.log.read_text()}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting for {what}; daemon log:\n{self.log.read_text()[-4000:]}"
+        )

@@ -1,0 +1,223 @@
+"""`portsd serve` end to end: real `git push` to a bare repository, with and without the
+hook, real sandboxed builds, the signed index served over HTTP, and real SIGKILLs."""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portsd.evaluate import Evaluation
+from portsd.index import decode_index
+from portsd.repo import Repository
+from portsd.sign import PublicKey, verify
+from portsd.tree import TreeLoader
+from tests.conftest import SourceServer
+from tests.daemon_harness import RunningDaemon, portsd
+from tests.fixtures import commit_all, git
+
+pytestmark = pytest.mark.slow
+
+ARCH = platform.machine()
+ALL = {"libbase", "libmid", "libtop", "toptool", "liba", "libb", "diamond", "hello", "confapp"}
+
+
+@pytest.fixture
+def bare(tmp_path: Path, ports_tree: Path) -> Path:
+    """A repository made by `portsd init`, the fixture tree's remote `build`."""
+    repo = tmp_path / "build.git"
+    portsd("init", repo)
+    git(ports_tree, "remote", "add", "build", str(repo))
+    return repo
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, bare: Path) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    yield running
+    running.stop()
+
+
+def push(tree: Path) -> str:
+    """`git push build main`; returns what the remote side (the hook) said."""
+    result = subprocess.run(
+        ["git", "-C", str(tree), "push", "build", "main"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stderr
+
+
+def head(tree: Path) -> str:
+    return git(tree, "rev-parse", "HEAD")
+
+
+def served_index(daemon: RunningDaemon, state: Path) -> dict[str, str]:
+    """Name -> key of the index the daemon serves, its signature checked."""
+    status, data = daemon.raw(f"/repo/{ARCH}/index.msgpack.zst")
+    assert status == 200
+    status, signature = daemon.raw(f"/repo/{ARCH}/index.msgpack.zst.minisig")
+    assert status == 200
+    verify(data, signature.decode(), [PublicKey.load(state / "keys" / "portsd.pub")])
+    return {entry.name: entry.key for entry in decode_index(data, "served index")}
+
+
+def keys_at(tree: Path, commit: str) -> dict[str, str]:
+    loaded = TreeLoader().load_git(tree, commit)
+    return Evaluation.full(loaded.listing, loaded.recipes(), ARCH).keys.keys
+
+
+def edit(tree: Path, port: str, message: str) -> str:
+    recipe = tree / "ports" / port / "port.toml"
+    recipe.write_text(recipe.read_text() + f"# {message}\n")
+    return commit_all(tree, message)
+
+
+def test_a_push_through_the_hook_builds_and_serves(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    said = push(ports_tree)
+    assert "portsd: build host notified" in said  # the hook, not the watcher, told it
+    daemon.wait_idle(head(ports_tree))
+    assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, head(ports_tree))
+    assert {b["port"] for b in daemon.builds(state="built")} == ALL
+
+
+def test_a_push_without_the_hook_is_noticed_by_the_watcher(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    (bare / "hooks" / "post-receive").unlink()
+    said = push(ports_tree)
+    assert "notified" not in said
+    daemon.wait_idle(head(ports_tree), timeout=180)
+    assert set(served_index(daemon, bare / "portsd")) == ALL
+
+
+def test_each_push_rebuilds_exactly_what_it_reaches(
+    daemon: RunningDaemon, ports_tree: Path
+) -> None:
+    push(ports_tree)
+    daemon.wait_idle(head(ports_tree))
+    for port, expected in [
+        ("toptool", {"toptool"}),
+        ("libmid", {"libmid", "libtop", "toptool"}),
+        ("libbase", ALL - {"hello"}),
+    ]:
+        commit = edit(ports_tree, port, f"{port}: touch")
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        status = daemon.get("/api/v1/status")
+        builds = daemon.builds(evaluation=status["evaluation"])
+        assert {b["port"] for b in builds} == expected
+        assert {b["state"] for b in builds} == {"built"}
+        why = next(b for b in builds if b["port"] == "toptool")["reason"]
+        assert f"ports/{port} changed since" in why and commit[:10] in why
+
+
+def test_a_newer_push_supersedes_unwanted_builds(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    push(ports_tree)
+    daemon.wait_idle(head(ports_tree))
+    slow = ports_tree / "ports" / "libbase" / "port.toml"
+    slow.write_text(slow.read_text() + 'prepare = "sleep 3"\n')
+    first = commit_all(ports_tree, "libbase: slow")
+    push(ports_tree)
+    daemon.wait_for(
+        lambda: any(b["port"] == "libbase" and b["state"] == "running" for b in daemon.builds()),
+        timeout=60,
+        what="the slow libbase build to start",
+    )
+    slow.write_text(slow.read_text().replace("sleep 3", "sleep 1"))
+    second = commit_all(ports_tree, "libbase: less slow")
+    pushed_at = time.time()
+    push(ports_tree)
+    daemon.wait_idle(second)
+    wanted = set(keys_at(ports_tree, second).values())
+    first_keys = keys_at(ports_tree, first)
+    superseded = [b for b in daemon.builds(port="libbase") if b["key"] == first_keys["libbase"]]
+    assert [b["state"] for b in superseded] == ["cancelled"]  # it was running: stopped, not finished
+    assert superseded[0]["detail"] == "superseded by a newer commit"
+    for build in daemon.builds():
+        if build["key"] in first_keys.values() and build["key"] not in wanted:
+            finished_late = build["state"] == "built" and build["finished"] > pushed_at + 1
+            assert not finished_late, f"{build['port']} of the superseded commit ran to the end"
+    assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, second)
+
+
+def test_kill_9_during_a_build_then_restart(
+    tmp_path: Path, bare: Path, ports_tree: Path, source_server: SourceServer
+) -> None:
+    slow = ports_tree / "ports" / "libmid" / "port.toml"
+    slow.write_text(slow.read_text() + 'prepare = "sleep 2"\n')
+    commit = commit_all(ports_tree, "libmid: slow")
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    push(ports_tree)
+    daemon.wait_for(
+        lambda: any(b["port"] == "libmid" and b["state"] == "running" for b in daemon.builds()),
+        timeout=60,
+        what="libmid to be building",
+    )
+    daemon.kill()
+    assert_consistent(bare)
+    daemon.start()
+    try:
+        daemon.wait_idle(commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        states = {b["state"] for b in daemon.builds(port="libmid")}
+        assert "interrupted" in states and "built" in states
+    finally:
+        daemon.stop()
+    assert_consistent(bare)
+
+
+def test_kill_9_at_random_moments_never_corrupts_and_ends_complete(
+    tmp_path: Path, bare: Path, ports_tree: Path
+) -> None:
+    commit = head(ports_tree)
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    push(ports_tree)
+    rng = random.Random(1)
+    for _ in range(
+        4
+    ):  # builds here take ~0.2 s and publishes a few ms: some kills land mid-publish
+        time.sleep(rng.uniform(0.2, 1.2))
+        daemon.kill()
+        assert_consistent(bare)
+        daemon.start()
+    try:
+        daemon.wait_idle(commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+    finally:
+        daemon.stop()
+    assert_consistent(bare)
+
+
+def assert_consistent(bare: Path) -> None:
+    """The repository as a fresh reader finds it: a signed index whose every package is
+    whole (size, sha256, signature); stock minisign agrees about the index."""
+    state = bare / "portsd"
+    public = state / "keys" / "portsd.pub"
+    repo = Repository.reader(state / "repo", ARCH, [PublicKey.load(public)])
+    if not repo.index_path.exists():
+        return  # killed before the first publish: nothing is served yet, nothing is broken
+    assert repo.check() == ()
+    verified = subprocess.run(
+        ["minisign", "-V", "-p", str(public), "-m", str(repo.index_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_the_push_endpoint_wants_the_token(daemon: RunningDaemon, bare: Path) -> None:
+    token = (bare / "portsd" / "token").read_text().strip()
+    assert daemon.post("/api/v1/push", b"", {}) == 401
+    assert daemon.post("/api/v1/push", b"", {"Authorization": "Bearer wrong"}) == 401
+    assert daemon.post("/api/v1/push", b"", {"Authorization": f"Bearer {token}"}) == 202
