@@ -7,11 +7,11 @@ and packaging the DESTDIR happen around it (portsd/fetch.py, portsd/package.py).
 
 Inside the sandbox every build sees the same paths, wherever the host keeps its files:
 
-    /build/src        SRCDIR: archives unpacked, files copied here (writable)
+    /build/src        SRCDIR: archives unpacked, files and paths copied here (writable)
     /build/pkg        DESTDIR (writable)
     /build/home       HOME (writable, private)
     /tmp              TMPDIR (writable, private)
-    /build/sources/F  each fetched source, read-only
+    /build/sources/F  each fetched source and ``path`` source, read-only
     /build/port       the port directory (port.toml, patches, files), read-only
 
 The dependency roots are composed into one tree (``compose_root``) whose ``usr/`` the
@@ -69,8 +69,9 @@ _HOST_ENV = {"PATH": sandbox.SYSTEM_PATH, "LANG": "C.UTF-8"}
 class BuildRequest:
     """Everything one build needs; the builder reads nothing else from the host.
 
-    ``sources`` maps each url source's filename to its verified file (file sources are
-    taken from ``port_dir``). ``dependency_roots`` are extracted dependency packages, each
+    ``sources`` maps each url source's filename to its verified file, and each ``path``
+    source's filename to the file or directory exported for it (file sources are taken
+    from ``port_dir``). ``dependency_roots`` are extracted dependency packages, each
     the root of one package (``usr/include/...``); a single root is used as it is, so a
     caller may pass one tree composed once with ``compose_root`` and cached by the set of
     dependency keys. ``workdir`` is this build's private directory (its subdirectories are
@@ -142,6 +143,9 @@ def prepare_script(recipe: Recipe, builddir: str, *, skip: str | None = None) ->
                 lines.append(f'tar -xf {SOURCES}/{name} -C "$SRCDIR"')
             else:
                 lines.append(f'cp -- {SOURCES}/{name} "$SRCDIR"/{name}')
+        elif source.path is not None:
+            # -R -P: a directory with its symlinks as symlinks, never followed
+            lines.append(f'cp -R -P -- {SOURCES}/{name} "$SRCDIR"/{name}')
         elif not source.is_patch:
             lines.append(f'cp -- {PORTDIR}/{shlex.quote(source.file or "")} "$SRCDIR"/{name}')
     lines.append(f"cd -- {shlex.quote(builddir)}")
@@ -242,7 +246,7 @@ def build_port(request: BuildRequest) -> BuildResult:
     """Build ``request.recipe`` and return the DESTDIR it installed into.
 
     Raises ``BuildError`` naming the port, the step, what happened (``exit 2``,
-    ``timed out after 30 s``) and the log; ``FetchError`` for a url source missing from
+    ``timed out after 30 s``) and the log; ``FetchError`` for a url or path source missing from
     ``request.sources``; ``FileConflict`` for two dependencies shipping the same file;
     ``ConfigError`` when the sandbox cannot be set up (no bwrap, a hidden path exposed).
     """
@@ -265,6 +269,10 @@ class _Build:
     def run(self) -> BuildResult:
         request = self.request
         for source in self.recipe.sources:
+            if source.path is not None and source.filename not in request.sources:
+                raise FetchError(
+                    self.recipe.name, source.filename, f"path '{source.path}' was not exported"
+                )
             if source.url is not None and source.filename not in request.sources:
                 raise FetchError(self.recipe.name, source.filename, "not among the fetched sources")
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +313,7 @@ class _Build:
             Mount(request.port_dir.resolve(), PORTDIR),
         ]
         for source in self.recipe.sources:
-            if source.url is not None:
+            if source.url is not None or source.path is not None:
                 path = request.sources[source.filename].resolve()
                 mounts.append(Mount(path, f"{SOURCES}/{source.filename}"))
         return SandboxSpec(

@@ -250,10 +250,10 @@ class Daemon:
     def _load(self, head: str, previous: _Evaluated | None) -> tuple[Tree, Evaluation]:
         if previous is None:
             tree = self.loader.load(GitSnapshot(self.git, head))
-            evaluation = Evaluation.full(tree.listing, tree.recipes(), self.config.arch)
+            evaluation = Evaluation.full(tree.inputs(), tree.recipes(), self.config.arch)
         else:
             tree = self.loader.advance(previous.tree, head)
-            evaluation = previous.revision.evaluation.advance(tree.listing, tree.changed_ports())
+            evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
         self.loader.save()
         return tree, evaluation
 
@@ -282,14 +282,14 @@ class Daemon:
         touches: dict[str, list[Touch]] = {}
         if previous is not None:
             before = previous.revision
-            old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.listing)
+            old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.inputs())
             changed = [n for n, t in tree.listing.items() if previous.tree.listing.get(n) != t]
             if changed and before.commit and revision.commit:
                 for change in self.git.history(changed, since=before.commit, until=revision.commit):
                     touches.setdefault(change.port, []).append(
                         Touch(change.commit, change.summary, change.files)
                     )
-        new = Evaluated(revision.commit or "", revision.graph, revision.keys, tree.listing)
+        new = Evaluated(revision.commit or "", revision.graph, revision.keys, tree.inputs())
         return {
             b.name: "\n".join(explain(b.name, old, new, touches, present).lines())
             for b in plan.builds

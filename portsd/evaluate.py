@@ -1,10 +1,11 @@
 """Evaluating a ports tree: its dependency graph and build keys, commit after commit.
 
-Pure: takes listings (port name -> tree id) and recipes, returns values. The first
-evaluation of a tree builds everything; each next commit's evaluation is derived from the
-previous one and the ports whose directories changed (``Graph.updated`` re-resolves only
-what those changes can affect, ``KeySet.compute`` recomputes only their reverse closure),
-and gives exactly the keys a full evaluation would.
+Pure: takes listings (port name -> the id its key covers: its directory's tree id, or for
+a port with ``path`` sources the combined id of ``Tree.inputs()``) and recipes, returns
+values. The first evaluation of a tree builds everything; each next commit's evaluation is
+derived from the previous one and the ports whose ids changed (``Graph.updated``
+re-resolves only what those changes can affect, ``KeySet.compute`` recomputes only their
+reverse closure), and gives exactly the keys a full evaluation would.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from portsd.recipe import Recipe
 class Evaluation:
     """One commit's ports tree evaluated for one architecture.
 
-    ``changed`` holds the ports whose directories differ from the evaluation this one was
-    advanced from (empty for a full evaluation).
+    ``changed`` holds the ports whose ids differ from the evaluation this one was advanced
+    from (empty for a full evaluation).
     """
 
     listing: Mapping[str, str]
@@ -44,10 +45,11 @@ class Evaluation:
     def advance(self, listing: Mapping[str, str], changes: Mapping[str, Change]) -> Evaluation:
         """The evaluation of the next commit.
 
-        ``changes`` maps every port whose tree id differs between ``self.listing`` and
+        ``changes`` maps every port whose id differs between ``self.listing`` and
         ``listing`` (added, edited or removed) to its new recipe, its ``RecipeError``, or
         None when it is gone; ``changes_between`` computes the names when no cheaper
-        source (a git diff) is at hand. Ports not in ``changes`` must keep their tree ids.
+        source (a git diff, ``Tree.changed_ports``) is at hand. Ports not in ``changes``
+        must keep their ids.
         """
         for name, change in changes.items():
             if (change is None) != (name not in listing):

@@ -246,7 +246,7 @@ class Fetcher:
         its end (so the cache fills as far as it can); then the first failure in recipe order
         is raised.
         """
-        wanted = [source for source in sources if source.file is None]
+        wanted = [source for source in sources if source.url is not None]
         results = await asyncio.gather(
             *(self.fetch(port, source) for source in wanted), return_exceptions=True
         )

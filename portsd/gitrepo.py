@@ -7,7 +7,8 @@ same tree ids (and therefore give them the same build keys).
 
 A ``Snapshot`` is one state of a ports tree, read either way: ``GitSnapshot`` (a commit)
 and ``DirSnapshot`` (a plain directory, a working tree with uncommitted edits or no git at
-all) both list ``ports/<name>/`` with tree ids, read a port's files and export them.
+all) both list ``ports/<name>/`` with tree ids, read a port's files and export them, and
+identify (``path_entry``) and export any other path of the tree, for ``path`` sources.
 
 ``PortsListing`` is the ``ports/`` tree object of one commit. A 30,000-port tree is a 1 MB
 object, and libgit2 spends ~12 ms parsing it into entries (plus ~25 ms more to diff two of
@@ -60,6 +61,18 @@ class FileEntry:
     path: str
     mode: FileMode
     id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PathEntry:
+    """What a commit (or a directory hashed as git would) holds at a repository path: its
+    git mode (a ``FileMode``, or 0o160000 for a submodule) and object id (hex)."""
+
+    mode: int
+    id: str
+
+
+SUBMODULE_MODE = 0o160000
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +246,16 @@ class GitRepo:
         if tree_id is None:
             raise GitError(self.path, f"commit {commit[:12]} has no ports/ directory")
         return PortsListing.parse(self.read_raw(tree_id), self.path)
+
+    def entry(self, commit: str, path: str) -> PathEntry | None:
+        """The mode and object id of ``path`` (``a/b/c``, relative to the root) in
+        ``commit``, or None if the commit has nothing there."""
+        root = self._repo[commit].peel(pygit2.Tree)
+        try:
+            found = root[path]
+        except KeyError:  # also when a component on the way is not a directory
+            return None
+        return PathEntry(found.filemode, str(found.id))
 
     def read_raw(self, object_id: str) -> bytes:
         return self._repo.odb.read(object_id)[1]
@@ -522,6 +545,16 @@ class Snapshot(Protocol):
         """Write the port directory's files into ``dest`` (which must not exist or be empty)."""
         ...
 
+    def path_entry(self, path: str) -> PathEntry | None:
+        """What the tree holds at ``path`` (relative to its root; outside ports/), as git
+        records it; None if nothing git could record is there."""
+        ...
+
+    def export_path(self, path: str, dest: Path) -> None:
+        """Write the file or directory at ``path`` to ``dest`` (which must not exist):
+        exactly the content ``path_entry`` identifies, or ``GitError``."""
+        ...
+
 
 def _missing_recipe(name: str, why: str) -> RecipeError:
     return RecipeError(name, [Problem(f"{PORTS_DIR}/{name}/{RECIPE_FILE}", why)])
@@ -584,6 +617,21 @@ class GitSnapshot:
     def export_port(self, name: str, dest: Path) -> None:
         self.repo.export(self._tree_id(name), dest)
 
+    def path_entry(self, path: str) -> PathEntry | None:
+        return self.repo.entry(self.commit, path)
+
+    def export_path(self, path: str, dest: Path) -> None:
+        entry = self.path_entry(path)
+        if entry is None:
+            raise GitError(self.repo.path, f"commit {self.commit[:12]} has no '{path}'")
+        if entry.mode == FileMode.TREE:
+            self.repo.export(entry.id, dest)
+        elif entry.mode in (FileMode.REGULAR, FileMode.EXECUTABLE):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(dest, _MODES[entry.mode], self.repo.read_blob(entry.id))
+        else:
+            raise GitError(self.repo.path, f"'{path}' is not a file or directory")
+
 
 def _port_files(
     name: str, paths: Sequence[str], mode: FileMode | None, data: bytes | None
@@ -603,11 +651,13 @@ class DirSnapshot:
     hashed once, on the first ``listing``; later edits are not seen by this snapshot.
     """
 
-    __slots__ = ("root", "_ports")
+    __slots__ = ("root", "_ports", "_paths", "_ignored")
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self._ports: dict[str, HashedDirectory] | None = None
+        self._paths: dict[str, _HashedPath] = {}  # hashed once each, like the ports
+        self._ignored: tuple[Callable[[Path], bool] | None] | None = None  # None: not looked up
 
     @property
     def label(self) -> str:
@@ -618,7 +668,7 @@ class DirSnapshot:
             ports = self.root / PORTS_DIR
             if not ports.is_dir():
                 raise GitError(str(self.root), "no ports/ directory")
-            ignored = _ignore_rules(ports)
+            ignored = self._ignore_rules()
             hashed: dict[str, HashedDirectory] = {}
             for entry in sorted(os.scandir(ports), key=lambda e: e.name):
                 path = Path(entry.path)
@@ -658,23 +708,106 @@ class DirSnapshot:
                 data = (source / entry.path).read_bytes()
             _write_file(target, entry.mode, data)
 
+    def path_entry(self, path: str) -> PathEntry | None:
+        return self._path(path).entry
 
-def _ignore_rules(ports: Path) -> Callable[[Path], bool] | None:
-    """A predicate for paths git ignores, if ``ports`` is inside a git work tree."""
-    found = pygit2.discover_repository(str(ports))
+    def export_path(self, path: str, dest: Path) -> None:
+        hashed = self._path(path)
+        if hashed.entry is None:
+            raise GitError(str(self.root), f"no '{path}' (or git would not record it)")
+        source = self.root / path
+        if hashed.directory is not None:
+            dest.mkdir(parents=True)
+            for entry in hashed.directory.files:
+                target = dest / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_file(target, entry.mode, _read_entry(source / entry.path, entry.mode))
+            copied = hash_directory(dest)
+            exported = copied.tree_id if copied is not None else None
+        else:
+            mode = _MODES[hashed.entry.mode]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            data = _read_entry(source, mode)
+            _write_file(dest, mode, data)
+            exported = hash_object("blob", data).hex()
+        # The key was computed from the hash taken when the tree was read: a build must
+        # not get other content under that key because someone kept editing meanwhile.
+        if exported != hashed.entry.id:
+            raise GitError(str(self.root), f"'{path}' changed after the tree was read; run again")
+
+    def _path(self, path: str) -> _HashedPath:
+        known = self._paths.get(path)
+        if known is None:
+            known = self._paths[path] = _hash_path(self.root, path, self._ignore_rules())
+        return known
+
+    def _ignore_rules(self) -> Callable[[Path], bool] | None:
+        if self._ignored is None:
+            self._ignored = (_ignore_rules(self.root),)
+        return self._ignored[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _HashedPath:
+    """A path of a plain directory tree as git would record it (``entry`` None: it would
+    not), with the files hashed when it is a directory."""
+
+    entry: PathEntry | None
+    directory: HashedDirectory | None = None
+
+
+def _hash_path(root: Path, path: str, ignored: Callable[[Path], bool] | None) -> _HashedPath:
+    """Hash ``root/path`` without following a symlink anywhere on the way, as git would
+    see it: a component that is a symlink, or ignored, hides everything below it."""
+    current = root
+    *parents, last = path.split("/")
+    try:
+        for part in parents:
+            current = current / part
+            if not stat.S_ISDIR(current.lstat().st_mode) or (ignored and ignored(current)):
+                return _HashedPath(None)
+        current = current / last
+        info = current.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return _HashedPath(None)
+    if ignored is not None and ignored(current):
+        return _HashedPath(None)
+    if stat.S_ISDIR(info.st_mode):
+        directory = hash_directory(current, ignored=ignored)
+        if directory is None:  # no files: git cannot record it
+            return _HashedPath(None)
+        return _HashedPath(PathEntry(FileMode.TREE, directory.tree_id), directory)
+    if stat.S_ISLNK(info.st_mode):
+        mode = FileMode.SYMLINK
+    elif stat.S_ISREG(info.st_mode):
+        mode = FileMode.EXECUTABLE if info.st_mode & stat.S_IXUSR else FileMode.REGULAR
+    else:  # sockets, fifos, devices: git records none of them
+        return _HashedPath(None)
+    return _HashedPath(PathEntry(mode, hash_object("blob", _read_entry(current, mode)).hex()))
+
+
+def _read_entry(path: Path, mode: FileMode) -> bytes:
+    """A file's blob content as git stores it: a symlink's is its target."""
+    return os.fsencode(os.readlink(path)) if mode == FileMode.SYMLINK else path.read_bytes()
+
+
+def _ignore_rules(base: Path) -> Callable[[Path], bool] | None:
+    """A predicate for paths under ``base`` that git ignores, if ``base`` is inside a git
+    work tree."""
+    found = pygit2.discover_repository(str(base))
     if found is None:
         return None
     repo = pygit2.Repository(found)
     if repo.workdir is None:
         return None
     try:
-        inside = Path(os.path.realpath(ports)).relative_to(os.path.realpath(repo.workdir))
+        inside = Path(os.path.realpath(base)).relative_to(os.path.realpath(repo.workdir))
     except ValueError:
         return None
 
     def ignored(path: Path) -> bool:
         # Never resolve ``path`` itself: it may be a symlink pointing anywhere.
-        relative = inside / path.relative_to(ports)
+        relative = inside / path.relative_to(base)
         return bool(repo.path_is_ignored(relative.as_posix()))
 
     return ignored

@@ -20,7 +20,10 @@ from portsd.errors import ConfigError
 from portsd.fsio import write_atomic
 from portsd.pipeline import ensure_signing_key
 
-HOOK = Path(__file__).resolve().parent.parent / "hooks" / "post-receive"
+HOOKS = (
+    Path(__file__).resolve().parent.parent / "hooks" / "post-receive",  # a source checkout
+    Path("/usr/share/portsd/hooks/post-receive"),  # the portsd package
+)
 STATE_NAME = "portsd"
 
 CONFIG_TEMPLATE = """\
@@ -65,6 +68,9 @@ def init_repository(directory: Path, *, port: int = 8470) -> Initialised:
     directory = directory.absolute()
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError("exists and is not empty", path=str(directory))
+    source = next((path for path in HOOKS if path.is_file()), None)
+    if source is None:
+        raise ConfigError("the post-receive hook is not installed", path=str(HOOKS[-1]))
     pygit2.init_repository(str(directory), bare=True, initial_head="main")
     state = state_of(directory)
     state.mkdir(mode=0o700)
@@ -73,7 +79,7 @@ def init_repository(directory: Path, *, port: int = 8470) -> Initialised:
     write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
     key = ensure_signing_key(config)
     hook = directory / "hooks" / "post-receive"
-    shutil.copyfile(HOOK, hook)
+    shutil.copyfile(source, hook)
     hook.chmod(0o755)
     git_config = pygit2.Repository(str(directory)).config
     git_config["portsd.url"] = f"http://127.0.0.1:{config.port}"

@@ -1,9 +1,10 @@
 """From one planned build to a published package.
 
-For each build: export the port directory from the tree, fetch its sources, unpack the
-packages of its build root from the repository, build in the sandbox, pack DESTDIR into a
-deterministic package and publish it (package, signature, then a new index). The build's
-work directory is removed afterwards; its log stays.
+For each build: export the port directory and the repository paths its ``path`` sources
+name from the tree, fetch its url sources, unpack the packages of its build root from the
+repository, build in the sandbox, pack DESTDIR into a deterministic package and publish it
+(package, signature, then a new index). The build's work directory is removed afterwards;
+its log stays.
 
 ``ports build`` and the daemon share this; they differ in what they plan and how they
 report progress.
@@ -41,6 +42,10 @@ class PortSource(Protocol):
     """Where port directories come from: a git commit or a plain directory."""
 
     def export_port(self, name: str, dest: Path) -> None: ...
+
+    def export_paths(self, name: str, dest: Path) -> dict[str, Path]:
+        """The port's ``path`` sources written under ``dest``: filename -> where."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,9 @@ class Workspace:
         with self._workdir(build) as workdir:
             port_dir = workdir / "port"
             revision.ports.export_port(build.name, port_dir)
-            sources = self.fetcher.fetch_sync(build.name, recipe.sources)
+            urls = [source for source in recipe.sources if source.url is not None]
+            sources = self.fetcher.fetch_sync(build.name, urls)
+            sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
             roots = tuple(
                 self._unpacked(revision, dep)
                 for dep in revision.keys.build_root(revision.graph, build.name)

@@ -24,6 +24,8 @@ _DEPENDENCY = re.compile(
     r"([a-z0-9@_+][a-z0-9@._+-]*)(?:(<=|>=|=|<|>)((?:[0-9]+:)?[A-Za-z0-9._+-]+))?"
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PORTS_ROOT = "ports"
+"""The directory of a tree holding the port directories (``path`` sources stay outside it)."""
 _URL = re.compile(r"https?://[^/\s]+/\S*[^/\s]$")
 _TOML_POSITION = re.compile(r" at line (\d+) column \d+$")
 
@@ -84,12 +86,19 @@ class Dependency:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """A downloaded archive or file (``url`` + ``sha256``) or a file of the port directory."""
+    """Where a build input comes from; exactly one of ``url``, ``file`` and ``path`` is set.
+
+    ``url`` (with ``sha256``): a downloaded archive or file. ``file``: a file of the port
+    directory. ``path``: a file or directory of the ports tree's own repository, relative
+    to its root and outside ports/ (the tree packaging its own software). ``filename`` is
+    the name the input gets in $SRCDIR.
+    """
 
     filename: str
     url: str | None = None
     file: str | None = None
     sha256: str | None = None
+    path: str | None = None
 
     @property
     def is_patch(self) -> bool:
@@ -136,6 +145,11 @@ class Recipe:
     def full_version(self) -> str:
         return full_version(self.version, self.release)
 
+    @property
+    def source_paths(self) -> tuple[str, ...]:
+        """The repository paths of the ``path`` sources, in recipe order."""
+        return tuple(source.path for source in self.sources if source.path is not None)
+
     def dependencies(self) -> Iterator[tuple[DepKind, Dependency]]:
         """Everything the build root needs, tagged with the list it came from."""
         for kind, deps in (
@@ -175,7 +189,7 @@ _TOP_KEYS = frozenset(
     }
     | set(_DEP_LISTS)
 )
-_SOURCE_KEYS = frozenset({"url", "file", "sha256", "filename"})
+_SOURCE_KEYS = frozenset({"url", "file", "path", "sha256", "filename"})
 _BUILD_KEYS = frozenset({"style", "configure-args", "dir", *(step.value for step in Step)})
 _STYLES = {style.value: style for style in BuildStyle}
 
@@ -364,10 +378,11 @@ def _parse_sources(check: _Checker, value: object, files: set[str] | None) -> tu
         label, where = f"source #{number}", ("source", number)
         check.unknown_keys(entry, _SOURCE_KEYS, where)
         url, file = check.string(entry, "url", where), check.string(entry, "file", where)
+        path = check.string(entry, "path", where)
         sha256 = check.string(entry, "sha256", where)
         filename = check.string(entry, "filename", where)
-        if (url is None) == (file is None):
-            check.add(f"{label}: give exactly one of 'url' or 'file'", None, where)
+        if [url, file, path].count(None) != 2:
+            check.add(f"{label}: give exactly one of 'url', 'file' or 'path'", None, where)
         if url is not None:
             if not _URL.match(url):
                 check.add(f"{label}: url '{url}' is not an http(s) URL of a file", "url", where)
@@ -385,18 +400,55 @@ def _parse_sources(check: _Checker, value: object, files: set[str] | None) -> tu
                 check.add(
                     f"{label}: file '{file}' does not exist in the port directory", "file", where
                 )
+        if path is not None:
+            _check_path(check, label, path, where)
+            if sha256 is not None and url is None:
+                check.add(
+                    f"{label}: sha256 is for url sources (a path is keyed by its git id)",
+                    "sha256",
+                    where,
+                )
         if filename is not None and ("/" in filename or filename in ("", ".", "..")):
             check.add(
                 f"{label}: filename '{filename}' must be a plain file name", "filename", where
             )
-        name = filename or (url or file or "").rsplit("/", 1)[-1]
+        name = filename or (url or file or path or "").rsplit("/", 1)[-1]
         if len(check.problems) == before:
             if any(source.filename == name for source in sources):
                 check.add(
                     f"two sources are both named '{name}' (set 'filename' on one)", None, where
                 )
-            sources.append(Source(filename=name, url=url, file=file, sha256=sha256))
+            sources.append(Source(name, url=url, file=file, sha256=sha256, path=path))
     return tuple(sources)
+
+
+_UNSAFE_PARTS = frozenset({"", ".", "..", ".git"})
+
+
+def _check_path(check: _Checker, label: str, path: str, where: Where) -> None:
+    # The shape only: whether the path exists depends on the commit, not on this file, so
+    # the tree checks that (portsd/tree.py) and reports it against this source's line.
+    parts = path.split("/")
+    if path.startswith("/") or not _UNSAFE_PARTS.isdisjoint(parts) or "\0" in path:
+        check.add(
+            f"{label}: path '{path}' must be a relative path inside the tree"
+            " (no '.', '..', '.git' or empty parts)",
+            "path",
+            where,
+        )
+    elif parts[0] == PORTS_ROOT:
+        check.add(
+            f"{label}: path '{path}' is under {PORTS_ROOT}/ (a port's own files are"
+            " 'file' sources)",
+            "path",
+            where,
+        )
+
+
+def source_line(text: str, number: int, key: str) -> int | None:
+    """The line of ``key`` in the ``number``-th (1-based) ``[[source]]`` of a recipe's text,
+    for problems found outside the parser (a ``path`` missing from a commit)."""
+    return _Checker("", text).line_of(key, ("source", number))
 
 
 def _parse_build(check: _Checker, value: object) -> BuildSpec:

@@ -8,6 +8,12 @@ recipes are kept in a ``RecipeCache`` keyed by (name, tree id), so loading the n
 parses only the ports whose directories changed, and with a cache directory a restarted
 process starts warm.
 
+A port with ``path`` sources (files of the repository outside ports/) is keyed on more
+than its directory: ``Tree.inputs()`` gives each port the id its build key covers, the
+tree id for most, a combined id (``combined_id``) of the tree id and the git ids of the
+referenced paths for those. The cache remembers which (name, tree id) keys have path
+sources, so finding those few ports costs nothing per port of the tree.
+
 Costs on a 30,000-port tree (bench/tree.py has the numbers): a cold load reads and parses
 every recipe, in a pool of processes when there are many; a warm load lists the tree ids
 and reads one cache file, decoding each recipe only when it is first used.
@@ -24,7 +30,7 @@ import threading
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -33,17 +39,29 @@ import msgpack
 
 from portsd import recipe as recipe_module
 from portsd import version as version_module
-from portsd.errors import Problem, RecipeError
+from portsd.errors import GitError, Problem, RecipeError
+from portsd.evaluate import changes_between
 from portsd.fsio import write_atomic
 from portsd.gitrepo import (
     PORTS_DIR,
     RECIPE_FILE,
+    SUBMODULE_MODE,
     DirSnapshot,
+    FileMode,
     GitSnapshot,
+    PathEntry,
     PortFiles,
     Snapshot,
 )
-from portsd.recipe import BuildSpec, BuildStyle, Dependency, Recipe, Source, parse_recipe
+from portsd.recipe import (
+    BuildSpec,
+    BuildStyle,
+    Dependency,
+    Recipe,
+    Source,
+    parse_recipe,
+    source_line,
+)
 
 Port = Recipe | RecipeError
 Key = tuple[str, str]
@@ -52,7 +70,7 @@ Key = tuple[str, str]
 
 # -- the recipe cache --------------------------------------------------------------------
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: path sources, and the keys of the recipes that have them
 CACHE_FILE = "recipes.msgpack"
 _MAGIC = "portsd-recipe-cache"
 _RECIPE, _ERROR = 1, 0
@@ -87,7 +105,7 @@ def encode_port(port: Port) -> bytes:
             port.homepage,
             None if port.arch == ("any",) else list(port.arch),
             *([str(dep) for dep in deps] for deps in _dependency_lists(port)),
-            [[s.filename, s.url, s.file, s.sha256] for s in port.sources],
+            [[s.filename, s.url, s.file, s.sha256, s.path] for s in port.sources],
             [
                 build.style.value,
                 list(build.configure_args),
@@ -99,6 +117,10 @@ def encode_port(port: Port) -> bytes:
             ],
         ]
     )
+
+
+def _has_paths(port: Port) -> bool:
+    return isinstance(port, Recipe) and any(s.path is not None for s in port.sources)
 
 
 def _dependency_lists(port: Recipe) -> tuple[tuple[Dependency, ...], ...]:
@@ -161,11 +183,15 @@ class RecipeCache:
     used since this cache was created (all of them, if none were), so the file follows
     the tree instead of growing with its history.
 
+    ``path_keys`` are the keys whose recipes have ``path`` sources, known without decoding
+    anything: a tree's few such ports are found without looking at the others.
+
     The file is one msgpack array, column by column so that a warm start reads it with a
     handful of large copies instead of 90,000 small objects::
 
         [magic, stamp, names joined by NUL, tree ids (20 bytes each),
-         end offsets (uint32 each), encoded entries back to back]
+         end offsets (uint32 each), encoded entries back to back,
+         [[name, tree id] of each entry with path sources]]
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -176,6 +202,7 @@ class RecipeCache:
         self._ends: Sequence[int] = ()
         self._entries = memoryview(b"")
         self._used: set[Key] = set()
+        self._with_paths: set[Key] = set()
         self._decoder = _Decoder()
         self._stamp = _code_stamp()
         if path is not None:
@@ -193,9 +220,10 @@ class RecipeCache:
         except FileNotFoundError:
             return
         try:
-            magic, stamp, names, tree_ids, ends, entries = msgpack.unpackb(data)
+            magic, stamp, names, tree_ids, ends, entries, with_paths = msgpack.unpackb(data)
             if magic != _MAGIC or stamp != self._stamp:
                 return
+            path_keys = {(name, tree_id) for name, tree_id in with_paths}
             hexed = tree_ids.hex()
             ids = [hexed[i : i + 40] for i in range(0, len(hexed), 40)]
             keys = zip(names.split("\0") if ids else [], ids, strict=True)
@@ -205,7 +233,10 @@ class RecipeCache:
             return  # a damaged cache is only a slower start
         if len(ends) != len(stored) or (ends and ends[-1] != len(entries)):
             return
+        if not path_keys <= stored.keys():
+            return
         self._stored, self._ends, self._entries = stored, ends, memoryview(entries)
+        self._with_paths = path_keys
 
     def _load(self, key: Key) -> bytes | memoryview | None:
         index = self._stored.get(key)
@@ -226,11 +257,24 @@ class RecipeCache:
     def put(self, key: Key, value: Port) -> None:
         self._values[key] = value
         self._used.add(key)
+        if _has_paths(value):
+            self._with_paths.add(key)
+        else:
+            self._with_paths.discard(key)
 
-    def put_encoded(self, key: Key, data: bytes) -> None:
+    def put_encoded(self, key: Key, data: bytes, has_paths: bool) -> None:
+        """Store an ``encode_port`` result; ``has_paths``: whether it has path sources."""
         self._encoded[key] = data
         self._values.pop(key, None)
         self._used.add(key)
+        if has_paths:
+            self._with_paths.add(key)
+        else:
+            self._with_paths.discard(key)
+
+    def path_keys(self) -> frozenset[Key]:
+        """The keys, among all this cache holds, whose recipes have ``path`` sources."""
+        return frozenset(self._with_paths)
 
     def missing(self, keys: Sequence[Key]) -> list[Key]:
         """The ``keys`` not in the cache; all of them count as used from now on."""
@@ -260,6 +304,7 @@ class RecipeCache:
                 bytes.fromhex("".join(tree_id for _, tree_id in keys)),
                 ends.tobytes(),
                 b"".join(entries),
+                [list(key) for key in keys if key in self._with_paths],
             ]
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,15 +315,22 @@ class RecipeCache:
 
 
 class _Ports(Mapping[str, Port]):
-    """A tree's ports, decoded from the cache as they are looked up."""
+    """A tree's ports, decoded from the cache as they are looked up; ``broken`` are the
+    ports whose recipes parse but whose ``path`` sources this tree cannot provide."""
 
-    __slots__ = ("_listing", "_cache")
+    __slots__ = ("_listing", "_cache", "_broken")
 
-    def __init__(self, listing: Mapping[str, str], cache: RecipeCache) -> None:
+    def __init__(
+        self, listing: Mapping[str, str], cache: RecipeCache, broken: Mapping[str, RecipeError]
+    ) -> None:
         self._listing = listing
         self._cache = cache
+        self._broken = broken
 
     def __getitem__(self, name: str) -> Port:
+        broken = self._broken
+        if broken and name in broken:
+            return broken[name]
         port = self._cache.get((name, self._listing[name]))
         assert port is not None, "the loader parses every port before the tree is returned"
         return port
@@ -290,18 +342,41 @@ class _Ports(Mapping[str, Port]):
         return len(self._listing)
 
 
+def combined_id(tree_id: str, paths: Sequence[tuple[str, PathEntry | None]]) -> str:
+    """The id a port with ``path`` sources is keyed on: a sha1 over its directory's tree
+    id and, in recipe order, each referenced path with its git mode and object id (or
+    "missing"). It changes exactly when the directory or the content at a path does."""
+    digest = hashlib.sha1(b"portsd-inputs 1\n%s\n" % tree_id.encode())
+    for path, entry in paths:
+        state = b"%o %s" % (entry.mode, entry.id.encode()) if entry is not None else b"missing"
+        digest.update(b"%s\0%s\n" % (path.encode(), state))
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Tree:
     """A loaded ports tree: tree ids and recipes (or why not) of every port directory.
 
-    ``changes`` is set on a tree loaded with ``TreeLoader.advance``: the ports whose
-    directories differ from the tree it advanced from (name -> tree id, None if removed).
+    ``input_ids`` is what ``inputs()`` returns; ``combined`` holds the ports with ``path``
+    sources (name -> combined id) and ``paths`` what this tree holds at each path they
+    reference (None: nothing). ``changes`` is set on a tree loaded with
+    ``TreeLoader.advance``: the ports whose inputs differ from the tree it advanced from,
+    their directories or their referenced paths (name -> input id, None if removed).
     """
 
     snapshot: Snapshot
     listing: Mapping[str, str]
     ports: Mapping[str, Port]
+    input_ids: Mapping[str, str]
+    combined: Mapping[str, str]
+    paths: Mapping[str, PathEntry | None]
     changes: Mapping[str, str | None] | None = None
+
+    def inputs(self) -> Mapping[str, str]:
+        """Port name -> the id its build key covers: the tree id of ``ports/<name>/``, or
+        for a port with ``path`` sources its combined id (``combined_id``). Evaluate with
+        this, never with ``listing``, or edits to referenced paths go unnoticed."""
+        return self.input_ids
 
     def recipes(self) -> dict[str, Port]:
         """Every port decoded at once, as a full evaluation needs them: faster than one by
@@ -310,14 +385,36 @@ class Tree:
             return dict(self.ports)
 
     def changed_ports(self) -> dict[str, Port | None]:
-        """``changes`` with each port's new recipe, as ``Evaluation.advance`` takes them."""
+        """``changes`` with each port's new recipe, as ``Evaluation.advance`` takes them
+        (with ``inputs()``)."""
         if self.changes is None:
             raise ValueError("this tree was not loaded with TreeLoader.advance")
         return {n: self.ports[n] if t is not None else None for n, t in self.changes.items()}
 
+    def changed_inputs(self, previous: Tree) -> dict[str, Port | None]:
+        """The ports whose inputs differ from ``previous`` (any tree, of any snapshot), with
+        their recipes (None: removed), for ``Evaluation.advance``. O(ports); a tree from
+        ``TreeLoader.advance`` has them at hand in ``changed_ports``."""
+        changes = changes_between(previous.inputs(), self.inputs())
+        return {n: self.ports[n] if t is not None else None for n, t in changes.items()}
+
     def export_port(self, name: str, dest: Path) -> None:
         """Write the files of ``ports/<name>/`` into ``dest`` for a build."""
         self.snapshot.export_port(name, dest)
+
+    def export_paths(self, name: str, dest: Path) -> dict[str, Path]:
+        """Write each ``path`` source of the port into ``dest/<filename>`` (``dest`` is
+        created) and return filename -> where it is: exactly the content its key covers."""
+        port = self.ports[name]
+        if isinstance(port, RecipeError):
+            raise port
+        exported: dict[str, Path] = {}
+        for source in port.sources:
+            if source.path is not None:
+                dest.mkdir(parents=True, exist_ok=True)
+                target = exported[source.filename] = dest / source.filename
+                self.snapshot.export_path(source.path, target)
+        return exported
 
 
 def parse_ports(snapshot: Snapshot, names: Sequence[str]) -> list[Port]:
@@ -343,10 +440,41 @@ def parse_ports(snapshot: Snapshot, names: Sequence[str]) -> list[Port]:
     return parsed
 
 
-def _parse_batch(snapshot: Snapshot, names: Sequence[str]) -> list[bytes]:
-    """Worker process: parse ports and return them encoded (cheaper to ship than objects)."""
+def _parse_batch(snapshot: Snapshot, names: Sequence[str]) -> list[tuple[bytes, bool]]:
+    """Worker process: parse ports and return them encoded (cheaper to ship than objects),
+    each with whether it has path sources."""
     with _paused_gc():
-        return [encode_port(port) for port in parse_ports(snapshot, names)]
+        return [(encode_port(port), _has_paths(port)) for port in parse_ports(snapshot, names)]
+
+
+def _path_problems(
+    snapshot: Snapshot, name: str, recipe: Recipe, found: Mapping[str, PathEntry | None]
+) -> list[Problem]:
+    """What is wrong with the port's ``path`` sources in this tree: each path that holds
+    nothing, a symlink or a submodule, at the line of its source. The messages depend on
+    nothing but the port's inputs, so an incremental evaluation keeps them right."""
+    problems: list[tuple[int, str]] = []
+    for number, source in enumerate(recipe.sources, start=1):
+        if source.path is None:
+            continue
+        entry = found[source.path]
+        if entry is None:
+            why = "does not exist in the tree (git would not record it there)"
+        elif entry.mode == FileMode.SYMLINK:
+            why = "is a symlink (name the file or directory it points to)"
+        elif entry.mode == SUBMODULE_MODE:
+            why = "is a submodule (its files are not in this repository)"
+        else:
+            continue
+        problems.append((number, f"source #{number}: path '{source.path}' {why}"))
+    if not problems:
+        return []
+    file = f"{PORTS_DIR}/{name}/{RECIPE_FILE}"
+    try:
+        text = snapshot.read_port(name).recipe.decode()
+    except (RecipeError, GitError, UnicodeDecodeError):
+        text = ""  # it parsed a moment ago; without its text, only the line is lost
+    return [Problem(file, message, source_line(text, n, "path")) for n, message in problems]
 
 
 @contextlib.contextmanager
@@ -391,7 +519,7 @@ class TreeLoader:
         """Every port of ``snapshot`` with its recipe; ``GitError`` if the tree is unreadable."""
         listing = snapshot.listing()
         self._parse_missing(snapshot, listing)
-        return Tree(snapshot, listing, _Ports(listing, self.cache))
+        return self._tree(snapshot, listing)
 
     def load_git(self, repository: str | os.PathLike[str], revision: str = "HEAD") -> Tree:
         return self.load(GitSnapshot.open(repository, revision))
@@ -404,15 +532,50 @@ class TreeLoader:
         ``tree``: only the changed ports are listed and parsed."""
         if not isinstance(tree.snapshot, GitSnapshot):
             raise TypeError("advance needs a tree loaded from git")
-        snapshot, changes = tree.snapshot.at(revision)
+        snapshot, moved = tree.snapshot.at(revision)
         listing = snapshot.listing()
-        changed = {name: tree_id for name, tree_id in changes.items() if tree_id is not None}
+        changed = {name: tree_id for name, tree_id in moved.items() if tree_id is not None}
         self._parse_missing(snapshot, changed)
-        return Tree(snapshot, listing, _Ports(listing, self.cache), changes)
+        new = self._tree(snapshot, listing)
+        # Edited or removed directories, then the ports whose referenced paths changed
+        # while their directories did not.
+        changes = {name: new.input_ids.get(name) for name in moved}
+        for name, input_id in new.combined.items():
+            if tree.input_ids.get(name) != input_id:
+                changes[name] = input_id
+        return replace(new, changes=changes)
 
     def save(self) -> None:
         """Persist the recipe cache (atomically); a no-op without a cache directory."""
         self.cache.save()
+
+    def _tree(self, snapshot: Snapshot, listing: Mapping[str, str]) -> Tree:
+        """The tree of a listing whose ports are all parsed: for the few ports with path
+        sources (known from the cache, without decoding the others), their combined ids
+        and, where a path is not usable, a ``RecipeError`` in place of the recipe."""
+        cache = self.cache
+        combined: dict[str, str] = {}
+        broken: dict[str, RecipeError] = {}
+        paths: dict[str, PathEntry | None] = {}
+        for name, tree_id in sorted(cache.path_keys()):
+            if listing.get(name) != tree_id:
+                continue  # another version of the port, from another commit
+            recipe = cache.get((name, tree_id))
+            assert isinstance(recipe, Recipe), "only parsed recipes have path sources"
+            for path in recipe.source_paths:
+                if path not in paths:
+                    paths[path] = snapshot.path_entry(path)
+            found = [(path, paths[path]) for path in recipe.source_paths]
+            combined[name] = combined_id(tree_id, found)
+            problems = _path_problems(snapshot, name, recipe, dict(found))
+            if problems:
+                broken[name] = RecipeError(name, problems)
+        inputs: Mapping[str, str] = listing
+        if combined:
+            inputs = dict(listing)  # a copy of a dict is a memcpy: cheap even at 30,000
+            inputs.update(combined)
+        ports = _Ports(listing, cache, broken)
+        return Tree(snapshot, listing, ports, inputs, combined, paths)
 
     def _parse_missing(self, snapshot: Snapshot, names: Mapping[str, str]) -> None:
         cache = self.cache
@@ -448,6 +611,6 @@ class TreeLoader:
             for key, port in zip(shares[0], mine, strict=True):
                 self.cache.put(key, port)
             for share, future in futures:
-                for key, data in zip(share, future.result(), strict=True):
-                    self.cache.put_encoded(key, data)
+                for key, (data, has_paths) in zip(share, future.result(), strict=True):
+                    self.cache.put_encoded(key, data, has_paths)
                 self.parsed_by_workers += len(share)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -28,7 +29,11 @@ from portsd.builder import (
     prepare_script,
 )
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict
+from portsd.package import extract_package
 from portsd.recipe import BuildStyle, Recipe, Step, parse_recipe
+from portsd.repo import Repository
+from portsd.sign import PublicKey
+from tests.fixtures import commit_all, git
 from tests.processes import marker, processes_with
 
 # -- helpers -------------------------------------------------------------------------------
@@ -88,6 +93,12 @@ class Port:
         (self.dir / name).parent.mkdir(parents=True, exist_ok=True)
         (self.dir / name).write_text(content)
         self.source_tables.append(f'[[source]]\nfile = "{name}"\n')
+        return self
+
+    def path(self, path: str, exported: Path) -> Port:
+        """A ``path`` source, already exported (as ``Tree.export_paths`` does) to ``exported``."""
+        self.sources[path.rsplit("/", 1)[-1]] = exported
+        self.source_tables.append(f'[[source]]\npath = "{path}"\n')
         return self
 
     def recipe(self, build: str, extra: str = "") -> Recipe:
@@ -259,6 +270,18 @@ def test_prepare_script_order_and_quoting(tmp_path: Path) -> None:
     assert first_archive(recipe) == "a-1.tar.gz"
 
 
+def test_prepare_copies_path_sources_without_following_links(tmp_path: Path) -> None:
+    port = Port(tmp_path).path("portsd", tmp_path / "x").path("hooks/post-receive", tmp_path / "y")
+    port.file("0001-fix.patch", "")
+    script = prepare_script(port.recipe('style = "custom"'), "/build/src")
+    assert script.splitlines() == [
+        'cp -R -P -- /build/sources/portsd "$SRCDIR"/portsd',
+        'cp -R -P -- /build/sources/post-receive "$SRCDIR"/post-receive',
+        "cd -- /build/src",
+        "patch -p1 -i /build/port/0001-fix.patch",
+    ]
+
+
 def test_style_defaults() -> None:
     assert styles.default_script(BuildStyle.AUTOTOOLS, Step.BUILD, ["--with-x=a b"]) == (
         "./configure --prefix=/usr '--with-x=a b'\nmake"
@@ -390,6 +413,45 @@ def test_missing_fetched_source_is_a_fetch_error(tmp_path: Path) -> None:
     recipe = port.recipe('style = "make"')
     with pytest.raises(FetchError, match="a-1.tar.gz"):
         build_port(request(tmp_path, port, recipe, sources={}))
+
+
+def test_unexported_path_source_is_a_fetch_error(tmp_path: Path) -> None:
+    port = Port(tmp_path).path("tools/gen", tmp_path / "gen")
+    with pytest.raises(FetchError, match="gen: path 'tools/gen' was not exported"):
+        build_port(request(tmp_path, port, port.recipe(custom("true")), sources={}))
+
+
+def test_path_sources_reach_srcdir_as_writable_copies_of_read_only_inputs(
+    tmp_path: Path,
+) -> None:
+    exported = tmp_path / "exported"
+    package = exported / "app"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("VERSION = 1\n")
+    (package / "sub" / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (package / "sub" / "run.sh").chmod(0o755)
+    os.symlink("../__init__.py", package / "sub" / "link")
+    (exported / "README.md").write_text("read me\n")
+    port = (
+        Port(tmp_path, "selfpkg").path("src/app", package).path("README.md", exported / "README.md")
+    )
+    script = (
+        "for p in /build/sources/app/__init__.py /build/sources/README.md; do\n"
+        '  if ( echo x >> "$p" ) 2>/dev/null; then echo "WROTE $p"; else echo "denied $p"; fi\n'
+        "done > $DESTDIR/report\n"
+        "echo 'VERSION = 2' > app/__init__.py\n"  # the copy in SRCDIR is the build's own
+        "test -x app/sub/run.sh && test -L app/sub/link\n"
+        'cp -R -P app README.md "$DESTDIR"/\n'
+    )
+    result = build_port(request(tmp_path, port, port.recipe(custom(script, "package"))))
+    assert (result.destdir / "report").read_text().splitlines() == [
+        "denied /build/sources/app/__init__.py",
+        "denied /build/sources/README.md",
+    ]
+    assert (result.destdir / "app" / "__init__.py").read_text() == "VERSION = 2\n"
+    assert (result.destdir / "README.md").read_text() == "read me\n"
+    assert os.readlink(result.destdir / "app" / "sub" / "link") == "../__init__.py"
+    assert (package / "__init__.py").read_text() == "VERSION = 1\n"  # the input is untouched
 
 
 def test_hidden_path_inside_a_visible_one_is_refused(tmp_path: Path) -> None:
@@ -839,3 +901,89 @@ def test_repeated_build_starts_clean(library_root: Path, header_root: Path, tmp_
     os.chmod(tmp_path / "work/src/app-1.0", 0o500)  # builds leave read-only directories
     result = build_port(req)
     assert not (result.destdir / "stale").exists()
+
+
+# -- end to end: a port of the tree's own software (path sources) --------------------------
+
+SELFPKG = """\
+name = "selfpkg"
+version = "1.0"
+summary = "Packages the tree's own tool"
+license = "MIT"
+depends = ["libbase"]
+
+[[source]]
+path = "tools/greet"
+[[source]]
+path = "share/greetings"
+
+[build]
+style = "custom"
+package = '''
+install -Dm755 greet "$DESTDIR/usr/bin/greet"
+install -d "$DESTDIR/usr/share"
+cp -R greetings "$DESTDIR/usr/share/greetings"
+'''
+"""
+
+
+@pytest.mark.slow
+def test_ports_build_packages_paths_of_the_tree_and_rebuilds_when_they_change(
+    ports_tree: Path, tmp_path: Path
+) -> None:
+    tree, state = ports_tree, tmp_path / "state"
+    (tree / "tools").mkdir()
+    (tree / "tools" / "greet").write_text("#!/bin/sh\necho hello from the tree\n")
+    (tree / "share" / "greetings").mkdir(parents=True)
+    (tree / "share" / "greetings" / "en").write_text("hello\n")
+    (tree / "ports" / "selfpkg").mkdir()
+    (tree / "ports" / "selfpkg" / "port.toml").write_text(SELFPKG)
+    commit_all(tree, "selfpkg")
+
+    def build(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "portsd.cli.ports", "build", "--tree", str(tree)]
+            + ["--state", str(state), "-j", "2", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "COLUMNS": "200"},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def installed() -> tuple[Path, str, str | None]:
+        repo = Repository.reader(
+            state / "repo", os.uname().machine, [PublicKey.load(state / "keys" / "portsd.pub")]
+        )
+        index = repo.index()
+        entry = index.entry("selfpkg")
+        assert entry is not None
+        root = tmp_path / f"root-{entry.key[:12]}"
+        extract_package(repo.package_path(entry), root, expected_sha256=entry.sha256)
+        return root, entry.key, index.commit
+
+    assert "2 to build" in build("selfpkg", "--rev", "HEAD")  # libbase and selfpkg
+    root, first_key, commit = installed()
+    assert commit == git(tree, "rev-parse", "HEAD")
+    greet = root / "usr" / "bin" / "greet"
+    assert subprocess.run([greet], capture_output=True, text=True).stdout == "hello from the tree\n"
+    assert (root / "usr" / "share" / "greetings" / "en").read_text() == "hello\n"
+
+    # a file outside ports/ changes: selfpkg alone is rebuilt, from the new content
+    (tree / "share" / "greetings" / "fr").write_text("bonjour\n")
+    commit_all(tree, "greetings in French")
+    assert "1 to build, 1 up to date" in build("selfpkg", "--rev", "HEAD")
+    root, second_key, _ = installed()
+    assert second_key != first_key
+    assert (root / "usr" / "share" / "greetings" / "fr").read_text() == "bonjour\n"
+
+    # the working directory: an uncommitted edit is built, and no commit claimed for it
+    assert "0 to build" in build("selfpkg")
+    (tree / "tools" / "greet").write_text("#!/bin/sh\necho edited\n")
+    assert "1 to build" in build("selfpkg")
+    root, third_key, commit = installed()
+    assert third_key not in (first_key, second_key) and commit is None
+    assert subprocess.run([root / "usr/bin/greet"], capture_output=True, text=True).stdout == (
+        "edited\n"
+    )

@@ -142,7 +142,9 @@ def test_a_newer_push_supersedes_unwanted_builds(
     wanted = set(keys_at(ports_tree, second).values())
     first_keys = keys_at(ports_tree, first)
     superseded = [b for b in daemon.builds(port="libbase") if b["key"] == first_keys["libbase"]]
-    assert [b["state"] for b in superseded] == ["cancelled"]  # it was running: stopped, not finished
+    assert [b["state"] for b in superseded] == [
+        "cancelled"
+    ]  # it was running: stopped, not finished
     assert superseded[0]["detail"] == "superseded by a newer commit"
     for build in daemon.builds():
         if build["key"] in first_keys.values() and build["key"] not in wanted:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from portsd.errors import RecipeError
-from portsd.recipe import BuildStyle, Dependency, Recipe, Source, Step, parse_recipe
+from portsd.recipe import (
+    BuildStyle,
+    Dependency,
+    Recipe,
+    Source,
+    Step,
+    parse_recipe,
+    source_line,
+)
 from portsd.version import Op
 
 PATH = "ports/zlib/port.toml"
@@ -140,7 +148,7 @@ def problems(text: str, files: list[str] | None = None) -> list[str]:
         ),
         (
             MINIMAL + "[[source]]\nsha256 = '" + SHA + "'\n",
-            f"{PATH}:5: source #1: give exactly one of 'url' or 'file'",
+            f"{PATH}:5: source #1: give exactly one of 'url', 'file' or 'path'",
         ),
         (
             MINIMAL + '[[source]]\nfile = "../secret"\n',
@@ -164,6 +172,84 @@ def problems(text: str, files: list[str] | None = None) -> list[str]:
 )
 def test_each_problem_names_file_and_line(text: str, expected: str) -> None:
     assert expected in problems(text)
+
+
+def test_path_sources_name_repository_paths_outside_ports() -> None:
+    text = MINIMAL + (
+        '[[source]]\npath = "portsd"\n'
+        '[[source]]\npath = "hooks/post-receive"\n'
+        '[[source]]\npath = "docs/README.md"\nfilename = "docs.md"\n'
+        '[[source]]\nfile = "0001-fix.patch"\n'
+    )
+    recipe = parse_recipe(text, PATH, "zlib", files=["port.toml", "0001-fix.patch"])
+    assert recipe.sources[:3] == (
+        Source("portsd", path="portsd"),
+        Source("post-receive", path="hooks/post-receive"),
+        Source("docs.md", path="docs/README.md"),
+    )
+    assert recipe.source_paths == ("portsd", "hooks/post-receive", "docs/README.md")
+    assert not recipe.sources[0].is_patch
+    assert parse_recipe(MINIMAL, PATH, "zlib").source_paths == ()
+
+
+_RELATIVE = "must be a relative path inside the tree (no '.', '..', '.git' or empty parts)"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('path = "../secret"', f"{PATH}:6: source #1: path '../secret' {_RELATIVE}"),
+        ('path = "/etc/passwd"', f"{PATH}:6: source #1: path '/etc/passwd' {_RELATIVE}"),
+        ('path = "a/../../b"', f"{PATH}:6: source #1: path 'a/../../b' {_RELATIVE}"),
+        ('path = "./portsd"', f"{PATH}:6: source #1: path './portsd' {_RELATIVE}"),
+        ('path = "."', f"{PATH}:6: source #1: path '.' {_RELATIVE}"),
+        ('path = "portsd/"', f"{PATH}:6: source #1: path 'portsd/' {_RELATIVE}"),
+        ('path = "a//b"', f"{PATH}:6: source #1: path 'a//b' {_RELATIVE}"),
+        ('path = ""', f"{PATH}:6: source #1: path '' {_RELATIVE}"),
+        ('path = ".git/config"', f"{PATH}:6: source #1: path '.git/config' {_RELATIVE}"),
+        (
+            'path = "ports/zlib/port.toml"',
+            f"{PATH}:6: source #1: path 'ports/zlib/port.toml' is under ports/"
+            " (a port's own files are 'file' sources)",
+        ),
+        (
+            'path = "ports"',
+            f"{PATH}:6: source #1: path 'ports' is under ports/ (a port's own files are"
+            " 'file' sources)",
+        ),
+        ("path = 3", f"{PATH}:6: 'path' must be a string, not an integer"),
+        (
+            'path = "portsd"\nfile = "fix.patch"',
+            f"{PATH}:5: source #1: give exactly one of 'url', 'file' or 'path'",
+        ),
+        (
+            f'url = "https://x.org/a.tgz"\nsha256 = "{SHA}"\npath = "a.tgz"',
+            f"{PATH}:5: source #1: give exactly one of 'url', 'file' or 'path'",
+        ),
+        (
+            f'path = "portsd"\nsha256 = "{SHA}"',
+            f"{PATH}:7: source #1: sha256 is for url sources (a path is keyed by its git id)",
+        ),
+        (
+            'path = "portsd"\n[[source]]\npath = "other/portsd"',
+            f"{PATH}:7: two sources are both named 'portsd' (set 'filename' on one)",
+        ),
+        (
+            'path = "portsd"\nfilename = "a/b"',
+            f"{PATH}:7: source #1: filename 'a/b' must be a plain file name",
+        ),
+        ('path = "portsd"\npaths = "x"', f"{PATH}:7: unknown key 'paths' in [source]"),
+    ],
+)
+def test_each_path_source_problem_names_file_and_line(source: str, expected: str) -> None:
+    assert expected in problems(MINIMAL + "[[source]]\n" + source + "\n")
+
+
+def test_source_line_locates_a_key_of_the_nth_source() -> None:
+    text = MINIMAL + '[[source]]\npath = "a"\n\n[[source]]\nfilename = "x"\npath = "b"\n'
+    assert source_line(text, 1, "path") == 6
+    assert source_line(text, 2, "path") == 10
+    assert source_line(text, 3, "path") is None
 
 
 def test_missing_patch_file_is_reported_when_the_file_list_is_known() -> None:

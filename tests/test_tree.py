@@ -17,12 +17,13 @@ from portsd.gitrepo import (
     FileMode,
     GitRepo,
     GitSnapshot,
+    PathEntry,
     PortsListing,
     hash_object,
     tree_object,
 )
 from portsd.recipe import Recipe
-from portsd.tree import CACHE_FILE, Tree, TreeLoader
+from portsd.tree import CACHE_FILE, Tree, TreeLoader, combined_id
 
 SHA = "0" * 64
 
@@ -515,3 +516,289 @@ def test_advancing_through_real_commits_equals_loading_each_from_scratch(repo: P
         assert {n: str(p) for n, p in evaluation.keys.blocked.items()} == {
             n: str(p) for n, p in expected.keys.blocked.items()
         }
+
+
+# -- path sources: repository paths outside ports/ -----------------------------------------
+
+
+def path_recipe(
+    name: str, paths: tuple[str, ...], depends: tuple[str, ...] = (), release: int = 1
+) -> str:
+    deps = ", ".join(f'"{d}"' for d in depends)
+    sources = "".join(f'[[source]]\npath = "{path}"\n' for path in paths)
+    return (
+        f'name = "{name}"\nversion = "1.0"\nrelease = {release}\nsummary = "{name}"\n'
+        f'license = "MIT"\ndepends = [{deps}]\n{sources}'
+    )
+
+
+@pytest.fixture
+def self_hosting(repo: Path) -> Path:
+    """The repo fixture plus software of its own outside ports/: ``app`` packages ``src/``
+    and ``README``, ``tool`` depends on ``app``, ``docs/`` belongs to no port."""
+    (repo / "src" / "lib").mkdir(parents=True)
+    (repo / "src" / "lib" / "core.py").write_text("ANSWER = 42\n")
+    (repo / "src" / "main.py").write_text("print('app')\n")
+    (repo / "README").write_text("the app\n")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "guide.md").write_text("guide\n")
+    write_port(repo, "app", path_recipe("app", ("src", "README"), depends=("zlib",)))
+    write_port(repo, "tool", depends=("app",))
+    commit_all(repo, "the app packages its own sources")
+    return repo
+
+
+def full_evaluation(tree: Tree) -> Evaluation:
+    return Evaluation.full(tree.inputs(), tree.recipes(), "x86_64")
+
+
+def same_evaluation(got: Evaluation, expected: Evaluation) -> None:
+    assert got.keys.keys == expected.keys.keys
+    assert {n: str(p) for n, p in got.keys.blocked.items()} == {
+        n: str(p) for n, p in expected.keys.blocked.items()
+    }
+
+
+def test_a_port_with_path_sources_is_keyed_on_the_content_at_those_paths(
+    self_hosting: Path,
+) -> None:
+    repo = self_hosting
+    loader = TreeLoader()
+    tree = loader.load_git(repo)
+    inputs = tree.inputs()
+    assert inputs.keys() == tree.listing.keys()
+    # ordinary ports: their tree ids; app: its tree id combined with those of src and README
+    assert {n: i for n, i in inputs.items() if i != tree.listing[n]} == {
+        "app": combined_id(
+            tree.listing["app"],
+            [
+                ("src", PathEntry(FileMode.TREE, git(repo, "rev-parse", "HEAD:src"))),
+                ("README", PathEntry(FileMode.REGULAR, git(repo, "rev-parse", "HEAD:README"))),
+            ],
+        )
+    }
+    assert tree.combined == {"app": inputs["app"]}
+    first_listing = dict(tree.listing)
+    before = full_evaluation(tree)
+    evaluation = before
+
+    def step(message: str) -> dict[str, str]:
+        """Commit, advance, and return the ports whose keys changed."""
+        nonlocal tree, evaluation
+        previous_keys = evaluation.keys.keys
+        commit_all(repo, message)
+        old = tree
+        tree = loader.advance(tree, "HEAD")
+        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+        same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
+        assert tree.changed_inputs(old) == tree.changed_ports()
+        keys = evaluation.keys.keys
+        return {n: k for n, k in keys.items() if previous_keys.get(n) != k}
+
+    # a file deep under a referenced directory: app and what depends on it, nothing else
+    (repo / "src" / "lib" / "core.py").write_text("ANSWER = 43\n")
+    changed = step("src: new answer")
+    assert set(changed) == {"app", "tool"}
+    assert tree.changes == {"app": tree.inputs()["app"]}
+    assert tree.listing["app"] == first_listing["app"]  # ports/app/ itself is untouched
+    # a referenced file; then only its mode
+    (repo / "README").write_text("the app, documented\n")
+    assert set(step("README")) == {"app", "tool"}
+    (repo / "src" / "main.py").chmod(0o755)
+    assert set(step("main.py is executable")) == {"app", "tool"}
+    # a path nothing references, and a port's own directory, as before
+    (repo / "docs" / "guide.md").write_text("a better guide\n")
+    assert step("docs") == {}
+    assert tree.changes == {}
+    write_port(repo, "zlib", version="1.4")
+    assert set(step("zlib 1.4")) == {"zlib", "curl", "app", "tool"}
+    # back to the first content: the first keys again
+    (repo / "README").write_text("the app\n")
+    (repo / "src" / "lib" / "core.py").write_text("ANSWER = 42\n")
+    (repo / "src" / "main.py").chmod(0o644)
+    write_port(repo, "zlib", version="1.3")
+    step("revert everything")
+    assert evaluation.keys.keys == before.keys.keys
+
+
+def test_a_missing_path_fails_that_port_only_and_names_the_source(self_hosting: Path) -> None:
+    repo = self_hosting
+    loader = TreeLoader()
+    tree = loader.load_git(repo)
+    evaluation = full_evaluation(tree)
+    git(repo, "rm", "-q", "README")
+    commit_all(repo, "lose the README")
+    for loaded in (loader.advance(tree, "HEAD"), TreeLoader().load_git(repo)):
+        error = loaded.ports["app"]
+        assert isinstance(error, RecipeError) and error.port == "app"
+        assert str(error) == (
+            "ports/app/port.toml:10: source #2: path 'README' does not exist in the tree"
+            " (git would not record it there)"
+        )
+        assert all(isinstance(loaded.ports[n], Recipe) for n in ("zlib", "curl", "tool"))
+    tree = loader.advance(tree, "HEAD")
+    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+    same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
+    assert set(evaluation.keys.keys) == {"zlib", "curl"}
+    assert str(evaluation.keys.blocked["tool"]).startswith("tool: dependency app cannot be built")
+    assert "path 'README' does not exist" in str(evaluation.keys.blocked["tool"])
+    # a symlink, and a path through a symlinked directory, are no more usable
+    os.symlink("docs/guide.md", repo / "README")
+    os.symlink("src", repo / "alias")
+    write_port(repo, "app", path_recipe("app", ("alias/lib", "README")))
+    commit_all(repo, "links")
+    for loaded in (TreeLoader().load_git(repo), TreeLoader().load_dir(repo)):
+        assert [p.message for p in loaded.ports["app"].problems] == [  # type: ignore[union-attr]
+            "source #1: path 'alias/lib' does not exist in the tree"
+            " (git would not record it there)",
+            "source #2: path 'README' is a symlink (name the file or directory it points to)",
+        ]
+    # the path comes back: the port builds again, found incrementally
+    (repo / "README").unlink()
+    (repo / "README").write_text("back\n")
+    write_port(repo, "app", path_recipe("app", ("src/lib", "README")))
+    commit_all(repo, "README is back")
+    tree = loader.advance(tree, "HEAD")
+    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+    same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
+    assert {"app", "tool"} <= evaluation.keys.keys.keys()
+
+
+def test_directory_ids_of_referenced_paths_are_git_ids(self_hosting: Path) -> None:
+    repo = self_hosting
+    src = repo / "src"
+    (repo / ".gitignore").write_text("__pycache__/\n*.orig\n")
+    (src / "lib" / "__pycache__").mkdir()
+    (src / "lib" / "__pycache__" / "core.cpython-311.pyc").write_bytes(b"\x00compiled")
+    (src / "main.py.orig").write_text("ignored\n")
+    (src / "run.sh").write_text("#!/bin/sh\n")
+    (src / "run.sh").chmod(0o755)
+    os.symlink("lib/core.py", src / "link")
+    (src / "empty").mkdir()
+    (src / "bin").write_bytes(b"\xff\x00binary")
+    write_port(repo, "docs", path_recipe("docs", ("docs/guide.md", "src/run.sh")))
+    commit_all(repo, "files of every kind")
+    snapshots = (GitSnapshot.open(repo), DirSnapshot(repo))
+    for path in ("src", "src/lib", "README", "docs/guide.md", "src/run.sh", "src/link"):
+        expected = git(repo, "rev-parse", f"HEAD:{path}")
+        assert [s.path_entry(path).id for s in snapshots] == [expected] * 2  # type: ignore[union-attr]
+    for snapshot in snapshots:
+        assert snapshot.path_entry("src/run.sh").mode == FileMode.EXECUTABLE  # type: ignore[union-attr]
+        assert snapshot.path_entry("src/link").mode == FileMode.SYMLINK  # type: ignore[union-attr]
+        assert snapshot.path_entry("src").mode == FileMode.TREE  # type: ignore[union-attr]
+    for snapshot in snapshots:
+        for missing in ("nope", "src/empty", "src/main.py.orig", "src/lib/__pycache__", "README/x"):
+            assert snapshot.path_entry(missing) is None
+    from_git, from_dir = TreeLoader().load_git(repo), TreeLoader().load_dir(repo)
+    assert dict(from_dir.inputs()) == dict(from_git.inputs())
+    assert set(from_dir.combined) == {"app", "docs"}
+    # an uncommitted edit under src/ changes app's id in the directory, and nothing else
+    (src / "lib" / "core.py").write_text("ANSWER = 0\n")
+    edited = TreeLoader().load_dir(repo)
+    assert edited.changed_inputs(from_git) == {"app": edited.ports["app"]}
+    assert dict(edited.listing) == dict(from_git.listing)
+
+
+def test_export_paths_writes_exactly_what_the_key_covers(
+    tmp_path: Path, self_hosting: Path
+) -> None:
+    repo = self_hosting
+    (repo / ".gitignore").write_text("*.pyc\n")
+    (repo / "src" / "lib" / "core.pyc").write_bytes(b"junk")
+    (repo / "src" / "main.py").chmod(0o755)
+    os.symlink("main.py", repo / "src" / "link")
+    write_port(repo, "app", path_recipe("app", ("src", "README")) + 'filename = "README.txt"\n')
+    commit_all(repo, "app with a renamed README")
+    (repo / "README").write_text("uncommitted\n")
+    for tree, readme in (
+        (TreeLoader().load_git(repo), "the app\n"),
+        (TreeLoader().load_dir(repo), "uncommitted\n"),
+    ):
+        dest = tmp_path / type(tree.snapshot).__name__
+        exported = tree.export_paths("app", dest)
+        assert exported == {"src": dest / "src", "README.txt": dest / "README.txt"}
+        assert (dest / "README.txt").read_text() == readme
+        assert sorted(str(p.relative_to(dest / "src")) for p in (dest / "src").rglob("*")) == [
+            "lib",
+            "lib/core.py",
+            "link",
+            "main.py",
+        ]
+        assert os.readlink(dest / "src" / "link") == "main.py"
+        assert (dest / "src" / "main.py").stat().st_mode & 0o100
+        assert tree.export_paths("zlib", tmp_path / "none") == {}
+    # a directory edited after it was read is refused rather than built under an old key
+    tree = TreeLoader().load_dir(repo)
+    (repo / "src" / "main.py").write_text("print('changed')\n")
+    with pytest.raises(GitError, match="'src' changed after the tree was read"):
+        tree.export_paths("app", tmp_path / "late")
+
+
+def test_the_cache_remembers_which_recipes_have_path_sources(
+    tmp_path: Path, self_hosting: Path
+) -> None:
+    repo = self_hosting
+    for number in range(12):
+        write_port(
+            repo,
+            f"lib{number}",
+            path_recipe(f"lib{number}", ("docs",)) if number % 3 == 0 else None,
+        )
+    commit_all(repo, "more ports, some with path sources")
+    cold = TreeLoader(tmp_path / "cache", workers=2, parallel_threshold=1)
+    expected = cold.load_git(repo)
+    assert cold.parsed_by_workers > 0
+    assert set(expected.combined) == {"app", "lib0", "lib3", "lib6", "lib9"}
+    cold.save()
+    warm = TreeLoader(tmp_path / "cache")
+    tree = warm.load_git(repo)
+    assert warm.parses == 0
+    assert dict(tree.inputs()) == dict(expected.inputs())
+    assert tree.combined == expected.combined
+
+
+def test_advance_with_path_sources_equals_a_full_evaluation_after_random_commits(
+    repo: Path,
+) -> None:
+    rng = random.Random(23)
+    files = ["shared/a.txt", "shared/b.txt", "lib/x.c", "lib/sub/y.c", "top.txt"]
+    paths = ["shared", "lib", "lib/sub", "top.txt", "shared/a.txt", "nowhere"]
+    pool = [f"p{n}" for n in range(8)]
+    for file in files:
+        (repo / file).parent.mkdir(parents=True, exist_ok=True)
+        (repo / file).write_text("0\n")
+    commit_all(repo, "files")
+    loader = TreeLoader()
+    tree = loader.load_git(repo)
+    evaluation = full_evaluation(tree)
+    path_only = broken = 0
+    for step in range(20):
+        for _ in range(rng.randrange(1, 4)):
+            roll = rng.random()
+            if roll < 0.55:  # edit, remove or add a file outside ports/
+                target = repo / rng.choice(files)
+                if target.exists() and rng.random() < 0.25:
+                    target.unlink()
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(f"{step} {rng.random()}\n")
+            elif roll < 0.62 and (repo / "ports" / (name := rng.choice(pool))).exists():
+                git(repo, "rm", "-q", "-r", f"ports/{name}")
+            else:
+                name = rng.choice(pool)
+                deps = tuple(rng.sample([p for p in pool if p != name], rng.randrange(3)))
+                chosen = tuple(rng.sample(paths, rng.randrange(3)))
+                write_port(repo, name, path_recipe(name, chosen, deps, release=step + 1))
+        commit_all(repo, f"step {step}")
+        previous = tree
+        tree = loader.advance(tree, "HEAD")
+        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+        scratch = TreeLoader().load_git(repo)
+        same_evaluation(evaluation, full_evaluation(scratch))
+        assert dict(tree.inputs()) == dict(scratch.inputs())
+        assert tree.changed_inputs(previous).keys() == tree.changed_ports().keys()
+        assert tree.changes is not None
+        moved = {n for n in tree.changes if tree.listing.get(n) != previous.listing.get(n)}
+        path_only += len(tree.changes.keys() - moved)
+        broken += sum(isinstance(tree.ports[n], RecipeError) for n in tree.combined)
+    assert path_only >= 5 and broken >= 5  # the walk did exercise both

@@ -118,8 +118,8 @@ def why(args: argparse.Namespace, console: Console) -> int:
     if since is not None:
         since_commit = repo.commit(since)
         old_tree = TreeLoader(config.cache).load(GitSnapshot(repo, since_commit))
-        old_eval = Evaluation.full(old_tree.listing, old_tree.recipes(), config.arch)
-        old = Evaluated(since_commit, old_eval.graph, old_eval.keys, old_tree.listing)
+        old_eval = Evaluation.full(old_tree.inputs(), old_tree.recipes(), config.arch)
+        old = Evaluated(since_commit, old_eval.graph, old_eval.keys, old_tree.inputs())
         closure = opened.evaluation.graph.dependency_closure([name])
         until = opened.commit or repo.commit("HEAD")
         for change in repo.history(closure, since=since_commit, until=until):
@@ -127,7 +127,7 @@ def why(args: argparse.Namespace, console: Console) -> int:
                 Touch(change.commit, change.summary, change.files)
             )
     current = opened.commit or "working directory"
-    new = Evaluated(current, opened.evaluation.graph, opened.evaluation.keys, opened.tree.listing)
+    new = Evaluated(current, opened.evaluation.graph, opened.evaluation.keys, opened.tree.inputs())
     explanation = explain(name, old, new, touches, present)
     for line in explanation.lines():
         console.print(escape(line))
@@ -136,7 +136,7 @@ def why(args: argparse.Namespace, console: Console) -> int:
         and old is not None
         and old.tree_ids.get(name) != new.tree_ids.get(name)
     ):
-        console.print("  [dim](the working directory has uncommitted changes in ports/)[/]")
+        console.print("  [dim](the working directory has uncommitted changes to its inputs)[/]")
     return 0
 
 

@@ -81,7 +81,7 @@ def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Ope
         config.cache.mkdir(parents=True, exist_ok=True)
         loader.save()
     ports = tree.recipes()
-    return Opened(tree, Evaluation.full(tree.listing, ports, arch), commit, repo)
+    return Opened(tree, Evaluation.full(tree.inputs(), ports, arch), commit, repo)
 
 
 def _not_a_tree(path: Path) -> ConfigError:
@@ -98,13 +98,17 @@ def _git_repo(path: Path) -> GitRepo | None:
 
 
 def _clean_head(repo: GitRepo | None, tree: Tree) -> str | None:
-    """HEAD's commit id when the directory's ports equal HEAD's, for provenance."""
+    """HEAD's commit id when the directory's ports, and the paths their path sources
+    reference, equal HEAD's, for provenance."""
     if repo is None:
         return None
     try:
         head = repo.commit("HEAD")
-        if dict(repo.listing(head).ids) == dict(tree.listing):
-            return head
+        if dict(repo.listing(head).ids) != dict(tree.listing):
+            return None
+        committed = GitSnapshot(repo, head)
+        if any(committed.path_entry(path) != entry for path, entry in tree.paths.items()):
+            return None
+        return head
     except GitError:
-        pass
-    return None
+        return None
