@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make run` (the main job on the embedded default setup)
+# The two commands a newcomer needs: `make run` (the daemon on the embedded default setup)
 # and `make test` (lint, types and the whole test suite, exactly what CI runs).
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
 	tools/bootstrap
 
 run: $(VENV)/.installed
-	$(BIN)/ports build --tree . --state $(STATE)
+	$(BIN)/portsd serve --tree . --state $(STATE)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check portsd tests bench

@@ -15,12 +15,16 @@ Blocking work (git, parsing, sqlite, builds) never runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -50,6 +54,7 @@ _STATES = {
 }
 COALESCE = 0.02  # seconds to wait for more triggers before evaluating
 REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
+SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +78,19 @@ class Daemon:
         self.config = config
         self.loop = loop
         self.events = EventBus(loop)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = State(config.database)
         self.workspace = Workspace.open(config)
         self.repo: Repository = self.workspace.repo
-        self.git = GitRepo(config.tree_dir)
+        self.git = GitRepo(config.tree_dir)  # the evaluation thread's
+        self._refs = GitRepo(config.tree_dir)  # anyone's, under _refs_lock: libgit2 objects
+        self._refs_lock = threading.Lock()  # are not safe to share between threads
         self.branch = config.branch or self.git.head_branch()
         self.loader = TreeLoader(config.cache)
         self.scheduler = Scheduler(self._build, jobs=config.jobs, reporter=self)
+        # One thread for every evaluation: its transient 30,000-entry structures then reuse
+        # one malloc arena instead of fragmenting a new one per pool thread.
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self._wake = asyncio.Event()
         self._forced = False
         self._evaluating = False
@@ -89,6 +100,9 @@ class Daemon:
         self._steps: dict[int, str] = {}  # build row -> current step
         self._revisions: dict[str, Revision] = {}  # key -> the revision to build it from
         self._durations: dict[str, float] = {}
+        self._parses_saved = 0
+        self._saved_at = 0.0
+        self._index_keys: tuple[int, dict[str, str]] = (-1, {})  # serial -> name -> key
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -110,6 +124,8 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
+            await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
+            self._evaluator.shutdown()
             self.state.close()
 
     def _recover(self) -> None:
@@ -145,7 +161,7 @@ class Daemon:
             forced, self._forced = self._forced, False
             self._evaluating = True
             try:
-                await asyncio.to_thread(self._evaluate, forced)
+                await self.loop.run_in_executor(self._evaluator, self._evaluate, forced)
             except PortsdError as error:
                 log.error("evaluation failed: %s", error)
                 self.events.publish("evaluation", error=str(error))
@@ -166,10 +182,11 @@ class Daemon:
     # -- evaluation (on a worker thread, one at a time) -------------------------------------
 
     def _head(self) -> str | None:
-        try:
-            return self.git.commit(f"refs/heads/{self.branch}")
-        except GitError:
-            return None  # nothing pushed yet
+        with self._refs_lock:
+            try:
+                return self._refs.commit(f"refs/heads/{self.branch}")
+            except GitError:
+                return None  # nothing pushed yet
 
     def _evaluate(self, forced: bool) -> None:
         head = self._head()
@@ -179,6 +196,13 @@ class Daemon:
         ):
             return
         started = time.monotonic()
+        phases: dict[str, float] = {}
+
+        def lap(name: str, since: list[float] = [started]) -> None:  # noqa: B006 - a stopwatch
+            now = time.monotonic()
+            phases[name] = (now - since[0]) * 1000
+            since[0] = now
+
         evaluation_id = self.state.start_evaluation(
             head, self.branch, "rebuild" if forced else "push"
         )
@@ -187,19 +211,21 @@ class Daemon:
         except PortsdError as error:
             self.state.finish_evaluation(evaluation_id, [], blocked=0, error=str(error))
             raise
+        lap("load")
         revision = Revision(tree, evaluation, head)
         present = self.repo.stored_keys()
         plan = make_plan(evaluation.graph, evaluation.keys, present)
+        lap("plan")
         self._republish(revision, plan, tree)
+        lap("republish")
         failed = self.state.failed_keys()
-        wanted, doomed = _without_remembered_failures(revision, plan, failed)
+        wanted, doomed = _without_remembered_failures(plan, failed)
         blocked = {name: str(problem).splitlines()[0] for name, problem in plan.blocked.items()}
         for build in plan.builds:
             if build.key in failed:
                 blocked[build.name] = (
                     f"failed before, not retried until it changes: {failed[build.key]}"
                 )
-        reasons = self._reasons(previous, revision, tree, wanted, present)
         keep = frozenset(b.key for b in wanted.builds)
         # Under the lock from here to the hand-off, so no build thread sees half of it.
         with self._lock:
@@ -213,7 +239,7 @@ class Daemon:
             new = [b for b in wanted.builds if b.key not in self._rows]
             rows = self.state.finish_evaluation(
                 evaluation_id,
-                [NewBuild(b.name, _version(revision, b.name), b.key, reasons[b.name]) for b in new]
+                [NewBuild(b.name, _version(revision, b.name), b.key, "") for b in new]
                 + [
                     NewBuild(n, _version(revision, n), key, why) for n, (key, why) in doomed.items()
                 ],
@@ -232,12 +258,22 @@ class Daemon:
             self._durations = self.state.durations()
             self._latest = _Evaluated(evaluation_id, revision, tree, plan, keep, blocked)
             self.scheduler.submit(wanted, critical_path(wanted, self._durations))
+        lap("record")
+        # Off the critical path: builds are already starting.
+        reasons = self._reasons(previous, revision, tree, wanted, present)
+        self.state.explain({row.id: reasons[row.port] for row in rows if row.port in reasons})
+        lap("explain")
+        self._save_cache(force=previous is None)
+        lap("cache")
+        _return_memory(full=previous is None)
+
         log.info(
-            "evaluated %s in %.0f ms: %d to build, %d blocked",
+            "evaluated %s in %.0f ms: %d to build, %d blocked (%s)",
             head[:12],
             (time.monotonic() - started) * 1000,
             len(wanted.builds),
             len(blocked),
+            ", ".join(f"{name} {ms:.0f}" for name, ms in phases.items()),
         )
         self.events.publish(
             "evaluation",
@@ -247,6 +283,16 @@ class Daemon:
             blocked=len(blocked),
         )
 
+    def _save_cache(self, *, force: bool = False) -> None:
+        """Persist new parses, at most every SAVE_EVERY seconds (and after a cold load):
+        rewriting the whole cache for each one-recipe push would cost more than it saves."""
+        if self.loader.parses == self._parses_saved:
+            return
+        if force or time.monotonic() - self._saved_at >= SAVE_EVERY:
+            self.loader.save()
+            self._parses_saved = self.loader.parses
+            self._saved_at = time.monotonic()
+
     def _load(self, head: str, previous: _Evaluated | None) -> tuple[Tree, Evaluation]:
         if previous is None:
             tree = self.loader.load(GitSnapshot(self.git, head))
@@ -254,19 +300,19 @@ class Daemon:
         else:
             tree = self.loader.advance(previous.tree, head)
             evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
-        self.loader.save()
         return tree, evaluation
 
     def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> None:
         """Index the stored packages of up-to-date ports it does not list (a revert), and
         drop the ports that left the tree."""
         index = self.repo.index()
-        for name in sorted(plan.up_to_date):
-            key = revision.keys.keys[name]
-            entry = index.entry(name)
-            if entry is None or entry.key != key:
-                self.repo.restore(key, commit=revision.commit)
-        gone = [name for name in index.names() if name not in tree.listing]
+        if self._index_keys[0] != index.serial:
+            self._index_keys = (index.serial, {entry.name: entry.key for entry in index})
+        listed = self._index_keys[1]
+        keys = revision.keys.keys
+        for name in sorted(n for n in plan.up_to_date if listed.get(n) != keys[n]):
+            self.repo.restore(keys[name], commit=revision.commit)
+        gone = [name for name in listed if name not in tree.listing]
         if gone:
             self.repo.unpublish(gone, commit=revision.commit)
 
@@ -285,7 +331,15 @@ class Daemon:
             old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.inputs())
             changed = [n for n, t in tree.listing.items() if previous.tree.listing.get(n) != t]
             if changed and before.commit and revision.commit:
-                for change in self.git.history(changed, since=before.commit, until=revision.commit):
+                known = [
+                    (loaded.snapshot.commit, loaded.snapshot.ports())
+                    for loaded in (previous.tree, tree)
+                    if isinstance(loaded.snapshot, GitSnapshot)
+                ]
+                history = self.git.history(
+                    changed, since=before.commit, until=revision.commit, known=known
+                )
+                for change in history:
                     touches.setdefault(change.port, []).append(
                         Touch(change.commit, change.summary, change.files)
                     )
@@ -414,6 +468,17 @@ class Daemon:
         return PlanGraph(revision=latest.revision.commit, nodes=tuple(nodes), edges=edges)
 
 
+def _return_memory(*, full: bool) -> None:
+    """Ask glibc to hand freed heap back, RSS would otherwise stay at every peak; after a
+    cold load (``full``) collect the garbage first."""
+    if full:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory is reused by later allocations anyway
+
+
 def _version(revision: Revision, name: str) -> str:
     recipe = revision.graph.recipe(name)
     assert recipe is not None, f"{name} was planned without a recipe"
@@ -421,19 +486,26 @@ def _version(revision: Revision, name: str) -> str:
 
 
 def _without_remembered_failures(
-    revision: Revision, plan: Plan, failed: dict[str, str]
+    plan: Plan, failed: dict[str, str]
 ) -> tuple[Plan, dict[str, tuple[str, str]]]:
-    """The plan without the keys that failed before and the builds that need them; the
-    latter are returned as skipped (name -> (key, reason))."""
+    """The plan without the keys that failed before and the builds that need them,
+    directly or not; the latter are returned as skipped (name -> (key, reason))."""
     failed_names = {b.name for b in plan.builds if b.key in failed}
-    doomed: dict[str, tuple[str, str]] = {}
-    for build in plan.builds:
+    culprit: dict[str, str] = {}  # doomed build -> the failed port it waits for
+    for build in plan.builds:  # dependencies come first in a plan
         if build.name in failed_names:
             continue
-        culprits = set(revision.keys.build_root(revision.graph, build.name)) & failed_names
-        if culprits:
-            culprit = min(culprits)
-            why = f"dependency {culprit} failed before (portsd rebuild {culprit} retries it)"
-            doomed[build.name] = (build.key, why)
+        causes = sorted(
+            culprit.get(need, need)
+            for need in build.needs
+            if need in failed_names or need in culprit
+        )
+        if causes:
+            culprit[build.name] = causes[0]
+    doomed = {
+        b.name: (b.key, f"dependency {culprit[b.name]} failed before (portsd rebuild retries it)")
+        for b in plan.builds
+        if b.name in culprit
+    }
     builds = tuple(b for b in plan.builds if b.name not in failed_names and b.name not in doomed)
     return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), doomed

@@ -333,18 +333,26 @@ class GitRepo:
         return before.compare(self.read_raw(after))[1]
 
     def history(
-        self, names: Iterable[str], since: str | None = None, until: str = "HEAD"
+        self,
+        names: Iterable[str],
+        since: str | None = None,
+        until: str = "HEAD",
+        known: Iterable[tuple[str, PortsListing]] = (),
     ) -> list[PortChange]:
         """Commits after ``since`` up to ``until`` that changed ``ports/<name>/`` for a name.
 
         Newest first. As in ``git log -- ports/<name>``, a merge counts only when the port
         differs from every parent; its files are those that differ from the first parent.
+        ``known`` are listings the caller already has (commit id, listing): a one-commit
+        push then costs no parsing at all.
         """
         wanted = set(names)
         walker = self._repo.walk(self.commit(until), pygit2.enums.SortMode.TOPOLOGICAL)
         if since is not None:
             walker.hide(self.commit(since))
         listings = _ListingMemo(self)
+        for commit_id, listing in known:
+            listings.seed(commit_id, listing)
         changes: list[PortChange] = []
         for commit in walker:
             here = listings.of(str(commit.id))
@@ -399,6 +407,9 @@ class _ListingMemo:
         if len(self.by_tree) > self.keep:
             del self.by_tree[next(t for t in self.by_tree if t is not None)]
         return listing
+
+    def seed(self, commit: str, listing: PortsListing) -> None:
+        self._remember(self._tree(commit), listing)
 
     def of(self, commit: str) -> PortsListing:
         tree = self._tree(commit)

@@ -254,6 +254,14 @@ class State:
             ).fetchall()
         return [_build(row) for row in rows]
 
+    def explain(self, reasons: dict[int, str]) -> None:
+        """Attach the explanations (build id -> text) computed after the builds were queued."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE builds SET reason = ? WHERE id = ?",
+                [(text, build) for build, text in reasons.items()],
+            )
+
     def evaluation(self, evaluation: int) -> EvaluationRow | None:
         rows = self._query(
             f"SELECT {_EVALUATION_COLUMNS} FROM evaluations WHERE id = ?", (evaluation,)

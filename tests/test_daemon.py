@@ -17,6 +17,7 @@ from portsd.index import decode_index
 from portsd.repo import Repository
 from portsd.sign import PublicKey, verify
 from portsd.tree import TreeLoader
+from tests.browser import chromium, mark, same_page, text, until
 from tests.conftest import SourceServer
 from tests.daemon_harness import RunningDaemon, portsd
 from tests.fixtures import commit_all, git
@@ -223,3 +224,30 @@ def test_the_push_endpoint_wants_the_token(daemon: RunningDaemon, bare: Path) ->
     assert daemon.post("/api/v1/push", b"", {}) == 401
     assert daemon.post("/api/v1/push", b"", {"Authorization": "Bearer wrong"}) == 401
     assert daemon.post("/api/v1/push", b"", {"Authorization": f"Bearer {token}"}) == 202
+
+
+def test_the_status_page_follows_a_pushed_build_live(
+    daemon: RunningDaemon, ports_tree: Path, tmp_path: Path
+) -> None:
+    push(ports_tree)
+    daemon.wait_idle(head(ports_tree))
+    slow = ports_tree / "ports" / "hello" / "port.toml"
+    slow.write_text(slow.read_text() + 'prepare = "echo preparing hello; sleep 3"\n')
+    commit = commit_all(ports_tree, "hello: take a while")
+    with chromium(tmp_path / "chromium") as driver:
+        driver.get(daemon.url + "/")
+        until(
+            driver,
+            lambda: driver.execute_script("return document.body.dataset.live") == "1",
+            "live",
+        )
+        mark(driver)
+        push(ports_tree)
+        until(driver, lambda: "hello" in text(driver, "#running"), "hello shown running")
+        until(
+            driver, lambda: "preparing hello" in text(driver, "#running pre[data-build]"), "its log"
+        )
+        until(driver, lambda: "Nothing is building." in text(driver, "#running"), "finished", 60)
+        until(driver, lambda: "hello" in text(driver, "#builds tbody"), "in the history")
+        assert commit[:10] in text(driver, "#status")
+        assert same_page(driver)

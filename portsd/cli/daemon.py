@@ -25,7 +25,7 @@ from portsd.errors import ConfigError, PortsdError
 from portsd.fsio import write_atomic
 from portsd.initrepo import init_repository, state_of
 from portsd.pipeline import ensure_signing_key
-from portsd.server.app import create_app
+from portsd.server.app import create_app, create_runner
 
 log = logging.getLogger("portsd")
 
@@ -119,7 +119,7 @@ async def _serve(config: Config) -> None:
     daemon = Daemon(config, loop)
     app = create_app(config, daemon)
     app.cleanup_ctx.append(daemon.lifetime)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = create_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.port, reuse_address=True)
     await site.start()
