@@ -92,6 +92,7 @@ class Daemon:
         # one malloc arena instead of fragmenting a new one per pool thread.
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self._wake = asyncio.Event()
+        self._sources: set[str] = set()  # what woke the loop since the last evaluation
         self._forced = False
         self._evaluating = False
         self._latest: _Evaluated | None = None
@@ -142,7 +143,7 @@ class Daemon:
     def trigger(self, source: str) -> None:
         """Look at the branch again soon; safe from any thread."""
         log.debug("trigger: %s", source)
-        self.loop.call_soon_threadsafe(self._wake.set)
+        self.loop.call_soon_threadsafe(self._wake_for, source)
 
     def rebuild(self, names: Sequence[str]) -> list[str]:
         latest = self._latest
@@ -153,15 +154,20 @@ class Daemon:
         self.trigger("rebuild")
         return known
 
+    def _wake_for(self, source: str) -> None:
+        self._sources.add(source)
+        self._wake.set()
+
     async def _evaluation_loop(self) -> None:
         while True:
             await self._wake.wait()
             await asyncio.sleep(COALESCE)  # let a burst of triggers land
             self._wake.clear()
             forced, self._forced = self._forced, False
+            sources, self._sources = ",".join(sorted(self._sources)), set()
             self._evaluating = True
             try:
-                await self.loop.run_in_executor(self._evaluator, self._evaluate, forced)
+                await self.loop.run_in_executor(self._evaluator, self._evaluate, forced, sources)
             except PortsdError as error:
                 log.error("evaluation failed: %s", error)
                 self.events.publish("evaluation", error=str(error))
@@ -188,7 +194,7 @@ class Daemon:
             except GitError:
                 return None  # nothing pushed yet
 
-    def _evaluate(self, forced: bool) -> None:
+    def _evaluate(self, forced: bool, sources: str) -> None:
         head = self._head()
         previous = self._latest
         if head is None or (
@@ -203,9 +209,7 @@ class Daemon:
             phases[name] = (now - since[0]) * 1000
             since[0] = now
 
-        evaluation_id = self.state.start_evaluation(
-            head, self.branch, "rebuild" if forced else "push"
-        )
+        evaluation_id = self.state.start_evaluation(head, self.branch, sources or "push")
         try:
             tree, evaluation = self._load(head, previous)
         except PortsdError as error:

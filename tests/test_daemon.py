@@ -251,3 +251,45 @@ def test_the_status_page_follows_a_pushed_build_live(
         until(driver, lambda: "hello" in text(driver, "#builds tbody"), "in the history")
         assert commit[:10] in text(driver, "#status")
         assert same_page(driver)
+
+
+def test_a_failure_is_remembered_until_its_key_changes_or_rebuild_asks(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    broken = ports_tree / "ports" / "liba" / "port.toml"
+    broken.write_text(
+        broken.read_text().split("\n[build]")[0] + '\n[build]\nstyle = "make"\nbuild = "false"\n'
+    )
+    commit_all(ports_tree, "liba: broken")
+    push(ports_tree)
+    daemon.wait_idle(head(ports_tree))
+    states = {b["port"]: b["state"] for b in daemon.builds()}
+    assert states["liba"] == "failed" and states["diamond"] == "skipped"
+    assert "liba" not in served_index(daemon, bare / "portsd")
+
+    later = edit(ports_tree, "hello", "hello: unrelated")
+    push(ports_tree)
+    daemon.wait_idle(later)
+    evaluation = daemon.get("/api/v1/status")["evaluation"]
+    latest = {b["port"]: b for b in daemon.builds(evaluation=evaluation)}
+    assert latest["hello"]["state"] == "built"
+    assert "liba" not in latest  # not retried: same key
+    assert latest["diamond"]["state"] == "skipped"
+    assert "dependency liba failed before" in latest["diamond"]["detail"]
+
+    said = portsd("rebuild", "liba", "--repo", bare).stdout
+    assert "will retry: liba" in said
+    daemon.wait_for(
+        lambda: len([b for b in daemon.builds(port="liba") if b["state"] == "failed"]) == 2,
+        timeout=60,
+        what="liba to be retried",
+    )
+    status = portsd("status", "--repo", bare).stdout
+    assert "branch" in status and "main" in status
+
+    fixed = broken.read_text().replace('build = "false"\n', "")
+    broken.write_text(fixed)
+    repaired = commit_all(ports_tree, "liba: fixed")
+    push(ports_tree)
+    daemon.wait_idle(repaired)
+    assert {"liba", "diamond"} <= set(served_index(daemon, bare / "portsd"))

@@ -28,6 +28,7 @@ from portsd.pipeline import ensure_signing_key
 from portsd.server.app import create_app, create_runner
 
 log = logging.getLogger("portsd")
+ADDRESS_FILE = "daemon.url"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,15 +135,22 @@ async def _serve(config: Config) -> None:
         config.tree_dir,
         config.state_dir,
     )
+    address = config.state_dir / ADDRESS_FILE  # how `portsd status` finds this daemon
+    write_atomic(address, f"http://{_host(config.listen)}:{config.port}\n".encode())
     try:
         await stop.wait()
     finally:
         log.warning("portsd: stopping")
+        address.unlink(missing_ok=True)
         await runner.cleanup()
 
 
 def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
-    url = f"http://{_host(config.listen)}:{config.port}{path}"
+    try:
+        base = (config.state_dir / ADDRESS_FILE).read_text().strip()
+    except FileNotFoundError:
+        base = f"http://{_host(config.listen)}:{config.port}"
+    url = base + path
     headers = {"Content-Type": "application/json"}
     if body is not None:
         headers["Authorization"] = f"Bearer {config.token_file.read_text().strip()}"
