@@ -16,7 +16,7 @@ evaluation of a one-recipe commit on a 30,000-port tree in milliseconds.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from portsd.errors import DependencyCycle, GraphError, MissingDependency, RecipeError
@@ -383,25 +383,11 @@ class Graph:
 
     def dependency_closure(self, names: Iterable[str]) -> set[str]:
         """``names`` and everything they need to build, transitively."""
-        seen: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name not in seen:
-                seen.add(name)
-                stack.extend(edge.target for edge in self.edges(name))
-        return seen
+        return _closure(names, lambda name: (edge.target for edge in self.edges(name)))
 
     def reverse_closure(self, names: Iterable[str]) -> set[str]:
         """``names`` and every port whose build transitively involves one of them."""
-        seen: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name not in seen:
-                seen.add(name)
-                stack.extend(self._dependents.get(name))
-        return seen
+        return _closure(names, self._dependents.get)
 
     def order(self, names: Iterable[str]) -> list[str]:
         """``names`` with dependencies before dependents (edges leaving the set are ignored).
@@ -429,3 +415,15 @@ class Graph:
         if len(ordered) < len(wanted):
             ordered.extend(sorted(wanted - set(ordered)))
         return ordered
+
+
+def _closure(names: Iterable[str], step: Callable[[str], Iterable[str]]) -> set[str]:
+    """Everything reachable from ``names`` by ``step``, ``names`` included."""
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(step(name))
+    return seen

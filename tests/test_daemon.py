@@ -74,6 +74,13 @@ def keys_at(tree: Path, commit: str) -> dict[str, str]:
     return Evaluation.full(loaded.listing, loaded.recipes(), ARCH).keys.keys
 
 
+def slow_down(tree: Path, port: str, prepare: str, message: str) -> str:
+    """Give ``port`` a prepare step (a slow one, so a test can catch it running)."""
+    recipe = tree / "ports" / port / "port.toml"
+    recipe.write_text(recipe.read_text() + f"prepare = {prepare!r}\n")
+    return commit_all(tree, message)
+
+
 def edit(tree: Path, port: str, message: str) -> str:
     recipe = tree / "ports" / port / "port.toml"
     recipe.write_text(recipe.read_text() + f"# {message}\n")
@@ -126,9 +133,8 @@ def test_a_newer_push_supersedes_unwanted_builds(
 ) -> None:
     push(ports_tree)
     daemon.wait_idle(head(ports_tree))
+    first = slow_down(ports_tree, "libbase", "sleep 3", "libbase: slow")
     slow = ports_tree / "ports" / "libbase" / "port.toml"
-    slow.write_text(slow.read_text() + 'prepare = "sleep 3"\n')
-    first = commit_all(ports_tree, "libbase: slow")
     push(ports_tree)
     daemon.wait_for(
         lambda: any(b["port"] == "libbase" and b["state"] == "running" for b in daemon.builds()),
@@ -157,9 +163,7 @@ def test_a_newer_push_supersedes_unwanted_builds(
 def test_kill_9_during_a_build_then_restart(
     tmp_path: Path, bare: Path, ports_tree: Path, source_server: SourceServer
 ) -> None:
-    slow = ports_tree / "ports" / "libmid" / "port.toml"
-    slow.write_text(slow.read_text() + 'prepare = "sleep 2"\n')
-    commit = commit_all(ports_tree, "libmid: slow")
+    commit = slow_down(ports_tree, "libmid", "sleep 2", "libmid: slow")
     daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
     push(ports_tree)
     daemon.wait_for(
@@ -231,9 +235,7 @@ def test_the_status_page_follows_a_pushed_build_live(
 ) -> None:
     push(ports_tree)
     daemon.wait_idle(head(ports_tree))
-    slow = ports_tree / "ports" / "hello" / "port.toml"
-    slow.write_text(slow.read_text() + 'prepare = "echo preparing hello; sleep 3"\n')
-    commit = commit_all(ports_tree, "hello: take a while")
+    commit = slow_down(ports_tree, "hello", "echo preparing hello; sleep 3", "hello: take a while")
     with chromium(tmp_path / "chromium") as driver:
         driver.get(daemon.url + "/")
         until(
