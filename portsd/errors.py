@@ -17,8 +17,16 @@
     │   ├── BadSignature
     │   ├── RollbackDetected
     │   └── IndexExpired
+    ├── DiscoveryError           finding caches on the LAN (mDNS) failed, or an advert is malformed
     └── InstallError
+        ├── ResolutionError      a need nothing satisfies, or a conflict (with its chain)
+        ├── RootLocked           another client holds the root's lock (pid, command line)
+        ├── InvalidTransaction   not installed, already installed, conflicting packages
+        ├── BrokenDependencies   installed packages' dependencies would be left unmet
+        ├── RootError            a path in the root cannot be used safely or written
+        ├── PackageDbError       the installed-package database or its journal is unusable
         └── FileConflict
+            └── FileTypeConflict ... a directory where a file is wanted, or the reverse
 
 Each error keeps its facts as fields and formats itself in ``__str__``; ``hint`` is an
 optional second line for humans. Only the command-line entry points and the daemon's top
@@ -216,8 +224,94 @@ class IndexExpired(RepoError):
     """An index is past its expiry time: someone may be freezing clients on old packages."""
 
 
+class DiscoveryError(PortsdError):
+    """mDNS could not be used, or ``service`` (a cache's advert) is malformed."""
+
+    def __init__(self, message: str, *, service: str | None = None) -> None:
+        self.message = message
+        self.service = service
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.service}: {self.message}" if self.service else self.message
+
+
 class InstallError(PortsdError):
     """An install, upgrade or removal cannot be carried out; nothing was changed."""
+
+
+class ResolutionError(InstallError):
+    """``request`` cannot be installed or upgraded as asked.
+
+    ``chain`` is the path of dependencies from the request to the package with the problem
+    (``("app", "libfoo")``; empty when the request itself is the problem), ``problem`` says
+    what that package needs and what was found instead:
+    ``cannot install app: app -> libfoo needs zlib>=1.3, but the cache has zlib 1.2.13-1``.
+    """
+
+    def __init__(self, action: str, request: str, chain: Sequence[str], problem: str) -> None:
+        self.action = action
+        self.request = request
+        self.chain = tuple(chain)
+        self.problem = problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = " -> ".join(self.chain)
+        return f"cannot {self.action} {self.request}: {where + ' ' if where else ''}{self.problem}"
+
+
+class RootLocked(InstallError):
+    """Another process holds the lock of the root (``path`` is the lock file)."""
+
+    hint = "wait for it to finish, or ask to wait for the lock"
+
+    def __init__(self, path: str, pid: int | None, command: str | None) -> None:
+        self.path = path
+        self.pid = pid
+        self.command = command
+        holder = f"pid {pid}" if pid else "another process (pid unknown)"
+        if command:
+            holder += f" ({command})"
+        super().__init__(f"{path}: the root is locked by {holder}")
+
+
+class InvalidTransaction(InstallError):
+    """A request about ``package`` that cannot be carried out in this root, as it stands."""
+
+    def __init__(self, package: str, message: str) -> None:
+        self.package = package
+        self.message = message
+        super().__init__(f"{package}: {message}")
+
+
+class BrokenDependencies(InstallError):
+    """The change would leave dependencies unmet: ``unmet`` is (package, dependency) pairs."""
+
+    hint = "add what provides them to the transaction, or force it"
+
+    def __init__(self, unmet: Sequence[tuple[str, str]]) -> None:
+        self.unmet = tuple(unmet)
+        needs = "; ".join(f"{package} needs '{dependency}'" for package, dependency in self.unmet)
+        super().__init__(f"the change would break dependencies: {needs}")
+
+
+class RootError(InstallError):
+    """``path`` in the root cannot be used: an untrusted symlink on the way, an I/O error."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+class PackageDbError(InstallError):
+    """The installed-package database (or its journal) at ``path`` cannot be used."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
 
 
 class FileConflict(InstallError):
@@ -229,3 +323,14 @@ class FileConflict(InstallError):
         self.owner = owner
         who = f"owned by {owner}" if owner else "exists and is not owned by any package"
         super().__init__(f"{package}: /{path} {who}")
+
+
+class FileTypeConflict(FileConflict):
+    """``package`` wants a ``wanted`` at ``path`` where there is a ``found`` (of ``owner``)."""
+
+    def __init__(self, package: str, path: str, owner: str | None, wanted: str, found: str) -> None:
+        self.wanted = wanted
+        self.found = found
+        super().__init__(package, path, owner)
+        whose = f"of {owner}" if owner else "owned by no package"
+        self.args = (f"{package}: wants a {wanted} at /{path}, where there is a {found} {whose}",)

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "portsd"
-CORE = ["version", "recipe", "graph", "keys", "plan", "evaluate", "explain", "index", "errors"]
+CORE = [
+    "version",
+    "recipe",
+    "graph",
+    "keys",
+    "plan",
+    "evaluate",
+    "explain",
+    "index",
+    "errors",
+    "client/resolve",
+]
 # Serialisation and hashing of values in memory; nothing that reaches outside the process.
 ALLOWED = {
     "__future__",

@@ -21,6 +21,7 @@ from portsd.cli import run_main
 from portsd.cli.workspace import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.daemon import Daemon
+from portsd.discover import Advertiser, announcement_for
 from portsd.errors import ConfigError, PortsdError
 from portsd.fsio import write_atomic
 from portsd.initrepo import init_repository, state_of
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="the address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, help="the port to listen on (default: 8470)")
     p.add_argument("-j", "--jobs", type=int, help="builds at once (default: config)")
+    p.add_argument("--advertise", action="store_true", help="announce the cache on the LAN (mDNS)")
     p.set_defaults(handler=serve)
 
     p = commands.add_parser("status", help="what the daemon is doing")
@@ -111,11 +113,11 @@ def serve(args: argparse.Namespace, console: Console) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.token_file.exists():
         write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, advertise=args.advertise))
     return 0
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, *, advertise: bool = False) -> None:
     loop = asyncio.get_running_loop()
     daemon = Daemon(config, loop)
     app = create_app(config, daemon)
@@ -137,12 +139,30 @@ async def _serve(config: Config) -> None:
     )
     address = config.state_dir / ADDRESS_FILE  # how `portsd status` finds this daemon
     write_atomic(address, f"http://{_host(config.listen)}:{config.port}\n".encode())
+    advertiser: Advertiser | None = None
     try:
+        advertiser = await _advertise(config) if advertise else None
         await stop.wait()
     finally:
         log.warning("portsd: stopping")
+        if advertiser is not None:
+            await advertiser.stop()  # goodbyes first: clients stop choosing a cache going away
         address.unlink(missing_ok=True)
         await runner.cleanup()
+
+
+async def _advertise(config: Config) -> Advertiser | None:
+    """``--advertise``: announce the cache over mDNS; a failure is a warning, serving goes on."""
+    try:
+        advertiser = Advertiser(announcement_for(config))
+        await advertiser.start()
+    except PortsdError as error:
+        hint = f" (hint: {error.hint})" if error.hint else ""
+        log.warning("portsd: NOT advertising on the LAN: %s%s", error, hint)
+        return None
+    a = advertiser.announcement
+    log.warning("portsd: advertising %r on %s (mDNS)", advertiser.name, ", ".join(a.addresses))
+    return advertiser
 
 
 def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -1,0 +1,482 @@
+"""The installed-package database of a root: ``<root>/var/lib/ports/installed.sqlite``.
+
+sqlite in WAL mode: readers (``ports info``, ``search``, ``files``, ``owner``) never wait
+for a transaction and never see half of one. Commits are ``synchronous=FULL``: a commit
+is the commit point of an install transaction (``portsd.client.transaction``), so it must
+be on disk when ``commit()`` returns.
+
+What it holds: every installed package (its manifest's metadata, when and why it was
+installed, where it came from), every path it owns (type, mode, size, sha256, link
+target, mtime), the history of transactions, and a small key-value ``meta`` table (the
+highest index serial seen per signing key: rollback protection for the client).
+
+Paths are root-relative and *canonical*: the installer resolves a package's paths through
+the symlinks other packages own (``bin -> usr/bin``), so a file has one path here whatever
+path its package used. A directory may be owned by many packages; anything else by one
+(a unique index says so, so a bug elsewhere cannot record a file twice).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from portsd.archive import FileType
+from portsd.errors import PackageDbError
+from portsd.recipe import Dependency
+from portsd.version import full_version
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packages (
+    name TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    arch TEXT NOT NULL,
+    build_key TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    license TEXT NOT NULL,
+    depends TEXT NOT NULL,
+    provides TEXT NOT NULL,
+    conflicts TEXT NOT NULL,
+    installed_size INTEGER NOT NULL,
+    installed_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    tx TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT NOT NULL,
+    package TEXT NOT NULL REFERENCES packages(name) ON DELETE CASCADE,
+    type TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT,
+    target TEXT,
+    mtime INTEGER NOT NULL,
+    adopted INTEGER NOT NULL,
+    PRIMARY KEY (path, package)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_by_package ON files(package, path);
+CREATE UNIQUE INDEX IF NOT EXISTS files_one_owner ON files(path) WHERE type != 'dir';
+CREATE TABLE IF NOT EXISTS transactions (
+    id TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    command TEXT NOT NULL,
+    installed TEXT NOT NULL,
+    upgraded TEXT NOT NULL,
+    removed TEXT NOT NULL
+);
+"""
+
+_PACKAGE_COLUMNS = (
+    "name, version, release, arch, build_key, summary, license, depends, provides, "
+    "conflicts, installed_size, installed_at, reason, origin"
+)
+_FILE_COLUMNS = "path, package, type, mode, size, sha256, target, mtime, adopted"
+_SERIAL = "serial:"
+
+
+class InstallReason(StrEnum):
+    """Why a package is installed: asked for by name, or pulled in by another's depends."""
+
+    EXPLICIT = "explicit"
+    DEPENDENCY = "dependency"
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPackage:
+    """One installed package; ``origin`` says where it came from (a cache URL, a build)."""
+
+    name: str
+    version: str
+    release: int
+    arch: str
+    build_key: str
+    summary: str
+    license: str
+    depends: tuple[str, ...]
+    provides: tuple[str, ...]
+    conflicts: tuple[str, ...]
+    installed_size: int
+    installed_at: float
+    reason: InstallReason
+    origin: str
+
+    @property
+    def full_version(self) -> str:
+        """``version-release``, what dependency constraints compare against."""
+        return full_version(self.version, self.release)
+
+    def satisfies(self, dependency: str | Dependency) -> bool:
+        """Whether this package (by name or by one of its ``provides``) meets ``dependency``."""
+        return satisfies(dependency, self.name, self.full_version, self.provides)
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledFile:
+    """A path owned by ``package``: canonical, root-relative, as installed.
+
+    ``target`` is a symlink's target (as in the package) or a hardlink's file (canonical).
+    ``adopted`` marks a directory that existed, owned by no package, when a package first
+    claimed it: it is never removed when its owners go.
+    """
+
+    path: str
+    package: str
+    type: FileType
+    mode: int
+    size: int = 0
+    sha256: str | None = None
+    target: str | None = None
+    mtime: int = 0
+    adopted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionRecord:
+    """One committed transaction; package lists hold ``name version-release`` strings."""
+
+    id: str
+    time: float
+    command: str
+    installed: tuple[str, ...]
+    upgraded: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one transaction does to the database: rows of ``drop`` go, ``add`` come in.
+
+    An upgrade drops the old package's name and adds the new one under it.
+    """
+
+    record: TransactionRecord
+    drop: tuple[str, ...]
+    add: tuple[tuple[InstalledPackage, tuple[InstalledFile, ...]], ...]
+
+
+def satisfies(
+    dependency: str | Dependency, name: str, version: str, provides: Iterable[str]
+) -> bool:
+    """Whether package ``name`` at full ``version`` with ``provides`` meets ``dependency``.
+
+    A package meets a dependency on its own name at a version the constraint accepts. A
+    ``provides`` entry meets it when the names match and either the dependency has no
+    constraint or the entry carries a version (``sh=1.0``) the constraint accepts, as in
+    pacman: an unversioned provision never meets a versioned dependency.
+    """
+    wanted = dependency if isinstance(dependency, Dependency) else Dependency.parse(dependency)
+    if wanted.name == name and wanted.accepts(version):
+        return True
+    for text in provides:
+        provided = Dependency.parse(text)
+        if provided.name != wanted.name:
+            continue
+        if wanted.op is None or (provided.version is not None and wanted.accepts(provided.version)):
+            return True
+    return False
+
+
+class PackageDb:
+    """The database of one root. Not thread-safe: one connection, one thread.
+
+    ``readonly`` opens an existing file for queries only (a missing one reads as empty);
+    otherwise the file and its schema are created as needed. Every sqlite failure is
+    raised as PackageDbError naming the file.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            if readonly and not path.exists():
+                self._db = sqlite3.connect(":memory:", isolation_level=None)
+                self._db.executescript(_SCHEMA)
+            elif readonly:
+                uri = f"file:{path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+            else:
+                self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")  # a commit is a commit point
+                self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                with self._write() as db:
+                    row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+                    if row is None:
+                        db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            version = self._one("SELECT value FROM meta WHERE name = 'schema'")
+            if version is not None and int(version[0]) != SCHEMA_VERSION:
+                raise PackageDbError(
+                    str(path), f"schema {version[0]}; this ports knows schema {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            raise PackageDbError(str(path), f"cannot open the database: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PackageDb:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise PackageDbError(str(self.path), "opened read-only")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise PackageDbError(str(self.path), f"write failed: {exc}") from None
+
+    def _all(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as exc:
+            raise PackageDbError(str(self.path), f"query failed: {exc}") from None
+
+    def _one(self, sql: str, parameters: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        rows = self._all(sql, parameters)
+        return rows[0] if rows else None
+
+    # -- packages ------------------------------------------------------------------------
+
+    def installed(self, name: str) -> InstalledPackage | None:
+        """The installed package called ``name`` (not a provider of it), or None."""
+        row = self._one(f"SELECT {_PACKAGE_COLUMNS} FROM packages WHERE name = ?", (name,))
+        return None if row is None else _package(row)
+
+    def packages(self) -> list[InstalledPackage]:
+        """Every installed package, by name."""
+        return [
+            _package(r) for r in self._all(f"SELECT {_PACKAGE_COLUMNS} FROM packages ORDER BY name")
+        ]
+
+    def search(self, text: str) -> list[InstalledPackage]:
+        """Packages whose name or summary contains ``text`` (ASCII case-insensitive), by name."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._all(
+            f"SELECT {_PACKAGE_COLUMNS} FROM packages "
+            "WHERE name LIKE ?1 ESCAPE '\\' OR summary LIKE ?1 ESCAPE '\\' ORDER BY name",
+            (pattern,),
+        )
+        return [_package(row) for row in rows]
+
+    def providers(self, dependency: str | Dependency) -> list[InstalledPackage]:
+        """Installed packages that meet ``dependency`` (by name or ``provides``)."""
+        return [p for p in self.packages() if p.satisfies(dependency)]
+
+    def dependents(self, name: str) -> list[tuple[InstalledPackage, str]]:
+        """Installed packages with a dependency that package ``name`` meets, and that
+        dependency: who needs it (whether or not another package could stand in)."""
+        target = self.installed(name)
+        if target is None:
+            return []
+        return [
+            (package, dependency)
+            for package in self.packages()
+            if package.name != name
+            for dependency in package.depends
+            if target.satisfies(dependency)
+        ]
+
+    def set_reason(self, name: str, reason: InstallReason) -> None:
+        """Mark an installed package explicit (asked for) or a dependency."""
+        with self._write() as db:
+            cursor = db.execute("UPDATE packages SET reason = ? WHERE name = ?", (reason, name))
+        if cursor.rowcount == 0:
+            raise PackageDbError(str(self.path), f"{name} is not installed")
+
+    # -- files ---------------------------------------------------------------------------
+
+    def files(self, name: str) -> list[InstalledFile]:
+        """The paths package ``name`` owns, in bytewise order (parents before children)."""
+        rows = self._all(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE package = ? ORDER BY path", (name,)
+        )
+        return [_file(row) for row in rows]
+
+    def owners(self, path: str) -> list[InstalledFile]:
+        """Who owns canonical root-relative ``path``: several for a shared directory."""
+        rows = self._all(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ? ORDER BY package", (path,)
+        )
+        return [_file(row) for row in rows]
+
+    # -- transactions --------------------------------------------------------------------
+
+    def apply(self, change: Change) -> None:
+        """Commit ``change`` as one sqlite transaction: all of it or none of it."""
+        record = change.record
+        with self._write() as db:
+            db.executemany("DELETE FROM packages WHERE name = ?", [(n,) for n in change.drop])
+            for package, files in change.add:
+                db.execute(
+                    f"INSERT INTO packages ({_PACKAGE_COLUMNS}, tx) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        package.name,
+                        package.version,
+                        package.release,
+                        package.arch,
+                        package.build_key,
+                        package.summary,
+                        package.license,
+                        json.dumps(package.depends),
+                        json.dumps(package.provides),
+                        json.dumps(package.conflicts),
+                        package.installed_size,
+                        package.installed_at,
+                        package.reason.value,
+                        package.origin,
+                        record.id,
+                    ),
+                )
+                db.executemany(
+                    f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            f.path,
+                            f.package,
+                            f.type.value,
+                            f.mode,
+                            f.size,
+                            f.sha256,
+                            f.target,
+                            f.mtime,
+                            int(f.adopted),
+                        )
+                        for f in files
+                    ],
+                )
+            db.execute(
+                "INSERT INTO transactions VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.time,
+                    record.command,
+                    json.dumps(record.installed),
+                    json.dumps(record.upgraded),
+                    json.dumps(record.removed),
+                ),
+            )
+
+    def committed(self, tx: str) -> bool:
+        """Whether transaction ``tx`` reached its commit point (journal recovery asks)."""
+        return self._one("SELECT 1 FROM transactions WHERE id = ?", (tx,)) is not None
+
+    def history(self, limit: int = 100) -> list[TransactionRecord]:
+        """Committed transactions, newest first."""
+        rows = self._all(
+            "SELECT id, time, command, installed, upgraded, removed FROM transactions "
+            "ORDER BY time DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            TransactionRecord(
+                str(id_),
+                float(time),
+                str(command),
+                tuple(json.loads(installed)),
+                tuple(json.loads(upgraded)),
+                tuple(json.loads(removed)),
+            )
+            for id_, time, command, installed, upgraded, removed in rows
+        ]
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def last_serial(self, key_id: str) -> int | None:
+        """The highest index serial recorded for signing key ``key_id``, or None."""
+        row = self._one("SELECT value FROM meta WHERE name = ?", (_SERIAL + key_id,))
+        return None if row is None else int(row[0])
+
+    def record_serial(self, key_id: str, serial: int) -> int:
+        """Remember ``serial`` for ``key_id`` unless a higher one is known; return the highest.
+
+        Never lowers the stored value, so a client that records every index it accepts
+        can refuse any older one afterwards.
+        """
+        with self._write() as db:
+            row = db.execute(
+                "SELECT value FROM meta WHERE name = ?", (_SERIAL + key_id,)
+            ).fetchone()
+            highest = serial if row is None else max(int(row[0]), serial)
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_SERIAL + key_id, str(highest))
+            )
+        return highest
+
+
+def _package(row: tuple[Any, ...]) -> InstalledPackage:
+    (
+        name,
+        version,
+        release,
+        arch,
+        build_key,
+        summary,
+        license_,
+        depends,
+        provides,
+        conflicts,
+        installed_size,
+        installed_at,
+        reason,
+        origin,
+    ) = row
+    return InstalledPackage(
+        name=str(name),
+        version=str(version),
+        release=int(release),
+        arch=str(arch),
+        build_key=str(build_key),
+        summary=str(summary),
+        license=str(license_),
+        depends=tuple(json.loads(depends)),
+        provides=tuple(json.loads(provides)),
+        conflicts=tuple(json.loads(conflicts)),
+        installed_size=int(installed_size),
+        installed_at=float(installed_at),
+        reason=InstallReason(reason),
+        origin=str(origin),
+    )
+
+
+def _file(row: tuple[Any, ...]) -> InstalledFile:
+    path, package, type_, mode, size, sha256, target, mtime, adopted = row
+    return InstalledFile(
+        path=str(path),
+        package=str(package),
+        type=FileType(type_),
+        mode=int(mode),
+        size=int(size),
+        sha256=None if sha256 is None else str(sha256),
+        target=None if target is None else str(target),
+        mtime=int(mtime),
+        adopted=bool(adopted),
+    )
