@@ -25,6 +25,8 @@
         ├── BrokenDependencies   installed packages' dependencies would be left unmet
         ├── RootError            a path in the root cannot be used safely or written
         ├── PackageDbError       the installed-package database or its journal is unusable
+        ├── DownloadError        a package came from no cache intact (each URL tried and why)
+        ├── Unobtainable         no cache has a package and it cannot be built here
         └── FileConflict
             └── FileTypeConflict ... a directory where a file is wanted, or the reverse
 
@@ -312,6 +314,36 @@ class PackageDbError(InstallError):
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}")
+
+
+class Unobtainable(InstallError):
+    """No package for ``port`` (build key ``key``) can be had: ``reasons`` say why each
+    way (local store, caches, a source build) was not taken or failed."""
+
+    def __init__(self, port: str, key: str, reasons: Sequence[str]) -> None:
+        self.port = port
+        self.key = key
+        self.reasons = tuple(reasons)
+        detail = "".join(f"\n{reason}" for reason in self.reasons)
+        super().__init__(f"{port}: no package for build key {key[:12]}{detail}")
+
+
+class DownloadError(InstallError):
+    """``package`` could not be downloaded intact; ``attempts`` is each URL tried and why.
+
+    ``problem`` says what ended the download when it is not one URL's fault (the deadline):
+    ``toptool 1.0-1: cannot download: tried http://a/t.pkg.tar.zst (sha256 mismatch ...)``.
+    """
+
+    def __init__(
+        self, package: str, attempts: Sequence[tuple[str, str]], problem: str = ""
+    ) -> None:
+        self.package = package
+        self.attempts = tuple(attempts)
+        self.problem = problem
+        tried = "; ".join(f"{url} ({why})" for url, why in self.attempts)
+        parts = [part for part in (problem, f"tried {tried}" if tried else "") if part]
+        super().__init__(f"{package}: cannot download: " + "; ".join(parts or ["no URL"]))
 
 
 class FileConflict(InstallError):

@@ -128,7 +128,7 @@ class Attempt:
     actual: str | None = None
 
 
-class _Unavailable(Exception):
+class Unavailable(Exception):
     """This location did not give us the file; ``mid_body`` if it failed after a 2xx answer."""
 
     def __init__(self, reason: str, mid_body: bool = False) -> None:
@@ -315,7 +315,7 @@ class Fetcher:
         for location in self._locations(source):
             try:
                 path = await self._try(port, source, expected, location)
-            except _Unavailable as failure:
+            except Unavailable as failure:
                 attempts.append(Attempt(str(location), failure.reason))
             except _Mismatch as mismatch:
                 outcome = f"sha256 mismatch: got {mismatch.actual[:12]}…"
@@ -342,7 +342,7 @@ class Fetcher:
             return await self._copy(port, source, expected, Path(location.address))
         scheme = urlsplit(location.address).scheme
         if scheme not in _HTTP_SCHEMES:
-            raise _Unavailable(f"unsupported url scheme '{scheme}'")
+            raise Unavailable(f"unsupported url scheme '{scheme}'")
         retries, fresh_start_used = self.resume_retries, False
         while True:
             try:
@@ -353,7 +353,7 @@ class Fetcher:
                 if not mismatch.resumed or fresh_start_used:
                     raise
                 fresh_start_used = True
-            except _Unavailable as failure:
+            except Unavailable as failure:
                 # A server that answered 2xx and then dropped or stalled is alive: resume it.
                 if not failure.mid_body or retries == 0:
                     raise
@@ -364,9 +364,9 @@ class Fetcher:
         try:
             handle = path.open("rb")
         except FileNotFoundError:
-            raise _Unavailable("not found") from None
+            raise Unavailable("not found") from None
         except OSError as error:
-            raise _Unavailable(error.strerror or str(error)) from error
+            raise Unavailable(error.strerror or str(error)) from error
         with handle:
             size = os.fstat(handle.fileno()).st_size
 
@@ -375,7 +375,7 @@ class Fetcher:
                     try:
                         chunk = await asyncio.to_thread(handle.read, _DISK_CHUNK)
                     except OSError as error:
-                        raise _Unavailable(f"read error: {error.strerror}") from error
+                        raise Unavailable(f"read error: {error.strerror}") from error
                     if not chunk:
                         return
                     yield chunk
@@ -406,7 +406,7 @@ class Fetcher:
                 headers["If-Range"] = validator
             # Hashed before asking: once a body arrives it must be read without delay, or
             # aiohttp drops buffered bytes when the connection then breaks.
-            await asyncio.to_thread(_hash_prefix, prefix, part, offset)
+            await asyncio.to_thread(hash_prefix, prefix, part, offset)
         received, mid_body = 0, False
         try:
             # aiohttp counts the answers that redirect, the last included: one more than
@@ -420,7 +420,7 @@ class Fetcher:
                         self._discard(expected)
                         raise _Mismatch(prefix.hexdigest(), resumed=True)
                     return await asyncio.to_thread(self._commit, expected)
-                start, total = _body_range(response, offset)
+                start, total = body_range(response, offset)
                 mid_body = True
 
                 async def chunks() -> AsyncIterator[bytes]:
@@ -438,10 +438,10 @@ class Fetcher:
                     prefix if start else hashlib.sha256(),
                     start=start,
                     total=total,
-                    validator=_strong_validator(response),
+                    validator=strong_validator(response),
                 )
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise _Unavailable(self._describe(error, received), mid_body) from error
+            raise Unavailable(self._describe(error, received), mid_body) from error
 
     async def _receive(
         self,
@@ -463,7 +463,7 @@ class Fetcher:
         file goes; on any other failure it stays, for the next attempt to resume.
         """
         if self.max_bytes is not None and total is not None and total > self.max_bytes:
-            raise _Unavailable(f"{total} bytes, more than the limit of {self.max_bytes}")
+            raise Unavailable(f"{total} bytes, more than the limit of {self.max_bytes}")
         part = self._partial(expected)
         self._record(expected, location, validator)
         self.reporter.started(port, source.filename, total, location, start)
@@ -487,7 +487,7 @@ class Fetcher:
                 await asyncio.to_thread(os.fsync, out.fileno())
         if too_big:
             self._discard(expected)
-            raise _Unavailable(f"more than the limit of {self.max_bytes} bytes")
+            raise Unavailable(f"more than the limit of {self.max_bytes} bytes")
         if actual != expected:
             self._discard(expected)
             raise _Mismatch(actual, resumed=start > 0)
@@ -536,27 +536,13 @@ class Fetcher:
         return validator if isinstance(validator, str) else None
 
     def _describe(self, error: BaseException, received: int) -> str:
-        """One readable phrase for a failed HTTP exchange."""
-        if isinstance(error, aiohttp.ConnectionTimeoutError):
-            return f"connect timed out after {self.connect_timeout:g} s"
-        if isinstance(error, TimeoutError):
-            after = f" after {received} bytes" if received else ""
-            return f"timed out{after}: no data for {self.read_timeout:g} s"
-        if isinstance(error, aiohttp.TooManyRedirects):
-            return f"more than {self.max_redirects} redirects"
-        if isinstance(error, aiohttp.ClientConnectorDNSError):
-            return f"cannot resolve host {error.host}"
-        if isinstance(error, aiohttp.ClientConnectorCertificateError):
-            return f"TLS certificate rejected: {error.certificate_error}"
-        if isinstance(error, aiohttp.ClientConnectorError):
-            if error.os_error.errno == errno.ECONNREFUSED:
-                return "connection refused"
-            return f"cannot connect: {error.os_error.strerror or error.os_error}"
-        if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-            return f"connection closed after {received} bytes"
-        if isinstance(error, aiohttp.InvalidURL):
-            return "invalid url"
-        return str(error) or type(error).__name__
+        return describe_failure(
+            error,
+            received,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_redirects=self.max_redirects,
+        )
 
 
 def _check_source(port: str, source: Source) -> str:
@@ -581,19 +567,50 @@ def _failure(port: str, filename: str, expected: str, attempts: Sequence[Attempt
     return FetchError(port, filename, f"tried {story}")
 
 
-def _body_range(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int | None]:
-    """Where the body starts in the file and the file's full size, or _Unavailable."""
+def describe_failure(
+    error: BaseException,
+    received: int,
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    max_redirects: int,
+) -> str:
+    """One readable phrase for a failed HTTP exchange that had received ``received`` bytes."""
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return f"connect timed out after {connect_timeout:g} s"
+    if isinstance(error, TimeoutError):
+        after = f" after {received} bytes" if received else ""
+        return f"timed out{after}: no data for {read_timeout:g} s"
+    if isinstance(error, aiohttp.TooManyRedirects):
+        return f"more than {max_redirects} redirects"
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve host {error.host}"
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate rejected: {error.certificate_error}"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if error.os_error.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        return f"cannot connect: {error.os_error.strerror or error.os_error}"
+    if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return f"connection closed after {received} bytes"
+    if isinstance(error, aiohttp.InvalidURL):
+        return "invalid url"
+    return str(error) or type(error).__name__
+
+
+def body_range(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int | None]:
+    """Where the body starts in the file and the file's full size, or Unavailable."""
     if response.status == 200:
         return 0, response.content_length
     if response.status == 206:
         match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
         if match is None or int(match[1]) != offset:
-            raise _Unavailable(f"bad Content-Range for bytes={offset}-")
+            raise Unavailable(f"bad Content-Range for bytes={offset}-")
         return offset, None if match[3] == "*" else int(match[3])
-    raise _Unavailable(f"HTTP {response.status} {response.reason or ''}".rstrip())
+    raise Unavailable(f"HTTP {response.status} {response.reason or ''}".rstrip())
 
 
-def _strong_validator(response: aiohttp.ClientResponse) -> str | None:
+def strong_validator(response: aiohttp.ClientResponse) -> str | None:
     """A validator If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 13.1.5)."""
     etag = response.headers.get("ETag")
     if etag and not etag.startswith("W/"):
@@ -601,7 +618,7 @@ def _strong_validator(response: aiohttp.ClientResponse) -> str | None:
     return response.headers.get("Last-Modified")
 
 
-def _hash_prefix(hasher: hashlib._Hash, path: Path, length: int) -> None:
+def hash_prefix(hasher: hashlib._Hash, path: Path, length: int) -> None:
     with path.open("rb") as handle:
         remaining = length
         while remaining:

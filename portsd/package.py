@@ -91,6 +91,10 @@ _JOB_SIZE = 8 << 20  # zstd's own default at level 3 (4 << windowLog 21), pinned
 _OVERLAP_LOG = 6  # zstd's default overlap for its fast strategies, pinned likewise
 _SPOOL_LIMIT = 256 << 20  # compressed bytes kept in memory before spilling to disk
 _COPY_CHUNK = 4 << 20
+# Packages smaller than this (compressed) are decompressed on the reading thread: their
+# whole stream is a buffer or two, so a thread could not run ahead, and starting one,
+# with its buffers, costs more than it would overlap (measured: bench/install.py).
+_THREAD_MIN = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +426,8 @@ class PackageReader:
                 raise PackageError(
                     self._label, f"size is {self._size} bytes, expected {expected_size}"
                 )
-            self._stream = TarStream(self._fd, self._label, threaded=True)
+            threaded = self._size >= _THREAD_MIN
+            self._stream = TarStream(self._fd, self._label, threaded=threaded)
         except BaseException:
             os.close(self._fd)
             raise

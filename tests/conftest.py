@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,20 +24,10 @@ class SourceServer:
     requests: list[str] = field(default_factory=list)
 
 
-@pytest.fixture
-def source_server() -> Iterator[SourceServer]:
+@contextmanager
+def serving(app: web.Application) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1 (an ephemeral port) on a thread of its own; yields its URL."""
     loop = asyncio.new_event_loop()
-    server = SourceServer(url="", files={})
-
-    async def serve(request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        server.requests.append(name)
-        if name not in server.files:
-            raise web.HTTPNotFound()
-        return web.Response(body=server.files[name])
-
-    app = web.Application()
-    app.router.add_get("/{name}", serve)
     runner = web.AppRunner(app)
 
     async def start() -> str:
@@ -48,12 +39,38 @@ def source_server() -> Iterator[SourceServer]:
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server.url = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
-    loop.close()
+    try:
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@contextmanager
+def serving_files() -> Iterator[SourceServer]:
+    """A SourceServer: fill ``files`` (name -> bytes) after it starts."""
+    server = SourceServer(url="", files={})
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        server.requests.append(name)
+        if name not in server.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=server.files[name])
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    with serving(app) as url:
+        server.url = url
+        yield server
+
+
+@pytest.fixture
+def source_server() -> Iterator[SourceServer]:
+    with serving_files() as server:
+        yield server
 
 
 @pytest.fixture

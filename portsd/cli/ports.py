@@ -9,6 +9,8 @@ from rich.console import Console
 
 from portsd.cli import run_main
 from portsd.cli.build import build
+from portsd.cli.client import add_client_commands
+from portsd.cli.discover import add_discover_options, discover
 from portsd.cli.inspect import graph, lint, why
 from portsd.cli.workspace import add_state_options, add_tree_options
 
@@ -49,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     add_tree_options(p)
     add_state_options(p)
     p.set_defaults(handler=build)
+
+    add_client_commands(commands)
+    p = commands.add_parser("discover", help="find portsd caches on the LAN (mDNS)")
+    add_discover_options(p)
+    p.set_defaults(handler=discover)
     return top
 
 

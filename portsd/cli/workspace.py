@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from portsd.checkout import Checkout, open_checkout
 from portsd.config import Config, load_config
-from portsd.errors import ConfigError, GitError
-from portsd.evaluate import Evaluation
-from portsd.gitrepo import DirSnapshot, GitRepo, GitSnapshot
-from portsd.tree import Tree, TreeLoader
 
 DEFAULT_STATE = Path("~/.local/share/portsd")
 
@@ -52,63 +48,6 @@ def config_from(args: argparse.Namespace, **overrides: object) -> Config:
     return load_config(state.absolute(), args.config, {"arch": args.arch, **overrides})
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """A loaded tree, its evaluation, and the commit it is (None: uncommitted changes)."""
-
-    tree: Tree
-    evaluation: Evaluation
-    commit: str | None
-    repo: GitRepo | None
-
-
-def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Opened:
+def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Checkout:
     """Load and evaluate the tree the arguments name, with the recipe cache if ``config``."""
-    loader = TreeLoader(config.cache if config else None)
-    path: Path = args.tree
-    repo = _git_repo(path)
-    if args.rev is not None or (repo is not None and repo.workdir is None):
-        if repo is None:
-            raise GitError(str(path), "not a git repository, so --rev cannot apply")
-        tree = loader.load(GitSnapshot(repo, repo.commit(args.rev or "HEAD")))
-        commit: str | None = repo.commit(args.rev or "HEAD")
-    else:
-        if not (path / "ports").is_dir():
-            raise _not_a_tree(path)
-        tree = loader.load(DirSnapshot(path))
-        commit = _clean_head(repo, tree)
-    if config is not None:
-        config.cache.mkdir(parents=True, exist_ok=True)
-        loader.save()
-    ports = tree.recipes()
-    return Opened(tree, Evaluation.full(tree.inputs(), ports, arch), commit, repo)
-
-
-def _not_a_tree(path: Path) -> ConfigError:
-    error = ConfigError("no ports/ directory here", path=str(path))
-    error.hint = "run this in a ports tree, or pass --tree DIR"
-    return error
-
-
-def _git_repo(path: Path) -> GitRepo | None:
-    try:
-        return GitRepo(path)
-    except GitError:
-        return None
-
-
-def _clean_head(repo: GitRepo | None, tree: Tree) -> str | None:
-    """HEAD's commit id when the directory's ports, and the paths their path sources
-    reference, equal HEAD's, for provenance."""
-    if repo is None:
-        return None
-    try:
-        head = repo.commit("HEAD")
-        if dict(repo.listing(head).ids) != dict(tree.listing):
-            return None
-        committed = GitSnapshot(repo, head)
-        if any(committed.path_entry(path) != entry for path, entry in tree.paths.items()):
-            return None
-        return head
-    except GitError:
-        return None
+    return open_checkout(args.tree, args.rev, config.cache if config else None, arch)

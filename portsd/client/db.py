@@ -117,6 +117,11 @@ class InstalledPackage:
         """``version-release``, what dependency constraints compare against."""
         return full_version(self.version, self.release)
 
+    @property
+    def key(self) -> str:
+        """The build key, under the name the resolver's ``Candidate`` reads."""
+        return self.build_key
+
     def satisfies(self, dependency: str | Dependency) -> bool:
         """Whether this package (by name or by one of its ``provides``) meets ``dependency``."""
         return satisfies(dependency, self.name, self.full_version, self.provides)
@@ -334,10 +339,10 @@ class PackageDb:
         record = change.record
         with self._write() as db:
             db.executemany("DELETE FROM packages WHERE name = ?", [(n,) for n in change.drop])
-            for package, files in change.add:
-                db.execute(
-                    f"INSERT INTO packages ({_PACKAGE_COLUMNS}, tx) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.executemany(
+                f"INSERT INTO packages ({_PACKAGE_COLUMNS}, tx) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
                     (
                         package.name,
                         package.version,
@@ -354,25 +359,29 @@ class PackageDb:
                         package.reason.value,
                         package.origin,
                         record.id,
-                    ),
-                )
-                db.executemany(
-                    f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            f.path,
-                            f.package,
-                            f.type.value,
-                            f.mode,
-                            f.size,
-                            f.sha256,
-                            f.target,
-                            f.mtime,
-                            int(f.adopted),
-                        )
-                        for f in files
-                    ],
-                )
+                    )
+                    for package, _ in change.add
+                ],
+            )
+            # every package row first (files reference them), then all files in one call
+            db.executemany(
+                f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.path,
+                        f.package,
+                        f.type.value,
+                        f.mode,
+                        f.size,
+                        f.sha256,
+                        f.target,
+                        f.mtime,
+                        int(f.adopted),
+                    )
+                    for _, files in change.add
+                    for f in files
+                ],
+            )
             db.execute(
                 "INSERT INTO transactions VALUES (?, ?, ?, ?, ?, ?)",
                 (

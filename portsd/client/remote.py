@@ -1,0 +1,340 @@
+"""LAN binary caches as a client sees them: their verified indexes and the substituter query.
+
+A cache is a portsd daemon's base URL. ``open_caches`` reads each one's
+``/repo/<arch>/index.msgpack.zst`` and its ``.minisig`` and keeps the caches whose index
+passes every check, in the configured order:
+
+* the signature verifies with one of the trusted keys (a key we do not trust is refused);
+* the index decodes within ``portsd.index.MAX_INDEX_BYTES`` and is for our architecture;
+* it is fresh: its serial is not lower than the highest already seen for its signing key
+  (recorded in a ``SerialBook``, and counting the other caches read in the same call), and
+  it has not expired.
+
+A cache that fails any check is not used at all, and its problem is kept as one line; a
+cache that gives no response headers within ``answer_within`` seconds is skipped, and the
+caches are read concurrently, so a dead one costs about that long once. Signed indexes
+bind every package's size and sha256, so packages named by ``Caches`` need no more trust.
+
+``ask_for_key`` asks the caches' ``/api/v1/keys/<key>`` for a package built with a key
+that no index lists (an old build, after a revert). That answer is not signed: its
+``Substitute`` carries the package's ``.minisig`` URL, and the download must verify it
+(``portsd.client.download`` does, and checks that the signature names the file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+import aiohttp
+
+from portsd.client.download import MAX_SIGNATURE_BYTES, NoAnswer, get_bytes
+from portsd.errors import BadSignature, ConfigError, RepoError
+from portsd.fetch import Unavailable
+from portsd.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
+from portsd.repo import INDEX_NAME, SIG_SUFFIX
+from portsd.sign import PublicKey, verify
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""Bytes of a substituter answer: one entry in JSON is well under a kilobyte."""
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+_SCHEMES = ("http", "https")
+
+
+class SerialBook(Protocol):
+    """The client's memory of index serials, by signing key (``PackageDb`` is one)."""
+
+    def last_serial(self, key_id: str) -> int | None: ...
+
+    def record_serial(self, key_id: str, serial: int) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Substitute:
+    """A package some cache offers for a build key.
+
+    ``signature_url`` is None when ``entry`` came from a verified index (its size and
+    sha256 are signed); otherwise the file's ``.minisig``, which must verify before use.
+    """
+
+    cache: str
+    entry: IndexEntry
+    url: str
+    signature_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    """A cache whose index passed every check; ``signer`` is the trusted key that signed it."""
+
+    url: str
+    arch: str
+    index: Index
+    signer: PublicKey
+
+    @property
+    def index_url(self) -> str:
+        return _index_url(self.url, self.arch)
+
+    def package_url(self, entry: IndexEntry) -> str:
+        return f"{self.url}/repo/{self.arch}/packages/{quote(entry.file)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Caches:
+    """The usable caches in the configured order, and why each other one is not used.
+
+    ``problems`` pairs a cache's URL with one readable line that does not repeat it
+    (``no answer within 1 s``, ``index serial 3 is lower than 5, already seen``).
+    """
+
+    usable: tuple[Cache, ...] = ()
+    problems: tuple[tuple[str, str], ...] = ()
+    _names: dict[str, tuple[Cache, IndexEntry]] = field(init=False, repr=False, compare=False)
+    _keys: dict[str, tuple[Cache, IndexEntry]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # built once: resolution asks for thousands of names and keys
+        names: dict[str, tuple[Cache, IndexEntry]] = {}
+        keys: dict[str, tuple[Cache, IndexEntry]] = {}
+        for cache in self.usable:
+            for entry in cache.index:
+                names.setdefault(entry.name, (cache, entry))
+                keys.setdefault(entry.key, (cache, entry))
+        object.__setattr__(self, "_names", names)
+        object.__setattr__(self, "_keys", keys)
+
+    def entries(self) -> list[IndexEntry]:
+        """Every package name once, sorted by name; of a name, the first cache's entry."""
+        return [self._names[name][1] for name in sorted(self._names)]
+
+    def entry(self, name: str) -> tuple[Cache, IndexEntry] | None:
+        """The first cache that lists ``name``, and its entry."""
+        return self._names.get(name)
+
+    def by_key(self, key: str) -> Substitute | None:
+        """A package built with ``key`` from a verified index (first cache first), or None."""
+        found = self._keys.get(key)
+        if found is None:
+            return None
+        cache, entry = found
+        return Substitute(cache.url, entry, cache.package_url(entry), None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A cache whose index verified and decoded; freshness is judged with the others."""
+
+    url: str
+    index: Index
+    signer: PublicKey
+
+
+async def open_caches(
+    session: aiohttp.ClientSession,
+    urls: Sequence[str],
+    arch: str,
+    keys: Sequence[PublicKey],
+    serials: SerialBook,
+    *,
+    now: int,
+    answer_within: float = 1.0,
+) -> Caches:
+    """Read and check every cache's index (concurrently); the usable ones and the problems.
+
+    Records the serial of every index used in ``serials``. No usable cache is not an error
+    here (the caller decides); no trusted key is a ``ConfigError``.
+    """
+    if not keys:
+        raise ConfigError("no trusted signing keys: a cache's index cannot be verified")
+    bases = _bases(urls)
+    results = await asyncio.gather(
+        *(_read(session, base, arch, keys, answer_within) for base in bases)
+    )
+    # One signing key, one serial sequence: an index older than another seen now, or than
+    # one recorded before, is a rollback whichever cache comes first. Expired indexes do
+    # not raise the floor (they are refused anyway).
+    floors: dict[str, int] = {}
+    for result in results:
+        if isinstance(result, _Read) and now < result.index.expires:
+            key_id = result.signer.key_id
+            floor = floors.get(key_id, serials.last_serial(key_id))
+            floors[key_id] = max(result.index.serial, floor or 0)
+    usable: list[Cache] = []
+    problems: list[tuple[str, str]] = []
+    for base, result in zip(bases, results, strict=True):
+        if isinstance(result, str):
+            problems.append((base, result))
+            continue
+        key_id = result.signer.key_id
+        floor = floors.get(key_id, serials.last_serial(key_id))
+        try:
+            check_fresh(result.index, last_serial=floor, now=now, label=_index_url(base, arch))
+        except RepoError as error:
+            problems.append((base, error.message))
+            continue
+        usable.append(Cache(base, arch, result.index, result.signer))
+    highest: dict[str, int] = {}
+    for cache in usable:
+        key_id = cache.signer.key_id
+        highest[key_id] = max(highest.get(key_id, 0), cache.index.serial)
+    for key_id, serial in highest.items():
+        serials.record_serial(key_id, serial)
+    return Caches(tuple(usable), tuple(problems))
+
+
+async def _read(
+    session: aiohttp.ClientSession,
+    base: str,
+    arch: str,
+    keys: Sequence[PublicKey],
+    answer_within: float,
+) -> _Read | str:
+    """The cache's verified index, or the problem that rules the cache out."""
+    if urlsplit(base).scheme not in _SCHEMES:
+        return "not an http(s) URL"
+    url = _index_url(base, arch)
+    # a publish between the two requests pairs one old file with one new: ask once more
+    for last_try in (False, True):
+        try:
+            data = await get_bytes(session, url, limit=MAX_INDEX_BYTES, answer_within=answer_within)
+        except NoAnswer as failure:
+            return failure.reason
+        except Unavailable as failure:
+            return f"index: {failure.reason}"
+        try:
+            signature = await get_bytes(
+                session, url + SIG_SUFFIX, limit=MAX_SIGNATURE_BYTES, answer_within=answer_within
+            )
+        except NoAnswer as failure:
+            return failure.reason
+        except Unavailable as failure:
+            return f"index signature: {failure.reason}"
+        text = signature.decode("utf-8", errors="replace")
+        try:
+            index, signer = await asyncio.to_thread(_verified, data, text, keys, url, arch)
+        except BadSignature as error:
+            if last_try:
+                return f"index signature: {error.message}"
+            continue
+        except RepoError as error:
+            return error.message
+        return _Read(base, index, signer)
+    raise AssertionError("unreachable")
+
+
+def _verified(
+    data: bytes, signature: str, keys: Sequence[PublicKey], label: str, arch: str
+) -> tuple[Index, PublicKey]:
+    """The index in ``data`` and the key that signed it; ``RepoError`` if unusable."""
+    signer = None
+    for key in keys:
+        try:
+            verify(data, signature, (key,), label)
+        except BadSignature:
+            continue  # another key's, or bad: asked of all keys below for the message
+        signer = key
+        break
+    if signer is None:
+        verify(data, signature, keys, label)  # raises, saying why
+        raise AssertionError("a signature that verifies with all keys but none alone")
+    index = decode_index(data, label)
+    if index.arch != arch:
+        raise RepoError(label, f"index is for {index.arch}, not {arch}")
+    return index, signer
+
+
+async def ask_for_key(
+    session: aiohttp.ClientSession,
+    urls: Sequence[str],
+    key: str,
+    *,
+    answer_within: float = 1.0,
+) -> Substitute | None:
+    """A package built with ``key`` from the first cache (in ``urls`` order) that has one.
+
+    Asks every cache at once but prefers the earlier: a cache that answers 404, nothing
+    within ``answer_within`` seconds, or anything malformed counts as not having it. The
+    answer is unsigned, so the ``Substitute`` carries the ``.minisig`` URL to verify.
+    """
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not a build key: {key!r}")
+    tasks = [asyncio.create_task(_ask(session, base, key, answer_within)) for base in _bases(urls)]
+    try:
+        for task in tasks:
+            found = await task
+            if found is not None:
+                return found
+        return None
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _ask(
+    session: aiohttp.ClientSession, base: str, key: str, answer_within: float
+) -> Substitute | None:
+    if urlsplit(base).scheme not in _SCHEMES:
+        return None
+    try:
+        body = await get_bytes(
+            session,
+            f"{base}/api/v1/keys/{key}",
+            limit=MAX_ANSWER_BYTES,
+            answer_within=answer_within,
+        )
+        answer = json.loads(body)
+    except (Unavailable, ValueError):
+        return None
+    if not isinstance(answer, dict):
+        return None
+    entry = _entry_from_json(answer.get("package"))
+    if entry is None or entry.key != key or entry.file != entry.meta.filename:
+        return None  # the file name binds name, version, release, arch and the key's prefix
+    url = _resolve(base, answer.get("url"), entry.file)
+    signature_url = _resolve(base, answer.get("signature"), entry.file + SIG_SUFFIX)
+    if url is None or signature_url is None:
+        return None
+    return Substitute(base, entry, url, signature_url)
+
+
+def _entry_from_json(raw: object) -> IndexEntry | None:
+    if not isinstance(raw, dict):
+        return None
+    values: dict[str, Any] = {}
+    for spec in fields(IndexEntry):
+        if spec.name not in raw:
+            return None
+        value = raw[spec.name]
+        values[spec.name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return IndexEntry(**values)
+    except (ValueError, TypeError):
+        return None
+
+
+def _resolve(base: str, reference: object, name: str) -> str | None:
+    """``reference`` made absolute against ``base``, if it is an http(s) URL of ``name``."""
+    if not isinstance(reference, str):
+        return None
+    url = urljoin(base + "/", reference)
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES or unquote(parts.path.rpartition("/")[2]) != name:
+        return None
+    return url
+
+
+def _index_url(base: str, arch: str) -> str:
+    return f"{base}/repo/{arch}/{INDEX_NAME}"
+
+
+def _bases(urls: Sequence[str]) -> list[str]:
+    """Base URLs without a trailing slash, each once, in order."""
+    return list(dict.fromkeys(url.rstrip("/") for url in urls))

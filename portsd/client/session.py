@@ -1,0 +1,229 @@
+"""What the client commands do to a root: open the caches and the ports checkout, resolve,
+obtain the packages, and commit one transaction.
+
+    with Installed.open(root) as installed:        # the lock, and a crash recovered
+        sources = open_sources(settings, installed.db, reporter)
+        result = install(installed, sources, ["curl"], reporter)
+
+Where packages come from: with a ports checkout configured (``tree``), the checkout says
+which packages exist and which build key each would have, and every key is then obtained
+(``portsd.client.obtain``): from a cache that has that very key, else by building it. With
+no checkout, the caches' verified indexes are the catalogue. ``source = always`` ignores
+the caches; ``never`` forbids builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from portsd.checkout import Checkout, open_checkout
+from portsd.client.db import InstallReason
+from portsd.client.obtain import Obtainer, ObtainReporter
+from portsd.client.progress import Progress
+from portsd.client.remote import Caches, SerialBook, open_caches
+from portsd.client.resolve import Action, Candidate, Mode, Offer, Resolution, resolve
+from portsd.client.settings import ClientSettings, SourcePolicy
+from portsd.client.transaction import Installed, TransactionResult
+from portsd.config import load_config
+from portsd.discover import browse, trusted_caches
+from portsd.errors import ConfigError, InstallError, PackageError
+from portsd.package import read_portinfo
+from portsd.pipeline import Workspace
+from portsd.recipe import Dependency
+from portsd.sign import verify_file
+
+PACKAGE_SUFFIX = ".pkg.tar.zst"
+DISCOVER_SECONDS = 1.5  # how long ``discover = true`` listens for caches before each run
+
+
+class ClientReporter(ObtainReporter, Protocol):
+    """What the commands tell the user about, beyond downloads and builds."""
+
+    def warn(self, text: str) -> None: ...
+
+    def resolved(self, resolution: Resolution[Candidate]) -> None: ...
+
+    def transaction(self) -> Progress: ...
+
+
+@dataclass(slots=True)
+class Sources:
+    """Where packages can come from in this run, and what the catalogue offers."""
+
+    settings: ClientSettings
+    caches: Caches
+    checkout: Checkout | None
+    available: dict[str, Candidate]
+    origin: str  # "the cache", "the ports tree": for resolution errors
+    files: dict[str, Path] = field(default_factory=dict)  # build key -> given package file
+
+
+def open_sources(
+    settings: ClientSettings, serials: SerialBook, reporter: ClientReporter
+) -> Sources:
+    """Open the caches (unless every package is built here) and the ports checkout."""
+    urls = list(settings.caches)
+    if settings.discover and settings.source is not SourcePolicy.ALWAYS:
+        urls += _discovered(settings, urls)
+    if urls and settings.source is not SourcePolicy.ALWAYS:
+        if not settings.trusted_keys:
+            raise ConfigError("caches are configured but no trusted key (trusted-keys, --key)")
+        caches = asyncio.run(_open_caches(settings, urls, serials))
+        for url, problem in caches.problems:
+            reporter.warn(f"not using {url}: {problem}")
+    else:
+        caches = Caches(usable=(), problems=())
+    checkout = None
+    if settings.tree is not None:
+        checkout = open_checkout(settings.tree, None, settings.cache / "recipes", settings.arch)
+        graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
+        available: dict[str, Candidate] = {}
+        for name, key in keys.items():  # the ports this machine can build (no broken ones)
+            recipe = graph.recipe(name)
+            if recipe is not None:
+                available[name] = Offer.of(recipe, key)
+        origin = f"the ports tree {settings.tree}"
+    elif settings.source is SourcePolicy.ALWAYS:
+        raise ConfigError("source = always needs a ports tree to build from (tree, or --tree)")
+    else:
+        available = {entry.name: entry for entry in reversed(caches.entries())}
+        origin = "the cache" if len(caches.usable) <= 1 else "the caches"
+        if not urls:
+            raise ConfigError(
+                "no cache and no ports tree: nothing to install from (caches, tree; or --cache)"
+            )
+        if not caches.usable:  # fail closed: nothing of a cache that failed a check is used
+            problems = "".join(f"\n{url}: {problem}" for url, problem in caches.problems)
+            raise InstallError(f"no cache can be used, and no ports tree is configured{problems}")
+    return Sources(settings, caches, checkout, available, origin)
+
+
+async def _open_caches(
+    settings: ClientSettings, urls: Sequence[str], serials: SerialBook
+) -> Caches:
+    async with aiohttp.ClientSession() as session:
+        return await open_caches(
+            session,
+            urls,
+            settings.arch,
+            settings.trusted_keys,
+            serials,
+            now=int(time.time()),
+        )
+
+
+def _discovered(settings: ClientSettings, known: Sequence[str]) -> list[str]:
+    """URLs of caches on the LAN whose advertised key this client trusts (a hint only:
+    their indexes are verified against the configured keys like any other)."""
+    found = trusted_caches(browse(DISCOVER_SECONDS), settings.trusted_keys)
+    return [j.url for j in found if j.trusted and j.url not in known]
+
+
+def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bool) -> list[str]:
+    """Turn requests naming package files (``./x.pkg.tar.zst``) into names, offering those
+    files first. Each file's ``.minisig`` must verify with a trusted key unless ``unsigned``."""
+    names = []
+    for request in requests:
+        if not request.endswith(PACKAGE_SUFFIX):
+            names.append(request)
+            continue
+        path = Path(request).absolute()
+        if not unsigned:
+            signature = Path(str(path) + ".minisig")
+            try:
+                text = signature.read_text()
+            except OSError as error:
+                raise PackageError(
+                    str(path), f"no signature to check ({signature}: {error.strerror})"
+                ) from None
+            verify_file(path, text, sources.settings.trusted_keys)
+        info = read_portinfo(path)
+        if info.arch not in (sources.settings.arch, "any"):
+            raise PackageError(str(path), f"is for {info.arch}, not {sources.settings.arch}")
+        offer = Offer(
+            info.name,
+            info.version,
+            info.release,
+            info.build_key,
+            info.depends,
+            info.provides,
+            info.conflicts,
+        )
+        sources.available[info.name] = offer
+        sources.files[info.build_key] = path
+        names.append(info.name)
+    return names
+
+
+def store_of(settings: ClientSettings) -> Workspace:
+    """The client's private repository and build space, under the cache directory."""
+    config = load_config(settings.cache, None, {"arch": settings.arch})
+    return Workspace.open(config)
+
+
+def install(
+    installed: Installed,
+    sources: Sources,
+    requests: Sequence[str],
+    reporter: ClientReporter,
+    *,
+    mode: Mode = Mode.INSTALL,
+    force: bool = False,
+) -> TransactionResult | None:
+    """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
+    system already has everything asked for."""
+    current: Mapping[str, Candidate] = {p.name: p for p in installed.db.packages()}
+    resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
+    reporter.resolved(resolution)
+    if not resolution.steps:
+        _mark_explicit(installed, requests)
+        return None
+    obtainer = Obtainer(
+        sources.settings,
+        store_of(sources.settings),
+        sources.caches,
+        sources.checkout,
+        reporter,
+        sources.files,
+    )
+    packages = obtainer.obtain([step.package for step in resolution])
+    tx = installed.transaction()
+    for step in resolution:
+        got = packages[step.package.key]
+        if step.action is Action.INSTALL:
+            reason = InstallReason.EXPLICIT if step.requested else InstallReason.DEPENDENCY
+            tx.install(got.path, got.info, reason, origin=got.origin)
+        else:
+            tx.upgrade(got.path, got.info, origin=got.origin)
+    result = tx.commit(reporter.transaction(), force=force)
+    _mark_explicit(installed, requests)
+    return result
+
+
+def _mark_explicit(installed: Installed, requests: Sequence[str]) -> None:
+    """A package asked for by name is no longer only a dependency (kept on its own)."""
+    for text in requests:
+        name = Dependency.parse(text).name
+        package = installed.db.installed(name)
+        if package is not None and package.reason is not InstallReason.EXPLICIT:
+            installed.db.set_reason(name, InstallReason.EXPLICIT)
+
+
+def remove(
+    installed: Installed, names: Sequence[str], reporter: ClientReporter, *, force: bool = False
+) -> TransactionResult:
+    """Remove ``names``: refused (BrokenDependencies) if an installed package needs one,
+    unless ``force``."""
+    if not names:
+        raise InstallError("name at least one package to remove")
+    tx = installed.transaction()
+    for name in names:
+        tx.remove(name)
+    return tx.commit(reporter.transaction(), force=force)
