@@ -1006,6 +1006,42 @@ ATTACKS: dict[str, tuple[list[FileEntry], list[tuple[tarfile.TarInfo, bytes]], s
         "su",
         "setuid",
     ),
+    "dot-dot path": (
+        [entry_dir("usr"), entry_file("usr/x", GOOD)],
+        [member("usr/", kind=tarfile.DIRTYPE, mode=0o755), member("usr/../../x-ports-test", GOOD)],
+        "usr/../../x-ports-test",
+        "..",
+    ),
+    "hardlink pointing outside": (
+        [entry_file("a", GOOD)],
+        [member("a", kind=tarfile.LNKTYPE, link="../../etc/passwd")],
+        "a",
+        "link",
+    ),
+    "fifo": (
+        [entry_file("pipe", b"")],
+        [member("pipe", kind=tarfile.FIFOTYPE, mode=0o644)],
+        "pipe",
+        "FIFOs are not allowed",
+    ),
+    "duplicate path": (
+        [entry_file("a", GOOD)],
+        [member("a", GOOD), member("a", GOOD)],
+        "a",
+        "duplicate member",
+    ),
+    "undeclared setgid bit": (
+        [entry_file("sg", GOOD, 0o755)],
+        [member("sg", GOOD, mode=0o2755)],
+        "sg",
+        "setgid",
+    ),
+    "member the manifest does not list": (
+        [entry_file("a", GOOD)],
+        [member("a", GOOD), member("extra", GOOD)],
+        "extra",
+        "manifest",
+    ),
     "zstd bomb": (
         [entry_file("a", GOOD)],
         [member("a", GOOD)],

@@ -93,7 +93,7 @@ def open_sources(
     elif settings.source is SourcePolicy.ALWAYS:
         raise ConfigError("source = always needs a ports tree to build from (tree, or --tree)")
     else:
-        available = {entry.name: entry for entry in reversed(caches.entries())}
+        available = {entry.name: entry for entry in caches.entries()}
         origin = "the cache" if len(caches.usable) <= 1 else "the caches"
         if not urls:
             raise ConfigError(
