@@ -33,7 +33,7 @@ from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import load_config
 from portsd.discover import browse, trusted_caches
-from portsd.errors import ConfigError, InstallError, PackageError
+from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
 from portsd.package import read_portinfo
 from portsd.pipeline import Workspace
 from portsd.recipe import Dependency
@@ -63,6 +63,7 @@ class Sources:
     available: dict[str, Candidate]
     origin: str  # "the cache", "the ports tree": for resolution errors
     files: dict[str, Path] = field(default_factory=dict)  # build key -> given package file
+    failure: str | None = None  # why nothing can be installed (said only if something must)
 
 
 def open_sources(
@@ -99,10 +100,11 @@ def open_sources(
             raise ConfigError(
                 "no cache and no ports tree: nothing to install from (caches, tree; or --cache)"
             )
-        if not caches.usable:  # fail closed: nothing of a cache that failed a check is used
-            problems = "".join(f"\n{url}: {problem}" for url, problem in caches.problems)
-            raise InstallError(f"no cache can be used, and no ports tree is configured{problems}")
-    return Sources(settings, caches, checkout, available, origin)
+    sources = Sources(settings, caches, checkout, available, origin)
+    if checkout is None and not caches.usable:  # fail closed: nothing of a bad cache is used
+        problems = "".join(f"\n{url}: {problem}" for url, problem in caches.problems)
+        sources.failure = f"no cache can be used, and no ports tree is configured{problems}"
+    return sources
 
 
 async def _open_caches(
@@ -180,11 +182,18 @@ def install(
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
     current: Mapping[str, Candidate] = {p.name: p for p in installed.db.packages()}
-    resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
-    reporter.resolved(resolution)
+    try:
+        resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
+    except ResolutionError:
+        if sources.failure:
+            raise InstallError(sources.failure) from None
+        raise
     if not resolution.steps:
         _mark_explicit(installed, requests)
         return None
+    if sources.failure and not sources.files:
+        raise InstallError(sources.failure)
+    reporter.resolved(resolution)
     obtainer = Obtainer(
         sources.settings,
         store_of(sources.settings),

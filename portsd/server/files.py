@@ -452,7 +452,8 @@ class RepoFiles:
 
     def _forget(self, target: Target) -> bool:
         """Close the cached descriptors on ``target``'s path; whether there were any."""
-        keys = [key for key in ("", target.arch, target.directory) if key in self._dirs]
+        # dict.fromkeys: a top-level file's directory is its arch's, one descriptor, not two
+        keys = [k for k in dict.fromkeys(("", target.arch, target.directory)) if k in self._dirs]
         for key in keys:
             os.close(self._dirs.pop(key))
         return bool(keys)
