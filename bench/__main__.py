@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["tree.py", "pack.py", "push.py", "serve.py"]
+BENCHMARKS = ["tree.py", "pack.py", "push.py", "serve.py", "resolve.py", "install.py"]
 
 
 def main() -> int:

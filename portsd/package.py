@@ -92,8 +92,9 @@ _OVERLAP_LOG = 6  # zstd's default overlap for its fast strategies, pinned likew
 _SPOOL_LIMIT = 256 << 20  # compressed bytes kept in memory before spilling to disk
 _COPY_CHUNK = 4 << 20
 # Packages smaller than this (compressed) are decompressed on the reading thread: their
-# whole stream is a buffer or two, so a thread could not run ahead, and starting one,
-# with its buffers, costs more than it would overlap (measured: bench/install.py).
+# whole stream is a buffer or two, so a thread could not run ahead, and starting one with
+# its 4 MiB of buffers costs more than it overlaps. bench/install.py, 2 idle cores: staging
+# 200 small packages 700 -> 250 ms; for 100 MB in one package the thread saves a third.
 _THREAD_MIN = 1 << 20
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, find, given, settings
+from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
 
-from portsd.client.resolve import Action, Candidate, Mode, Offer, Resolution, resolve
+from portsd.client.resolve import Action, Candidate, Mode, Offer, Resolution, Step, resolve
 from portsd.errors import InstallError, ResolutionError
 from portsd.index import IndexEntry
 from portsd.recipe import Dependency, parse_recipe
@@ -350,10 +352,21 @@ def test_index_entries_and_recipe_offers_are_candidates() -> None:
 
 # -- properties ----------------------------------------------------------------------------
 
+T = TypeVar("T")
 POOL = ["a", "b", "c", "d", "e", "f", "g"]
 VIRTUALS = ["v", "w"]
 VERSIONS = ["1.0", "1.1", "2.0"]
 OPS = ["", "", "", "", "=", "<", "<=", ">", ">="]  # mostly unconstrained
+
+
+def one_in(
+    count: int, rare: st.SearchStrategy[T], usual: st.SearchStrategy[T]
+) -> st.SearchStrategy[T]:
+    """``rare`` about once in ``count`` draws (``one_of`` would pick each branch as often,
+    however many times a branch is repeated)."""
+    return st.tuples(st.integers(1, count), rare, usual).map(
+        lambda drawn: drawn[1] if drawn[0] == 2 else drawn[2]
+    )
 
 
 def constraints(names: Sequence[str]) -> st.SearchStrategy[str]:
@@ -366,7 +379,9 @@ def constraints(names: Sequence[str]) -> st.SearchStrategy[str]:
 
 
 PROVIDES = st.lists(
-    st.sampled_from([*VIRTUALS, *(f"{v}={x}" for v in VIRTUALS for x in VERSIONS)]), max_size=1
+    st.sampled_from([*VIRTUALS, *(f"{v}={x}" for v in VIRTUALS for x in VERSIONS)]),
+    min_size=0,
+    max_size=1,
 )
 
 
@@ -377,11 +392,11 @@ def packages(position: int, *, conflicts: bool) -> st.SearchStrategy[Offer]:
         st.just(POOL[position]),
         st.sampled_from(VERSIONS),
         st.integers(1, 2),
-        depends=st.lists(constraints(POOL[:position] * 3 + VIRTUALS), max_size=3, unique=True)
+        depends=st.lists(constraints(POOL[:position] * 2 + VIRTUALS), max_size=3, unique=True)
         if position
         else st.just([]),
         provides=PROVIDES,
-        conflicts=st.one_of(*[st.just([])] * 3, st.lists(constraints(POOL), max_size=1))
+        conflicts=one_in(6, st.lists(constraints(POOL), min_size=1, max_size=1), st.just([]))
         if conflicts
         else st.just([]),
         build=st.sampled_from(["", "x"]),
@@ -409,16 +424,12 @@ def worlds(*, conflicts: bool = True) -> st.SearchStrategy[World]:
     """Available and installed packages (each name maybe in either), a request, a mode."""
     nothing = st.none()
     available = [packages(0, conflicts=conflicts)]  # never an empty world
-    available += [
-        st.one_of(nothing, *[packages(n, conflicts=conflicts)] * 3) for n in range(1, len(POOL))
-    ]
-    installed = [
-        st.one_of(nothing, nothing, nothing, packages(n, conflicts=conflicts))
-        for n in range(len(POOL))
-    ]
-    constraint = st.one_of(
-        *[st.just("")] * 3,
+    available += [one_in(6, nothing, packages(n, conflicts=conflicts)) for n in range(1, len(POOL))]
+    installed = [one_in(3, packages(n, conflicts=conflicts), nothing) for n in range(len(POOL))]
+    constraint = one_in(
+        5,
         st.builds(str.__add__, st.sampled_from(OPS[-5:]), st.sampled_from(VERSIONS)),
+        st.just(""),
     )
     return st.builds(
         _world,
@@ -444,18 +455,13 @@ def satisfied_by(packages: Iterable[Candidate], text: str) -> bool:
     return False
 
 
-@given(worlds())
-@settings(max_examples=300, deadline=None)
-def test_resolutions_are_closed_consistent_ordered_and_deterministic(
-    world: World,
-) -> None:
+def check(world: World, result: Resolution[Offer] | ResolutionError) -> None:
+    """What any answer to ``world`` must be: a resolution that leaves every request met,
+    closed, consistent, in dependency order; or a refusal that names the request."""
     available, installed, request, mode = world
-    try:
-        result = resolve(available, installed, request, mode)
-    except ResolutionError as error:
-        assert str(error).startswith(f"cannot {mode.value} ")
-        again = pytest.raises(ResolutionError, resolve, available, installed, request, mode)
-        assert str(again.value) == str(error)
+    if isinstance(result, ResolutionError):
+        assert str(result).startswith(f"cannot {mode.value} ")
+        assert result.request in (request or sorted(installed)), result.request
         return
     chosen = {step.package.name: step.package for step in result}
     final: dict[str, Candidate] = {**installed, **chosen}
@@ -479,15 +485,114 @@ def test_resolutions_are_closed_consistent_ordered_and_deterministic(
             for parent, child in zip(step.chain, step.chain[1:], strict=False):
                 needs = final[parent].depends
                 assert any(satisfied_by([final[child]], text) for text in needs)
-    for name, package in installed.items():  # kept packages: nothing conflicts with them
-        if name not in chosen:
+    for name, package in installed.items():
+        if name not in chosen:  # kept packages: nothing conflicts with them ...
             for text in package.conflicts:
                 assert not satisfied_by(list(chosen.values()), text)
+            for text in package.depends:  # ... and what they had, they keep
+                if satisfied_by(installed.values(), text):
+                    assert satisfied_by(final.values(), text), (name, text)
+    for text in result.satisfied:  # "already met" means no step was needed for it
+        assert text in request and satisfied_by(before[: len(before) - len(result)], text)
+
+
+def answer(world: World) -> Resolution[Offer] | ResolutionError:
+    available, installed, request, mode = world
+    try:
+        return resolve(available, installed, request, mode)
+    except ResolutionError as error:
+        return error
+
+
+@given(worlds())
+@settings(max_examples=300, deadline=None)
+def test_resolutions_are_closed_consistent_ordered_and_deterministic(world: World) -> None:
+    result = answer(world)
+    check(world, result)
     # deterministic, whatever the order of the mappings
-    flipped = resolve(
-        dict(reversed(available.items())), dict(reversed(installed.items())), request, mode
+    available, installed, request, mode = world
+    flipped = answer(
+        (dict(reversed(available.items())), dict(reversed(installed.items())), request, mode)
     )
-    assert flipped == result == resolve(available, installed, request, mode)
+    if isinstance(result, ResolutionError):
+        assert isinstance(flipped, ResolutionError) and str(flipped) == str(result)
+    else:
+        assert flipped == result == resolve(available, installed, request, mode)
+
+
+def test_the_property_rejects_wrong_answers() -> None:
+    """``check`` is a real test: each way of being wrong is caught."""
+    sh = pkg("sh", "2.0", provides=["v=2.0"])
+    world: World = (
+        repo(MUSL, ZLIB, LIBFOO, APP, sh, pkg("pick", conflicts=["app"])),
+        repo(pkg("zlib", "1.2"), pkg("old", depends=["zlib<1.3"]), pkg("x", conflicts=["sh"])),
+        ["libfoo"],
+        Mode.INSTALL,
+    )
+    available, installed, _, _ = world
+    right = resolve(available, {}, ["app"])
+    check((available, {}, ["app"], Mode.INSTALL), right)
+    steps = right.steps
+
+    def wrong(world: World, result: Resolution[Offer] | ResolutionError) -> None:
+        with pytest.raises(AssertionError):
+            check(world, result)
+
+    clean: World = (available, {}, ["app"], Mode.INSTALL)
+    wrong(clean, Resolution(steps[::-1]))  # dependants first
+    wrong(clean, Resolution(steps[1:]))  # not closed
+    wrong(clean, Resolution(steps[:-1]))  # the request not met
+    wrong(clean, Resolution((*steps, Step(Action.INSTALL, available["pick"], None, ("pick",)))))
+    wrong(clean, ResolutionError("install", "nothing", (), "made up"))  # names no request
+    upgraded = Step(Action.UPGRADE, ZLIB, installed["zlib"], ("libfoo", "zlib"))
+    wrong(world, Resolution((upgraded,)))  # the request is not installed ...
+    with_libfoo = Resolution((upgraded, Step(Action.INSTALL, LIBFOO, None, ("libfoo",))))
+    wrong(world, with_libfoo)  # ... and installed "old" loses its zlib<1.3
+    wrong(
+        (available, installed, ["sh"], Mode.INSTALL),
+        Resolution((Step(Action.INSTALL, sh, None, ("sh",)),)),  # installed x conflicts
+    )
+    check(
+        (available, {}, ["sh"], Mode.INSTALL),
+        Resolution((Step(Action.INSTALL, sh, None, ("sh",)),)),
+    )
+
+
+def _by_provides(world: World, step: Step[Offer]) -> bool:
+    """Whether ``step`` came in for a need naming something it provides, not its name."""
+    if len(step.chain) < 2:
+        return False
+    available, installed, _, _ = world
+    parent = available.get(step.chain[-2]) or installed[step.chain[-2]]
+    return step.package.name not in {Dependency.parse(text).name for text in parent.depends}
+
+
+CASES: dict[str, Callable[[World, Resolution[Offer]], bool]] = {
+    "replaced": lambda _, result: any(step.replaces for step in result) and len(result) > 2,
+    "rebuilt": lambda _, result: any(step.action is Action.REBUILD for step in result),
+    "downgraded": lambda _, result: any(step.action is Action.DOWNGRADE for step in result),
+    "provided": lambda world, result: any(_by_provides(world, step) for step in result),
+    "already met": lambda _, result: bool(result.satisfied) and len(result) > 0,
+}
+
+
+def test_the_generated_worlds_reach_every_case() -> None:
+    """The property above is not vacuous: its worlds resolve in every way, and refuse."""
+    seen: set[str] = set()
+
+    def everything_seen(world: World) -> bool:
+        result = answer(world)
+        if isinstance(result, ResolutionError):
+            seen.add("refused")
+        else:
+            seen.update(case for case, holds in CASES.items() if holds(world, result))
+        return seen == {*CASES, "refused"}
+
+    generate = settings(max_examples=2000, phases=[Phase.generate], database=None, deadline=None)
+    try:
+        find(worlds(), everything_seen, settings=generate)
+    except NoSuchExample:
+        pytest.fail(f"never reached: {sorted({*CASES, 'refused'} - seen)}")
 
 
 @given(worlds(conflicts=False))

@@ -211,7 +211,13 @@ class RootView:
 
     def lstat(self, path: str) -> os.stat_result | None:
         if path not in self._stats:
-            self._stats[path] = self.fs.lstat(path)
+            parent = path.rpartition("/")[0]
+            if path and parent and not _is_dir(self.lstat(parent)):
+                # below something absent or not a directory: the disk would say the same,
+                # at the price of a failed openat (and an exception) per path
+                self._stats[path] = None
+            else:
+                self._stats[path] = self.fs.lstat(path)
         return self._stats[path]
 
     def owners(self, path: str) -> list[InstalledFile]:

@@ -193,28 +193,36 @@ class _Resolver(Generic[C]):
         self.installed_providers = self._providers(installed)
         self.chosen: dict[str, C] = {}  # name -> the available package chosen (in order)
         self.chosen_providers: dict[str, list[str]] = {}
+        self.chosen_for: dict[str, tuple[tuple[str, ...], Dependency]] = {}  # needer, need
+        self.asked: dict[str, str] = {}  # requested name -> the request's text
         self.chains: dict[str, tuple[str, ...]] = {}  # name -> why it is walked
         self.edges: dict[str, list[str]] = {}  # name -> names its dependencies resolved to
         self.queue: deque[str] = deque()
 
     def run(self, request: list[str]) -> Resolution[C]:
-        satisfied: list[str] = []
+        wanted: dict[str, tuple[Dependency, str]] = {}  # text -> (parsed, what it resolved to)
         for text in request:
             dep = self.parse(text)
             if dep is None:
                 raise ResolutionError(
                     self.mode.value, text, (), "is not a package name or name<op>version"
                 )
-            target = self.resolve(dep)
+            target = self.resolve(dep, ())
             if target is None:
                 raise ResolutionError(self.mode.value, text, (), self.shortfall(dep))
-            if target not in self.chosen and self.mode is Mode.INSTALL:
-                satisfied.append(text)
+            wanted[text] = (dep, target)
+            self.asked.setdefault(target, text)
             self.walk(target, (target,))
         while self.queue:
             self.expand(self.queue.popleft())
-        self.verify()
-        return Resolution(self.ordered(), tuple(satisfied))
+        self.verify(wanted)
+        # what a request resolved to may have been replaced since, to meet another need
+        satisfied = tuple(
+            text
+            for text, (_, target) in wanted.items()
+            if self.mode is Mode.INSTALL and target not in self.chosen
+        )
+        return Resolution(self.ordered(), satisfied)
 
     def walk(self, name: str, chain: tuple[str, ...]) -> None:
         """Queue ``name``'s dependencies (chosen packages; any package when upgrading)."""
@@ -232,26 +240,27 @@ class _Resolver(Generic[C]):
             dep = self.parse(text)
             if dep is None:
                 raise self.error(chain, f"has an invalid dependency '{text}'")
-            target = self.resolve(dep)
+            target = self.resolve(dep, chain)
             if target is None:
                 raise self.error(chain, f"needs {dep}, but {self.shortfall(dep)}")
             targets.append(target)
             self.walk(target, (*chain, target))
 
-    def resolve(self, dep: Dependency) -> str | None:
-        """The name ``dep`` resolves to (choosing an available package if needed)."""
+    def resolve(self, dep: Dependency, needer: tuple[str, ...]) -> str | None:
+        """The name ``dep`` (a need of the end of ``needer``, or a request when it is
+        empty) resolves to, choosing an available package if needed."""
         kept = self.on_system(dep)
         if kept is not None:
             if self.mode is Mode.UPGRADE and kept not in self.chosen:
                 newer = self.available.get(kept)
                 if newer is not None and newer.key != self.package(kept).key:
                     if self.meets(newer, dep):
-                        self.choose(newer)
+                        self.choose(newer, needer, dep)
             return kept
         found = self.first(dep, self.available, self.available_providers)
         if found is None:
             return None
-        self.choose(self.available[found])
+        self.choose(self.available[found], needer, dep)
         return found
 
     def on_system(self, dep: Dependency) -> str | None:
@@ -283,8 +292,9 @@ class _Resolver(Generic[C]):
                 return provider
         return None
 
-    def choose(self, package: C) -> None:
+    def choose(self, package: C, needer: tuple[str, ...], dep: Dependency) -> None:
         self.chosen[package.name] = package
+        self.chosen_for[package.name] = (needer, dep)
         if package.name in self.chains:
             # walked already as the installed package it now replaces: walk its own needs
             self.queue.append(package.name)
@@ -305,8 +315,21 @@ class _Resolver(Generic[C]):
 
     # -- checking the whole -------------------------------------------------------------
 
-    def verify(self) -> None:
-        """Every need on the final system holds, and nothing on it conflicts."""
+    def verify(self, wanted: Mapping[str, tuple[Dependency, str]]) -> None:
+        """Every request and every need on the final system holds, and nothing on it
+        conflicts."""
+        for text, (dep, target) in wanted.items():
+            if self.on_system(dep) is not None:
+                continue
+            # met when asked for, then replaced to meet a need found later
+            needer, need = self.chosen_for[target]
+            package = self.package(target)
+            now = f"{target} would be {full_version(package.version, package.release)}"
+            if needer:
+                problem = f"{' -> '.join(needer)} needs {need}, so {now}"
+            else:
+                problem = f"{need} is requested too, so {now}"
+            raise ResolutionError(self.mode.value, text, (), problem)
         replaced = [name for name in self.chosen if name in self.installed]
         touched: set[str] = set()
         for name in replaced:
@@ -350,7 +373,7 @@ class _Resolver(Generic[C]):
                 pulled = self.chains[culprit] if culprit else (name,)
                 raise ResolutionError(
                     self.mode.value,
-                    pulled[0],
+                    self.asked.get(pulled[0], pulled[0]),
                     (),
                     f"installed {name} needs {dep}, but {found}"
                     + (f" ({' -> '.join(pulled)})" if len(pulled) > 1 else ""),
@@ -446,7 +469,7 @@ class _Resolver(Generic[C]):
     # -- words ----------------------------------------------------------------------------
 
     def error(self, chain: tuple[str, ...], problem: str) -> ResolutionError:
-        return ResolutionError(self.mode.value, chain[0], chain, problem)
+        return ResolutionError(self.mode.value, self.asked.get(chain[0], chain[0]), chain, problem)
 
     def shortfall(self, dep: Dependency) -> str:
         """What there is instead of something satisfying ``dep``."""
