@@ -898,3 +898,25 @@ def test_mangled_archives_are_refused_or_unpack_intact(
         assert not (work / "dest").exists()
     else:
         assert snapshot(work / "dest") == expected
+
+
+def test_big_packages_decompress_on_a_thread_and_are_verified_alike(tmp_path: Path) -> None:
+    """Packages of 1 MiB and more (compressed) are read by a decompressing thread: the same
+    content, and the same refusal of a tampered byte, as the small ones read inline."""
+    destdir = tmp_path / "big"
+    (destdir / "usr/lib").mkdir(parents=True)
+    blob = random.Random(7).randbytes(3 << 20)  # incompressible: 3 MiB on disk too
+    (destdir / "usr/lib/blob").write_bytes(blob)
+    built = create_package(destdir, META, tmp_path / "out", epoch=EPOCH)
+    assert built.size > 2 << 20
+    info = extract_package(built.path, tmp_path / "unpacked", expected_sha256=built.sha256)
+    assert info == built.info
+    assert (tmp_path / "unpacked/usr/lib/blob").read_bytes() == blob
+
+    data = bytearray(built.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the blob's zstd block
+    tampered = tmp_path / "tampered.pkg.tar.zst"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(PackageError):
+        extract_package(tampered, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
