@@ -32,7 +32,8 @@ from typing import Any, TypeVar, cast
 import pytest
 from rich.console import Console
 
-from portsd.cli.discover import add_discover_options, discover
+from portsd.cli.discover import discover
+from portsd.cli.options import add_discover_options
 from portsd.config import Config
 from portsd.discover import (
     PROTOCOL,

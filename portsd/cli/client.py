@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,148 +24,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from portsd.cli.query import open_root, read_root, settings_from, size
 from portsd.client.download import Download
-from portsd.client.journal import DB_DIR
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
 from portsd.client.resolve import Action, Candidate, Mode, Resolution
 from portsd.client.session import Sources, add_package_files, install, open_sources, remove
-from portsd.client.settings import ClientSettings, SourcePolicy, load_settings
-from portsd.client.transaction import JOURNAL_NAME, Installed, TransactionResult
-from portsd.errors import InstallError, RootLocked
+from portsd.client.settings import ClientSettings
+from portsd.client.transaction import TransactionResult
+from portsd.errors import InstallError
 from portsd.package import PortInfo
 from portsd.plan import PlannedBuild
 from portsd.scheduler import Outcome, Result
 from portsd.version import full_version
-
-
-def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the client's subcommands to ``ports``."""
-    p = commands.add_parser("install", help="install packages and what they need")
-    p.add_argument(
-        "names",
-        nargs="+",
-        metavar="NAME|FILE",
-        help="a name (zlib, zlib>=1.3) or a "
-        "package file (./x.pkg.tar.zst, checked against its .minisig)",
-    )
-    _changing(p)
-    _sources(p)
-    p.add_argument(
-        "--allow-untrusted",
-        action="store_true",
-        help="install package files without a trusted signature",
-    )
-    p.set_defaults(handler=install_command)
-
-    p = commands.add_parser("upgrade", help="replace packages whose build key changed")
-    p.add_argument("names", nargs="*", metavar="NAME", help="default: everything installed")
-    _changing(p)
-    _sources(p)
-    p.set_defaults(handler=upgrade_command)
-
-    p = commands.add_parser("remove", help="remove packages (only the files they own)")
-    p.add_argument("names", nargs="+", metavar="NAME")
-    _changing(p)
-    p.set_defaults(handler=remove_command)
-
-    p = commands.add_parser("info", help="what a package is, installed or available")
-    p.add_argument("name")
-    _reading(p)
-    _sources(p)
-    p.set_defaults(handler=info_command)
-
-    p = commands.add_parser("search", help="packages whose name or summary contains TEXT")
-    p.add_argument("text")
-    _reading(p)
-    _sources(p)
-    p.add_argument("--installed", action="store_true", help="search installed packages only")
-    p.set_defaults(handler=search_command)
-
-    p = commands.add_parser("list", help="the installed packages")
-    _reading(p)
-    p.set_defaults(handler=list_command)
-
-    p = commands.add_parser("files", help="the files an installed package owns")
-    p.add_argument("name")
-    _reading(p)
-    p.set_defaults(handler=files_command)
-
-    p = commands.add_parser("owner", help="which installed package owns a path")
-    p.add_argument("path")
-    _reading(p)
-    p.set_defaults(handler=owner_command)
-
-
-def _reading(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", type=Path, help="the root installed into (default: /)")
-    p.add_argument("--config", type=Path, help="the client config (default: /etc/ports.toml)")
-
-
-def _changing(p: argparse.ArgumentParser) -> None:
-    _reading(p)
-    p.add_argument("--force", action="store_true", help="even if dependencies break")
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait this long for another client's lock (default: do not wait)",
-    )
-
-
-def _sources(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cache",
-        action="append",
-        metavar="URL",
-        help="a binary cache (repeatable; replaces the config's caches)",
-    )
-    p.add_argument(
-        "--key",
-        action="append",
-        metavar="KEY",
-        help="trust this public key: a file or minisign's base64 (repeatable)",
-    )
-    p.add_argument("--tree", type=Path, help="a ports checkout to build from")
-    p.add_argument("--cache-dir", type=Path, help="downloads and builds (default: in the root)")
-    p.add_argument("--arch", help="the architecture (default: this machine's)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--build",
-        dest="source",
-        action="store_const",
-        const=SourcePolicy.ALWAYS,
-        help="build everything from the ports tree",
-    )
-    source.add_argument(
-        "--no-build",
-        dest="source",
-        action="store_const",
-        const=SourcePolicy.NEVER,
-        help="never build: only cached packages",
-    )
-    p.add_argument(
-        "--discover",
-        action="store_const",
-        const=True,
-        help="also use trusted caches found on the LAN",
-    )
-
-
-def settings_from(args: argparse.Namespace) -> ClientSettings:
-    return load_settings(
-        args.config,
-        root=args.root,
-        caches=getattr(args, "cache", None),
-        trusted_keys=getattr(args, "key", None),
-        tree=getattr(args, "tree", None),
-        source=getattr(args, "source", None),
-        cache_dir=getattr(args, "cache_dir", None),
-        arch=getattr(args, "arch", None),
-        discover=getattr(args, "discover", None),
-    )
-
 
 # -- changing the root ---------------------------------------------------------------------
 
@@ -181,7 +51,7 @@ def upgrade_command(args: argparse.Namespace, console: Console) -> int:
 
 def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
     settings = settings_from(args)
-    with _open(settings, args.wait, console) as installed, Display(console) as display:
+    with open_root(settings, args.wait, console) as installed, Display(console) as display:
         sources = open_sources(settings, installed.db, display)
         names = add_package_files(
             sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
@@ -199,19 +69,10 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
 
 def remove_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
-    with _open(settings, args.wait, console) as installed, Display(console) as display:
+    with open_root(settings, args.wait, console) as installed, Display(console) as display:
         result = remove(installed, args.names, display, force=args.force)
     _done(console, result)
     return 0
-
-
-def _open(settings: ClientSettings, wait: float, console: Console) -> Installed:
-    if not settings.root.is_dir():
-        raise InstallError(f"{settings.root}: the root is not a directory")
-    installed = Installed.open(settings.root, wait=wait)
-    if installed.recovered is not None:
-        console.print(f"[yellow]recovered an interrupted transaction:[/] {installed.recovered}")
-    return installed
 
 
 def _done(console: Console, result: TransactionResult) -> None:
@@ -226,72 +87,15 @@ def _done(console: Console, result: TransactionResult) -> None:
         console.print(f"[green]removed[/] {package.name} {package.full_version}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(f"{result.files} files, {_size(result.bytes)}")
+    console.print(f"{result.files} files, {size(result.bytes)}")
 
 
-# -- reading -------------------------------------------------------------------------------
-
-
-def _read(settings: ClientSettings, console: Console) -> Installed:
-    """The root for reading; an interrupted transaction is first recovered if no other
-    client is at work (that one recovers it itself)."""
-    if (settings.root / DB_DIR / JOURNAL_NAME).exists():
-        try:
-            _open(settings, 0.0, console).close()
-        except RootLocked:
-            pass
-    return Installed.open(settings.root, readonly=True)
-
-
-def list_command(args: argparse.Namespace, console: Console) -> int:
-    settings = settings_from(args)
-    with _read(settings, console) as installed:
-        packages = installed.db.packages()
-    table = Table(show_edge=False)
-    for column in ("name", "version", "size", "reason", "from"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for p in packages:
-        table.add_row(
-            p.name, p.full_version, _size(p.installed_size), str(p.reason), escape(p.origin)
-        )
-    console.print(table)
-    console.print(f"{len(packages)} packages installed in {settings.root}")
-    return 0
-
-
-def files_command(args: argparse.Namespace, console: Console) -> int:
-    settings = settings_from(args)
-    with _read(settings, console) as installed:
-        if installed.db.installed(args.name) is None:
-            raise InstallError(f"{args.name} is not installed in {settings.root}")
-        files = installed.db.files(args.name)
-    table = Table(show_edge=False)
-    for column in ("path", "type", "mode", "size"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for f in files:
-        path = "/" + f.path + (f" -> {f.target}" if f.target else "")
-        table.add_row(escape(path), str(f.type), f"{f.mode:04o}", _size(f.size) if f.size else "")
-    console.print(table)
-    return 0
-
-
-def owner_command(args: argparse.Namespace, console: Console) -> int:
-    settings = settings_from(args)
-    with _read(settings, console) as installed:
-        owners = installed.owners(args.path)
-        packages = {o.package: installed.db.installed(o.package) for o in owners}
-    if not owners:
-        console.print(f"/{args.path.lstrip('/')} is not owned by any package")
-        return 1
-    for name, package in sorted(packages.items()):
-        version = package.full_version if package else "?"
-        console.print(f"/{owners[0].path} is owned by {name} {version}")
-    return 0
+# -- what is available ---------------------------------------------------------------------
 
 
 def info_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
-    with _read(settings, console) as installed:
+    with read_root(settings, console) as installed:
         mine = installed.db.installed(args.name)
         files = len(installed.db.files(args.name)) if mine else 0
     available = (
@@ -306,7 +110,7 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
         grid.add_row("name", mine.name)
         grid.add_row(
             "installed",
-            f"{mine.full_version} ({mine.reason}, {files} files, {_size(mine.installed_size)})",
+            f"{mine.full_version} ({mine.reason}, {files} files, {size(mine.installed_size)})",
         )
         grid.add_row("summary", escape(mine.summary))
         grid.add_row("license", escape(mine.license))
@@ -334,7 +138,7 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
 
 def search_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
-    with _read(settings, console) as installed:
+    with read_root(settings, console) as installed:
         mine = {p.name: p for p in installed.db.search(args.text)}
         everything = {p.name: p for p in installed.db.packages()}
     found: dict[str, Candidate] = {}
@@ -384,14 +188,6 @@ class _Unrecorded:
 
     def record_serial(self, key_id: str, serial: int) -> int:
         return serial
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 # -- the display ---------------------------------------------------------------------------
@@ -502,7 +298,7 @@ class _Downloads:
             task = self.tasks.pop(download.label, None)
         if task is not None:
             self.display.progress.remove_task(task)
-        self.display.print(f"downloaded {download.label} ({_size(download.size)})")
+        self.display.print(f"downloaded {download.label} ({size(download.size)})")
 
 
 class _Builds:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from portsd.cli import run_main
-from portsd.cli.workspace import DEFAULT_STATE
+from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.daemon import Daemon
 from portsd.discover import Advertiser, announcement_for

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 
 from rich.console import Console
 
 from portsd.cli import run_main
-from portsd.cli.build import build
-from portsd.cli.client import add_client_commands
-from portsd.cli.discover import add_discover_options, discover
-from portsd.cli.inspect import graph, lint, why
-from portsd.cli.workspace import add_state_options, add_tree_options
+from portsd.cli.options import (
+    add_client_commands,
+    add_discover_options,
+    add_state_options,
+    add_tree_options,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,14 +28,14 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("lint", help="check every recipe and dependency; list every problem")
     add_tree_options(p)
     p.add_argument("--arch", default=None, help="the target architecture (default: this machine's)")
-    p.set_defaults(handler=lint)
+    p.set_defaults(handler="portsd.cli.inspect:lint")
 
     p = commands.add_parser("graph", help="what a port needs and what needs it")
     p.add_argument("name")
     p.add_argument("--dot", action="store_true", help="print Graphviz instead")
     add_tree_options(p)
     p.add_argument("--arch", default=None, help="the target architecture (default: this machine's)")
-    p.set_defaults(handler=graph)
+    p.set_defaults(handler="portsd.cli.inspect:graph")
 
     p = commands.add_parser("why", help="why a port must be (re)built")
     p.add_argument("name")
@@ -43,19 +45,19 @@ def parser() -> argparse.ArgumentParser:
     )
     add_tree_options(p)
     add_state_options(p)
-    p.set_defaults(handler=why)
+    p.set_defaults(handler="portsd.cli.inspect:why")
 
     p = commands.add_parser("build", help="build ports (default: all) and what they need")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("-j", "--jobs", type=int, default=None, help="builds at once (default: config)")
     add_tree_options(p)
     add_state_options(p)
-    p.set_defaults(handler=build)
+    p.set_defaults(handler="portsd.cli.build:build")
 
     add_client_commands(commands)
     p = commands.add_parser("discover", help="find portsd caches on the LAN (mDNS)")
     add_discover_options(p)
-    p.set_defaults(handler=discover)
+    p.set_defaults(handler="portsd.cli.discover:discover")
     return top
 
 
@@ -65,7 +67,9 @@ def _main(argv: list[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s"
     )
     console = Console(highlight=False, soft_wrap=True)
-    code: int = args.handler(args, console)
+    module, function = args.handler.split(":")
+    handler = getattr(importlib.import_module(module), function)  # only what runs is imported
+    code: int = handler(args, console)
     return code
 
 
