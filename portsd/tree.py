@@ -21,8 +21,6 @@ and reads one cache file, decoding each recipe only when it is first used.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import multiprocessing
 import os
@@ -42,6 +40,7 @@ from portsd import version as version_module
 from portsd.errors import GitError, Problem, RecipeError
 from portsd.evaluate import changes_between
 from portsd.fsio import write_atomic
+from portsd.gcpause import paused_gc
 from portsd.gitrepo import (
     PORTS_DIR,
     RECIPE_FILE,
@@ -381,7 +380,7 @@ class Tree:
     def recipes(self) -> dict[str, Port]:
         """Every port decoded at once, as a full evaluation needs them: faster than one by
         one, since the cyclic collector is kept out of the ~10 allocations per recipe."""
-        with _paused_gc():
+        with paused_gc():
             return dict(self.ports)
 
     def changed_ports(self) -> dict[str, Port | None]:
@@ -443,7 +442,7 @@ def parse_ports(snapshot: Snapshot, names: Sequence[str]) -> list[Port]:
 def _parse_batch(snapshot: Snapshot, names: Sequence[str]) -> list[tuple[bytes, bool]]:
     """Worker process: parse ports and return them encoded (cheaper to ship than objects),
     each with whether it has path sources."""
-    with _paused_gc():
+    with paused_gc():
         return [(encode_port(port), _has_paths(port)) for port in parse_ports(snapshot, names)]
 
 
@@ -475,19 +474,6 @@ def _path_problems(
     except (RecipeError, GitError, UnicodeDecodeError):
         text = ""  # it parsed a moment ago; without its text, only the line is lost
     return [Problem(file, message, source_line(text, n, "path")) for n, message in problems]
-
-
-@contextlib.contextmanager
-def _paused_gc() -> Iterator[None]:
-    # Bulk loads allocate hundreds of thousands of objects that all stay alive; the cyclic
-    # collector would rescan them again and again for nothing.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class TreeLoader:
@@ -584,7 +570,7 @@ class TreeLoader:
         if not missing:
             return
         self.parses += len(missing)
-        with _paused_gc():
+        with paused_gc():
             # Forking while other threads run (the daemon loads on a worker thread) could
             # copy a lock held by one of them into the child, libgit2's included, and hang
             # it; forkserver and spawn would re-import the caller's main module. So a pool

@@ -8,10 +8,19 @@ from typing import TypeVar
 
 import pytest
 from hypothesis import Phase, find, given, settings
-from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
-from portsd.client.resolve import Action, Candidate, Mode, Offer, Resolution, Step, resolve
+from portsd.client.resolve import (
+    Action,
+    Candidate,
+    Catalog,
+    Mode,
+    Offer,
+    Resolution,
+    Step,
+    resolve,
+)
 from portsd.errors import InstallError, ResolutionError
 from portsd.index import IndexEntry
 from portsd.recipe import Dependency, parse_recipe
@@ -224,6 +233,31 @@ def test_replacing_what_an_installed_package_needs_is_refused() -> None:
     assert refused(available, ["app"], installed) == (
         "cannot install app: installed legacy needs zlib<1.3, but zlib would be 1.3-1 (app -> zlib)"
     )
+
+
+def test_a_request_met_at_first_then_replaced_for_a_later_need_is_refused() -> None:
+    """The installed a 1.1 meets 'a>1.0' when asked; e, walked later, needs a=1.0."""
+    available = [pkg("a", "1.0"), pkg("e", depends=["a=1.0"])]
+    for request in (["e", "a>1.0"], ["a>1.0", "e"]):
+        assert refused(available, request, [pkg("a", "1.1")]) == (
+            "cannot install a>1.0: e needs a=1.0, so a would be 1.0-1"
+        )
+    assert refused([pkg("a", "1.0")], ["a>=1.1", "a=1.0"], [pkg("a", "1.1")]) == (
+        "cannot install a>=1.1: a=1.0 is requested too, so a would be 1.0-1"
+    )
+    # the same world, the other way round: an installed e pins a=1.0
+    installed = [pkg("a", "1.0"), pkg("e", depends=["a=1.0"])]
+    assert refused([pkg("a", "1.1")], ["a>1.0"], installed) == (
+        "cannot install a>1.0: installed e needs a=1.0, but a would be 1.1-1"
+    )
+
+
+def test_a_catalog_is_built_once_and_answers_as_the_mapping_does() -> None:
+    available = repo(MUSL, ZLIB, BUSYBOX, DASH, pkg("app", depends=["sh>=1", "zlib"]))
+    catalog = Catalog.of(available)
+    assert catalog.providers == {"sh": ("busybox", "dash"), "awk": ("busybox",)}
+    assert resolve(catalog, {}, ["app"]) == resolve(available, {}, ["app"])
+    assert resolve(catalog, {}, ["app"]).names() == ("busybox", "musl", "zlib", "app")
 
 
 # -- conflicts -----------------------------------------------------------------------------
@@ -475,7 +509,15 @@ def check(world: World, result: Resolution[Offer] | ResolutionError) -> None:
         assert step.replaces is installed.get(package.name)
         for text in package.depends:  # closed, every constraint met, dependencies first
             assert satisfied_by(final.values(), text), (package.name, text)
-            assert satisfied_by([*before, package], text), (package.name, text, "too early")
+            if not satisfied_by([*before, package], text):  # only to close a cycle
+                later = [p for p in chosen.values() if p not in before and p is not package]
+                assert any(
+                    satisfied_by([p], text) and depends_on(final, p, package) for p in later
+                ), (
+                    package.name,
+                    text,
+                    "too early",
+                )
         for text in package.conflicts:  # nothing on the system conflicts with it
             others = [p for p in final.values() if p.name != package.name]
             assert not satisfied_by(others, text), (package.name, text)
@@ -494,6 +536,21 @@ def check(world: World, result: Resolution[Offer] | ResolutionError) -> None:
                     assert satisfied_by(final.values(), text), (name, text)
     for text in result.satisfied:  # "already met" means no step was needed for it
         assert text in request and satisfied_by(before[: len(before) - len(result)], text)
+
+
+def depends_on(final: Mapping[str, Candidate], start: Candidate, target: Candidate) -> bool:
+    """Whether ``start`` needs ``target``, directly or not, on the system ``final``."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        package = todo.pop()
+        if package is target:
+            return True
+        if package.name not in seen:
+            seen.add(package.name)
+            for text in package.depends:
+                todo.extend(p for p in final.values() if satisfied_by([p], text))
+    return False
 
 
 def answer(world: World) -> Resolution[Offer] | ResolutionError:

@@ -36,6 +36,7 @@ import aiohttp
 from portsd.client.download import MAX_SIGNATURE_BYTES, NoAnswer, get_bytes
 from portsd.errors import BadSignature, ConfigError, RepoError
 from portsd.fetch import Unavailable
+from portsd.gcpause import paused_gc
 from portsd.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
 from portsd.repo import INDEX_NAME, SIG_SUFFIX
 from portsd.sign import PublicKey, verify
@@ -244,7 +245,8 @@ def _verified(
     if signer is None:
         verify(data, signature, keys, label)  # raises, saying why
         raise AssertionError("a signature that verifies with all keys but none alone")
-    index = decode_index(data, label)
+    with paused_gc():
+        index = decode_index(data, label)
     if index.arch != arch:
         raise RepoError(label, f"index is for {index.arch}, not {arch}")
     return index, signer

@@ -23,12 +23,15 @@ counts) and the available one still satisfies what needs it; an upgrade with no 
 upgrades everything installed.
 
 The walk is greedy and breadth-first (so each package's reason is its shortest chain from
-the request), and the result is then checked as a whole: every dependency of every chosen
+the request), and the result is then checked as a whole: every request (one met at first
+may have been replaced since, for a need found later), every dependency of every chosen
 package, and every dependency of a kept package on something replaced, must hold on the
 final system, and no two packages on it may conflict (``conflicts`` entries match names
 and ``provides`` like dependencies do, in both directions). Anything else raises a
 ``ResolutionError`` that names the chain of needs. Equal inputs give equal answers,
-whatever the order of the mappings.
+whatever the order of the mappings. The one lookup table over the available packages
+(provided name -> providers) is a ``Catalog``, built once per index; the rest is
+proportional to the closure.
 """
 
 from __future__ import annotations
@@ -152,8 +155,26 @@ class Resolution(Generic[C]):
         return tuple(step.package.name for step in self.steps)
 
 
+@dataclass(frozen=True, slots=True)
+class Catalog(Generic[C]):
+    """The available packages with their lookup table, built once and shared by every
+    resolution against them (an index is fetched once and asked many times).
+
+    ``providers`` maps a name that packages provide to the names of those packages,
+    sorted (a package's own name aside; unreadable entries provide nothing).
+    """
+
+    packages: Mapping[str, C]
+    providers: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, packages: Mapping[str, C]) -> Catalog[C]:
+        """``packages`` (name -> package) and their lookup table: one pass over them."""
+        return cls(packages, _providers(packages))
+
+
 def resolve(
-    available: Mapping[str, C],
+    available: Mapping[str, C] | Catalog[C],
     installed: Mapping[str, Candidate],
     request: Sequence[str],
     mode: Mode = Mode.INSTALL,
@@ -162,13 +183,16 @@ def resolve(
 ) -> Resolution[C]:
     """Resolve ``request`` (names, each optionally constrained: ``zlib>=1.3``).
 
-    ``available`` and ``installed`` map a package name to its package. ``origin`` names
-    where the available packages come from, in error messages. Raises ``ResolutionError``.
+    ``available`` and ``installed`` map a package name to its package (``available`` may
+    come as a ``Catalog``, to build its lookup table once for many resolutions).
+    ``origin`` names where the available packages come from, in error messages. Raises
+    ``ResolutionError``.
     """
     if isinstance(request, str):
         raise TypeError("request is a sequence of names, not one string")
+    catalog = available if isinstance(available, Catalog) else Catalog.of(available)
     names = list(request) or (sorted(installed) if mode is Mode.UPGRADE else [])
-    return _Resolver(available, installed, mode, origin).run(list(dict.fromkeys(names)))
+    return _Resolver(catalog, installed, mode, origin).run(list(dict.fromkeys(names)))
 
 
 # -- the walk ------------------------------------------------------------------------------
@@ -179,18 +203,18 @@ class _Resolver(Generic[C]):
 
     def __init__(
         self,
-        available: Mapping[str, C],
+        catalog: Catalog[C],
         installed: Mapping[str, Candidate],
         mode: Mode,
         origin: str,
     ) -> None:
-        self.available = available
+        self.available = catalog.packages
         self.installed = installed
         self.mode = mode
         self.origin = origin
         self.parsed: dict[str, Dependency | None] = {}
-        self.available_providers = self._providers(available)
-        self.installed_providers = self._providers(installed)
+        self.available_providers = catalog.providers
+        self.installed_providers = _providers(installed)
         self.chosen: dict[str, C] = {}  # name -> the available package chosen (in order)
         self.chosen_providers: dict[str, list[str]] = {}
         self.chosen_for: dict[str, tuple[tuple[str, ...], Dependency]] = {}  # needer, need
@@ -281,7 +305,7 @@ class _Resolver(Generic[C]):
         return None
 
     def first(
-        self, dep: Dependency, packages: Mapping[str, C], providers: Mapping[str, list[str]]
+        self, dep: Dependency, packages: Mapping[str, C], providers: Mapping[str, tuple[str, ...]]
     ) -> str | None:
         """Rule 2 over ``packages``: the exact name if it satisfies, else the first provider."""
         exact = packages.get(dep.name)
@@ -532,17 +556,16 @@ class _Resolver(Generic[C]):
                 names.add(entry.name)
         return names
 
-    def _providers(self, packages: Mapping[str, Candidate]) -> dict[str, list[str]]:
-        """Provided name -> names of the packages providing it, sorted (own names aside)."""
-        providers: dict[str, list[str]] = {}
-        for name, package in packages.items():
-            if not package.provides:
-                continue
-            for text in package.provides:
-                entry = self.parse(text)
-                # an unreadable entry provides nothing anyone could ask for by that text
-                if entry is not None and entry.name != name:
-                    providers.setdefault(entry.name, []).append(name)
-        for names in providers.values():
-            names.sort()
-        return providers
+
+def _providers(packages: Mapping[str, Candidate]) -> dict[str, tuple[str, ...]]:
+    """Provided name -> names of the packages providing it, sorted (own names aside)."""
+    providers: dict[str, list[str]] = {}
+    for name, package in packages.items():
+        for text in package.provides:
+            try:
+                provided = Dependency.parse(text).name
+            except ValueError:
+                continue  # an unreadable entry provides nothing anyone could ask for by it
+            if provided != name:
+                providers.setdefault(provided, []).append(name)
+    return {provided: tuple(sorted(names)) for provided, names in providers.items()}
