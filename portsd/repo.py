@@ -14,11 +14,13 @@ Layout of ``<root>/<arch>/`` (everything but ``index*`` and ``packages/`` is pri
 Every operation that writes takes the exclusive lock, first finishes or discards whatever a
 killed writer left (see below), re-reads the current index from disk (another process may
 have published since), and writes each file as temp + fsync + rename + directory fsync.
-Publishing a package writes, in this order: its ``keys/`` record, its ``.minisig``, the
-package itself (``link``, which cannot replace a file of the same name), an fsync of those
-directories, and only then a new index that names it. So whatever instant a writer dies,
-every file the served index names is complete, and a package that exists has its
-signature and its record.
+Publishing a package writes, in this order: its ``.minisig``, the package itself
+(``link``, which cannot replace a file of the same name), an fsync, its ``keys/`` record
+(the commit point of the store: ``stored_keys`` lists only keys whose files are all
+there), an fsync, and only then a new index that names it. So whatever instant a writer
+dies, every file the served index names is complete, and every recorded key has its
+package and signature; a package a kill left without its record is adopted by the next
+publish of its key if it is byte-identical, refused otherwise.
 
 The index and its signature are two files, so no rename order lets an HTTP reader that
 fetches them with two requests always see a matching pair: if a publish lands between its
@@ -201,7 +203,7 @@ class Repository:
             try:
                 size = package.stat().st_size
             except FileNotFoundError:
-                return None  # the record of a publish killed before the package landed
+                return None  # removed by hand (a record comes after its package)
             if size != entry.size or not _exists(package.with_name(entry.file + SIG_SUFFIX)):
                 return None
             return entry
@@ -209,8 +211,8 @@ class Repository:
     def stored_keys(self) -> frozenset[str]:
         """Every build key with a record, listed in one directory read (cheap for planning).
 
-        A key here may still lack its package if a publish was killed midway; ``find_key``
-        is the check to trust before using one.
+        A record is written only once its package and signature are durable, so only a
+        file removed by hand can be missing; ``find_key`` checks the files themselves.
         """
         with _os_errors(self.path):
             try:
@@ -411,17 +413,21 @@ class Repository:
         return entry
 
     def _store(self, source: Path | None, entry: IndexEntry, signature: str) -> None:
-        """Record, sign and move in (unless ``source`` is None) a package; caller has the lock."""
+        """Sign, move in (unless ``source`` is None) and record a package; caller has the lock.
+
+        The record comes last and durably after the files: it is the commit point of the
+        store, so ``stored_keys`` never lists a key whose package a kill left half-stored.
+        """
         target = self.packages_path / entry.file
-        self._write_file(self._keys / entry.key, encode_entry(entry))
         self._write_file(target.with_name(entry.file + SIG_SUFFIX), signature.encode("ascii"))
         if source is not None:
             staged = self._tmp / f"package-{secrets.token_hex(8)}"
             _stage(source, staged, entry.sha256)
             os.link(staged, target)  # never replaces: checked under the lock, link re-checks
             staged.unlink()
-        fsync_dir(self._keys)
         fsync_dir(self.packages_path)
+        self._write_file(self._keys / entry.key, encode_entry(entry))
+        fsync_dir(self._keys)
 
     def _replace_index(self, index: Index, commit: str | None) -> None:
         self._write_index(index, commit, force=False, expires_in=None)

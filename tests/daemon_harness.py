@@ -119,11 +119,16 @@ class RunningDaemon:
         )
 
     def wait_idle(self, commit: str, timeout: float = 180) -> None:
-        self.wait_for(
-            lambda: self.idle_at(commit),
-            timeout=timeout,
-            what=f"the daemon to finish {commit[:10]}",
-        )
+        try:
+            self.wait_for(
+                lambda: self.idle_at(commit),
+                timeout=timeout,
+                what=f"the daemon to finish {commit[:10]}",
+            )
+        except AssertionError as error:  # say where it stands, not only that it is late
+            status = json.dumps(self.get("/api/v1/status"), indent=1)
+            builds = json.dumps(self.get("/api/v1/builds?limit=30"), indent=1)
+            raise AssertionError(f"{error}\nstatus: {status}\nbuilds: {builds}") from None
 
     def wait_for(self, condition: Callable[[], T], *, timeout: float, what: str) -> T:
         deadline = time.monotonic() + timeout

@@ -440,6 +440,8 @@ def test_sigkill_at_random_moments_leaves_a_consistent_repository(
         for entry in repo.index():
             assert repo.find_key(entry.key) == entry
             assert (arch / "packages" / (entry.file + SIG_SUFFIX)).exists()
+        for stored in repo.stored_keys():  # a record means a whole package, kill or not
+            assert repo.find_key(stored) is not None, stored
     assert serial > 15  # the children made progress between kills
     assert interrupted >= 1  # and at least one kill landed mid-write
 
