@@ -220,7 +220,10 @@ class Daemon:
         present = self.repo.stored_keys()
         plan = make_plan(evaluation.graph, evaluation.keys, present)
         lap("plan")
-        self._republish(revision, plan, tree)
+        lost = self._republish(revision, plan, tree)
+        if lost:  # recorded, but their files are gone: build them again
+            present = present - lost
+            plan = make_plan(evaluation.graph, evaluation.keys, present)
         lap("republish")
         failed = self.state.failed_keys()
         wanted, doomed = _without_remembered_failures(plan, failed)
@@ -261,7 +264,7 @@ class Daemon:
             }
             self._durations = self.state.durations()
             self._latest = _Evaluated(evaluation_id, revision, tree, plan, keep, blocked)
-            self.scheduler.submit(wanted, critical_path(wanted, self._durations))
+            self.scheduler.submit(wanted, critical_path(wanted, self._durations), again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
         reasons = self._reasons(previous, revision, tree, wanted, present)
@@ -306,19 +309,30 @@ class Daemon:
             evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
         return tree, evaluation
 
-    def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> None:
+    def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> frozenset[str]:
         """Index the stored packages of up-to-date ports it does not list (a revert), and
-        drop the ports that left the tree."""
+        drop the ports that left the tree. Returns the keys whose stored package is gone
+        (removed by hand): one lost file costs a rebuild, never the whole evaluation."""
         index = self.repo.index()
         if self._index_keys[0] != index.serial:
             self._index_keys = (index.serial, {entry.name: entry.key for entry in index})
         listed = self._index_keys[1]
         keys = revision.keys.keys
+        lost = set()
         for name in sorted(n for n in plan.up_to_date if listed.get(n) != keys[n]):
+            if self.repo.find_key(keys[name]) is None:
+                log.warning(
+                    "%s: the stored package of key %s is gone; building it again",
+                    name,
+                    keys[name][:12],
+                )
+                lost.add(keys[name])
+                continue
             self.repo.restore(keys[name], commit=revision.commit)
         gone = [name for name in listed if name not in tree.listing]
         if gone:
             self.repo.unpublish(gone, commit=revision.commit)
+        return frozenset(lost)
 
     def _reasons(
         self,

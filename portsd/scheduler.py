@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -86,13 +86,24 @@ class Scheduler:
 
     # -- what callers use ----------------------------------------------------------------
 
-    def submit(self, plan: Plan, priority: Mapping[str, float] | None = None) -> None:
-        """Make ``plan`` the wanted work (priorities by port name; higher runs first)."""
+    def submit(
+        self,
+        plan: Plan,
+        priority: Mapping[str, float] | None = None,
+        *,
+        again: Collection[str] = (),
+    ) -> None:
+        """Make ``plan`` the wanted work (priorities by port name; higher runs first).
+
+        A key built before is not run again (the plan may predate its publish) unless it is
+        in ``again``: built, but its package has been lost since.
+        """
         keys = {build.name: build.key for build in plan.builds}
         events: list[Callable[[], None]] = []
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
+            self._built.difference_update(again)
             wanted = {build.key: build for build in plan.builds}
             for key, running in self._running.items():
                 if key not in wanted:

@@ -295,3 +295,30 @@ def test_a_failure_is_remembered_until_its_key_changes_or_rebuild_asks(
     push(ports_tree)
     daemon.wait_idle(repaired)
     assert {"liba", "diamond"} <= set(served_index(daemon, bare / "portsd"))
+
+
+def test_a_stored_package_removed_by_hand_is_built_again(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    push(ports_tree)
+    first = head(ports_tree)
+    daemon.wait_idle(first)
+    (ports_tree / "ports" / "toptool" / "NOTES").write_text("a change, then its revert\n")
+    changed = commit_all(ports_tree, "toptool: notes")
+    push(ports_tree)
+    daemon.wait_idle(changed)
+    key = keys_at(ports_tree, first)["toptool"]
+    public = PublicKey.load(bare / "portsd" / "keys" / "portsd.pub")
+    repo = Repository.reader(bare / "portsd" / "repo", ARCH, [public])
+    entry = repo.find_key(key)
+    assert entry is not None
+    repo.package_path(entry).unlink()  # an operator cleaning up by hand
+
+    git(ports_tree, "revert", "--no-edit", "HEAD")
+    reverted = head(ports_tree)
+    push(ports_tree)
+    daemon.wait_idle(reverted)
+    assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, reverted)
+    built = [b for b in daemon.builds(port="toptool", state="built") if b["key"] == key]
+    assert len(built) == 2  # once at first, once again after its file went
+    assert_consistent(bare)

@@ -90,18 +90,22 @@ class Obtainer:
         """A verified package file for every candidate's key (Unobtainable, PackageError)."""
         for package in packages:
             given = self.files.get(package.key)
-            if given is not None and package.key not in self.store.present():
+            if given is not None and not self._have(package.key):
                 copy = self._downloads / given.name  # publishing moves it: keep the user's file
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(given, copy)
                 self._import(package, copy, str(given))
-        missing = [p for p in packages if p.key not in self.store.present()]
+        missing = [p for p in packages if not self._have(p.key)]
         if missing and self.settings.source is not SourcePolicy.ALWAYS:
             asyncio.run(self._substitute(missing))
-            missing = [p for p in missing if p.key not in self.store.present()]
+            missing = [p for p in missing if not self._have(p.key)]
         if missing:
             self._build(missing)
         return {p.key: self._stored(p) for p in packages}
+
+    def _have(self, key: str) -> bool:
+        """Whether the store holds the whole package of ``key`` (not only its record)."""
+        return self.store.repo.find_key(key) is not None
 
     @property
     def _downloads(self) -> Path:
@@ -204,7 +208,7 @@ class Obtainer:
                     asyncio.run(self._substitute([Offer.of(recipe, build.key)]))
                 except PortsdError:
                     pass  # a broken substitute is no reason not to build it here
-                if build.key in self.store.present():
+                if self._have(build.key):
                     return
             self.store.build(
                 revision,
