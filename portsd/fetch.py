@@ -137,7 +137,7 @@ class Unavailable(Exception):
         self.mid_body = mid_body
 
 
-class _Mismatch(Exception):
+class Mismatch(Exception):
     """The bytes from this location hash to ``actual``; ``resumed`` if a kept prefix was used."""
 
     def __init__(self, actual: str, resumed: bool) -> None:
@@ -317,7 +317,7 @@ class Fetcher:
                 path = await self._try(port, source, expected, location)
             except Unavailable as failure:
                 attempts.append(Attempt(str(location), failure.reason))
-            except _Mismatch as mismatch:
+            except Mismatch as mismatch:
                 outcome = f"sha256 mismatch: got {mismatch.actual[:12]}…"
                 attempts.append(Attempt(str(location), outcome, mismatch.actual))
             except OSError as error:
@@ -347,7 +347,7 @@ class Fetcher:
         while True:
             try:
                 return await self._download(port, source, expected, location.address)
-            except _Mismatch as mismatch:
+            except Mismatch as mismatch:
                 # A kept prefix may be what is wrong (stale, or from elsewhere): the partial
                 # file is gone now, and the location gets one try from zero before blame.
                 if not mismatch.resumed or fresh_start_used:
@@ -418,7 +418,7 @@ class Fetcher:
                     # Nothing past our bytes: they may be the whole file already.
                     if prefix.hexdigest() != expected:
                         self._discard(expected)
-                        raise _Mismatch(prefix.hexdigest(), resumed=True)
+                        raise Mismatch(prefix.hexdigest(), resumed=True)
                     return await asyncio.to_thread(self._commit, expected)
                 start, total = body_range(response, offset)
                 mid_body = True
@@ -490,7 +490,7 @@ class Fetcher:
             raise Unavailable(f"more than the limit of {self.max_bytes} bytes")
         if actual != expected:
             self._discard(expected)
-            raise _Mismatch(actual, resumed=start > 0)
+            raise Mismatch(actual, resumed=start > 0)
         return await asyncio.to_thread(self._commit, expected)
 
     # -- the files under distfiles ------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -25,10 +27,10 @@ class SourceServer:
 
 
 @contextmanager
-def serving(app: web.Application) -> Iterator[str]:
+def serving(app: web.Application, **runner_options: Any) -> Iterator[str]:
     """Run ``app`` on 127.0.0.1 (an ephemeral port) on a thread of its own; yields its URL."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, **runner_options)
 
     async def start() -> str:
         await runner.setup()
@@ -81,3 +83,20 @@ def ports_tree(tmp_path: Path, source_server: SourceServer) -> Path:
     git(root, "init", "-q", "-b", "main")
     commit_all(root, "the test ports tree")
     return root
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that completes the TCP handshake (kernel backlog) and never says anything."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port bound but not listening (so nobody else gets it): connecting is refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from aiohttp import web
 from portsd.client.download import Download, download_all
 from portsd.errors import ConfigError, DownloadError
 from portsd.sign import PublicKey, SecretKey
+from tests.conftest import serving
 
 DATA = os.urandom(300_000)  # several network chunks
 OTHER = os.urandom(300_000)
@@ -120,41 +119,11 @@ class Server:
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     app = web.Application()
     app.router.add_get("/{path:.+}", srv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1, access_log=None)
-
-    async def start() -> None:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result(5)
-    srv.port = runner.addresses[0][1]
-    yield srv
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that completes the TCP handshake (kernel backlog) and never says anything."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-@pytest.fixture
-def refusing_port() -> Iterator[int]:
-    """A port bound but not listening (so nobody else gets it): connecting is refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
+    with serving(app, shutdown_timeout=0.1, access_log=None) as url:
+        srv.port = int(url.rsplit(":", 1)[1])
+        yield srv
 
 
 @dataclass

@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from portsd.client.transaction import Installed
 from portsd.repo import Repository
 from portsd.sign import SecretKey
 from tests.conftest import SourceServer, serving, serving_files
-from tests.daemon_harness import RunningDaemon, free_port, portsd
+from tests.daemon_harness import RunningDaemon, portsd
 from tests.fixtures import commit_all, git, write_tree
 
 pytestmark = pytest.mark.slow
@@ -165,7 +164,9 @@ def test_install_from_the_cache_runs_the_program(host: Host, tmp_path: Path) -> 
     assert orphan.returncode == 1 and "not owned by any package" in orphan.stdout
 
 
-def test_cache_down_builds_from_source_with_identical_files(host: Host, tmp_path: Path) -> None:
+def test_cache_down_builds_from_source_with_identical_files(
+    host: Host, tmp_path: Path, silent_port: int, refusing_port: int
+) -> None:
     binary = tmp_path / "binary"
     binary.mkdir()
     ports("install", "toptool", "--root", binary, *from_cache(host))
@@ -174,14 +175,14 @@ def test_cache_down_builds_from_source_with_identical_files(host: Host, tmp_path
     git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
     source = tmp_path / "source"
     source.mkdir()
-    with silent_server() as silent:
-        dead = f"http://127.0.0.1:{free_port()}"
-        started = time.monotonic()
-        result = ports(
-            "install", "toptool", "--root", source, "--tree", checkout,
-            "--cache", silent, "--cache", dead, "--key", host.key,
-        )  # fmt: skip
-        elapsed = time.monotonic() - started
+    silent = f"http://127.0.0.1:{silent_port}"
+    dead = f"http://127.0.0.1:{refusing_port}"
+    started = time.monotonic()
+    result = ports(
+        "install", "toptool", "--root", source, "--tree", checkout,
+        "--cache", silent, "--cache", dead, "--key", host.key,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
     assert f"not using {silent}: " in result.stdout
     assert f"not using {dead}: " in result.stdout
     for name in TOPTOOL:
@@ -218,6 +219,22 @@ def test_a_changed_port_is_built_and_its_dependencies_substituted(
     assert run_installed(root, "toptool") == TOPTOOL_SAYS
 
 
+def test_the_build_flag_builds_what_the_cache_has(host: Host, tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
+    root = tmp_path / "root"
+    root.mkdir()
+    result = ports(
+        "install", "hello", "--root", root, "--tree", checkout, "--build", *from_cache(host)
+    )
+    assert "building hello from source" in result.stdout
+    assert "downloaded" not in result.stdout
+    assert run_installed(root, "hello") == "hello, ports\n"
+    with Installed.open(root, readonly=True) as installed:
+        hello = installed.db.installed("hello")
+        assert hello is not None and hello.origin == f"built from {checkout}"
+
+
 def test_upgrade_replaces_packages_whose_build_key_changed(host: Host, tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
@@ -241,15 +258,6 @@ def test_upgrade_replaces_packages_whose_build_key_changed(host: Host, tmp_path:
 
 
 # -- failing closed ------------------------------------------------------------------------
-
-
-@contextmanager
-def silent_server() -> Iterator[str]:
-    """A cache that accepts connections and never answers (a hung host)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
 @contextmanager

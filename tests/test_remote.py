@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -102,23 +101,6 @@ def db(tmp_path: Path) -> Iterator[PackageDb]:
 @pytest.fixture
 def site(tmp_path: Path) -> Site:
     return make_site(tmp_path / "cache", SecretKey.generate())
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that completes the TCP handshake (kernel backlog) and never says anything."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-@pytest.fixture
-def refusing_port() -> Iterator[int]:
-    """A port bound but not listening (so nobody else gets it): connecting is refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
 
 
 def open_sites(

@@ -39,6 +39,7 @@ import aiohttp
 
 from portsd.errors import BadSignature, ConfigError, DownloadError
 from portsd.fetch import (
+    Mismatch,
     Unavailable,
     body_range,
     describe_failure,
@@ -287,15 +288,6 @@ class _Failed(Exception):
         self.reason = reason
 
 
-class _Mismatch(Exception):
-    """The bytes hash to ``actual``; ``resumed`` if a kept prefix was part of them."""
-
-    def __init__(self, actual: str, resumed: bool) -> None:
-        super().__init__(actual)
-        self.actual = actual
-        self.resumed = resumed
-
-
 @dataclass(frozen=True, slots=True)
 class _Runner:
     session: aiohttp.ClientSession
@@ -356,7 +348,7 @@ class _Runner:
             try:
                 await self._transfer(job, url)
                 break
-            except _Mismatch as mismatch:
+            except Mismatch as mismatch:
                 # a kept prefix may be what is wrong: the part is gone, one try from zero
                 if not mismatch.resumed or fresh_start_used:
                     raise _Failed(f"sha256 mismatch: got {mismatch.actual[:12]}…") from None
@@ -375,7 +367,7 @@ class _Runner:
 
     async def _transfer(self, job: _Job, url: str) -> None:
         """One GET of ``url`` into the part file, resuming it; returns once it is complete
-        and has the right sha256 (fsynced). ``Unavailable`` or ``_Mismatch`` otherwise."""
+        and has the right sha256 (fsynced). ``Unavailable`` or ``Mismatch`` otherwise."""
         download = job.download
         part = download.part
         offset = _size(part)
@@ -391,7 +383,7 @@ class _Runner:
                 if prefix.hexdigest() == download.sha256:
                     return  # an earlier run stopped between the last byte and the rename
                 _discard(download)
-                raise _Mismatch(prefix.hexdigest(), resumed=True)
+                raise Mismatch(prefix.hexdigest(), resumed=True)
             headers["Range"] = f"bytes={offset}-"
             validator = _validator_for(download, url)
             if validator is not None:
@@ -408,7 +400,7 @@ class _Runner:
             if response.status == 416 and offset:
                 # the server's file is shorter than our bytes: another file, start over
                 _discard(download)
-                raise _Mismatch(prefix.hexdigest(), resumed=True)
+                raise Mismatch(prefix.hexdigest(), resumed=True)
             start, total = body_range(response, offset)
             if total is not None and total != download.size:
                 raise Unavailable(f"the file has {total} bytes, not the {download.size} expected")
@@ -458,7 +450,7 @@ class _Runner:
             raise Unavailable(f"connection closed after {job.position - start} bytes", True)
         if actual != download.sha256:
             _discard(download)
-            raise _Mismatch(actual, resumed=start > 0)
+            raise Mismatch(actual, resumed=start > 0)
 
 
 # -- the files beside dest ---------------------------------------------------------------------
