@@ -13,12 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from portsd.client.download import Download, download_all
 from portsd.errors import ConfigError, DownloadError
 from portsd.sign import PublicKey, SecretKey
-from tests.conftest import serving
+from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = os.urandom(300_000)  # several network chunks
 OTHER = os.urandom(300_000)
@@ -37,92 +36,9 @@ def signature(data: bytes, name: str = NAME, key: SecretKey = KEY) -> bytes:
 # -- a real server in a thread ---------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    """How the server answers for one path; mutable because some behaviours happen once."""
-
-    data: bytes
-    etag: str | None = '"v1"'
-    drop_after: int | None = None  # close the connection after this many body bytes ...
-    drops: int = 1  # ... this many times
-    stall_after: int | None = None  # send this many body bytes, then nothing for a minute
-    chunk_delay: float = 0.0
-    endless: bool = False  # after the data, garbage without end, chunked (no length)
-
-
-@dataclass(frozen=True)
-class Seen:
-    path: str
-    range: str | None
-    if_range: str | None
-    status: int
-
-
-@dataclass
-class Server:
-    files: dict[str, Served] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-    port: int = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.match_info["path"]
-        spec = self.files.get(path)
-        rng, if_range = request.headers.get("Range"), request.headers.get("If-Range")
-        status = 404 if spec is None else 200
-        if spec is not None and rng and not spec.endless:
-            if if_range is None or if_range == spec.etag:
-                status = 206
-        self.seen.append(Seen(path, rng, if_range, status))
-        if spec is None:
-            raise web.HTTPNotFound()
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if status == 206 and rng else 0
-        if start >= len(spec.data):
-            raise web.HTTPRequestRangeNotSatisfiable()
-        body = spec.data[start:]
-        response = web.StreamResponse(status=status)
-        if not spec.endless:
-            response.content_length = len(body)
-        if spec.etag:
-            response.headers["ETag"] = spec.etag
-        if status == 206:
-            response.headers["Content-Range"] = (
-                f"bytes {start}-{len(spec.data) - 1}/{len(spec.data)}"
-            )
-        await response.prepare(request)
-        try:
-            if spec.drop_after is not None and spec.drops > 0:
-                spec.drops -= 1
-                await response.write(body[: spec.drop_after])
-                await asyncio.sleep(0.05)  # let the client read them before the connection breaks
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if spec.stall_after is not None:
-                await response.write(body[: spec.stall_after])
-                await asyncio.sleep(60)
-                return response
-            for at in range(0, len(body), 16384):
-                await response.write(body[at : at + 16384])
-                if spec.chunk_delay:
-                    await asyncio.sleep(spec.chunk_delay)
-            while spec.endless:  # until the client hangs up
-                await response.write(b"\xff" * 65536)
-            await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        return response
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = Server()
-    app = web.Application()
-    app.router.add_get("/{path:.+}", srv.handle)
-    with serving(app, shutdown_timeout=0.1, access_log=None) as url:
-        srv.port = int(url.rsplit(":", 1)[1])
+    with range_server() as srv:
         yield srv
 
 

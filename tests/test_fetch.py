@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from portsd.errors import ChecksumMismatch, ConfigError, FetchError
 from portsd.fetch import Fetcher, FetchReporter, Mirror
 from portsd.recipe import Source
-from tests.conftest import serving
+from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = bytes(range(256)) * 800  # 204,800 bytes: several network chunks
 BAD = b"not the tarball you are looking for\n" * 100
@@ -35,95 +34,9 @@ def source(url: str, data: bytes = DATA, filename: str = "pkg-1.0.tar.gz") -> So
 # -- a real server in a thread ---------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    """How the server answers for one path; mutable because some behaviours happen once."""
-
-    data: bytes
-    etag: str | None = '"v1"'
-    ignore_range: bool = False
-    drop_after: int | None = None  # close the connection after this many body bytes ...
-    drops: int = 1  # ... this many times
-    stall_after: int | None = None  # send this many body bytes, then nothing
-    chunk_delay: float = 0.0
-    encoding: str | None = None
-    redirect: str | None = None
-
-
-@dataclass(frozen=True)
-class Seen:
-    path: str
-    range: str | None
-    if_range: str | None
-    status: int
-
-
-@dataclass
-class Server:
-    files: dict[str, Served] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-    port: int = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
-
-    def paths(self) -> list[str]:
-        return [s.path for s in self.seen]
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.match_info["path"]
-        spec = self.files.get(path)
-        status = 404 if spec is None else 302 if spec.redirect else 200
-        rng, if_range = request.headers.get("Range"), request.headers.get("If-Range")
-        if spec is not None and status == 200 and rng and not spec.ignore_range:
-            if if_range is None or if_range == spec.etag:
-                status = 206
-        self.seen.append(Seen(path, rng, if_range, status))
-        if spec is None:
-            raise web.HTTPNotFound()
-        if spec.redirect:
-            raise web.HTTPFound(spec.redirect)
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if status == 206 and rng else 0
-        if start >= len(spec.data):
-            raise web.HTTPRequestRangeNotSatisfiable()
-        body = spec.data[start:]
-        response = web.StreamResponse(status=status)
-        response.content_length = len(body)
-        if spec.etag:
-            response.headers["ETag"] = spec.etag
-        if spec.encoding:
-            response.headers["Content-Encoding"] = spec.encoding
-        if status == 206:
-            response.headers["Content-Range"] = (
-                f"bytes {start}-{len(spec.data) - 1}/{len(spec.data)}"
-            )
-        await response.prepare(request)
-        if spec.drop_after is not None and spec.drops > 0:
-            spec.drops -= 1
-            await response.write(body[: spec.drop_after])
-            await asyncio.sleep(0.02)  # let the client read them before the connection breaks
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        if spec.stall_after is not None:
-            await response.write(body[: spec.stall_after])
-            await asyncio.sleep(2)  # longer than any read timeout used here
-            return response
-        for at in range(0, len(body), 16384):
-            await response.write(body[at : at + 16384])
-            if spec.chunk_delay:
-                await asyncio.sleep(spec.chunk_delay)
-        await response.write_eof()
-        return response
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = Server()
-    app = web.Application()
-    app.router.add_get("/{path:.+}", srv.handle)
-    with serving(app, shutdown_timeout=0.1, access_log=None) as url:
-        srv.port = int(url.rsplit(":", 1)[1])
+    with range_server() as srv:
         yield srv
 
 
