@@ -163,6 +163,14 @@ def test_install_from_the_cache_runs_the_program(host: Host, tmp_path: Path) -> 
     orphan = ports("owner", "/etc/nothing", "--root", root, check=False)
     assert orphan.returncode == 1 and "not owned by any package" in orphan.stdout
 
+    assert "4 package(s) checked, 0 with differences" in ports("check", "--root", root).stdout
+    (root / "usr/bin/toptool").write_bytes(b"#!/bin/sh\necho tampered\n")
+    (root / "usr/include/top.h").unlink()
+    checked = ports("check", "--root", root, check=False)
+    assert checked.returncode == 1
+    assert "toptool: /usr/bin/toptool: content changed" in checked.stdout
+    assert "libtop: /usr/include/top.h: missing" in checked.stdout
+
 
 def test_cache_down_builds_from_source_with_identical_files(
     host: Host, tmp_path: Path, silent_port: int, refusing_port: int

@@ -93,6 +93,11 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _reading(p)
     p.set_defaults(handler="portsd.cli.query:files_command")
 
+    p = commands.add_parser("check", help="compare installed files with the database")
+    p.add_argument("names", nargs="*", metavar="NAME", help="default: every installed package")
+    _reading(p)
+    p.set_defaults(handler="portsd.cli.query:check_command")
+
     p = commands.add_parser("owner", help="which installed package owns a path")
     p.add_argument("path")
     _reading(p)

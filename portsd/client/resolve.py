@@ -84,6 +84,7 @@ class Offer:
     depends: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
+    summary: str = ""
 
     @classmethod
     def of(cls, recipe: Recipe, key: str) -> Offer:
@@ -96,6 +97,7 @@ class Offer:
             depends=tuple(str(dep) for dep in recipe.depends),
             provides=tuple(str(entry) for entry in recipe.provides),
             conflicts=tuple(str(entry) for entry in recipe.conflicts),
+            summary=recipe.summary,
         )
 
 

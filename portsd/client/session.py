@@ -157,6 +157,7 @@ def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bo
             info.depends,
             info.provides,
             info.conflicts,
+            info.summary,
         )
         sources.available[info.name] = offer
         sources.files[info.build_key] = path
