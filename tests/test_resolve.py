@@ -377,7 +377,7 @@ def test_index_entries_and_recipe_offers_are_candidates() -> None:
         "tool",
     )
     offer = Offer.of(recipe, key)
-    assert offer == Offer("tool", "2.1", 3, key, ("zlib>=1.0",), ("cc=1",), ("gcc",))
+    assert offer == Offer("tool", "2.1", 3, key, ("zlib>=1.0",), ("cc=1",), ("gcc",), "t")
     installed: Mapping[str, Candidate] = {"zlib": entry("zlib")}
     assert resolve({"tool": offer}, installed, ["cc"], origin="the ports tree").names() == ("tool",)
     with pytest.raises(ResolutionError, match="tool>3: the ports tree has tool 2.1-3"):
