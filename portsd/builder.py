@@ -417,3 +417,11 @@ def _remove(path: Path) -> None:
             if not os.path.islink(child):  # never chmod through a link, out of the tree
                 os.chmod(child, 0o700)
     shutil.rmtree(path)
+
+
+def step_of(line: str) -> str | None:
+    """The word a log line announces a step with (``==> build (in /src)``), or None: how
+    watchers of ``on_line`` follow a build, matching the lines ``_Build`` writes."""
+    if line.startswith("==> ") and ":" not in line:
+        return line[4:].split(" ")[0]
+    return None

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from portsd.builder import step_of
 from portsd.config import Config
 from portsd.errors import GitError, PortsdError
 from portsd.evaluate import Evaluation
@@ -385,8 +386,8 @@ class Daemon:
         return self.config.logs / port / f"{row}.log"
 
     def _line(self, row: int, line: str) -> None:
-        if line.startswith("==> ") and ":" not in line:
-            step = line[4:].split(" ")[0]
+        step = step_of(line)
+        if step is not None:
             with self._lock:
                 self._steps[row] = step
             self.events.publish("build", id=row, step=step)

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from portsd.builder import step_of
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import config_from, open_tree
 from portsd.pipeline import Revision, Workspace
@@ -91,11 +92,12 @@ class BuildDisplay:
 
     def step(self, name: str, line: str) -> None:
         """The builder's log line; "==> step" lines update the row of that build."""
-        if line.startswith("==> ") and ":" not in line:
+        step = step_of(line)
+        if step is not None:
             with self.lock:
                 task = self.running.get(name)
             if task is not None:
-                self.progress.update(task, description=f"{name}: {line[4:].split(' ')[0]}")
+                self.progress.update(task, description=f"{name}: {step}")
 
     # fetch.FetchReporter
     def started_download(self, port: str, filename: str, total: int | None) -> None:

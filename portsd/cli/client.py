@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from portsd.builder import step_of
 from portsd.cli.query import open_root, read_root, settings_from, size
 from portsd.client.download import Download
 from portsd.client.progress import Phase
@@ -316,11 +317,10 @@ class _Builds:
         self.display.print(f"building {build.name} from source")
 
     def step(self, name: str, line: str) -> None:
-        if line.startswith("==> ") and ":" not in line:
-            task = self.tasks.get(name)
-            if task is not None:
-                step = line[4:].split()[0]
-                self.display.progress.update(task, description=f"building {name}: {step}")
+        step = step_of(line)
+        task = self.tasks.get(name)
+        if step is not None and task is not None:
+            self.display.progress.update(task, description=f"building {name}: {step}")
 
     def finished(self, result: Result) -> None:
         with self.display.lock:
