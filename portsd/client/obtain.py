@@ -84,6 +84,7 @@ class Obtainer:
         self.reporter = reporter
         self.files = dict(files or {})  # build key -> a package file given by the user
         self.origins: dict[str, str] = {}  # build key -> where this run got its package
+        self.asked: set[str] = set()  # build keys the caches were asked for in this run
         self.lock = threading.Lock()  # the store is shared by build threads
 
     def obtain(self, packages: Sequence[Candidate]) -> dict[str, Obtained]:
@@ -115,6 +116,7 @@ class Obtainer:
 
     async def _substitute(self, packages: Sequence[Candidate]) -> None:
         """Download what the caches have of ``packages`` into the store, all at once."""
+        self.asked.update(p.key for p in packages)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             offers = await asyncio.gather(*(self._offer(session, p) for p in packages))
@@ -201,9 +203,11 @@ class Obtainer:
 
     def _runner(self, revision: Revision) -> Callable[[PlannedBuild, threading.Event], None]:
         def run(build: PlannedBuild, cancel: threading.Event) -> None:
-            # A build-root dependency a cache has need not be built either.
+            # A build-root dependency a cache has need not be built either (the packages
+            # asked for first were looked up already: no second round of cache queries).
             recipe = revision.graph.recipe(build.name)
-            if recipe is not None and self.settings.source is not SourcePolicy.ALWAYS:
+            substitutable = self.settings.source is not SourcePolicy.ALWAYS
+            if recipe is not None and substitutable and build.key not in self.asked:
                 try:
                     asyncio.run(self._substitute([Offer.of(recipe, build.key)]))
                 except PortsdError:

@@ -34,12 +34,11 @@ from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import load_config
 from portsd.discover import browse, trusted_caches
 from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
-from portsd.package import read_portinfo
+from portsd.package import SUFFIX, read_portinfo
 from portsd.pipeline import Workspace
 from portsd.recipe import Dependency
 from portsd.sign import verify_file
 
-PACKAGE_SUFFIX = ".pkg.tar.zst"
 DISCOVER_SECONDS = 1.5  # how long ``discover = true`` listens for caches before each run
 
 
@@ -133,7 +132,7 @@ def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bo
     files first. Each file's ``.minisig`` must verify with a trusted key unless ``unsigned``."""
     names = []
     for request in requests:
-        if not request.endswith(PACKAGE_SUFFIX):
+        if not request.endswith(SUFFIX):
             names.append(request)
             continue
         path = Path(request).absolute()
