@@ -40,12 +40,12 @@ import pygit2  # noqa: E402
 
 from bench.tree import synthetic_tree  # noqa: E402
 from portsd.config import load_config  # noqa: E402
-from portsd.evaluate import Evaluation  # noqa: E402
-from portsd.index import FORMAT, Index, IndexEntry, encode_entry, encode_index  # noqa: E402
-from portsd.index import PackageMeta as IndexMeta  # noqa: E402
-from portsd.package import PackageMeta, create_package  # noqa: E402
-from portsd.sign import SecretKey  # noqa: E402
-from portsd.tree import TreeLoader  # noqa: E402
+from portsd.core.evaluate import Evaluation  # noqa: E402
+from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index  # noqa: E402
+from portsd.core.index import PackageMeta as IndexMeta  # noqa: E402
+from portsd.pkg.package import PackageMeta, create_package  # noqa: E402
+from portsd.pkg.sign import SecretKey  # noqa: E402
+from portsd.tree.loader import TreeLoader  # noqa: E402
 from tests.daemon_harness import free_port  # noqa: E402
 
 

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgpack  # noqa: E402
 import zstandard  # noqa: E402
 
-from portsd.client.resolve import Catalog, Mode, resolve  # noqa: E402
+from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index  # noqa: E402
+from portsd.core.resolve import Catalog, Mode, resolve  # noqa: E402
 from portsd.gcpause import paused_gc  # noqa: E402
-from portsd.index import FORMAT, Index, IndexEntry, decode_index, encode_index  # noqa: E402
 
 SEED = 20_250_101
 CORE = (

@@ -52,11 +52,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from portsd.config import Config  # noqa: E402
-from portsd.events import EventBus  # noqa: E402
-from portsd.repo import Repository  # noqa: E402
-from portsd.server.engine import EngineStatus, PlanGraph  # noqa: E402
-from portsd.sign import SecretKey  # noqa: E402
-from portsd.state import BuildState, State  # noqa: E402
+from portsd.daemon.events import EventBus  # noqa: E402
+from portsd.daemon.server.engine import EngineStatus, PlanGraph  # noqa: E402
+from portsd.daemon.state import BuildState, State  # noqa: E402
+from portsd.pkg.repo import Repository  # noqa: E402
+from portsd.pkg.sign import SecretKey  # noqa: E402
 
 ARCH = "x86_64"
 FILES = {"1MB": 1 << 20, "64MB": 64 << 20}
@@ -120,7 +120,7 @@ def serve(state_dir: Path, port: int) -> None:
     """Run the daemon's application on 127.0.0.1:``port`` until SIGTERM."""
     from aiohttp import web
 
-    from portsd.server.app import create_app, create_runner
+    from portsd.daemon.server.app import create_app, create_runner
 
     async def main() -> None:
         config = Config(state_dir=state_dir)

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pygit2  # noqa: E402
 
-from portsd.evaluate import Evaluation  # noqa: E402
-from portsd.gitrepo import GitRepo, GitSnapshot  # noqa: E402
-from portsd.graph import Graph  # noqa: E402
-from portsd.keys import KeySet  # noqa: E402
-from portsd.plan import make_plan  # noqa: E402
-from portsd.recipe import parse_recipe  # noqa: E402
-from portsd.tree import TreeLoader  # noqa: E402
+from portsd.core.evaluate import Evaluation  # noqa: E402
+from portsd.core.graph import Graph  # noqa: E402
+from portsd.core.keys import KeySet  # noqa: E402
+from portsd.core.plan import make_plan  # noqa: E402
+from portsd.core.recipe import parse_recipe  # noqa: E402
+from portsd.tree.gitrepo import GitRepo, GitSnapshot  # noqa: E402
+from portsd.tree.loader import TreeLoader  # noqa: E402
 
 PORTS = 30_000
 SEED = 20_240_601

@@ -1,7 +1,7 @@
 """The HTTP surface under test: a real signed repository with real packages, a real sqlite
 state, a small real engine, and the real application on a loopback port.
 
-``TinyEngine`` is a complete implementation of ``portsd.server.engine.Engine`` without a
+``TinyEngine`` is a complete implementation of ``portsd.daemon.server.engine.Engine`` without a
 build engine: it reports what the database says and records what it was asked to do.
 """
 
@@ -27,14 +27,14 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from portsd.config import Config
-from portsd.events import EventBus
-from portsd.index import IndexEntry
-from portsd.package import PackageMeta, create_package
-from portsd.repo import Repository
-from portsd.server.app import create_app, create_runner
-from portsd.server.engine import EngineStatus, PlanGraph, Running
-from portsd.sign import SecretKey
-from portsd.state import BuildState, State
+from portsd.core.index import IndexEntry
+from portsd.daemon.events import EventBus
+from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.server.engine import EngineStatus, PlanGraph, Running
+from portsd.daemon.state import BuildState, State
+from portsd.pkg.package import PackageMeta, create_package
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 
 ARCH = "x86_64"
 EPOCH = 1_700_000_000

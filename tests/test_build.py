@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from portsd.package import extract_package
-from portsd.repo import Repository
-from portsd.sign import PublicKey
+from portsd.pkg.package import extract_package
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import PublicKey
 from tests.conftest import SourceServer
 from tests.fixtures import commit_all
 

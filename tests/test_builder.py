@@ -1,4 +1,4 @@
-"""portsd.builder: real builds of tiny C projects with gcc and make in the real sandbox."""
+"""portsd.build.builder: real builds of tiny C projects with gcc and make in the real sandbox."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from portsd import styles
-from portsd.builder import (
+from portsd.build import styles
+from portsd.build.builder import (
     BuildRequest,
     build_port,
     compose_root,
@@ -28,11 +28,11 @@ from portsd.builder import (
     is_archive,
     prepare_script,
 )
+from portsd.core.recipe import BuildStyle, Recipe, Step, parse_recipe
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict
-from portsd.package import extract_package
-from portsd.recipe import BuildStyle, Recipe, Step, parse_recipe
-from portsd.repo import Repository
-from portsd.sign import PublicKey
+from portsd.pkg.package import extract_package
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import PublicKey
 from tests.fixtures import commit_all, git
 from tests.processes import marker, processes_with
 

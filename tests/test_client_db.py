@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from portsd.archive import FileType
 from portsd.client.db import (
     Change,
     InstalledFile,
@@ -18,6 +17,7 @@ from portsd.client.db import (
     satisfies,
 )
 from portsd.errors import PackageDbError
+from portsd.pkg.archive import FileType
 
 
 def package(

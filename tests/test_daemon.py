@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from portsd.evaluate import Evaluation
-from portsd.index import decode_index
-from portsd.repo import Repository
-from portsd.sign import PublicKey, verify
-from portsd.tree import TreeLoader
+from portsd.core.evaluate import Evaluation
+from portsd.core.index import decode_index
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import PublicKey, verify
+from portsd.tree.loader import TreeLoader
 from tests.browser import chromium, mark, same_page, text, until
 from tests.conftest import SourceServer
 from tests.daemon_harness import RunningDaemon, portsd

@@ -35,7 +35,8 @@ from rich.console import Console
 from portsd.cli.discover import discover
 from portsd.cli.options import add_discover_options
 from portsd.config import Config
-from portsd.discover import (
+from portsd.errors import ConfigError, DiscoveryError
+from portsd.pkg.discover import (
     PROTOCOL,
     Advertiser,
     Announcement,
@@ -47,8 +48,7 @@ from portsd.discover import (
     parse_advert,
     trusted_caches,
 )
-from portsd.errors import ConfigError, DiscoveryError
-from portsd.sign import PublicKey, SecretKey
+from portsd.pkg.sign import PublicKey, SecretKey
 from tests.daemon_harness import portsd
 
 T = TypeVar("T")
@@ -315,7 +315,7 @@ def test_a_stopped_advertiser_leaves_a_running_browse(
     lan: Lan, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A browse that saw the cache drops it on the goodbyes, before its window ends."""
-    caplog.set_level(logging.DEBUG, logger="portsd.discover")
+    caplog.set_level(logging.DEBUG, logger="portsd.pkg.discover")
     advertiser = Advertiser(announcement(key()))
     lan.a.run(advertiser.start())
     browsing = asyncio.run_coroutine_threadsafe(browse_async(3.0, [ADDRESS_B]), lan.b.loop)

@@ -16,7 +16,7 @@ import pytest
 
 from portsd.client.download import Download, download_all
 from portsd.errors import ConfigError, DownloadError
-from portsd.sign import PublicKey, SecretKey
+from portsd.pkg.sign import PublicKey, SecretKey
 from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = os.urandom(300_000)  # several network chunks

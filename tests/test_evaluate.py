@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from portsd.core.evaluate import Evaluation, changes_between
+from portsd.core.graph import Change
+from portsd.core.recipe import Recipe, parse_recipe
 from portsd.errors import Problem, RecipeError
-from portsd.evaluate import Evaluation, changes_between
-from portsd.graph import Change
-from portsd.recipe import Recipe, parse_recipe
 
 ARCH = "x86_64"
 

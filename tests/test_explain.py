@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from portsd.core.explain import Evaluated, Touch, explain
+from portsd.core.graph import Graph
+from portsd.core.keys import KeySet
+from portsd.core.recipe import Recipe
 from portsd.errors import Problem, RecipeError
-from portsd.explain import Evaluated, Touch, explain
-from portsd.graph import Graph
-from portsd.keys import KeySet
-from portsd.recipe import Recipe
 from tests.test_graph import port
 
 

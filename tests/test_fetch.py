@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from portsd.build.fetch import Fetcher, FetchReporter, Mirror
+from portsd.core.recipe import Source
 from portsd.errors import ChecksumMismatch, ConfigError, FetchError
-from portsd.fetch import Fetcher, FetchReporter, Mirror
-from portsd.recipe import Source
 from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = bytes(range(256)) * 800  # 204,800 bytes: several network chunks

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portsd.core.graph import Change, Graph
+from portsd.core.recipe import Dependency, Recipe
 from portsd.errors import DependencyCycle, MissingDependency, Problem, RecipeError
-from portsd.graph import Change, Graph
-from portsd.recipe import Dependency, Recipe
 
 
 def port(

@@ -13,9 +13,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import portsd.index
-from portsd.errors import IndexExpired, RepoError, RollbackDetected
-from portsd.index import (
+import portsd.core.index
+from portsd.core.index import (
     FORMAT,
     Index,
     IndexEntry,
@@ -29,6 +28,7 @@ from portsd.index import (
     with_entry,
     without,
 )
+from portsd.errors import IndexExpired, RepoError, RollbackDetected
 
 KEY = "ab" * 32
 SHA = "cd" * 32
@@ -363,7 +363,7 @@ def test_expired_index_is_refused() -> None:
 
 
 def test_index_module_is_pure() -> None:
-    source = Path(portsd.index.__file__).read_text()
+    source = Path(portsd.core.index.__file__).read_text()
     tree = ast.parse(source)
     imported = {
         alias.name
@@ -385,8 +385,8 @@ def test_index_module_is_pure() -> None:
         "msgpack",
         "zstandard",
         "portsd.errors",
-        "portsd.recipe",
-        "portsd.version",
+        "portsd.core.recipe",
+        "portsd.core.version",
     }
     calls = {
         node.func.id

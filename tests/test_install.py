@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from portsd.client.transaction import Installed
-from portsd.repo import Repository
-from portsd.sign import SecretKey
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 from tests.conftest import SourceServer, serving, serving_files
 from tests.daemon_harness import RunningDaemon, portsd
 from tests.fixtures import commit_all, git, write_tree

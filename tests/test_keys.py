@@ -9,11 +9,11 @@ from dataclasses import replace
 import msgpack
 import pytest
 
+from portsd.core.graph import Graph
+from portsd.core.keys import BUILDER_FORMAT, KeySet, build_key
+from portsd.core.plan import make_plan
+from portsd.core.recipe import Recipe, Source
 from portsd.errors import BrokenDependency, DependencyCycle, Problem, RecipeError
-from portsd.graph import Graph
-from portsd.keys import BUILDER_FORMAT, KeySet, build_key
-from portsd.plan import make_plan
-from portsd.recipe import Recipe, Source
 from tests.test_graph import port
 
 SHA_A = "a" * 64

@@ -25,9 +25,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portsd.archive import TarHeader, TarStream, member_header, read_header, write_members
 from portsd.errors import PackageError, UnsafeArchive
-from portsd.package import (
+from portsd.pkg.archive import TarHeader, TarStream, member_header, read_header, write_members
+from portsd.pkg.package import (
     PACKAGE_FORMAT,
     FileEntry,
     FileType,

@@ -23,14 +23,14 @@ from aiohttp import web
 from selenium.webdriver.chrome.webdriver import WebDriver
 
 from portsd.config import Config
-from portsd.events import EventBus
-from portsd.repo import Repository
-from portsd.server import page
-from portsd.server.app import create_app, create_runner
-from portsd.server.engine import EngineStatus, PlanGraph, PlanNode, Running
-from portsd.server.graphview import BLOCKED, COLOURS, UP_TO_DATE, GraphView, state_class
-from portsd.sign import SecretKey
-from portsd.state import BuildState, NewBuild, State
+from portsd.daemon.events import EventBus
+from portsd.daemon.server import page
+from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.server.engine import EngineStatus, PlanGraph, PlanNode, Running
+from portsd.daemon.server.graphview import BLOCKED, COLOURS, UP_TO_DATE, GraphView, state_class
+from portsd.daemon.state import BuildState, NewBuild, State
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 from tests.browser import chromium, mark, same_page, text, until
 
 ARCH = "x86_64"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portsd.errors import RecipeError
-from portsd.recipe import (
+from portsd.core.recipe import (
     BuildStyle,
     Dependency,
     Recipe,
@@ -14,7 +13,8 @@ from portsd.recipe import (
     parse_recipe,
     source_line,
 )
-from portsd.version import Op
+from portsd.core.version import Op
+from portsd.errors import RecipeError
 
 PATH = "ports/zlib/port.toml"
 SHA = "9a93b2b7dfdac77ceba5a558a580e74667dd6fede4585b91eefb60f03b72df23"

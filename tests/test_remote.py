@@ -22,11 +22,11 @@ from portsd.client.db import PackageDb
 from portsd.client.download import Download, download_all
 from portsd.client.remote import Caches, Substitute, ask_for_key, open_caches
 from portsd.config import Config
+from portsd.daemon.state import State
 from portsd.errors import ConfigError, DownloadError
-from portsd.package import PackageMeta, create_package
-from portsd.repo import DEFAULT_EXPIRY, SIG_SUFFIX, Repository
-from portsd.sign import PublicKey, SecretKey
-from portsd.state import State
+from portsd.pkg.package import PackageMeta, create_package
+from portsd.pkg.repo import DEFAULT_EXPIRY, SIG_SUFFIX, Repository
+from portsd.pkg.sign import PublicKey, SecretKey
 from tests.serving import World, serving
 
 ARCH = "x86_64"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from portsd.core.index import PackageMeta
 from portsd.errors import BadSignature, RepoError
-from portsd.index import PackageMeta
-from portsd.repo import DEFAULT_EXPIRY, INDEX_NAME, SIG_SUFFIX, Repository
-from portsd.sign import PublicKey, SecretKey
+from portsd.pkg.repo import DEFAULT_EXPIRY, INDEX_NAME, SIG_SUFFIX, Repository
+from portsd.pkg.sign import PublicKey, SecretKey
 
 ARCH = "x86_64"
 MINISIGN = shutil.which("minisign")
@@ -377,8 +377,8 @@ import sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[5]]
 from test_repo import ARCH, meta, package
-from portsd.repo import Repository
-from portsd.sign import SecretKey
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 
 root, key_file, work, start = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 repo = Repository(root, ARCH, SecretKey.load(key_file))

@@ -11,7 +11,9 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 
-from portsd.client.resolve import (
+from portsd.core.index import IndexEntry
+from portsd.core.recipe import Dependency, parse_recipe
+from portsd.core.resolve import (
     Action,
     Candidate,
     Catalog,
@@ -21,10 +23,8 @@ from portsd.client.resolve import (
     Step,
     resolve,
 )
+from portsd.core.version import full_version
 from portsd.errors import InstallError, ResolutionError
-from portsd.index import IndexEntry
-from portsd.recipe import Dependency, parse_recipe
-from portsd.version import full_version
 
 
 def pkg(

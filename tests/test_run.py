@@ -1,4 +1,4 @@
-"""portsd.run: real child processes, real process trees, checked through /proc."""
+"""portsd.build.run: real child processes, real process trees, checked through /proc."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from portsd.run import RunResult, describe, run
+from portsd.build.run import RunResult, describe, run
 from tests.processes import marker, wait_until_gone
 
 

@@ -1,4 +1,4 @@
-"""portsd.sandbox: the argument vectors (pure), then the same vectors run for real."""
+"""portsd.build.sandbox: the argument vectors (pure), then the same vectors run for real."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from portsd import sandbox
+from portsd.build import sandbox
+from portsd.build.run import run
+from portsd.build.sandbox import Host, Mount, SandboxSpec
 from portsd.errors import ConfigError
-from portsd.run import run
-from portsd.sandbox import Host, Mount, SandboxSpec
 from tests.processes import processes_with
 
 HOST = Host(
@@ -301,7 +301,7 @@ def test_sandbox_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     spec = real_spec(tmp_path, root=None)
     argv = sandbox.command(spec, ["sh", "-c", f"setsid sleep {tag} & sleep {tag}"])
     daemon = subprocess.Popen(
-        [sys.executable, "-c", f"from portsd.run import run; run({argv!r})"],
+        [sys.executable, "-c", f"from portsd.build.run import run; run({argv!r})"],
         start_new_session=True,
     )
     try:

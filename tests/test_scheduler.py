@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from portsd.build.scheduler import Collector, Outcome, Result, Scheduler, run_plan
+from portsd.core.plan import Plan, PlannedBuild, critical_path
 from portsd.errors import BuildError
-from portsd.plan import Plan, PlannedBuild, critical_path
-from portsd.scheduler import Collector, Outcome, Result, Scheduler, run_plan
 
 
 def plan_of(needs: dict[str, tuple[str, ...]]) -> Plan:

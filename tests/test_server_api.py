@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from portsd.events import EventBus
-from portsd.server.api import MAX_BODY
-from portsd.server.app import COUNTERS, create_app, create_runner
-from portsd.state import BuildRow, BuildState, NewBuild, State
+from portsd.daemon.events import EventBus
+from portsd.daemon.server.api import MAX_BODY
+from portsd.daemon.server.app import COUNTERS, create_app, create_runner
+from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from tests.serving import (
     ARCH,
     CANARY,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from portsd.repo import INDEX_NAME
-from portsd.server.app import COUNTERS
-from portsd.server.files import _OPEN, Unsatisfiable, parse_range, plan_reply
+from portsd.daemon.server.app import COUNTERS
+from portsd.daemon.server.files import _OPEN, Unsatisfiable, parse_range, plan_reply
+from portsd.pkg.repo import INDEX_NAME
 from tests.serving import ARCH, CANARY, TOKEN, Server, World, make_world, run, tls_context
 
 INDEX = f"/repo/{ARCH}/{INDEX_NAME}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from portsd.errors import BadSignature, ConfigError
-from portsd.sign import PublicKey, SecretKey, verify, verify_file
+from portsd.pkg.sign import PublicKey, SecretKey, verify, verify_file
 
 MINISIGN = shutil.which("minisign")  # a test dependency: stock minisign is the reference
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from portsd.state import BuildState, NewBuild, State, StateError
+from portsd.daemon.state import BuildState, NewBuild, State, StateError
 
 KEY_A, KEY_B, KEY_C = "a" * 64, "b" * 64, "c" * 64
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from portsd.archive import FileEntry, FileType
 from portsd.client import Checkpoint, Installed, InstallReason, Progress, RecoveryAction
 from portsd.errors import (
     BrokenDependencies,
@@ -36,7 +35,8 @@ from portsd.errors import (
     RootLocked,
     UnsafeArchive,
 )
-from portsd.package import PackageMeta, PortInfo, create_package, read_portinfo
+from portsd.pkg.archive import FileEntry, FileType
+from portsd.pkg.package import PackageMeta, PortInfo, create_package, read_portinfo
 
 EPOCH = 315_532_800
 DB_DIR = "var/lib/ports"
@@ -709,7 +709,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from portsd.client import Installed, Progress
-from portsd.package import read_portinfo
+from portsd.pkg.package import read_portinfo
 
 root, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
 
@@ -1118,7 +1118,7 @@ IN_NAMESPACE = """
 import json, os, subprocess, sys, time
 from pathlib import Path
 from portsd.client import Installed, Progress
-from portsd.package import read_portinfo
+from portsd.pkg.package import read_portinfo
 
 root, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "usr")], check=True)

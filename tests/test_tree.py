@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from portsd.core.evaluate import Evaluation
+from portsd.core.recipe import Recipe
 from portsd.errors import GitError, RecipeError
-from portsd.evaluate import Evaluation
-from portsd.gitrepo import (
+from portsd.tree.gitrepo import (
     DirSnapshot,
     FileMode,
     GitRepo,
@@ -22,8 +23,7 @@ from portsd.gitrepo import (
     hash_object,
     tree_object,
 )
-from portsd.recipe import Recipe
-from portsd.tree import CACHE_FILE, Tree, TreeLoader, combined_id
+from portsd.tree.loader import CACHE_FILE, Tree, TreeLoader, combined_id
 
 SHA = "0" * 64
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portsd.version import VERSION_PATTERN, Op, satisfies, vercmp
+from portsd.core.version import VERSION_PATTERN, Op, satisfies, vercmp
 
 # pacman's test/util/vercmptest.sh, verbatim.
 PACMAN_TABLE = [

@@ -21,12 +21,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from portsd.builder import step_of
+from portsd.build.builder import step_of
+from portsd.build.pipeline import Revision, Workspace
+from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import config_from, open_tree
-from portsd.pipeline import Revision, Workspace
-from portsd.plan import PlannedBuild, critical_path, make_plan
-from portsd.scheduler import Outcome, Result, run_plan
+from portsd.core.plan import PlannedBuild, critical_path, make_plan
 
 
 class BuildDisplay:

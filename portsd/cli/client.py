@@ -24,20 +24,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from portsd.builder import step_of
+from portsd.build.builder import step_of
+from portsd.build.scheduler import Outcome, Result
 from portsd.cli.query import open_root, read_root, settings_from, size
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
-from portsd.client.resolve import Action, Candidate, Mode, Resolution
 from portsd.client.session import Sources, add_package_files, install, open_sources, remove
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
+from portsd.core.plan import PlannedBuild
+from portsd.core.resolve import Action, Candidate, Mode, Resolution
+from portsd.core.version import full_version
 from portsd.errors import InstallError
-from portsd.package import PortInfo
-from portsd.plan import PlannedBuild
-from portsd.scheduler import Outcome, Result
-from portsd.version import full_version
+from portsd.pkg.package import PortInfo
 
 # -- changing the root ---------------------------------------------------------------------
 

@@ -17,16 +17,16 @@ from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
+from portsd.build.pipeline import ensure_signing_key
 from portsd.cli import run_main
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
-from portsd.daemon import Daemon
-from portsd.discover import Advertiser, announcement_for
+from portsd.daemon.initrepo import init_repository, state_of
+from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.service import Daemon
 from portsd.errors import ConfigError, PortsdError
 from portsd.fsio import write_atomic
-from portsd.initrepo import init_repository, state_of
-from portsd.pipeline import ensure_signing_key
-from portsd.server.app import create_app, create_runner
+from portsd.pkg.discover import Advertiser, announcement_for
 
 log = logging.getLogger("portsd")
 ADDRESS_FILE = "daemon.url"

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from portsd.client.settings import load_settings
-from portsd.discover import BROWSE_SECONDS, Verdict, browse, trusted_caches
+from portsd.pkg.discover import BROWSE_SECONDS, Verdict, browse, trusted_caches
 
 _STYLE = {
     Verdict.TRUSTED: "green",

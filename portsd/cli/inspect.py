@@ -12,14 +12,14 @@ from rich.tree import Tree as RichTree
 
 from portsd.cli.workspace import config_from, open_tree
 from portsd.config import Config
+from portsd.core.evaluate import Evaluation
+from portsd.core.explain import Evaluated, Touch, explain
+from portsd.core.graph import Graph
 from portsd.errors import ConfigError, GitError, RecipeError, RepoError
-from portsd.evaluate import Evaluation
-from portsd.explain import Evaluated, Touch, explain
-from portsd.gitrepo import GitRepo, GitSnapshot
-from portsd.graph import Graph
-from portsd.repo import Repository
-from portsd.sign import PublicKey
-from portsd.tree import TreeLoader
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import PublicKey
+from portsd.tree.gitrepo import GitRepo, GitSnapshot
+from portsd.tree.loader import TreeLoader
 
 
 def lint(args: argparse.Namespace, console: Console) -> int:

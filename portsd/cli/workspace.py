@@ -6,9 +6,9 @@ import argparse
 import os
 from pathlib import Path
 
-from portsd.checkout import Checkout, open_checkout
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
+from portsd.tree.checkout import Checkout, open_checkout
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> Config:

@@ -28,10 +28,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from portsd.archive import FileType
+from portsd.core.recipe import Dependency
+from portsd.core.version import full_version
 from portsd.errors import PackageDbError
-from portsd.recipe import Dependency
-from portsd.version import full_version
+from portsd.pkg.archive import FileType
 
 SCHEMA_VERSION = 1
 

@@ -37,8 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from portsd.errors import BadSignature, ConfigError, DownloadError
-from portsd.fetch import (
+from portsd.build.fetch import (
     Mismatch,
     Unavailable,
     body_range,
@@ -46,8 +45,9 @@ from portsd.fetch import (
     hash_prefix,
     strong_validator,
 )
+from portsd.errors import BadSignature, ConfigError, DownloadError
 from portsd.fsio import fsync_dir
-from portsd.sign import PublicKey, verify_file
+from portsd.pkg.sign import PublicKey, verify_file
 
 STALL_TIMEOUT = 30.0
 """Seconds without a byte before a transfer is abandoned (resumed, or the next URL tried)."""

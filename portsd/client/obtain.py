@@ -28,16 +28,16 @@ from typing import Protocol
 
 import aiohttp
 
-from portsd.checkout import Checkout
+from portsd.build.pipeline import Revision, Workspace
+from portsd.build.scheduler import Outcome, Reporter, run_plan
 from portsd.client.download import Download, DownloadReporter, download_all
 from portsd.client.remote import Caches, Substitute, ask_for_key
-from portsd.client.resolve import Candidate, Offer
 from portsd.client.settings import ClientSettings, SourcePolicy
+from portsd.core.plan import PlannedBuild, critical_path, make_plan
+from portsd.core.resolve import Candidate, Offer
 from portsd.errors import PackageError, PortsdError, Unobtainable
-from portsd.package import PortInfo, read_portinfo
-from portsd.pipeline import Revision, Workspace
-from portsd.plan import PlannedBuild, critical_path, make_plan
-from portsd.scheduler import Outcome, Reporter, run_plan
+from portsd.pkg.package import PortInfo, read_portinfo
+from portsd.tree.checkout import Checkout
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from portsd.archive import FileEntry, FileType
 from portsd.client.db import (
     Change,
     InstalledFile,
@@ -46,7 +45,8 @@ from portsd.client.db import (
 from portsd.client.journal import DB_DIR, TX_DIR, Op, OpKind
 from portsd.client.rootfs import RootFs, kind_of
 from portsd.errors import FileConflict, FileTypeConflict, InvalidTransaction, RootError
-from portsd.package import PortInfo
+from portsd.pkg.archive import FileEntry, FileType
+from portsd.pkg.package import PortInfo
 
 CONFIG_DIR = "etc/"
 NEW_SUFFIX = ".portsnew"

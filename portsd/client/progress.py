@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from portsd.package import PortInfo
+from portsd.pkg.package import PortInfo
 
 
 class Phase(StrEnum):

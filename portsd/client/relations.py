@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from portsd.client.db import InstalledPackage, satisfies
 from portsd.client.planner import Request
+from portsd.core.version import full_version
 from portsd.errors import BrokenDependencies, InvalidTransaction
-from portsd.version import full_version
 
 
 def check_relations(

@@ -5,7 +5,7 @@ A cache is a portsd daemon's base URL. ``open_caches`` reads each one's
 passes every check, in the configured order:
 
 * the signature verifies with one of the trusted keys (a key we do not trust is refused);
-* the index decodes within ``portsd.index.MAX_INDEX_BYTES`` and is for our architecture;
+* the index decodes within ``portsd.core.index.MAX_INDEX_BYTES`` and is for our architecture;
 * it is fresh: its serial is not lower than the highest already seen for its signing key
   (recorded in a ``SerialBook``, and counting the other caches read in the same call), and
   it has not expired.
@@ -33,13 +33,13 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 
+from portsd.build.fetch import Unavailable
 from portsd.client.download import MAX_SIGNATURE_BYTES, NoAnswer, get_bytes
+from portsd.core.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
 from portsd.errors import BadSignature, ConfigError, RepoError
-from portsd.fetch import Unavailable
 from portsd.gcpause import paused_gc
-from portsd.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
-from portsd.repo import INDEX_NAME, SIG_SUFFIX
-from portsd.sign import PublicKey, verify
+from portsd.pkg.repo import INDEX_NAME, SIG_SUFFIX
+from portsd.pkg.sign import PublicKey, verify
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Bytes of a substituter answer: one entry in JSON is well under a kilobyte."""

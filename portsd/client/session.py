@@ -23,21 +23,21 @@ from typing import Protocol
 
 import aiohttp
 
-from portsd.checkout import Checkout, open_checkout
+from portsd.build.pipeline import Workspace
 from portsd.client.db import InstallReason
 from portsd.client.obtain import Obtainer, ObtainReporter
 from portsd.client.progress import Progress
 from portsd.client.remote import Caches, SerialBook, open_caches
-from portsd.client.resolve import Action, Candidate, Mode, Offer, Resolution, resolve
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import load_config
-from portsd.discover import browse, trusted_caches
+from portsd.core.recipe import Dependency
+from portsd.core.resolve import Action, Candidate, Mode, Offer, Resolution, resolve
 from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
-from portsd.package import SUFFIX, read_portinfo
-from portsd.pipeline import Workspace
-from portsd.recipe import Dependency
-from portsd.sign import verify_file
+from portsd.pkg.discover import browse, trusted_caches
+from portsd.pkg.package import SUFFIX, read_portinfo
+from portsd.pkg.sign import verify_file
+from portsd.tree.checkout import Checkout, open_checkout
 
 DISCOVER_SECONDS = 1.5  # how long ``discover = true`` listens for caches before each run
 

@@ -23,7 +23,7 @@ from typing import Any
 import rtoml
 
 from portsd.errors import ConfigError
-from portsd.sign import PublicKey
+from portsd.pkg.sign import PublicKey
 
 DEFAULT_FILE = Path("/etc/ports.toml")
 

@@ -15,13 +15,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from portsd.archive import FileType
 from portsd.client.journal import Journal, JournalState, roll_back
 from portsd.client.planner import Placement, Plan, Request
 from portsd.client.progress import Phase, Progress
 from portsd.client.rootfs import RootFs
 from portsd.errors import PackageError, RootError
-from portsd.package import PackageReader
+from portsd.pkg.archive import FileType
+from portsd.pkg.package import PackageReader
 
 _NS = 1_000_000_000
 

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from portsd.archive import FileType
 from portsd.client import journal
 from portsd.client.db import (
     InstalledFile,
@@ -71,9 +70,10 @@ from portsd.client.progress import Checkpoint, Phase, Progress
 from portsd.client.relations import check_relations, install_order
 from portsd.client.rootfs import RootFs
 from portsd.client.staging import stage_all
+from portsd.core.version import full_version
 from portsd.errors import InvalidTransaction, PackageDbError
-from portsd.package import PortInfo
-from portsd.version import full_version
+from portsd.pkg.archive import FileType
+from portsd.pkg.package import PortInfo
 
 __all__ = [
     "Checkpoint",

@@ -1,0 +1,1 @@
+"""Building: sources, the sandbox, one build, the pipeline to a package, the scheduler."""

@@ -1,0 +1,206 @@
+"""From one planned build to a published package.
+
+For each build: export the port directory and the repository paths its ``path`` sources
+name from the tree, fetch its url sources, unpack the packages of its build root from the
+repository, build in the sandbox, pack DESTDIR into a deterministic package and publish it
+(package, signature, then a new index). The build's work directory is removed afterwards;
+its log stays.
+
+``ports build`` and the daemon share this; they differ in what they plan and how they
+report progress.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from portsd.build.builder import BuildRequest, build_port
+from portsd.build.fetch import Fetcher, FetchReporter
+from portsd.build.store import Store
+from portsd.config import Config
+from portsd.core.evaluate import Evaluation
+from portsd.core.graph import Graph
+from portsd.core.index import IndexEntry
+from portsd.core.keys import KeySet
+from portsd.core.plan import PlannedBuild
+from portsd.errors import RepoError
+from portsd.pkg.package import PackageMeta, create_package
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
+
+SOURCE_DATE_EPOCH = 315532800
+"""1980-01-01, for every build: a function of no input but the builder, so packages are
+byte-identical across machines and commits, and old enough for zip-based formats."""
+
+
+class PortSource(Protocol):
+    """Where port directories come from: a git commit or a plain directory."""
+
+    def export_port(self, name: str, dest: Path) -> None: ...
+
+    def export_paths(self, name: str, dest: Path) -> dict[str, Path]:
+        """The port's ``path`` sources written under ``dest``: filename -> where."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One evaluated revision of the tree, as every build planned from it sees it.
+
+    ``commit`` is recorded in the index as provenance; None for a plain directory.
+    """
+
+    ports: PortSource
+    evaluation: Evaluation
+    commit: str | None
+
+    @property
+    def graph(self) -> Graph:
+        return self.evaluation.graph
+
+    @property
+    def keys(self) -> KeySet:
+        return self.evaluation.keys
+
+
+@dataclass(slots=True)
+class Workspace:
+    """The long-lived pieces a builder needs: repository, sources, unpacked packages."""
+
+    config: Config
+    repo: Repository
+    fetcher: Fetcher
+    store: Store
+    hidden: tuple[Path, ...] = field(default=())
+
+    @classmethod
+    def open(cls, config: Config, reporter: FetchReporter | None = None) -> Workspace:
+        """Open (creating on first use) everything under the config's state directory."""
+        for directory in (config.state_dir, config.work, config.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        key = ensure_signing_key(config)
+        repo = Repository(
+            config.repo, config.arch, key, expires_in=int(config.index_expiry_days * 86400)
+        )
+        fetcher = Fetcher(config.distfiles, config.mirrors, reporter=reporter)
+        hidden = (config.state_dir.resolve(), config.secret_key.resolve())
+        return cls(config, repo, fetcher, Store(config.store), hidden)
+
+    def present(self) -> Container[str]:
+        """The build keys the repository can serve without building."""
+        return self.repo.stored_keys()
+
+    def log_path(self, build: PlannedBuild) -> Path:
+        return self.config.logs / build.name / f"{build.key[:12]}.log"
+
+    def build(
+        self,
+        revision: Revision,
+        build: PlannedBuild,
+        cancel: threading.Event,
+        *,
+        log: Path | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> IndexEntry:
+        """Build, pack and publish one planned port; raises a PortsdError on failure."""
+        recipe = revision.graph.recipe(build.name)
+        assert recipe is not None, f"{build.name} was planned without a recipe"
+        log = log or self.log_path(build)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        with self._workdir(build) as workdir:
+            port_dir = workdir / "port"
+            revision.ports.export_port(build.name, port_dir)
+            urls = [source for source in recipe.sources if source.url is not None]
+            sources = self.fetcher.fetch_sync(build.name, urls)
+            sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
+            roots = tuple(
+                self._unpacked(revision, dep)
+                for dep in revision.keys.build_root(revision.graph, build.name)
+            )
+            result = build_port(
+                BuildRequest(
+                    recipe=recipe,
+                    key=build.key,
+                    port_dir=port_dir,
+                    sources=sources,
+                    workdir=workdir / "build",
+                    log=log,
+                    arch=self.config.arch,
+                    dependency_roots=roots,
+                    jobs=self.config.make_jobs,
+                    timeout=self.config.build_timeout,
+                    source_date_epoch=SOURCE_DATE_EPOCH,
+                    hidden=self.hidden,
+                    on_line=on_line,
+                    cancel=cancel,
+                )
+            )
+            meta = PackageMeta(
+                name=recipe.name,
+                version=recipe.version,
+                release=recipe.release,
+                arch=self.config.arch,
+                build_key=build.key,
+                summary=recipe.summary,
+                license=recipe.license,
+                depends=tuple(str(dep) for dep in recipe.depends),
+                provides=tuple(str(entry) for entry in recipe.provides),
+                conflicts=tuple(str(entry) for entry in recipe.conflicts),
+            )
+            built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
+            return self.repo.publish(built.path, built.info.index_meta(), commit=revision.commit)
+
+    def _unpacked(self, revision: Revision, name: str) -> Path:
+        key = revision.keys.keys[name]
+        entry = self.repo.find_key(key)
+        if entry is None:
+            raise RepoError(
+                str(self.repo.path), f"the package of {name} (key {key[:12]}) is missing"
+            )
+        return self.store.ensure(
+            key, self.repo.package_path(entry), sha256=entry.sha256, size=entry.size
+        )
+
+    def _workdir(self, build: PlannedBuild) -> _Scratch:
+        return _Scratch(self.config.work / f"{build.name}-{build.key[:12]}")
+
+
+class _Scratch:
+    """A fresh directory for one build, removed when the build is over, whatever happened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        _remove_tree(self.path)
+
+
+def _remove_tree(path: Path) -> None:
+    # Builds may leave read-only directories behind (make install -m 555 ...).
+    def writable(function: Callable[..., object], failed: str, _: object) -> None:
+        Path(failed).parent.chmod(0o755)
+        function(failed)
+
+    shutil.rmtree(path, onerror=writable)
+
+
+def ensure_signing_key(config: Config) -> SecretKey:
+    """The repository's signing key, generated (with its public half) on first use."""
+    if config.secret_key.exists():
+        return SecretKey.load(config.secret_key)
+    config.secret_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = SecretKey.generate()
+    key.save(config.secret_key)
+    key.public_key.save(config.public_key, overwrite=True)
+    return key

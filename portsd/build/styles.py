@@ -1,0 +1,94 @@
+"""Default step scripts for each build style.
+
+A recipe names a ``BuildStyle`` and may override any step; ``script(spec, step)`` is the
+script that step runs: the recipe's own, else the style's default, else None (the step is
+skipped). Scripts are POSIX sh, run with ``sh -eu`` in the build directory with the
+environment of docs/sandbox.md (``DESTDIR``, ``JOBS``...). They are pure text: nothing here
+looks at a source tree; what depends on it (is there a check target?) is decided by the
+script when it runs.
+
+Libraries go to /usr/lib on every style: cmake's GNUInstallDirs and meson would otherwise
+pick lib64 or a Debian multiarch directory by looking at the build host.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from portsd.core.recipe import BuildSpec, BuildStyle, Step
+
+_MAKEFILE = 'for makefile in GNUmakefile makefile Makefile; do [ -f "$makefile" ] && break; done'
+# A rule whose targets include "check" (not a variable named check: "check = ...").
+_HAS_CHECK = (
+    "grep -Eq '^([^#:=[:space:]]+[[:space:]]+)*check([[:space:]]+[^#:=[:space:]]+)*"
+    '[[:space:]]*::?([^=]|$)\' "$makefile"'
+)
+
+
+def _if_check_target(command: str) -> str:
+    """``command`` when the directory's makefile has a ``check`` rule; otherwise a note."""
+    return (
+        f"{_MAKEFILE}\n"
+        f'if [ -f "$makefile" ] && {_HAS_CHECK}; then\n'
+        f"\t{command}\n"
+        "else\n"
+        "\techo 'no check target: skipping checks'\n"
+        "fi"
+    )
+
+
+def default_script(style: BuildStyle, step: Step, configure_args: Sequence[str] = ()) -> str | None:
+    """The style's script for ``step`` (None: the style does nothing in that step).
+
+    ``configure_args`` (the recipe's, shell-quoted here) go to ./configure, cmake's or
+    meson's setup, or, for the make style, to every make command.
+    """
+    args = "".join(" " + shlex.quote(arg) for arg in configure_args)
+    match style, step:
+        case BuildStyle.AUTOTOOLS, Step.BUILD:
+            return f"./configure --prefix=/usr{args}\nmake"
+        case BuildStyle.AUTOTOOLS, Step.CHECK:
+            return _if_check_target("make check")
+        case BuildStyle.AUTOTOOLS, Step.PACKAGE:
+            return 'make DESTDIR="$DESTDIR" install'
+        case BuildStyle.CMAKE, Step.BUILD:
+            return (
+                "cmake -S . -B build -DCMAKE_INSTALL_PREFIX=/usr -DCMAKE_INSTALL_LIBDIR=lib"
+                f" -DCMAKE_BUILD_TYPE=Release{args}\n"
+                'cmake --build build --parallel "$JOBS"'
+            )
+        case BuildStyle.CMAKE, Step.CHECK:
+            return (
+                "if [ -f build/CTestTestfile.cmake ]; then\n"
+                '\t(cd build && ctest --output-on-failure --parallel "$JOBS")\n'
+                "else\n"
+                "\techo 'no tests: skipping checks'\n"
+                "fi"
+            )
+        case BuildStyle.CMAKE, Step.PACKAGE:
+            return 'DESTDIR="$DESTDIR" cmake --install build'
+        case BuildStyle.MESON, Step.BUILD:
+            return (
+                f"meson setup build --prefix=/usr --libdir=lib --buildtype=release{args}\n"
+                'meson compile -C build -j "$JOBS"'
+            )
+        case BuildStyle.MESON, Step.CHECK:
+            return 'meson test -C build --print-errorlogs --num-processes "$JOBS"'
+        case BuildStyle.MESON, Step.PACKAGE:
+            return 'meson install -C build --no-rebuild --destdir "$DESTDIR"'
+        case BuildStyle.MAKE, Step.BUILD:
+            return f"make PREFIX=/usr{args}"
+        case BuildStyle.MAKE, Step.CHECK:
+            return _if_check_target(f"make PREFIX=/usr{args} check")
+        case BuildStyle.MAKE, Step.PACKAGE:
+            return f'make DESTDIR="$DESTDIR" PREFIX=/usr{args} install'
+    return None
+
+
+def script(spec: BuildSpec, step: Step) -> str | None:
+    """What ``step`` runs for a recipe's ``[build]``: its own script, else the style's."""
+    own = spec.script(step)
+    if own is not None:
+        return own
+    return default_script(spec.style, step, spec.configure_args)

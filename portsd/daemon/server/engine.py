@@ -1,0 +1,73 @@
+"""What the HTTP surface needs from the daemon: a small interface, so the server can be
+tested against a real database and repository without a build engine running."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from portsd.config import Config
+from portsd.daemon.events import EventBus
+from portsd.daemon.state import BuildRow, BuildState, State
+from portsd.pkg.repo import Repository
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A build in progress and the step it is in."""
+
+    build: BuildRow
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """The daemon at a glance."""
+
+    branch: str
+    head: str | None  # the branch's current commit
+    evaluated: str | None  # the commit of the latest finished evaluation
+    evaluation: int | None  # its id
+    evaluating: bool  # an evaluation is in progress
+    queued: int
+    running: tuple[Running, ...]
+    eta: float | None  # seconds until the queue is empty, from past build times
+    blocked: int = 0  # ports of the evaluated commit that cannot be built
+
+
+@dataclass(frozen=True, slots=True)
+class PlanNode:
+    port: str
+    key: str | None
+    state: BuildState | None  # None: up to date (nothing to do)
+    reason: str = ""  # why it is planned, or why it cannot be built
+
+
+@dataclass(frozen=True, slots=True)
+class PlanGraph:
+    """The latest evaluation's plan and the ports around it, for drawing."""
+
+    revision: str | None
+    nodes: tuple[PlanNode, ...] = ()
+    edges: tuple[tuple[str, str, str], ...] = field(default=())  # (port, dependency, kind)
+
+
+class Engine(Protocol):
+    """The build engine as the server sees it; portsd.daemon.service.Daemon is the real one."""
+
+    config: Config
+    state: State
+    repo: Repository
+    events: EventBus
+
+    def trigger(self, source: str) -> None:
+        """Look at the tracked branch again soon (``source``: hook, watch, api...)."""
+
+    def rebuild(self, names: Sequence[str]) -> list[str]:
+        """Forget remembered failures of ``names`` and re-evaluate; the names accepted."""
+        ...
+
+    def status(self) -> EngineStatus: ...
+
+    def plan_graph(self) -> PlanGraph: ...

@@ -1,0 +1,530 @@
+"""The build host: follows one branch, evaluates each new head, builds what it lacks.
+
+Triggers (the post-receive hook's HTTP call, the refs watcher, a rebuild request, the
+start itself) only wake the evaluation loop; a burst of them coalesces into one
+evaluation of the newest head. An evaluation loads the tree incrementally (only changed
+port directories are parsed), updates graph and keys, plans every port whose key the
+repository lacks, explains each planned build (``ports why``), records the plan in
+sqlite and hands it to the scheduler, which keeps still-wanted running builds and
+cancels the rest. A build that fails is remembered by key and not retried until its key
+changes or someone asks; its dependents are skipped with the reason.
+
+Blocking work (git, parsing, sqlite, builds) never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from aiohttp import web
+
+from portsd.build.builder import step_of
+from portsd.build.pipeline import Revision, Workspace
+from portsd.build.scheduler import Outcome, Result, Scheduler
+from portsd.config import Config
+from portsd.core.evaluate import Evaluation
+from portsd.core.explain import Evaluated, Touch, explain
+from portsd.core.plan import Plan, PlannedBuild, critical_path, make_plan
+from portsd.daemon.events import EventBus
+from portsd.daemon.server.engine import EngineStatus, PlanGraph, PlanNode, Running
+from portsd.daemon.state import BuildState, NewBuild, State
+from portsd.daemon.watch import RefWatcher
+from portsd.errors import GitError, PortsdError
+from portsd.pkg.repo import Repository
+from portsd.tree.gitrepo import GitRepo, GitSnapshot
+from portsd.tree.loader import Tree, TreeLoader
+
+log = logging.getLogger(__name__)
+
+_STATES = {
+    Outcome.BUILT: BuildState.BUILT,
+    Outcome.FAILED: BuildState.FAILED,
+    Outcome.SKIPPED: BuildState.SKIPPED,
+    Outcome.CANCELLED: BuildState.CANCELLED,
+}
+COALESCE = 0.02  # seconds to wait for more triggers before evaluating
+REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
+SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluated:
+    """What the daemon keeps of the latest evaluation."""
+
+    id: int
+    revision: Revision
+    tree: Tree
+    plan: Plan
+    wanted: frozenset[str]  # keys handed to the scheduler
+    blocked: dict[str, str]  # port -> why it cannot be built
+
+
+class Daemon:
+    """The engine behind ``portsd serve`` (implements portsd.daemon.server.engine.Engine)."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        if config.tree_dir is None:
+            raise PortsdError("no ports repository to follow: set [server] tree or pass --tree")
+        self.config = config
+        self.loop = loop
+        self.events = EventBus(loop)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(config.database)
+        self.workspace = Workspace.open(config)
+        self.repo: Repository = self.workspace.repo
+        self.git = GitRepo(config.tree_dir)  # the evaluation thread's
+        self._refs = GitRepo(config.tree_dir)  # anyone's, under _refs_lock: libgit2 objects
+        self._refs_lock = threading.Lock()  # are not safe to share between threads
+        self.branch = config.branch or self.git.head_branch()
+        self.loader = TreeLoader(config.cache)
+        self.scheduler = Scheduler(self._build, jobs=config.jobs, reporter=self)
+        # One thread for every evaluation: its transient 30,000-entry structures then reuse
+        # one malloc arena instead of fragmenting a new one per pool thread.
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
+        self._wake = asyncio.Event()
+        self._sources: set[str] = set()  # what woke the loop since the last evaluation
+        self._forced = False
+        self._evaluating = False
+        self._latest: _Evaluated | None = None
+        self._lock = threading.RLock()  # the maps below; re-entered by scheduler callbacks
+        self._rows: dict[str, int] = {}  # key -> active build row
+        self._steps: dict[int, str] = {}  # build row -> current step
+        self._revisions: dict[str, Revision] = {}  # key -> the revision to build it from
+        self._durations: dict[str, float] = {}
+        self._parses_saved = 0
+        self._saved_at = 0.0
+        self._index_keys: tuple[int, dict[str, str]] = (-1, {})  # serial -> name -> key
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: recover, start the loop and the watcher; stop them after."""
+        await asyncio.to_thread(self._recover)
+        watcher = RefWatcher(Path(self.git.gitdir), lambda path: self.trigger("watch"))
+        watcher.start()
+        tasks = [
+            asyncio.create_task(self._evaluation_loop(), name="evaluations"),
+            asyncio.create_task(self._refresh_loop(), name="index refresh"),
+        ]
+        self.trigger("startup")
+        try:
+            yield
+        finally:
+            watcher.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.scheduler.close)
+            await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
+            self._evaluator.shutdown()
+            self.state.close()
+
+    def _recover(self) -> None:
+        interrupted = self.state.recover()
+        if interrupted:
+            log.warning(
+                "%d build(s) interrupted by the last stop will be planned again", len(interrupted)
+            )
+        shutil.rmtree(self.config.work, ignore_errors=True)  # half-done builds: start over
+        self.config.work.mkdir(parents=True, exist_ok=True)
+
+    # -- triggers ----------------------------------------------------------------------
+
+    def trigger(self, source: str) -> None:
+        """Look at the branch again soon; safe from any thread."""
+        log.debug("trigger: %s", source)
+        self.loop.call_soon_threadsafe(self._wake_for, source)
+
+    def rebuild(self, names: Sequence[str]) -> list[str]:
+        latest = self._latest
+        known = [n for n in names if latest is not None and n in latest.revision.graph]
+        if known:
+            self.state.forget_failures(known)
+        self._forced = True
+        self.trigger("rebuild")
+        return known
+
+    def _wake_for(self, source: str) -> None:
+        self._sources.add(source)
+        self._wake.set()
+
+    async def _evaluation_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(COALESCE)  # let a burst of triggers land
+            self._wake.clear()
+            forced, self._forced = self._forced, False
+            sources, self._sources = ",".join(sorted(self._sources)), set()
+            self._evaluating = True
+            try:
+                await self.loop.run_in_executor(self._evaluator, self._evaluate, forced, sources)
+            except PortsdError as error:
+                log.error("evaluation failed: %s", error)
+                self.events.publish("evaluation", error=str(error))
+            except Exception:
+                log.exception("evaluation crashed")
+            finally:
+                self._evaluating = False
+                self.events.publish("status")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_EVERY)
+            try:
+                await asyncio.to_thread(self.repo.refresh)
+            except PortsdError as error:
+                log.error("index refresh failed: %s", error)
+
+    # -- evaluation (on a worker thread, one at a time) -------------------------------------
+
+    def _head(self) -> str | None:
+        with self._refs_lock:
+            try:
+                return self._refs.commit(f"refs/heads/{self.branch}")
+            except GitError:
+                return None  # nothing pushed yet
+
+    def _evaluate(self, forced: bool, sources: str) -> None:
+        head = self._head()
+        previous = self._latest
+        if head is None or (
+            previous is not None and previous.revision.commit == head and not forced
+        ):
+            return
+        started = time.monotonic()
+        phases: dict[str, float] = {}
+
+        def lap(name: str, since: list[float] = [started]) -> None:  # noqa: B006 - a stopwatch
+            now = time.monotonic()
+            phases[name] = (now - since[0]) * 1000
+            since[0] = now
+
+        evaluation_id = self.state.start_evaluation(head, self.branch, sources or "push")
+        try:
+            tree, evaluation = self._load(head, previous)
+        except PortsdError as error:
+            self.state.finish_evaluation(evaluation_id, [], blocked=0, error=str(error))
+            raise
+        lap("load")
+        revision = Revision(tree, evaluation, head)
+        present = self.repo.stored_keys()
+        plan = make_plan(evaluation.graph, evaluation.keys, present)
+        lap("plan")
+        lost = self._republish(revision, plan, tree)
+        if lost:  # recorded, but their files are gone: build them again
+            present = present - lost
+            plan = make_plan(evaluation.graph, evaluation.keys, present)
+        lap("republish")
+        failed = self.state.failed_keys()
+        wanted, doomed = _without_remembered_failures(plan, failed)
+        blocked = {name: str(problem).splitlines()[0] for name, problem in plan.blocked.items()}
+        for build in plan.builds:
+            if build.key in failed:
+                blocked[build.name] = (
+                    f"failed before, not retried until it changes: {failed[build.key]}"
+                )
+        keep = frozenset(b.key for b in wanted.builds)
+        # Under the lock from here to the hand-off, so no build thread sees half of it.
+        with self._lock:
+            _, running = self.scheduler.snapshot()
+            running_keys = {build.key for build, _ in running}
+            dropped = [
+                row
+                for key, row in self._rows.items()
+                if key not in keep and key not in running_keys
+            ]
+            new = [b for b in wanted.builds if b.key not in self._rows]
+            rows = self.state.finish_evaluation(
+                evaluation_id,
+                [NewBuild(b.name, _version(revision, b.name), b.key, "") for b in new]
+                + [
+                    NewBuild(n, _version(revision, n), key, why) for n, (key, why) in doomed.items()
+                ],
+                blocked=len(blocked),
+                superseded=dropped,
+            )
+            self._rows = {key: row for key, row in self._rows.items() if row not in dropped}
+            for row in rows:
+                if row.port in doomed:
+                    self.state.finish_build(row.id, BuildState.SKIPPED, doomed[row.port][1])
+                else:
+                    self._rows[row.key] = row.id
+            self._revisions = {b.key: revision for b in wanted.builds} | {
+                key: self._revisions[key] for key in running_keys if key in self._revisions
+            }
+            self._durations = self.state.durations()
+            self._latest = _Evaluated(evaluation_id, revision, tree, plan, keep, blocked)
+            self.scheduler.submit(wanted, critical_path(wanted, self._durations), again=lost)
+        lap("record")
+        # Off the critical path: builds are already starting.
+        reasons = self._reasons(previous, revision, tree, wanted, present)
+        self.state.explain({row.id: reasons[row.port] for row in rows if row.port in reasons})
+        lap("explain")
+        self._save_cache(force=previous is None)
+        lap("cache")
+        _return_memory(full=previous is None)
+
+        log.info(
+            "evaluated %s in %.0f ms: %d to build, %d blocked (%s)",
+            head[:12],
+            (time.monotonic() - started) * 1000,
+            len(wanted.builds),
+            len(blocked),
+            ", ".join(f"{name} {ms:.0f}" for name, ms in phases.items()),
+        )
+        self.events.publish(
+            "evaluation",
+            id=evaluation_id,
+            revision=head,
+            planned=len(wanted.builds),
+            blocked=len(blocked),
+        )
+
+    def _save_cache(self, *, force: bool = False) -> None:
+        """Persist new parses, at most every SAVE_EVERY seconds (and after a cold load):
+        rewriting the whole cache for each one-recipe push would cost more than it saves."""
+        if self.loader.parses == self._parses_saved:
+            return
+        if force or time.monotonic() - self._saved_at >= SAVE_EVERY:
+            self.loader.save()
+            self._parses_saved = self.loader.parses
+            self._saved_at = time.monotonic()
+
+    def _load(self, head: str, previous: _Evaluated | None) -> tuple[Tree, Evaluation]:
+        if previous is None:
+            tree = self.loader.load(GitSnapshot(self.git, head))
+            evaluation = Evaluation.full(tree.inputs(), tree.recipes(), self.config.arch)
+        else:
+            tree = self.loader.advance(previous.tree, head)
+            evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
+        return tree, evaluation
+
+    def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> frozenset[str]:
+        """Index the stored packages of up-to-date ports it does not list (a revert), and
+        drop the ports that left the tree. Returns the keys whose stored package is gone
+        (removed by hand): one lost file costs a rebuild, never the whole evaluation."""
+        index = self.repo.index()
+        if self._index_keys[0] != index.serial:
+            self._index_keys = (index.serial, {entry.name: entry.key for entry in index})
+        listed = self._index_keys[1]
+        keys = revision.keys.keys
+        lost = set()
+        for name in sorted(n for n in plan.up_to_date if listed.get(n) != keys[n]):
+            if self.repo.find_key(keys[name]) is None:
+                log.warning(
+                    "%s: the stored package of key %s is gone; building it again",
+                    name,
+                    keys[name][:12],
+                )
+                lost.add(keys[name])
+                continue
+            self.repo.restore(keys[name], commit=revision.commit)
+        gone = [name for name in listed if name not in tree.listing]
+        if gone:
+            self.repo.unpublish(gone, commit=revision.commit)
+        return frozenset(lost)
+
+    def _reasons(
+        self,
+        previous: _Evaluated | None,
+        revision: Revision,
+        tree: Tree,
+        plan: Plan,
+        present: frozenset[str],
+    ) -> dict[str, str]:
+        old = None
+        touches: dict[str, list[Touch]] = {}
+        if previous is not None:
+            before = previous.revision
+            old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.inputs())
+            changed = [n for n, t in tree.listing.items() if previous.tree.listing.get(n) != t]
+            if changed and before.commit and revision.commit:
+                known = [
+                    (loaded.snapshot.commit, loaded.snapshot.ports())
+                    for loaded in (previous.tree, tree)
+                    if isinstance(loaded.snapshot, GitSnapshot)
+                ]
+                history = self.git.history(
+                    changed, since=before.commit, until=revision.commit, known=known
+                )
+                for change in history:
+                    touches.setdefault(change.port, []).append(
+                        Touch(change.commit, change.summary, change.files)
+                    )
+        new = Evaluated(revision.commit or "", revision.graph, revision.keys, tree.inputs())
+        return {
+            b.name: "\n".join(explain(b.name, old, new, touches, present).lines())
+            for b in plan.builds
+        }
+
+    # -- builds (on scheduler threads) ------------------------------------------------------
+
+    def _build(self, build: PlannedBuild, cancel: threading.Event) -> None:
+        with self._lock:
+            row = self._rows[build.key]
+            revision = self._revisions[build.key]
+        self.workspace.build(
+            revision,
+            build,
+            cancel,
+            log=self._log_path(build.name, row),
+            on_line=lambda line: self._line(row, line),
+        )
+
+    def _log_path(self, port: str, row: int) -> Path:
+        return self.config.logs / port / f"{row}.log"
+
+    def _line(self, row: int, line: str) -> None:
+        step = step_of(line)
+        if step is not None:
+            with self._lock:
+                self._steps[row] = step
+            self.events.publish("build", id=row, step=step)
+
+    def started(self, build: PlannedBuild) -> None:
+        with self._lock:
+            row = self._rows[build.key]
+            self._steps[row] = "starting"
+        self.state.start_build(row, str(self._log_path(build.name, row)))
+        self.events.publish(
+            "build", id=row, port=build.name, key=build.key, state=BuildState.RUNNING.value
+        )
+
+    def finished(self, result: Result) -> None:
+        with self._lock:
+            row = self._rows.get(result.build.key)
+            wanted = self._latest is not None and result.build.key in self._latest.wanted
+            if result.outcome is Outcome.CANCELLED and wanted:
+                return  # stopped by shutdown: the next start recovers the row as interrupted
+            self._rows.pop(result.build.key, None)
+            if row is not None:
+                self._steps.pop(row, None)
+        if row is None:
+            return
+        state = _STATES[result.outcome]
+        detail = (
+            "superseded by a newer commit" if result.outcome is Outcome.CANCELLED else result.reason
+        )
+        self.state.finish_build(row, state, detail)
+        self.events.publish(
+            "build", id=row, port=result.name, key=result.build.key, state=state.value
+        )
+
+    # -- views -----------------------------------------------------------------------------
+
+    def status(self) -> EngineStatus:
+        latest = self._latest
+        queued, running = self.scheduler.snapshot()
+        with self._lock:
+            rows = {build.key: self._rows.get(build.key) for build, _ in running}
+            steps = dict(self._steps)
+        current = []
+        for build, _ in running:
+            row_id = rows.get(build.key)
+            row = self.state.build(row_id) if row_id is not None else None
+            if row is not None:
+                current.append(Running(row, steps.get(row.id, "starting")))
+        return EngineStatus(
+            branch=self.branch,
+            head=self._head(),
+            evaluated=latest.revision.commit if latest else None,
+            evaluation=latest.id if latest else None,
+            evaluating=self._evaluating,
+            queued=len(queued),
+            running=tuple(current),
+            eta=self._eta(queued, running),
+            blocked=len(latest.blocked) if latest else 0,
+        )
+
+    def _eta(
+        self, queued: list[PlannedBuild], running: list[tuple[PlannedBuild, float]]
+    ) -> float | None:
+        if not queued and not running:
+            return None
+        guess = 60.0
+        work = sum(self._durations.get(b.name, guess) for b in queued)
+        now = time.monotonic()
+        work += sum(max(self._durations.get(b.name, guess) - (now - t), 1.0) for b, t in running)
+        return work / max(self.config.jobs, 1)
+
+    def plan_graph(self) -> PlanGraph:
+        latest = self._latest
+        if latest is None:
+            return PlanGraph(revision=None)
+        graph = latest.revision.graph
+        rows = {row.key: row for row in self.state.builds(evaluation=latest.id, limit=100000)}
+        planned = {b.name for b in latest.plan.builds}
+        names = set(planned) | set(latest.blocked)
+        for name in list(planned):
+            names.update(edge.target for edge in graph.edges(name))
+        nodes = []
+        for name in sorted(names):
+            key = latest.revision.keys.key(name)
+            row = rows.get(key) if key else None
+            state = row.state if row else None
+            if row is None and key is not None and key in self._rows:
+                active = self.state.build(self._rows[key])
+                state = active.state if active else None
+            reason = (row.reason if row else "") or latest.blocked.get(name, "")
+            nodes.append(PlanNode(port=name, key=key, state=state, reason=reason))
+        edges = tuple(
+            (name, edge.target, edge.kind.value)
+            for name in sorted(names)
+            for edge in graph.edges(name)
+            if edge.target in names
+        )
+        return PlanGraph(revision=latest.revision.commit, nodes=tuple(nodes), edges=edges)
+
+
+def _return_memory(*, full: bool) -> None:
+    """Ask glibc to hand freed heap back, RSS would otherwise stay at every peak; after a
+    cold load (``full``) collect the garbage first."""
+    if full:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory is reused by later allocations anyway
+
+
+def _version(revision: Revision, name: str) -> str:
+    recipe = revision.graph.recipe(name)
+    assert recipe is not None, f"{name} was planned without a recipe"
+    return recipe.full_version
+
+
+def _without_remembered_failures(
+    plan: Plan, failed: dict[str, str]
+) -> tuple[Plan, dict[str, tuple[str, str]]]:
+    """The plan without the keys that failed before and the builds that need them,
+    directly or not; the latter are returned as skipped (name -> (key, reason))."""
+    failed_names = {b.name for b in plan.builds if b.key in failed}
+    culprit: dict[str, str] = {}  # doomed build -> the failed port it waits for
+    for build in plan.builds:  # dependencies come first in a plan
+        if build.name in failed_names:
+            continue
+        causes = sorted(
+            culprit.get(need, need)
+            for need in build.needs
+            if need in failed_names or need in culprit
+        )
+        if causes:
+            culprit[build.name] = causes[0]
+    doomed = {
+        b.name: (b.key, f"dependency {culprit[b.name]} failed before (portsd rebuild retries it)")
+        for b in plan.builds
+        if b.name in culprit
+    }
+    builds = tuple(b for b in plan.builds if b.name not in failed_names and b.name not in doomed)
+    return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), doomed

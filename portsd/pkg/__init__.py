@@ -1,0 +1,1 @@
+"""Packages and repositories: archives, package files, signatures, the signed repository."""

@@ -1,0 +1,1 @@
+"""A ports tree in git: objects, recipes loaded by tree id, checkouts."""
