@@ -52,8 +52,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from portsd.config import Config  # noqa: E402
+from portsd.daemon.engine import EngineStatus, PlanGraph  # noqa: E402
 from portsd.daemon.events import EventBus  # noqa: E402
-from portsd.daemon.server.engine import EngineStatus, PlanGraph  # noqa: E402
 from portsd.daemon.state import BuildState, State  # noqa: E402
 from portsd.pkg.repo import Repository  # noqa: E402
 from portsd.pkg.sign import SecretKey  # noqa: E402

@@ -1,7 +1,7 @@
 """The HTTP surface under test: a real signed repository with real packages, a real sqlite
 state, a small real engine, and the real application on a loopback port.
 
-``TinyEngine`` is a complete implementation of ``portsd.daemon.server.engine.Engine`` without a
+``TinyEngine`` is a complete implementation of ``portsd.daemon.engine.Engine`` without a
 build engine: it reports what the database says and records what it was asked to do.
 """
 
@@ -28,9 +28,9 @@ from multidict import CIMultiDict
 
 from portsd.config import Config
 from portsd.core.index import IndexEntry
+from portsd.daemon.engine import EngineStatus, PlanGraph, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.server.app import create_app, create_runner
-from portsd.daemon.server.engine import EngineStatus, PlanGraph, Running
 from portsd.daemon.state import BuildState, State
 from portsd.pkg.package import PackageMeta, create_package
 from portsd.pkg.repo import Repository

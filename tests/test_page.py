@@ -23,10 +23,10 @@ from aiohttp import web
 from selenium.webdriver.chrome.webdriver import WebDriver
 
 from portsd.config import Config
+from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.server import page
 from portsd.daemon.server.app import create_app, create_runner
-from portsd.daemon.server.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.server.graphview import BLOCKED, COLOURS, UP_TO_DATE, GraphView, state_class
 from portsd.daemon.state import BuildState, NewBuild, State
 from portsd.pkg.repo import Repository

@@ -36,8 +36,8 @@ from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.plan import Plan, PlannedBuild, critical_path, make_plan
+from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
-from portsd.daemon.server.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.state import BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
@@ -71,7 +71,7 @@ class _Evaluated:
 
 
 class Daemon:
-    """The engine behind ``portsd serve`` (implements portsd.daemon.server.engine.Engine)."""
+    """The engine behind ``portsd serve`` (implements portsd.daemon.engine.Engine)."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         if config.tree_dir is None:

@@ -36,7 +36,7 @@ from aiohttp import web
 from portsd.config import Config
 from portsd.core.index import IndexEntry
 from portsd.core.recipe import NAME_PATTERN
-from portsd.daemon.server.engine import Engine, EngineStatus
+from portsd.daemon.engine import Engine, EngineStatus
 from portsd.daemon.server.streams import EVENT_HEADERS, TEXT_HEADERS, Streams, send_events, send_log
 from portsd.daemon.state import BuildRow, BuildState, EvaluationRow
 from portsd.errors import RepoError

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from portsd.config import Config
+from portsd.daemon.engine import Engine
 from portsd.daemon.server import page
 from portsd.daemon.server.api import Api, api_errors
-from portsd.daemon.server.engine import Engine
 from portsd.daemon.server.files import RepoFiles
 from portsd.daemon.server.metrics import Counters, MetricsView
 from portsd.daemon.server.streams import Streams

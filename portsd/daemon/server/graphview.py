@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portsd.build.run import run
-from portsd.daemon.server.engine import PlanGraph, PlanNode
+from portsd.daemon.engine import PlanGraph, PlanNode
 from portsd.daemon.state import BuildState
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from portsd.daemon.server.engine import Engine, EngineStatus
+from portsd.daemon.engine import Engine, EngineStatus
 from portsd.daemon.state import BuildState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -33,7 +33,7 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from portsd.config import Config
-from portsd.daemon.server.engine import Engine, EngineStatus, PlanGraph, Running
+from portsd.daemon.engine import Engine, EngineStatus, PlanGraph, Running
 from portsd.daemon.server.graphview import (
     BLOCKED,
     COLOURS,

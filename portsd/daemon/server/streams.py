@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from portsd.daemon.server.engine import Engine
+from portsd.daemon.engine import Engine
 from portsd.daemon.server.metrics import Counters
 
 FOLLOW_POLL = 0.25

@@ -1,5 +1,10 @@
-"""What the HTTP surface needs from the daemon: a small interface, so the server can be
-tested against a real database and repository without a build engine running."""
+"""The build engine as its presenters see it: the ``Engine`` protocol and the records it
+reports (status, running builds, the plan as a graph).
+
+The daemon (``portsd.daemon.service.Daemon``) implements it; the HTTP server
+(``portsd.daemon.server``) and the status page consume it. It lives beside the daemon,
+not in the server, so the engine never depends on its presentation layer, and the server
+can be tested against a real database and repository without a build engine running."""
 
 from __future__ import annotations
 
