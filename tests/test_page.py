@@ -155,8 +155,6 @@ def serving(tmp_path: Path, graphs: GraphView | None = None) -> Iterator[Served]
     repo = Repository(config.repo, ARCH, SecretKey.generate())
     engine = TableEngine(config, state, repo, EventBus(loop))
     app = create_app(config, engine)
-    if page.PAGE not in app:  # until create_app calls it itself
-        page.setup(app)
     if graphs is not None:
         app[page.PAGE].graphs = graphs
     runner = create_runner(app)

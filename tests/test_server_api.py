@@ -18,7 +18,8 @@ from aiohttp import web
 
 from portsd.daemon.events import EventBus
 from portsd.daemon.server.api import MAX_BODY
-from portsd.daemon.server.app import COUNTERS, create_app, create_runner
+from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.server.appkeys import COUNTERS
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from tests.serving import (
     ARCH,

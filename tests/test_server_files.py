@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from portsd.daemon.server.app import COUNTERS
+from portsd.daemon.server.appkeys import COUNTERS
 from portsd.daemon.server.files import _OPEN, Unsatisfiable, parse_range, plan_reply
 from portsd.pkg.repo import INDEX_NAME
 from tests.serving import ARCH, CANARY, TOKEN, Server, World, make_world, run, tls_context

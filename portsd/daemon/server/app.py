@@ -3,7 +3,8 @@
 The application only serves: the daemon (or a test's small engine) is started and stopped
 by whoever runs it. Routes are one table (``routes``); the handlers are methods of one
 object per concept (``RepoFiles``, ``Api``, ``MetricsView``), and the application keeps
-those objects under typed keys for the other parts of the server (the status page) to use.
+those objects under the typed keys of ``appkeys`` for the other parts of the server (the
+status page) to use.
 
 Serving it: ``create_runner`` makes the ``AppRunner`` with the settings the daemon wants
 (an access log that leaves successful repository downloads out, a short shutdown grace).
@@ -20,15 +21,10 @@ from portsd.config import Config
 from portsd.daemon.engine import Engine
 from portsd.daemon.server import page
 from portsd.daemon.server.api import Api, api_errors
+from portsd.daemon.server.appkeys import CONFIG, COUNTERS, ENGINE, REPO_FILES, STREAMS
 from portsd.daemon.server.files import RepoFiles
 from portsd.daemon.server.metrics import Counters, MetricsView
 from portsd.daemon.server.streams import Streams
-
-ENGINE = web.AppKey("engine", Engine)
-CONFIG = web.AppKey("config", Config)
-COUNTERS = web.AppKey("counters", Counters)
-REPO_FILES = web.AppKey("repo_files", RepoFiles)
-STREAMS = web.AppKey("streams", Streams)
 
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds a shutdown waits for requests in flight (streams end at once by themselves)."""

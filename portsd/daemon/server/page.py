@@ -34,6 +34,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 from portsd.config import Config
 from portsd.daemon.engine import Engine, EngineStatus, PlanGraph, Running
+from portsd.daemon.server.appkeys import CONFIG, ENGINE
 from portsd.daemon.server.graphview import (
     BLOCKED,
     COLOURS,
@@ -356,9 +357,6 @@ def setup(app: web.Application) -> None:
     and the config, and the API routes the page links to (``api-events``,
     ``api-build-log``). The page is ``app[PAGE]``; its ``graphs`` may be replaced before
     the app starts (another ``dot``, other limits)."""
-    # here, not at the top: app.py imports this module to call setup from create_app
-    from portsd.daemon.server.app import CONFIG, ENGINE
-
     page = Page(app[CONFIG], app[ENGINE], app.router)
     app[PAGE] = page
     app.router.add_get("/", page.index, name="page")
