@@ -6,7 +6,8 @@ wanted are cancelled, and queued ones simply vanish. That is what lets the daemo
 new commit in the middle of a long rebuild without losing finished or still-useful work.
 
 A build that fails is reported, and every wanted build that needs it (directly or not)
-is skipped with the name of the failed dependency; everything unrelated carries on.
+is skipped with the name of the failed dependency (the planner's rule, ``plan.skips``);
+everything unrelated carries on.
 ``run`` is called on a worker thread (builds are subprocesses, so threads suffice) and
 must stop soon after its cancel event is set.
 """
@@ -22,7 +23,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Protocol
 
-from portsd.core.plan import Plan, PlannedBuild
+from portsd.core.plan import Plan, PlannedBuild, skips
 from portsd.errors import PortsdError
 
 
@@ -76,12 +77,13 @@ class Scheduler:
         self._reporter = reporter
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="build")
         self._lock = threading.Condition()
+        self._plan = Plan(builds=())  # the wanted work
         self._queued: dict[str, PlannedBuild] = {}  # by key
         self._needs: dict[str, set[str]] = {}  # key -> keys it waits for
         self._priority: dict[str, float] = {}
         self._running: dict[str, _Running] = {}
         self._built: set[str] = set()
-        self._failed: dict[str, str] = {}  # key -> port name
+        self._failed: set[str] = set()  # keys of the wanted work that failed
         self._closed = False
 
     # -- what callers use ----------------------------------------------------------------
@@ -104,6 +106,7 @@ class Scheduler:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             self._built.difference_update(again)
+            self._plan = plan
             wanted = {build.key: build for build in plan.builds}
             for key, running in self._running.items():
                 if key not in wanted:
@@ -117,7 +120,7 @@ class Scheduler:
             self._priority = {
                 keys[name]: value for name, value in (priority or {}).items() if name in keys
             }
-            self._failed = {k: v for k, v in self._failed.items() if k not in wanted}
+            self._failed.clear()  # a wanted key that failed is asked for again
             events += self._dispatch()
             self._lock.notify_all()
         for event in events:
@@ -161,22 +164,19 @@ class Scheduler:
 
     # -- inside ------------------------------------------------------------------------
 
-    def _dispatch(self) -> list[Callable[[], None]]:
-        """Skip doomed builds, start ready ones; returns the reports to send unlocked."""
+    def _skip_dependents(self) -> list[Callable[[], None]]:
+        """Drop the queued builds a failure dooms; returns the reports to send unlocked."""
+        failed = {build.name for build in self._plan.builds if build.key in self._failed}
         events: list[Callable[[], None]] = []
-        doomed = True
-        while doomed:  # a skipped build dooms what needs it in turn
-            doomed = False
-            for key in list(self._queued):
-                failed = sorted(
-                    self._failed[n] for n in self._needs.get(key, ()) if n in self._failed
-                )
-                if failed:
-                    build = self._queued.pop(key)
-                    self._failed[key] = failed[0]  # its dependents name the root failure
-                    result = Result(build, Outcome.SKIPPED, f"dependency {failed[0]} failed")
-                    events.append(partial(self._reporter.finished, result))
-                    doomed = True
+        for skip in skips(self._plan, failed):
+            if self._queued.pop(skip.build.key, None) is not None:
+                result = Result(skip.build, Outcome.SKIPPED, skip.reason)
+                events.append(partial(self._reporter.finished, result))
+        return events
+
+    def _dispatch(self) -> list[Callable[[], None]]:
+        """Start ready builds; returns the reports to send unlocked."""
+        events: list[Callable[[], None]] = []
         ready = [key for key in self._queued if self._ready(key)]
         ready.sort(key=lambda k: (-self._priority.get(k, 0.0), self._queued[k].name))
         for key in ready[: max(self._jobs - len(self._running), 0)]:
@@ -209,9 +209,12 @@ class Scheduler:
             self._running.pop(build.key, None)
             if result.outcome is Outcome.BUILT:
                 self._built.add(build.key)
-            elif result.outcome is Outcome.FAILED:
-                self._failed[build.key] = build.name
-            events = self._dispatch() if not self._closed else []
+            events = []
+            if result.outcome is Outcome.FAILED:
+                self._failed.add(build.key)
+                events += self._skip_dependents()
+            if not self._closed:
+                events += self._dispatch()
             self._lock.notify_all()
         self._reporter.finished(result)
         for event in events:

@@ -3,12 +3,16 @@
 A plan covers the wanted ports and, transitively, whatever they need to build. A port is
 planned exactly when it has a key and that key is not yet in the repository; a port
 without a key is reported as blocked with the reason, and everything else goes ahead.
+
+A failed build skips the planned builds that need it, directly or not, and nothing else
+(``skips``): the one rule for a failure seen during a run and for one remembered from an
+earlier run.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from portsd.core.graph import Graph, Problem
@@ -37,6 +41,35 @@ class Plan:
 
     def names(self) -> list[str]:
         return [build.name for build in self.builds]
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A planned build that cannot run: a build it needs, directly or not, failed."""
+
+    build: PlannedBuild
+    failed: str  # the failed port it waits for (the first by name when there are several)
+
+    @property
+    def reason(self) -> str:
+        return f"dependency {self.failed} failed"
+
+
+def skips(plan: Plan, failed: Collection[str]) -> tuple[Skip, ...]:
+    """The builds of ``plan`` that need a ``failed`` build (port names), directly or
+    through other skipped builds, in plan order; the failed builds themselves are not."""
+    culprit: dict[str, str] = {}  # skipped build -> the failed port it waits for
+    found = []
+    for build in plan.builds:  # dependencies come first in a plan
+        if build.name in failed:
+            continue
+        causes = [
+            culprit.get(need, need) for need in build.needs if need in failed or need in culprit
+        ]
+        if causes:
+            culprit[build.name] = min(causes)
+            found.append(Skip(build, culprit[build.name]))
+    return tuple(found)
 
 
 def make_plan(

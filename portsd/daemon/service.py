@@ -35,7 +35,7 @@ from portsd.build.scheduler import Outcome, Result, Scheduler
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
-from portsd.core.plan import Plan, PlannedBuild, critical_path, make_plan
+from portsd.core.plan import Plan, PlannedBuild, Skip, critical_path, make_plan, skips
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.state import BuildState, NewBuild, State
@@ -232,7 +232,8 @@ class Daemon:
         for build in plan.builds:
             if build.key in failed:
                 blocked[build.name] = (
-                    f"failed before, not retried until it changes: {failed[build.key]}"
+                    f"failed before, not retried until it changes or `portsd rebuild` asks: "
+                    f"{failed[build.key]}"
                 )
         keep = frozenset(b.key for b in wanted.builds)
         # Under the lock from here to the hand-off, so no build thread sees half of it.
@@ -249,15 +250,22 @@ class Daemon:
                 evaluation_id,
                 [NewBuild(b.name, _version(revision, b.name), b.key, "") for b in new]
                 + [
-                    NewBuild(n, _version(revision, n), key, why) for n, (key, why) in doomed.items()
+                    NewBuild(
+                        skip.build.name,
+                        _version(revision, skip.build.name),
+                        skip.build.key,
+                        skip.reason,
+                    )
+                    for skip in doomed
                 ],
                 blocked=len(blocked),
                 superseded=dropped,
             )
             self._rows = {key: row for key, row in self._rows.items() if row not in dropped}
+            skipped = {skip.build.key: skip.reason for skip in doomed}
             for row in rows:
-                if row.port in doomed:
-                    self.state.finish_build(row.id, BuildState.SKIPPED, doomed[row.port][1])
+                if row.key in skipped:
+                    self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
                 else:
                     self._rows[row.key] = row.id
             self._revisions = {b.key: revision for b in wanted.builds} | {
@@ -504,27 +512,11 @@ def _version(revision: Revision, name: str) -> str:
     return recipe.full_version
 
 
-def _without_remembered_failures(
-    plan: Plan, failed: dict[str, str]
-) -> tuple[Plan, dict[str, tuple[str, str]]]:
+def _without_remembered_failures(plan: Plan, failed: dict[str, str]) -> tuple[Plan, list[Skip]]:
     """The plan without the keys that failed before and the builds that need them,
-    directly or not; the latter are returned as skipped (name -> (key, reason))."""
+    directly or not; the latter are returned as skips."""
     failed_names = {b.name for b in plan.builds if b.key in failed}
-    culprit: dict[str, str] = {}  # doomed build -> the failed port it waits for
-    for build in plan.builds:  # dependencies come first in a plan
-        if build.name in failed_names:
-            continue
-        causes = sorted(
-            culprit.get(need, need)
-            for need in build.needs
-            if need in failed_names or need in culprit
-        )
-        if causes:
-            culprit[build.name] = causes[0]
-    doomed = {
-        b.name: (b.key, f"dependency {culprit[b.name]} failed before (portsd rebuild retries it)")
-        for b in plan.builds
-        if b.name in culprit
-    }
-    builds = tuple(b for b in plan.builds if b.name not in failed_names and b.name not in doomed)
-    return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), doomed
+    doomed = skips(plan, failed_names)
+    dropped = failed_names | {skip.build.name for skip in doomed}
+    builds = tuple(b for b in plan.builds if b.name not in dropped)
+    return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), list(doomed)
