@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from portsd.core.plan import Plan, PlannedBuild, Skip, skips
+from portsd.core.evaluate import Evaluation
+from portsd.core.plan import Plan, PlannedBuild, Skip, skips, triage
+from portsd.core.recipe import Recipe
+from portsd.errors import RecipeError
+from tests.test_graph import port
 
 
 def plan_of(needs: dict[str, tuple[str, ...]]) -> Plan:
@@ -48,3 +52,81 @@ def test_a_failure_skips_exactly_what_needs_it(
 
 def test_a_skip_names_the_failed_dependency() -> None:
     assert Skip(DIAMOND.builds[-2], "zlib").reason == "dependency zlib failed"
+
+
+def evaluation_of(*recipes: Recipe) -> Evaluation:
+    ports: dict[str, Recipe | RecipeError] = {recipe.name: recipe for recipe in recipes}
+    return Evaluation.full({name: f"tree-of-{name}" for name in ports}, ports, "x86_64")
+
+
+TREE = evaluation_of(
+    port("libc"),
+    port("zlib", depends=("libc",)),
+    port("ssl", depends=("libc", "zlib")),
+    port("png", depends=("zlib",)),
+    port("app", depends=("ssl", "png")),
+    port("other"),
+    port("broken", depends=("nosuch",)),  # blocked: a missing dependency
+    port("uses-broken", depends=("broken",)),  # blocked behind it
+)
+KEYS = TREE.keys.keys
+GRAPH_PROBLEMS = {name: str(problem) for name, problem in TREE.keys.blocked.items()}
+BUILDABLE = ["libc", "other", "zlib", "png", "ssl", "app"]  # dependencies first, then by name
+FAILED_BEFORE = "failed before, not retried until it changes or `portsd rebuild` asks: "
+
+
+@pytest.mark.parametrize(
+    ("present", "failed", "wanted", "doomed", "failures"),
+    [
+        ((), {}, BUILDABLE, {}, {}),
+        (BUILDABLE, {}, [], {}, {}),
+        (("libc", "zlib", "ssl", "png"), {}, ["app", "other"], {}, {}),
+        (
+            (),
+            {"zlib": "zlib: build failed (exit 2)"},
+            ["libc", "other"],
+            {"png": "zlib", "ssl": "zlib", "app": "zlib"},
+            {"zlib": "zlib: build failed (exit 2)"},
+        ),
+        (  # only the first line of a failure's detail
+            ("libc", "zlib", "ssl"),
+            {"png": "png: check failed (exit 1)\nlog: /logs/png/7.log"},
+            ["other"],
+            {"app": "png"},
+            {"png": "png: check failed (exit 1)"},
+        ),
+        (  # a remembered failure of a key the repository has changes nothing
+            ("zlib",),
+            {"zlib": "it failed, then was built"},
+            ["libc", "other", "png", "ssl", "app"],
+            {},
+            {},
+        ),
+    ],
+)
+def test_triage_sorts_an_evaluation(
+    present: tuple[str, ...],
+    failed: dict[str, str],
+    wanted: list[str],
+    doomed: dict[str, str],
+    failures: dict[str, str],
+) -> None:
+    triaged = triage(TREE, {KEYS[n] for n in present}, {KEYS[n]: d for n, d in failed.items()})
+    assert set(triaged.plan.names()) == set(BUILDABLE) - set(present)
+    assert triaged.wanted.names() == wanted
+    assert {skip.build.name: skip.failed for skip in triaged.doomed} == doomed
+    assert all(skip.build.key == KEYS[skip.build.name] for skip in triaged.doomed)
+    assert triaged.blocked == GRAPH_PROBLEMS | {
+        name: FAILED_BEFORE + detail for name, detail in failures.items()
+    }
+
+
+def test_graph_problems_block_the_ports_they_name() -> None:
+    assert GRAPH_PROBLEMS.keys() == {"broken", "uses-broken"}
+    assert "nosuch" in GRAPH_PROBLEMS["broken"] and "broken" in GRAPH_PROBLEMS["uses-broken"]
+
+
+def test_a_failure_of_an_older_key_is_not_this_ones() -> None:
+    triaged = triage(TREE, set(), {"key-of-an-older-zlib": "zlib: build failed (exit 2)"})
+    assert triaged.wanted.names() == BUILDABLE
+    assert triaged.doomed == ()

@@ -6,7 +6,8 @@ without a key is reported as blocked with the reason, and everything else goes a
 
 A failed build skips the planned builds that need it, directly or not, and nothing else
 (``skips``): the one rule for a failure seen during a run and for one remembered from an
-earlier run.
+earlier run. ``triage`` sorts a whole evaluation for the build host: what to build now,
+what a remembered failure dooms, what cannot be built and why.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import heapq
 from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph, Problem
 from portsd.core.keys import KeySet
 
@@ -109,6 +111,42 @@ def make_plan(
         for name in _order(needs)
     )
     return Plan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
+
+
+@dataclass(frozen=True, slots=True)
+class Triage:
+    """An evaluation sorted for the build host."""
+
+    plan: Plan  # every build the repository lacks, in dependency order
+    wanted: Plan  # what to build now: ``plan`` less remembered failures and their dependents
+    doomed: tuple[Skip, ...]  # the builds that need a remembered failure
+    blocked: Mapping[str, str]  # port -> why it is not built now, in one line
+
+
+def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str, str]) -> Triage:
+    """Sort the ports of ``evaluation``: ``present`` holds the keys the repository has,
+    ``failed`` the remembered failures (build key -> what went wrong). A failed key is not
+    built again (it is blocked, its dependents doomed) until it changes or is forgotten."""
+    plan = make_plan(evaluation.graph, evaluation.keys, present)
+    failures = {b.name: failed[b.key] for b in plan.builds if b.key in failed}
+    doomed = skips(plan, failures)
+    dropped = failures.keys() | {skip.build.name for skip in doomed}
+    wanted = Plan(
+        builds=tuple(b for b in plan.builds if b.name not in dropped),
+        blocked=plan.blocked,
+        up_to_date=plan.up_to_date,
+    )
+    blocked = {name: _first_line(str(problem)) for name, problem in plan.blocked.items()}
+    for name, detail in failures.items():
+        blocked[name] = (
+            "failed before, not retried until it changes or `portsd rebuild` asks: "
+            + _first_line(detail)
+        )
+    return Triage(plan=plan, wanted=wanted, doomed=doomed, blocked=blocked)
+
+
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
 
 
 def _order(needs: Mapping[str, list[str]]) -> list[str]:

@@ -35,10 +35,10 @@ from portsd.build.scheduler import Outcome, Result, Scheduler
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
-from portsd.core.plan import Plan, PlannedBuild, Skip, critical_path, make_plan, skips
+from portsd.core.plan import Plan, PlannedBuild, Triage, critical_path, triage
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
-from portsd.daemon.state import BuildState, NewBuild, State
+from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
 from portsd.pkg.repo import Repository
@@ -65,9 +65,8 @@ class _Evaluated:
     id: int
     revision: Revision
     tree: Tree
-    plan: Plan
+    triaged: Triage
     wanted: frozenset[str]  # keys handed to the scheduler
-    blocked: dict[str, str]  # port -> why it cannot be built
 
 
 class Daemon:
@@ -219,64 +218,18 @@ class Daemon:
         lap("load")
         revision = Revision(tree, evaluation, head)
         present = self.repo.stored_keys()
-        plan = make_plan(evaluation.graph, evaluation.keys, present)
+        failed = self.state.failed_keys()
+        triaged = triage(evaluation, present, failed)
         lap("plan")
-        lost = self._republish(revision, plan, tree)
+        lost = self._republish(revision, triaged.plan, tree)
         if lost:  # recorded, but their files are gone: build them again
             present = present - lost
-            plan = make_plan(evaluation.graph, evaluation.keys, present)
+            triaged = triage(evaluation, present, failed)
         lap("republish")
-        failed = self.state.failed_keys()
-        wanted, doomed = _without_remembered_failures(plan, failed)
-        blocked = {name: str(problem).splitlines()[0] for name, problem in plan.blocked.items()}
-        for build in plan.builds:
-            if build.key in failed:
-                blocked[build.name] = (
-                    f"failed before, not retried until it changes or `portsd rebuild` asks: "
-                    f"{failed[build.key]}"
-                )
-        keep = frozenset(b.key for b in wanted.builds)
-        # Under the lock from here to the hand-off, so no build thread sees half of it.
-        with self._lock:
-            _, running = self.scheduler.snapshot()
-            running_keys = {build.key for build, _ in running}
-            dropped = [
-                row
-                for key, row in self._rows.items()
-                if key not in keep and key not in running_keys
-            ]
-            new = [b for b in wanted.builds if b.key not in self._rows]
-            rows = self.state.finish_evaluation(
-                evaluation_id,
-                [NewBuild(b.name, _version(revision, b.name), b.key, "") for b in new]
-                + [
-                    NewBuild(
-                        skip.build.name,
-                        _version(revision, skip.build.name),
-                        skip.build.key,
-                        skip.reason,
-                    )
-                    for skip in doomed
-                ],
-                blocked=len(blocked),
-                superseded=dropped,
-            )
-            self._rows = {key: row for key, row in self._rows.items() if row not in dropped}
-            skipped = {skip.build.key: skip.reason for skip in doomed}
-            for row in rows:
-                if row.key in skipped:
-                    self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
-                else:
-                    self._rows[row.key] = row.id
-            self._revisions = {b.key: revision for b in wanted.builds} | {
-                key: self._revisions[key] for key in running_keys if key in self._revisions
-            }
-            self._durations = self.state.durations()
-            self._latest = _Evaluated(evaluation_id, revision, tree, plan, keep, blocked)
-            self.scheduler.submit(wanted, critical_path(wanted, self._durations), again=lost)
+        rows = self._hand_over(evaluation_id, revision, tree, triaged, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
-        reasons = self._reasons(previous, revision, tree, wanted, present)
+        reasons = self._reasons(previous, revision, tree, triaged.wanted, present)
         self.state.explain({row.id: reasons[row.port] for row in rows if row.port in reasons})
         lap("explain")
         self._save_cache(force=previous is None)
@@ -287,17 +240,68 @@ class Daemon:
             "evaluated %s in %.0f ms: %d to build, %d blocked (%s)",
             head[:12],
             (time.monotonic() - started) * 1000,
-            len(wanted.builds),
-            len(blocked),
+            len(triaged.wanted),
+            len(triaged.blocked),
             ", ".join(f"{name} {ms:.0f}" for name, ms in phases.items()),
         )
         self.events.publish(
             "evaluation",
             id=evaluation_id,
             revision=head,
-            planned=len(wanted.builds),
-            blocked=len(blocked),
+            planned=len(triaged.wanted),
+            blocked=len(triaged.blocked),
         )
+
+    def _hand_over(
+        self,
+        evaluation_id: int,
+        revision: Revision,
+        tree: Tree,
+        triaged: Triage,
+        *,
+        again: frozenset[str],
+    ) -> list[BuildRow]:
+        """Record the evaluation's builds and hand them to the scheduler; returns the rows.
+
+        Under the lock from the first look at the running builds to the hand-off, so no
+        build thread sees half of it. Queued builds no longer wanted are superseded; the
+        doomed ones are recorded as skipped."""
+        keep = frozenset(b.key for b in triaged.wanted.builds)
+        with self._lock:
+            _, running = self.scheduler.snapshot()
+            running_keys = {build.key for build, _ in running}
+            dropped = [
+                row
+                for key, row in self._rows.items()
+                if key not in keep and key not in running_keys
+            ]
+            builds = [
+                NewBuild(b.name, _version(revision, b.name), b.key, "")
+                for b in triaged.wanted.builds
+                if b.key not in self._rows
+            ] + [
+                NewBuild(s.build.name, _version(revision, s.build.name), s.build.key, s.reason)
+                for s in triaged.doomed
+            ]
+            rows = self.state.finish_evaluation(
+                evaluation_id, builds, blocked=len(triaged.blocked), superseded=dropped
+            )
+            self._rows = {key: row for key, row in self._rows.items() if row not in dropped}
+            skipped = {skip.build.key: skip.reason for skip in triaged.doomed}
+            for row in rows:
+                if row.key in skipped:
+                    self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
+                else:
+                    self._rows[row.key] = row.id
+            self._revisions = {key: revision for key in keep} | {
+                key: self._revisions[key] for key in running_keys if key in self._revisions
+            }
+            self._durations = self.state.durations()
+            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep)
+            self.scheduler.submit(
+                triaged.wanted, critical_path(triaged.wanted, self._durations), again=again
+            )
+        return rows
 
     def _save_cache(self, *, force: bool = False) -> None:
         """Persist new parses, at most every SAVE_EVERY seconds (and after a cold load):
@@ -452,7 +456,7 @@ class Daemon:
             queued=len(queued),
             running=tuple(current),
             eta=self._eta(queued, running),
-            blocked=len(latest.blocked) if latest else 0,
+            blocked=len(latest.triaged.blocked) if latest else 0,
         )
 
     def _eta(
@@ -472,8 +476,8 @@ class Daemon:
             return PlanGraph(revision=None)
         graph = latest.revision.graph
         rows = {row.key: row for row in self.state.builds(evaluation=latest.id, limit=100000)}
-        planned = {b.name for b in latest.plan.builds}
-        names = set(planned) | set(latest.blocked)
+        planned = {b.name for b in latest.triaged.plan.builds}
+        names = set(planned) | set(latest.triaged.blocked)
         for name in list(planned):
             names.update(edge.target for edge in graph.edges(name))
         nodes = []
@@ -484,7 +488,7 @@ class Daemon:
             if row is None and key is not None and key in self._rows:
                 active = self.state.build(self._rows[key])
                 state = active.state if active else None
-            reason = (row.reason if row else "") or latest.blocked.get(name, "")
+            reason = (row.reason if row else "") or latest.triaged.blocked.get(name, "")
             nodes.append(PlanNode(port=name, key=key, state=state, reason=reason))
         edges = tuple(
             (name, edge.target, edge.kind.value)
@@ -510,13 +514,3 @@ def _version(revision: Revision, name: str) -> str:
     recipe = revision.graph.recipe(name)
     assert recipe is not None, f"{name} was planned without a recipe"
     return recipe.full_version
-
-
-def _without_remembered_failures(plan: Plan, failed: dict[str, str]) -> tuple[Plan, list[Skip]]:
-    """The plan without the keys that failed before and the builds that need them,
-    directly or not; the latter are returned as skips."""
-    failed_names = {b.name for b in plan.builds if b.key in failed}
-    doomed = skips(plan, failed_names)
-    dropped = failed_names | {skip.build.name for skip in doomed}
-    builds = tuple(b for b in plan.builds if b.name not in dropped)
-    return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), list(doomed)
