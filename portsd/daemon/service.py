@@ -56,6 +56,7 @@ _STATES = {
 COALESCE = 0.02  # seconds to wait for more triggers before evaluating
 REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
+REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,6 @@ class Daemon:
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self._wake = asyncio.Event()
         self._sources: set[str] = set()  # what woke the loop since the last evaluation
-        self._forced = False
         self._evaluating = False
         self._latest: _Evaluated | None = None
         self._lock = threading.RLock()  # the maps below; re-entered by scheduler callbacks
@@ -150,11 +150,11 @@ class Daemon:
         known = [n for n in names if latest is not None and n in latest.revision.graph]
         if known:
             self.state.forget_failures(known)
-        self._forced = True
-        self.trigger("rebuild")
+        self.trigger(REBUILD)  # handed to the loop like any trigger, so none is ever lost
         return known
 
     def _wake_for(self, source: str) -> None:
+        """On the loop thread: the only writer of the pending triggers."""
         self._sources.add(source)
         self._wake.set()
 
@@ -163,11 +163,13 @@ class Daemon:
             await self._wake.wait()
             await asyncio.sleep(COALESCE)  # let a burst of triggers land
             self._wake.clear()
-            forced, self._forced = self._forced, False
-            sources, self._sources = ",".join(sorted(self._sources)), set()
+            sources, self._sources = self._sources, set()
+            forced = REBUILD in sources  # evaluate again even if the head has not moved
             self._evaluating = True
             try:
-                await self.loop.run_in_executor(self._evaluator, self._evaluate, forced, sources)
+                await self.loop.run_in_executor(
+                    self._evaluator, self._evaluate, forced, ",".join(sorted(sources))
+                )
             except PortsdError as error:
                 log.error("evaluation failed: %s", error)
                 self.events.publish("evaluation", error=str(error))
