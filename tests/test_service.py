@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dis
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,28 +42,33 @@ def test_the_engine_does_not_load_its_presentation_layer() -> None:
     assert not {name for name in loaded if name.startswith("portsd.daemon.server")}
 
 
+def pushed_to_a_build_host(tmp_path: Path, tree: Path) -> Config:
+    """A repository made by `portsd init` (without its hook: nothing listens), ``tree``
+    pushed to it; returns the daemon's config."""
+    bare = tmp_path / "build.git"
+    init_repository(bare)
+    (bare / "hooks" / "post-receive").unlink()
+    git(tree, "push", "-q", str(bare), "main")
+    return load_config(state_of(bare))
+
+
 @pytest.fixture
 def nothing_to_build(tmp_path: Path) -> tuple[Config, str]:
-    """A repository made by `portsd init` (without its hook), holding a pushed tree whose
-    one port cannot be built (its dependency is missing): evaluations without builds.
-    Returns the daemon's config and the pushed commit."""
+    """A build host given a tree whose one port cannot be built (its dependency is
+    missing): evaluations without builds. Returns the daemon's config and the commit."""
     tree = tmp_path / "tree"
     (tree / "ports" / "lonely").mkdir(parents=True)
     (tree / "ports" / "lonely" / "port.toml").write_text(recipe("lonely", depends=("nosuch",)))
     git(tree, "init", "-q", "-b", "main")
     commit = commit_all(tree, "a tree with nothing to build")
-    bare = tmp_path / "build.git"
-    init_repository(bare)
-    (bare / "hooks" / "post-receive").unlink()
-    git(tree, "push", "-q", str(bare), "main")
-    return load_config(state_of(bare)), commit
+    return pushed_to_a_build_host(tmp_path, tree), commit
 
 
 @asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Daemon]:
-    """The daemon as `portsd serve` runs it (its lifetime is the application's), without
-    a listening socket."""
-    daemon = Daemon(config, asyncio.get_running_loop())
+async def running(config: Config, daemon: Daemon | None = None) -> AsyncIterator[Daemon]:
+    """The daemon (or ``daemon``) as `portsd serve` runs it, its lifetime the application's,
+    without a listening socket."""
+    daemon = daemon or Daemon(config, asyncio.get_running_loop())
     app = create_app(config, daemon)
     app.cleanup_ctx.append(daemon.lifetime)
     runner = create_runner(app)
@@ -138,5 +144,26 @@ def test_a_rebuild_asked_while_the_loop_takes_its_triggers_is_not_lost(
             await until(lambda: len(daemon.state.evaluations()) == 2, "the rebuild's evaluation")
             triggers = [e.trigger for e in reversed(daemon.state.evaluations())]
             assert triggers == ["startup", "rebuild"]
+
+    asyncio.run(main())
+
+
+def test_an_evaluation_that_fails_midway_is_finished_with_its_error(
+    nothing_to_build: tuple[Config, str],
+) -> None:
+    config, _ = nothing_to_build
+
+    async def main() -> None:
+        daemon = Daemon(config, asyncio.get_running_loop())
+        keys = daemon.repo.path / "keys"  # where the repository lists the keys it holds
+        shutil.rmtree(keys)
+        keys.write_text("not a directory\n")
+        async with running(config, daemon):
+            await until(
+                lambda: [e.finished is not None for e in daemon.state.evaluations()] == [True],
+                "the evaluation to be finished",
+            )
+            [evaluation] = daemon.state.evaluations()
+            assert evaluation.error == f"{keys}: Not a directory"
 
     asyncio.run(main())

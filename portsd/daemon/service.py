@@ -31,7 +31,7 @@ from aiohttp import web
 
 from portsd.build.builder import step_of
 from portsd.build.pipeline import Revision, Workspace
-from portsd.build.scheduler import Outcome, Result, Scheduler
+from portsd.build.scheduler import Outcome, Result, Scheduler, describe
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
@@ -212,22 +212,22 @@ class Daemon:
             since[0] = now
 
         evaluation_id = self.state.start_evaluation(head, self.branch, sources or "push")
-        try:
+        try:  # from here on the evaluation's row is finished, whatever happens
             tree, evaluation = self._load(head, previous)
-        except PortsdError as error:
-            self.state.finish_evaluation(evaluation_id, [], blocked=0, error=str(error))
-            raise
-        lap("load")
-        revision = Revision(tree, evaluation, head)
-        present = self.repo.stored_keys()
-        failed = self.state.failed_keys()
-        triaged = triage(evaluation, present, failed)
-        lap("plan")
-        lost = self._republish(revision, triaged.plan, tree)
-        if lost:  # recorded, but their files are gone: build them again
-            present = present - lost
+            lap("load")
+            revision = Revision(tree, evaluation, head)
+            present = self.repo.stored_keys()
+            failed = self.state.failed_keys()
             triaged = triage(evaluation, present, failed)
-        lap("republish")
+            lap("plan")
+            lost = self._republish(revision, triaged.plan, tree)
+            if lost:  # recorded, but their files are gone: build them again
+                present = present - lost
+                triaged = triage(evaluation, present, failed)
+            lap("republish")
+        except Exception as error:
+            self.state.finish_evaluation(evaluation_id, [], blocked=0, error=describe(error))
+            raise
         rows = self._hand_over(evaluation_id, revision, tree, triaged, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
