@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dis
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from portsd.config import Config, load_config
 from portsd.daemon.initrepo import init_repository, state_of
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.service import Daemon
+from portsd.daemon.state import State
 from tests.fixtures import commit_all, git, recipe
 
 
@@ -146,6 +148,31 @@ def test_a_rebuild_asked_while_the_loop_takes_its_triggers_is_not_lost(
             assert triggers == ["startup", "rebuild"]
 
     asyncio.run(main())
+
+
+def test_a_stop_during_an_evaluation_finishes_it_and_queues_nothing(
+    tmp_path: Path, ports_tree: Path
+) -> None:
+    config = pushed_to_a_build_host(tmp_path, ports_tree)  # nine ports to build
+
+    async def main() -> None:
+        # Another writer holds the database, so the first evaluation waits inside...
+        other = sqlite3.connect(config.database, isolation_level=None)
+        async with running(config) as daemon:
+            other.execute("BEGIN IMMEDIATE")
+            await until(lambda: daemon.status().evaluating, "the first evaluation to start")
+            # ...until the stop is well under way.
+            asyncio.get_running_loop().call_later(0.5, other.execute, "COMMIT")
+        other.close()
+
+    asyncio.run(main())
+    state = State(config.database)
+    [evaluation] = state.evaluations()
+    builds = state.builds()
+    state.close()
+    assert evaluation.finished is not None
+    assert evaluation.error == "the daemon stopped before its builds were queued"
+    assert builds == []  # none queued that no scheduler would ever run
 
 
 def test_an_evaluation_that_fails_midway_is_finished_with_its_error(

@@ -56,6 +56,7 @@ _STATES = {
 COALESCE = 0.02  # seconds to wait for more triggers before evaluating
 REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
+STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
 
 
@@ -95,6 +96,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._sources: set[str] = set()  # what woke the loop since the last evaluation
         self._evaluating = False
+        self._stopping = threading.Event()  # set once, when the daemon starts to stop
         self._latest: _Evaluated | None = None
         self._lock = threading.RLock()  # the maps below; re-entered by scheduler callbacks
         self._rows: dict[str, int] = {}  # key -> active build row
@@ -112,18 +114,20 @@ class Daemon:
         await asyncio.to_thread(self._recover)
         watcher = RefWatcher(Path(self.git.gitdir), lambda path: self.trigger("watch"))
         watcher.start()
-        tasks = [
-            asyncio.create_task(self._evaluation_loop(), name="evaluations"),
-            asyncio.create_task(self._refresh_loop(), name="index refresh"),
-        ]
+        evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
+        refresh = asyncio.create_task(self._refresh_loop(), name="index refresh")
         self.trigger("startup")
         try:
             yield
         finally:
+            # In order: no more triggers; the evaluation in progress ends (it queues nothing
+            # once it sees the stop) and the loop with it; then the builds stop; then the
+            # state closes. The scheduler is never closed under an evaluation.
             watcher.stop()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._stopping.set()
+            self._wake.set()
+            refresh.cancel()
+            await asyncio.gather(evaluations, refresh, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
             await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
             self._evaluator.shutdown()
@@ -162,6 +166,8 @@ class Daemon:
         while True:
             await self._wake.wait()
             await asyncio.sleep(COALESCE)  # let a burst of triggers land
+            if self._stopping.is_set():
+                return
             self._wake.clear()
             sources, self._sources = self._sources, set()
             forced = REBUILD in sources  # evaluate again even if the head has not moved
@@ -228,6 +234,11 @@ class Daemon:
         except Exception as error:
             self.state.finish_evaluation(evaluation_id, [], blocked=0, error=describe(error))
             raise
+        if self._stopping.is_set():  # its builds would be cancelled at once: queue none
+            self.state.finish_evaluation(
+                evaluation_id, [], blocked=len(triaged.blocked), error=STOPPED
+            )
+            return
         rows = self._hand_over(evaluation_id, revision, tree, triaged, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
