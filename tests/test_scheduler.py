@@ -10,22 +10,7 @@ import pytest
 from portsd.build.scheduler import Collector, Outcome, Result, Scheduler, run_plan
 from portsd.core.plan import Plan, PlannedBuild, critical_path
 from portsd.errors import BuildError
-
-
-def plan_of(needs: dict[str, tuple[str, ...]]) -> Plan:
-    return Plan(
-        builds=tuple(PlannedBuild(name, f"key-{name}", deps) for name, deps in needs.items())
-    )
-
-
-DIAMOND = {
-    "libc": (),
-    "zlib": ("libc",),
-    "ssl": ("libc", "zlib"),
-    "png": ("zlib",),
-    "app": ("ssl", "png"),
-    "other": (),
-}
+from tests.test_plan import DIAMOND, plan_of
 
 
 class Recorder:
