@@ -35,7 +35,7 @@ import aiohttp
 
 from portsd.core.recipe import Source
 from portsd.errors import ChecksumMismatch, ConfigError, FetchError
-from portsd.fsio import fsync_dir
+from portsd.fsio import feed_file, fsync_dir
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -406,7 +406,7 @@ class Fetcher:
                 headers["If-Range"] = validator
             # Hashed before asking: once a body arrives it must be read without delay, or
             # aiohttp drops buffered bytes when the connection then breaks.
-            await asyncio.to_thread(hash_prefix, prefix, part, offset)
+            await asyncio.to_thread(feed_file, prefix, part, offset)
         received, mid_body = 0, False
         try:
             # aiohttp counts the answers that redirect, the last included: one more than
@@ -616,17 +616,6 @@ def strong_validator(response: aiohttp.ClientResponse) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return response.headers.get("Last-Modified")
-
-
-def hash_prefix(hasher: hashlib._Hash, path: Path, length: int) -> None:
-    with path.open("rb") as handle:
-        remaining = length
-        while remaining:
-            chunk = handle.read(min(_DISK_CHUNK, remaining))
-            if not chunk:
-                raise OSError(errno.EIO, f"{path} shrank while resuming")
-            hasher.update(chunk)
-            remaining -= len(chunk)
 
 
 def _size(path: Path) -> int:

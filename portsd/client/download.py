@@ -42,11 +42,10 @@ from portsd.build.fetch import (
     Unavailable,
     body_range,
     describe_failure,
-    hash_prefix,
     strong_validator,
 )
 from portsd.errors import BadSignature, ConfigError, DownloadError
-from portsd.fsio import fsync_dir
+from portsd.fsio import feed_file, file_sha256, fsync_dir
 from portsd.pkg.sign import PublicKey, verify_file
 
 STALL_TIMEOUT = 30.0
@@ -378,7 +377,7 @@ class _Runner:
         headers: dict[str, str] = {}
         if offset:
             # hashed before asking: once a body arrives it is read without delay
-            await asyncio.to_thread(hash_prefix, prefix, part, offset)
+            await asyncio.to_thread(feed_file, prefix, part, offset)
             if offset == download.size:
                 if prefix.hexdigest() == download.sha256:
                     return  # an earlier run stopped between the last byte and the rename
@@ -463,9 +462,7 @@ def _complete(download: Download) -> bool:
             return False
     except FileNotFoundError:
         return False
-    digest = hashlib.sha256()
-    hash_prefix(digest, download.dest, download.size)
-    return digest.hexdigest() == download.sha256
+    return file_sha256(download.dest) == download.sha256
 
 
 def _check_signature(part: Path, signature: str, keys: Sequence[PublicKey], url: str) -> None:
