@@ -24,9 +24,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import rtoml
-
 from portsd.errors import ConfigError
+from portsd.tomlfile import TomlFile
 
 CONFIG_NAME = "portsd.toml"
 
@@ -136,36 +135,34 @@ def load_config(
     return config
 
 
-def _read(file: Path, state_dir: Path) -> dict[str, Any]:
-    try:
-        data = rtoml.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read: {error}", path=str(file)) from None
-    except rtoml.TomlParsingError as error:
-        raise ConfigError(f"invalid TOML: {error}", path=str(file)) from None
+def _read(path: Path, state_dir: Path) -> dict[str, Any]:
+    file = TomlFile.read(path)
     values: dict[str, Any] = {}
-    for table, entries in data.items():
+    for table, entries in file.data.items():
         schema = _SCHEMA.get(table)
         if schema is None or not isinstance(entries, dict):
-            raise ConfigError(f"unknown table [{table}]", path=str(file))
+            raise file.error(f"unknown table [{table}]", None, table)
         for key, value in entries.items():
             if key not in schema:
-                raise ConfigError(f"unknown key '{key}' in [{table}]", path=str(file))
+                raise file.error(f"unknown key '{key}' in [{table}]", key, table)
             name, kind = schema[key]
-            values[name] = _coerce(value, kind, name, state_dir, f"[{table}] {key}", file)
+            values[name] = _coerce(value, kind, name, state_dir, file, (table, key))
     return values
 
 
-def _coerce(value: Any, kind: type, name: str, state_dir: Path, where: str, file: Path) -> Any:
+def _coerce(
+    value: Any, kind: type, name: str, state_dir: Path, file: TomlFile, where: tuple[str, str]
+) -> Any:
+    table, key = where
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if not ok:
-        raise ConfigError(f"{where} must be {kind.__name__}", path=str(file))
+        raise file.error(f"[{table}] {key} must be {kind.__name__}", key, table)
     if kind is list:
         items: list[Any] = value
         if not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"{where} must be a list of strings", path=str(file))
+            raise file.error(f"[{table}] {key} must be a list of strings", key, table)
         return tuple(items)
     if name.endswith("_dir"):
         return (state_dir / os.path.expanduser(str(value))).resolve()

@@ -48,15 +48,17 @@ class PortsdError(Exception):
 
 
 class ConfigError(PortsdError):
-    """A configuration file or command-line setting is invalid."""
+    """A configuration file or command-line setting is invalid; ``path`` (and ``line``,
+    1-based, when known) say where in which file, for a problem in one."""
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
         self.message = message
         self.path = path
+        self.line = line
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        return str(Problem(self.path, self.message, self.line)) if self.path else self.message
 
 
 @dataclass(frozen=True, slots=True)
