@@ -9,7 +9,8 @@
     │   └── BrokenDependency     a dependency that cannot be built itself, so neither can this
     ├── GitError                 the ports tree could not be read from git
     ├── FetchError               a source could not be obtained
-    │   └── ChecksumMismatch     ... or its sha256 is not the recipe's
+    │   ├── ChecksumMismatch     ... or its sha256 is not the recipe's
+    │   └── FetchCancelled       ... before the build that wanted it was cancelled
     ├── BuildError               a build step failed, timed out or was killed
     ├── PackageError             a package file is malformed
     │   └── UnsafeArchive        ... or tries to escape its root
@@ -167,6 +168,14 @@ class ChecksumMismatch(FetchError):
             f"{self.port}: sha256 mismatch for {self.filename}: "
             f"expected {self.expected}, got {self.actual}"
         )
+
+
+class FetchCancelled(FetchError):
+    """The build that wanted the source was cancelled while it was being fetched; the bytes
+    so far stay in the distfiles' ``partial/``, for a later fetch to resume."""
+
+    def __init__(self, port: str, filename: str) -> None:
+        super().__init__(port, filename, "cancelled")
 
 
 class BuildError(PortsdError):

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import os
+import platform
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from portsd.build.fetch import Fetcher, FetchReporter, Mirror
+from portsd.build.pipeline import Revision, Workspace
+from portsd.config import Config
+from portsd.core.plan import make_plan
 from portsd.core.recipe import Source
-from portsd.errors import ChecksumMismatch, ConfigError, FetchError
+from portsd.errors import ChecksumMismatch, ConfigError, FetchCancelled, FetchError
+from portsd.tree.checkout import open_checkout
+from tests.fixtures import recipe
 from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = bytes(range(256)) * 800  # 204,800 bytes: several network chunks
@@ -380,3 +386,68 @@ def test_unsupported_scheme_and_bad_mirror(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither an http"):
         Mirror.parse("ftp://mirror/")
     assert Fetcher(tmp_path).cached("../" + "a" * 61) is None
+
+
+# -- a cancelled build ------------------------------------------------------------------------
+
+
+@dataclass
+class Flowing(FetchReporter):
+    """Says when the first bytes of a download have arrived."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def advanced(self, port: str, filename: str, nbytes: int) -> None:
+        self.event.set()
+
+
+def test_a_cancelled_build_stops_downloading_and_keeps_only_a_resumable_part(
+    tmp_path: Path, server: Server
+) -> None:
+    """A superseded build's cancel event, set from another thread mid-download, stops the
+    fetch at once (the whole download would take about 13 s) with a cancellation error; the
+    bytes so far stay in partial/ and the next fetch resumes them."""
+    server.files["slow-1.0.tar.gz"] = Served(DATA, chunk_delay=1.0)  # 16 KiB a second
+    url = server.url("slow-1.0.tar.gz")
+    tree = tmp_path / "tree"
+    (tree / "ports" / "slow").mkdir(parents=True)
+    (tree / "ports" / "slow" / "port.toml").write_text(
+        recipe("slow", source_url=url, source_sha=sha(DATA))
+    )
+    arch = platform.machine()
+    config = Config(state_dir=tmp_path / "state", arch=arch)
+    reporter = Flowing()
+    workspace = Workspace.open(config, reporter=reporter)
+    checkout = open_checkout(tree, None, None, arch)
+    plan = make_plan(checkout.evaluation.graph, checkout.evaluation.keys, set(), ["slow"])
+    revision = Revision(checkout.tree, checkout.evaluation, checkout.commit)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            workspace.build(revision, plan.builds[0], cancel)
+        except BaseException as error:  # noqa: BLE001 - the test looks at it
+            outcome.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    assert reporter.event.wait(10), "no byte arrived"
+    cancelled_at = time.monotonic()
+    cancel.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < 2
+    (error,) = outcome
+    assert isinstance(error, FetchCancelled)
+    assert str(error) == "slow: cannot fetch slow-1.0.tar.gz: cancelled"
+    distfiles = config.distfiles
+    assert cache(distfiles) == []
+    assert leftovers(distfiles) == [f"{sha(DATA)}.part", f"{sha(DATA)}.part.json"]
+    kept = (distfiles / "partial" / f"{sha(DATA)}.part").stat().st_size
+    assert 0 < kept < len(DATA)
+
+    server.files["slow-1.0.tar.gz"].chunk_delay = 0
+    path = fetch(Fetcher(distfiles), source(url, filename="slow-1.0.tar.gz"))
+    assert path.read_bytes() == DATA
+    assert server.seen[-1] == Seen("slow-1.0.tar.gz", f"bytes={kept}-", '"v1"', 206)
