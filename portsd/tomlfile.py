@@ -59,26 +59,19 @@ class TomlFile:
         """The 1-based line of ``key = ...`` (or ``key.sub = ...``) in ``[table]``, or of
         the table's header; also finds ``[table.key]`` headers. None if not found."""
         lines = self.text.splitlines()
-        start = 0
-        if table is not None:
-            header = _header(table)
-            found = next((n for n, line in enumerate(lines) if header.match(line)), None)
-            if found is None:
-                return None
-            if key is None:
-                return found + 1
-            start = found + 1
+        start = 0 if table is None else _header_line(lines, table)  # the table's first line
         if key is None:
-            return None
+            return start or None
         assignment = re.compile(rf"\s*[\"']?{re.escape(key)}[\"']?\s*[.=]")
-        for number in range(start, len(lines)):
+        for number in range(len(lines) if start is None else start, len(lines)):
             if lines[number].lstrip().startswith("["):
                 break
             if assignment.match(lines[number]):
                 return number + 1
-        subtable = _header(f"{table}.{key}" if table else key)
-        return next((n + 1 for n, line in enumerate(lines) if subtable.match(line)), None)
+        return _header_line(lines, f"{table}.{key}" if table else key)
 
 
-def _header(table: str) -> re.Pattern[str]:
-    return re.compile(rf"\s*\[\s*{re.escape(table)}\s*\]")
+def _header_line(lines: list[str], table: str) -> int | None:
+    """The 1-based line of ``[table]``, or None."""
+    header = re.compile(rf"\s*\[\s*{re.escape(table)}\s*\]")
+    return next((n + 1 for n, line in enumerate(lines) if header.match(line)), None)

@@ -76,3 +76,26 @@ def test_the_client_settings_read_the_same_way(tmp_path: Path, text: str, messag
 def test_an_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path, tmp_path / "nope.toml")
+
+
+def test_named_mirrors_from_the_file_and_flags(tmp_path: Path) -> None:
+    """``mirror.NAME`` in [sources] (dotted keys or a [sources.mirror] table); a flag
+    replaces the places of its own name and keeps the others."""
+    (tmp_path / CONFIG_NAME).write_text(
+        '[sources]\nmirror.gnu = ["/srv/gnu", "https://m.example.org/gnu"]\n'
+        'mirror.kde = ["/srv/kde"]\n'
+    )
+    config = load_config(tmp_path)
+    assert config.named_mirrors == (
+        ("gnu", ("/srv/gnu", "https://m.example.org/gnu")),
+        ("kde", ("/srv/kde",)),
+    )
+    flagged = load_config(tmp_path, overrides={"named_mirrors": (("gnu", ("/elsewhere",)),)})
+    assert flagged.named_mirrors == (("gnu", ("/elsewhere",)), ("kde", ("/srv/kde",)))
+
+    (tmp_path / CONFIG_NAME).write_text('[sources.mirror]\ngnu = ["/srv/gnu"]\nkde = "/srv"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / CONFIG_NAME}:1: [sources] mirror.kde must be a list of strings"
+    )

@@ -214,6 +214,51 @@ def test_mirror_file_names_are_url_quoted(tmp_path: Path, server: Server) -> Non
     assert server.paths() == ["m/a b+c.tar"]
 
 
+def test_mirror_urls_are_resolved_through_the_named_mirrors(tmp_path: Path, server: Server) -> None:
+    """mirror://NAME/PATH: the distfiles mirrors by file name first, then each place of
+    mirror NAME in order (directories and http base URLs), PATH below it."""
+    local = tmp_path / "gnu"
+    server.files["gnu/hello/pkg-1.0.tar.gz"] = Served(DATA)
+    src = Source("pkg-1.0.tar.gz", url="mirror://gnu/hello/pkg-1.0.tar.gz", sha256=sha(DATA))
+    named = {"gnu": [str(local), server.url("gnu/")], "kde": [server.url("kde")]}
+    reporter = Recorder()
+    fetcher = Fetcher(tmp_path / "d", [server.url("all")], named_mirrors=named, reporter=reporter)
+    assert fetch(fetcher, src).read_bytes() == DATA
+    assert server.paths() == ["all/pkg-1.0.tar.gz", "gnu/hello/pkg-1.0.tar.gz"]
+    assert [e for e in reporter.events if e[0] != "started"] == [
+        ("failed", server.url("all/pkg-1.0.tar.gz"), "HTTP 404 Not Found"),
+        ("failed", str(local / "hello" / "pkg-1.0.tar.gz"), "not found"),
+        ("finished", server.url("gnu/hello/pkg-1.0.tar.gz")),
+    ]
+
+    server.seen.clear()
+    (local / "hello").mkdir(parents=True)
+    (local / "hello" / "pkg-1.0.tar.gz").write_bytes(DATA)
+    assert fetch(Fetcher(tmp_path / "d2", named_mirrors=named), src).read_bytes() == DATA
+    assert server.seen == []
+
+
+def test_an_unknown_mirror_name_is_one_error_naming_the_port_and_the_name(
+    tmp_path: Path, server: Server
+) -> None:
+    """The distfiles mirrors are still tried (they hold files by name, whatever the url);
+    when none has the file, the error says which mirror name is not configured."""
+    src = Source("pkg-1.0.tar.gz", url="mirror://gnome/x/pkg-1.0.tar.gz", sha256=sha(DATA))
+    fetcher = Fetcher(tmp_path / "d", [server.url("all")], named_mirrors={"gnu": ["/srv/gnu"]})
+    with pytest.raises(FetchError) as caught:
+        fetch(fetcher, src)
+    assert str(caught.value) == (
+        "pkg: cannot fetch pkg-1.0.tar.gz: unknown mirror 'gnome' in "
+        "mirror://gnome/x/pkg-1.0.tar.gz (configure [sources] mirror.gnome); "
+        f"tried {server.url('all/pkg-1.0.tar.gz')} (HTTP 404 Not Found)"
+    )
+    with pytest.raises(FetchError, match=r"fetch pkg-1.0.tar.gz: unknown mirror 'gnome' in \S+ \("):
+        fetch(Fetcher(tmp_path / "d"), src)
+
+    server.files["all/pkg-1.0.tar.gz"] = Served(DATA)
+    assert fetch(fetcher, src).read_bytes() == DATA
+
+
 def test_mismatch_at_origin_keeps_nothing(tmp_path: Path, server: Server) -> None:
     server.files["pkg-1.0.tar.gz"] = Served(BAD)
     src = source(server.url("pkg-1.0.tar.gz"))

@@ -8,10 +8,11 @@ Layout under ``distfiles`` (all on one filesystem, so a rename is atomic):
     locks/<hex>.lock          flock held by whoever is fetching <hex> (any thread or process)
 
 A url source is looked for in the cache, then on each mirror in order (``<mirror>/<filename>``,
-a local directory or an http(s) base URL), then at its own url. ``portsd.transfer`` moves the
-bytes (resumed, bounded, hashed as they stream); bytes with the wrong sha256 never reach the
-cache, are deleted from ``partial/``, and the next location is tried. The cache is trusted:
-only verified files are renamed into it.
+a local directory or an http(s) base URL), then at its own url; a ``mirror://NAME/PATH`` url
+stands for each place configured for mirror NAME, in order (``<place>/<PATH>``).
+``portsd.transfer`` moves the bytes (resumed, bounded, hashed as they stream); bytes with the
+wrong sha256 never reach the cache, are deleted from ``partial/``, and the next location is
+tried. The cache is trusted: only verified files are renamed into it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,7 +36,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 
 from portsd import transfer
-from portsd.core.recipe import Source
+from portsd.core.recipe import Source, mirror_of
 from portsd.errors import ChecksumMismatch, ConfigError, FetchCancelled, FetchError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -82,7 +83,8 @@ class LocationKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Mirror:
-    """A place holding distfiles by file name: a local directory or an http(s) base URL."""
+    """A place holding distfiles by file name (or, for a named mirror, by path): a local
+    directory or an http(s) base URL."""
 
     kind: LocationKind
     base: str
@@ -99,10 +101,11 @@ class Mirror:
             return cls(LocationKind.DIRECTORY, text)
         raise ConfigError(f"mirror '{text}' is neither an http(s) URL nor a directory")
 
-    def locate(self, filename: str) -> Location:
+    def locate(self, path: str) -> Location:
+        """Where this mirror holds ``path`` (a file name, or a relative path)."""
         if self.kind is LocationKind.HTTP:
-            return Location(LocationKind.HTTP, f"{self.base}/{quote(filename)}")
-        return Location(LocationKind.DIRECTORY, str(Path(self.base) / filename))
+            return Location(LocationKind.HTTP, f"{self.base}/{quote(path)}")
+        return Location(LocationKind.DIRECTORY, str(Path(self.base) / path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +132,14 @@ class Fetcher:
     """Obtains url sources into the distfiles cache and returns their verified paths.
 
     Use it as an async context manager: one aiohttp session serves every fetch while it is
-    open. ``connect_timeout`` bounds each TCP connect and ``read_timeout`` each wait for data
-    (so a stalled server fails in about that long); ``max_bytes`` caps a file's size;
-    ``max_concurrent`` bounds simultaneous downloads across every caller of this Fetcher; a
-    server that answers 2xx and then drops or stalls mid-body is resumed (Range) up to
-    ``resume_retries`` more times before the next location is tried.
+    open. ``mirrors`` hold files by name and are tried first for every source;
+    ``named_mirrors`` are where ``mirror://NAME/PATH`` urls point (NAME -> places, each a
+    directory or an http(s) base URL). ``connect_timeout`` bounds each TCP connect and
+    ``read_timeout`` each wait for data (so a stalled server fails in about that long);
+    ``max_bytes`` caps a file's size; ``max_concurrent`` bounds simultaneous downloads
+    across every caller of this Fetcher; a server that answers 2xx and then drops or stalls
+    mid-body is resumed (Range) up to ``resume_retries`` more times before the next location
+    is tried.
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class Fetcher:
         distfiles: Path,
         mirrors: Sequence[str | os.PathLike[str]] = (),
         *,
+        named_mirrors: Mapping[str, Sequence[str]] | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         max_bytes: int | None = None,
@@ -151,6 +158,10 @@ class Fetcher:
     ) -> None:
         self.distfiles = Path(distfiles)
         self.mirrors = tuple(Mirror.parse(os.fspath(m)) for m in mirrors)
+        self.named_mirrors = {
+            name: tuple(Mirror.parse(place) for place in places)
+            for name, places in (named_mirrors or {}).items()
+        }
         self.limits = transfer.Limits(
             connect=connect_timeout,
             stall=read_timeout,
@@ -315,13 +326,29 @@ class Fetcher:
                 self.reporter.finished(port, source.filename, str(location), path)
                 return path
             self.reporter.failed(port, source.filename, str(location), attempts[-1].outcome)
-        raise _failure(port, source.filename, expected, attempts)
+        raise _failure(port, source.filename, expected, attempts, self._unknown_mirror(source))
 
     def _locations(self, source: Source) -> list[Location]:
+        """The distfiles mirrors by file name, then the url's own places."""
         locations = [mirror.locate(source.filename) for mirror in self.mirrors]
         assert source.url is not None  # _check_source
-        locations.append(Location(LocationKind.HTTP, source.url))
+        named = mirror_of(source.url)
+        if named is None:
+            locations.append(Location(LocationKind.HTTP, source.url))
+        else:
+            name, path = named
+            locations += [place.locate(path) for place in self.named_mirrors.get(name, ())]
         return locations
+
+    def _unknown_mirror(self, source: Source) -> str | None:
+        """The problem with a ``mirror://NAME/...`` url whose NAME is not configured. Not
+        raised up front: the distfiles mirrors, tried first, may hold the file anyway."""
+        named = mirror_of(source.url or "")
+        if named is None or named[0] in self.named_mirrors:
+            return None
+        return (
+            f"unknown mirror '{named[0]}' in {source.url} (configure [sources] mirror.{named[0]})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +377,18 @@ def _check_source(port: str, source: Source) -> str:
     return source.sha256
 
 
-def _failure(port: str, filename: str, expected: str, attempts: Sequence[Attempt]) -> FetchError:
-    """ChecksumMismatch if any location served wrong bytes, else FetchError with the story."""
+def _failure(
+    port: str,
+    filename: str,
+    expected: str,
+    attempts: Sequence[Attempt],
+    unknown_mirror: str | None,
+) -> FetchError:
+    """FetchError naming an unknown mirror first, else ChecksumMismatch if any location
+    served wrong bytes, else FetchError; each with the story of every location tried."""
     story = "; ".join(f"{a.location} ({a.outcome})" for a in attempts)
+    if unknown_mirror is not None:
+        return FetchError(port, filename, unknown_mirror + (f"; tried {story}" if story else ""))
     wrong = [a.actual for a in attempts if a.actual is not None]
     if wrong:
         mismatch = ChecksumMismatch(port, filename, expected, wrong[-1])

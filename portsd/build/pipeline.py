@@ -87,7 +87,12 @@ class Workspace:
         repo = Repository(
             config.repo, config.arch, key, expires_in=int(config.index_expiry_days * 86400)
         )
-        fetcher = Fetcher(config.distfiles, config.mirrors, reporter=reporter)
+        fetcher = Fetcher(
+            config.distfiles,
+            config.mirrors,
+            named_mirrors=dict(config.named_mirrors),
+            reporter=reporter,
+        )
         hidden = (config.state_dir.resolve(), config.secret_key.resolve())
         return cls(config, repo, fetcher, Store(config.store), hidden)
 
