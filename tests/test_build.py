@@ -266,7 +266,12 @@ def test_source_and_build_settings_are_flags(tmp_path: Path) -> None:
         assert server.seen == []
 
         distfiles = tmp_path / "distfiles"
-        flags = ["--named-mirror", f"upstream={server.url('up')}", "--distfiles", distfiles]
+        flags: list[str | Path] = [
+            "--named-mirror",
+            f"upstream={server.url('up')}",
+            "--distfiles",
+            distfiles,
+        ]
         ports("build", "--tree", tree, "--state", state, *flags, "--make-jobs", "3", "greet")
         assert server.paths() == ["up/greet/greet.txt"]
         assert (distfiles / "by-sha256" / hashlib.sha256(GREETING).hexdigest()).exists()
