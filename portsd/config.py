@@ -24,11 +24,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import rtoml
-
 from portsd.errors import ConfigError
+from portsd.tomlfile import TomlFile
 
 CONFIG_NAME = "portsd.toml"
+
+NamedMirrors = tuple[tuple[str, tuple[str, ...]], ...]
+"""``(NAME, places)`` pairs, sorted by name: the directories and http(s) base URLs holding
+the files of ``mirror://NAME/PATH`` recipe URLs, tried in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,8 @@ class Config:
     jobs: int = 2  # builds at once
     make_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # $JOBS inside a build
     build_timeout: float = 3600.0  # seconds per step
-    mirrors: tuple[str, ...] = ()
+    mirrors: tuple[str, ...] = ()  # distfiles mirrors, holding files by name
+    named_mirrors: NamedMirrors = ()  # mirror://NAME/... -> where NAME's files are
     index_expiry_days: float = 7.0
     repo_dir: Path | None = None
     distfiles_dir: Path | None = None
@@ -100,7 +104,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "make-jobs": ("make_jobs", int),
         "timeout": ("build_timeout", float),
     },
-    "sources": {"mirrors": ("mirrors", list), "distfiles": ("distfiles_dir", str)},
+    "sources": {
+        "mirrors": ("mirrors", list),
+        "mirror": ("named_mirrors", dict),
+        "distfiles": ("distfiles_dir", str),
+    },
     "repository": {"path": ("repo_dir", str), "expires-days": ("index_expiry_days", float)},
     "server": {
         "tree": ("tree_dir", str),
@@ -130,43 +138,57 @@ def load_config(
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    if "named_mirrors" in values:  # a flag replaces the file's places of its name only
+        values["named_mirrors"] = _merged(config.named_mirrors, values["named_mirrors"])
     config = replace(config, **values)
     if config.jobs < 1 or config.make_jobs < 1:
         raise ConfigError("jobs and make-jobs must be at least 1", path=str(file))
     return config
 
 
-def _read(file: Path, state_dir: Path) -> dict[str, Any]:
-    try:
-        data = rtoml.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read: {error}", path=str(file)) from None
-    except rtoml.TomlParsingError as error:
-        raise ConfigError(f"invalid TOML: {error}", path=str(file)) from None
+def _read(path: Path, state_dir: Path) -> dict[str, Any]:
+    file = TomlFile.read(path)
     values: dict[str, Any] = {}
-    for table, entries in data.items():
+    for table, entries in file.data.items():
         schema = _SCHEMA.get(table)
         if schema is None or not isinstance(entries, dict):
-            raise ConfigError(f"unknown table [{table}]", path=str(file))
+            raise file.error(f"unknown table [{table}]", None, table)
         for key, value in entries.items():
             if key not in schema:
-                raise ConfigError(f"unknown key '{key}' in [{table}]", path=str(file))
+                raise file.error(f"unknown key '{key}' in [{table}]", key, table)
             name, kind = schema[key]
-            values[name] = _coerce(value, kind, name, state_dir, f"[{table}] {key}", file)
+            values[name] = _coerce(value, kind, name, state_dir, file, (table, key))
     return values
 
 
-def _coerce(value: Any, kind: type, name: str, state_dir: Path, where: str, file: Path) -> Any:
+def _coerce(
+    value: Any, kind: type, name: str, state_dir: Path, file: TomlFile, where: tuple[str, str]
+) -> Any:
+    table, key = where
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if not ok:
-        raise ConfigError(f"{where} must be {kind.__name__}", path=str(file))
+        what = "a table" if kind is dict else kind.__name__
+        raise file.error(f"[{table}] {key} must be {what}", key, table)
     if kind is list:
-        items: list[Any] = value
-        if not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"{where} must be a list of strings", path=str(file))
-        return tuple(items)
+        return _strings(value, file, where)
+    if kind is dict:  # [sources] mirror.NAME = [...]
+        return tuple(
+            (mirror, _strings(places, file, (table, f"{key}.{mirror}")))
+            for mirror, places in sorted(value.items())
+        )
     if name.endswith("_dir"):
         return (state_dir / os.path.expanduser(str(value))).resolve()
     return value
+
+
+def _strings(value: Any, file: TomlFile, where: tuple[str, str]) -> tuple[str, ...]:
+    table, key = where
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise file.error(f"[{table}] {key} must be a list of strings", key.split(".")[0], table)
+    return tuple(value)
+
+
+def _merged(old: NamedMirrors, new: NamedMirrors) -> NamedMirrors:
+    return tuple(sorted({**dict(old), **dict(new)}.items()))

@@ -9,7 +9,8 @@
     │   └── BrokenDependency     a dependency that cannot be built itself, so neither can this
     ├── GitError                 the ports tree could not be read from git
     ├── FetchError               a source could not be obtained
-    │   └── ChecksumMismatch     ... or its sha256 is not the recipe's
+    │   ├── ChecksumMismatch     ... or its sha256 is not the recipe's
+    │   └── FetchCancelled       ... before the build that wanted it was cancelled
     ├── BuildError               a build step failed, timed out or was killed
     ├── PackageError             a package file is malformed
     │   └── UnsafeArchive        ... or tries to escape its root
@@ -48,15 +49,17 @@ class PortsdError(Exception):
 
 
 class ConfigError(PortsdError):
-    """A configuration file or command-line setting is invalid."""
+    """A configuration file or command-line setting is invalid; ``path`` (and ``line``,
+    1-based, when known) say where in which file, for a problem in one."""
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
         self.message = message
         self.path = path
+        self.line = line
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        return str(Problem(self.path, self.message, self.line)) if self.path else self.message
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,14 @@ class ChecksumMismatch(FetchError):
             f"{self.port}: sha256 mismatch for {self.filename}: "
             f"expected {self.expected}, got {self.actual}"
         )
+
+
+class FetchCancelled(FetchError):
+    """The build that wanted the source was cancelled while it was being fetched; the bytes
+    so far stay in the distfiles' ``partial/``, for a later fetch to resume."""
+
+    def __init__(self, port: str, filename: str) -> None:
+        super().__init__(port, filename, "cancelled")
 
 
 class BuildError(PortsdError):

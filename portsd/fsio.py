@@ -1,16 +1,20 @@
-"""Durable file writes: what survives a crash or a kill -9 at any instant.
+"""Files on disk: durable writes, and the sha256 of what is written.
 
 A new name is durable once the file's data and its directory entry are both on disk:
 write to a temporary name in the same directory, fsync the file, rename (or link) it into
 place, fsync the directory. Everything that must never be seen half-written goes through
-here.
+here, and every file whose content is checked is hashed by ``file_sha256``.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import secrets
 from pathlib import Path
+
+_READ_CHUNK = 1 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,3 +57,37 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, overwrite: bool 
     finally:
         temporary.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def file_sha256(file: Path | int) -> str:
+    """The sha256 (hex) of a file: a path, or an open descriptor read from its offset on."""
+    digest = hashlib.sha256()
+    feed_file(digest, file)
+    return digest.hexdigest()
+
+
+def feed_file(digest: hashlib._Hash, file: Path | int, length: int | None = None) -> int:
+    """Feed ``digest`` the bytes of ``file`` (a path, or an open descriptor read from its
+    offset on): all of them, or the first ``length``. Returns how many it fed; OSError (EIO)
+    if the file ends before ``length``."""
+    if isinstance(file, int):
+        return _feed(digest, file, length, str(file))
+    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _feed(digest, fd, length, str(file))
+    finally:
+        os.close(fd)
+
+
+def _feed(digest: hashlib._Hash, fd: int, length: int | None, name: str) -> int:
+    fed = 0
+    while length is None or fed < length:
+        want = _READ_CHUNK if length is None else min(_READ_CHUNK, length - fed)
+        chunk = os.read(fd, want)
+        if not chunk:
+            if length is not None:
+                raise OSError(errno.EIO, f"{name} ended after {fed} of {length} bytes")
+            break
+        digest.update(chunk)
+        fed += len(chunk)
+    return fed

@@ -18,7 +18,8 @@ from portsd.pkg.package import extract_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey
 from tests.conftest import SourceServer
-from tests.fixtures import commit_all
+from tests.fixtures import commit_all, recipe
+from tests.rangeserver import Served, range_server
 
 pytestmark = pytest.mark.slow
 
@@ -224,3 +225,76 @@ def test_graph_shows_both_directions(ports_tree: Path) -> None:
     assert "needed by (1): diamond (depends)" in result.stdout
     dot = ports("graph", "libbase", "--dot", "--tree", ports_tree).stdout
     assert '"libmid" -> "libbase";' in dot and dot.startswith("digraph")
+
+
+GREETING = b"hello from the mirror\n"
+
+
+def mirror_tree(root: Path) -> Path:
+    """A plain-directory tree: ``greet`` takes its one source from mirror://upstream/ and
+    packages it with the build's $JOBS; ``sleepy`` takes 30 s to build."""
+    files = {
+        "greet": recipe(
+            "greet",
+            style="custom",
+            source_url="mirror://upstream/greet/greet.txt",
+            source_sha=hashlib.sha256(GREETING).hexdigest(),
+            extra_build='package = """\n'
+            'install -Dm644 "$SRCDIR/greet.txt" "$DESTDIR/usr/share/greet/greet.txt"\n'
+            'echo "$JOBS" > "$DESTDIR/usr/share/greet/jobs"\n"""',
+        ),
+        "sleepy": recipe("sleepy", style="custom", extra_build='build = "sleep 30"'),
+    }
+    for name, text in files.items():
+        (root / "ports" / name).mkdir(parents=True)
+        (root / "ports" / name / "port.toml").write_text(text)
+    return root
+
+
+def test_source_and_build_settings_are_flags(tmp_path: Path) -> None:
+    """--named-mirror, --mirror, --distfiles, --make-jobs and --timeout through the real CLI."""
+    tree = mirror_tree(tmp_path / "tree")
+    state = tmp_path / "state"
+    with range_server() as server:
+        server.files["up/greet/greet.txt"] = Served(GREETING)
+        result = ports("build", "--tree", tree, "--state", state, "greet", check=False)
+        assert result.returncode == 1
+        assert (
+            "greet: cannot fetch greet.txt: unknown mirror 'upstream' in "
+            "mirror://upstream/greet/greet.txt (configure [sources] mirror.upstream)"
+        ) in result.stdout
+        assert server.seen == []
+
+        distfiles = tmp_path / "distfiles"
+        flags: list[str | Path] = [
+            "--named-mirror",
+            f"upstream={server.url('up')}",
+            "--distfiles",
+            distfiles,
+        ]
+        ports("build", "--tree", tree, "--state", state, *flags, "--make-jobs", "3", "greet")
+        assert server.paths() == ["up/greet/greet.txt"]
+        assert (distfiles / "by-sha256" / hashlib.sha256(GREETING).hexdigest()).exists()
+        assert list((state / "distfiles" / "by-sha256").iterdir()) == []
+        root = tmp_path / "root"
+        entry = repository(state).index().entry("greet")
+        assert entry is not None
+        extract_package(repository(state).package_path(entry), root)
+        assert (root / "usr/share/greet/greet.txt").read_bytes() == GREETING
+        assert (root / "usr/share/greet/jobs").read_text() == "3\n"
+
+        # a distfiles mirror has every file by name, whatever mirror the recipe names
+        local = tmp_path / "local-mirror"
+        local.mkdir()
+        (local / "greet.txt").write_bytes(GREETING)
+        other = tmp_path / "state2"
+        flags = ["--mirror", local, "--distfiles", tmp_path / "distfiles2"]
+        ports("build", "--tree", tree, "--state", other, *flags, "greet")
+        assert server.paths() == ["up/greet/greet.txt"]  # not asked again
+        assert set(published(other)) == {"greet"}
+
+    result = ports(
+        "build", "--tree", tree, "--state", state, "--timeout", "1", "sleepy", check=False
+    )
+    assert result.returncode == 1
+    assert "sleepy: build failed (timed out after 1 s)" in result.stdout

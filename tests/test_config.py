@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from portsd.client.settings import load_settings
 from portsd.config import CONFIG_NAME, Config, load_config
 from portsd.errors import ConfigError
 
@@ -38,24 +39,63 @@ def test_the_contrib_example_is_valid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "where", "message"),
     [
-        ("[build]\njobz = 1\n", "unknown key 'jobz' in [build]"),
-        ("[bild]\njobs = 1\n", "unknown table [bild]"),
-        ("[build]\njobs = 'two'\n", "[build] jobs must be int"),
-        ("[build]\njobs = 0\n", "jobs and make-jobs must be at least 1"),
-        ("[sources]\nmirrors = [1]\n", "[sources] mirrors must be a list of strings"),
-        ("[build\n", "invalid TOML"),
+        ("[build]\njobz = 1\n", ":2", "unknown key 'jobz' in [build]"),
+        ("[bild]\njobs = 1\n", ":1", "unknown table [bild]"),
+        ("# a comment\n[build]\njobs = 'two'\n", ":3", "[build] jobs must be int"),
+        ("[build]\njobs = 0\n", "", "jobs and make-jobs must be at least 1"),
+        ("[sources]\nmirrors = [1]\n", ":2", "[sources] mirrors must be a list of strings"),
+        ("[build]\njobs = 1\n[build\n", ":3", "invalid TOML: unclosed table, expected `]`"),
     ],
 )
-def test_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:
+def test_errors_name_the_file_and_line(tmp_path: Path, text: str, where: str, message: str) -> None:
     (tmp_path / CONFIG_NAME).write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path)
-    assert str(caught.value).startswith(f"{tmp_path / CONFIG_NAME}: ")
-    assert message in str(caught.value)
+    assert str(caught.value) == f"{tmp_path / CONFIG_NAME}{where}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('root = "/"\ncachez = []\n', "2: unknown setting 'cachez'"),
+        ('root = "/"\n\ndiscover = "yes"\n', "3: 'discover' must be bool"),
+        ('caches = ["http://a",\n', "1: invalid TOML: "),
+    ],
+)
+def test_the_client_settings_read_the_same_way(tmp_path: Path, text: str, message: str) -> None:
+    """One reader for both programs' files: the same file:line: message."""
+    path = tmp_path / "ports.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"{path}:{message}")
 
 
 def test_an_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path, tmp_path / "nope.toml")
+
+
+def test_named_mirrors_from_the_file_and_flags(tmp_path: Path) -> None:
+    """``mirror.NAME`` in [sources] (dotted keys or a [sources.mirror] table); a flag
+    replaces the places of its own name and keeps the others."""
+    (tmp_path / CONFIG_NAME).write_text(
+        '[sources]\nmirror.gnu = ["/srv/gnu", "https://m.example.org/gnu"]\n'
+        'mirror.kde = ["/srv/kde"]\n'
+    )
+    config = load_config(tmp_path)
+    assert config.named_mirrors == (
+        ("gnu", ("/srv/gnu", "https://m.example.org/gnu")),
+        ("kde", ("/srv/kde",)),
+    )
+    flagged = load_config(tmp_path, overrides={"named_mirrors": (("gnu", ("/elsewhere",)),)})
+    assert flagged.named_mirrors == (("gnu", ("/elsewhere",)), ("kde", ("/srv/kde",)))
+
+    (tmp_path / CONFIG_NAME).write_text('[sources.mirror]\ngnu = ["/srv/gnu"]\nkde = "/srv"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / CONFIG_NAME}:1: [sources] mirror.kde must be a list of strings"
+    )

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import os
+import platform
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from portsd.build.fetch import Fetcher, FetchReporter, Mirror
+from portsd.build.pipeline import Revision, Workspace
+from portsd.config import Config
+from portsd.core.plan import make_plan
 from portsd.core.recipe import Source
-from portsd.errors import ChecksumMismatch, ConfigError, FetchError
+from portsd.errors import ChecksumMismatch, ConfigError, FetchCancelled, FetchError
+from portsd.tree.checkout import open_checkout
+from tests.fixtures import recipe
 from tests.rangeserver import Seen, Served, Server, range_server
 
 DATA = bytes(range(256)) * 800  # 204,800 bytes: several network chunks
@@ -208,6 +214,51 @@ def test_mirror_file_names_are_url_quoted(tmp_path: Path, server: Server) -> Non
     assert server.paths() == ["m/a b+c.tar"]
 
 
+def test_mirror_urls_are_resolved_through_the_named_mirrors(tmp_path: Path, server: Server) -> None:
+    """mirror://NAME/PATH: the distfiles mirrors by file name first, then each place of
+    mirror NAME in order (directories and http base URLs), PATH below it."""
+    local = tmp_path / "gnu"
+    server.files["gnu/hello/pkg-1.0.tar.gz"] = Served(DATA)
+    src = Source("pkg-1.0.tar.gz", url="mirror://gnu/hello/pkg-1.0.tar.gz", sha256=sha(DATA))
+    named = {"gnu": [str(local), server.url("gnu/")], "kde": [server.url("kde")]}
+    reporter = Recorder()
+    fetcher = Fetcher(tmp_path / "d", [server.url("all")], named_mirrors=named, reporter=reporter)
+    assert fetch(fetcher, src).read_bytes() == DATA
+    assert server.paths() == ["all/pkg-1.0.tar.gz", "gnu/hello/pkg-1.0.tar.gz"]
+    assert [e for e in reporter.events if e[0] != "started"] == [
+        ("failed", server.url("all/pkg-1.0.tar.gz"), "HTTP 404 Not Found"),
+        ("failed", str(local / "hello" / "pkg-1.0.tar.gz"), "not found"),
+        ("finished", server.url("gnu/hello/pkg-1.0.tar.gz")),
+    ]
+
+    server.seen.clear()
+    (local / "hello").mkdir(parents=True)
+    (local / "hello" / "pkg-1.0.tar.gz").write_bytes(DATA)
+    assert fetch(Fetcher(tmp_path / "d2", named_mirrors=named), src).read_bytes() == DATA
+    assert server.seen == []
+
+
+def test_an_unknown_mirror_name_is_one_error_naming_the_port_and_the_name(
+    tmp_path: Path, server: Server
+) -> None:
+    """The distfiles mirrors are still tried (they hold files by name, whatever the url);
+    when none has the file, the error says which mirror name is not configured."""
+    src = Source("pkg-1.0.tar.gz", url="mirror://gnome/x/pkg-1.0.tar.gz", sha256=sha(DATA))
+    fetcher = Fetcher(tmp_path / "d", [server.url("all")], named_mirrors={"gnu": ["/srv/gnu"]})
+    with pytest.raises(FetchError) as caught:
+        fetch(fetcher, src)
+    assert str(caught.value) == (
+        "pkg: cannot fetch pkg-1.0.tar.gz: unknown mirror 'gnome' in "
+        "mirror://gnome/x/pkg-1.0.tar.gz (configure [sources] mirror.gnome); "
+        f"tried {server.url('all/pkg-1.0.tar.gz')} (HTTP 404 Not Found)"
+    )
+    with pytest.raises(FetchError, match=r"fetch pkg-1.0.tar.gz: unknown mirror 'gnome' in \S+ \("):
+        fetch(Fetcher(tmp_path / "d"), src)
+
+    server.files["all/pkg-1.0.tar.gz"] = Served(DATA)
+    assert fetch(fetcher, src).read_bytes() == DATA
+
+
 def test_mismatch_at_origin_keeps_nothing(tmp_path: Path, server: Server) -> None:
     server.files["pkg-1.0.tar.gz"] = Served(BAD)
     src = source(server.url("pkg-1.0.tar.gz"))
@@ -380,3 +431,68 @@ def test_unsupported_scheme_and_bad_mirror(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither an http"):
         Mirror.parse("ftp://mirror/")
     assert Fetcher(tmp_path).cached("../" + "a" * 61) is None
+
+
+# -- a cancelled build ------------------------------------------------------------------------
+
+
+@dataclass
+class Flowing(FetchReporter):
+    """Says when the first bytes of a download have arrived."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def advanced(self, port: str, filename: str, nbytes: int) -> None:
+        self.event.set()
+
+
+def test_a_cancelled_build_stops_downloading_and_keeps_only_a_resumable_part(
+    tmp_path: Path, server: Server
+) -> None:
+    """A superseded build's cancel event, set from another thread mid-download, stops the
+    fetch at once (the whole download would take about 13 s) with a cancellation error; the
+    bytes so far stay in partial/ and the next fetch resumes them."""
+    server.files["slow-1.0.tar.gz"] = Served(DATA, chunk_delay=1.0)  # 16 KiB a second
+    url = server.url("slow-1.0.tar.gz")
+    tree = tmp_path / "tree"
+    (tree / "ports" / "slow").mkdir(parents=True)
+    (tree / "ports" / "slow" / "port.toml").write_text(
+        recipe("slow", source_url=url, source_sha=sha(DATA))
+    )
+    arch = platform.machine()
+    config = Config(state_dir=tmp_path / "state", arch=arch)
+    reporter = Flowing()
+    workspace = Workspace.open(config, reporter=reporter)
+    checkout = open_checkout(tree, None, None, arch)
+    plan = make_plan(checkout.evaluation.graph, checkout.evaluation.keys, set(), ["slow"])
+    revision = Revision(checkout.tree, checkout.evaluation, checkout.commit)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            workspace.build(revision, plan.builds[0], cancel)
+        except BaseException as error:  # noqa: BLE001 - the test looks at it
+            outcome.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    assert reporter.event.wait(10), "no byte arrived"
+    cancelled_at = time.monotonic()
+    cancel.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < 2
+    (error,) = outcome
+    assert isinstance(error, FetchCancelled)
+    assert str(error) == "slow: cannot fetch slow-1.0.tar.gz: cancelled"
+    distfiles = config.distfiles
+    assert cache(distfiles) == []
+    assert leftovers(distfiles) == [f"{sha(DATA)}.part", f"{sha(DATA)}.part.json"]
+    kept = (distfiles / "partial" / f"{sha(DATA)}.part").stat().st_size
+    assert 0 < kept < len(DATA)
+
+    server.files["slow-1.0.tar.gz"].chunk_delay = 0
+    path = fetch(Fetcher(distfiles), source(url, filename="slow-1.0.tar.gz"))
+    assert path.read_bytes() == DATA
+    assert server.seen[-1] == Seen("slow-1.0.tar.gz", f"bytes={kept}-", '"v1"', 206)

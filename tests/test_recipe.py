@@ -10,6 +10,7 @@ from portsd.core.recipe import (
     Recipe,
     Source,
     Step,
+    mirror_of,
     parse_recipe,
     source_line,
 )
@@ -307,3 +308,29 @@ def test_dependency_syntax(text: str, expected: Dependency) -> None:
 def test_bad_dependency_syntax(text: str) -> None:
     with pytest.raises(ValueError, match="invalid dependency"):
         Dependency.parse(text)
+
+
+def test_mirror_urls_name_a_configured_mirror_and_need_a_sha256() -> None:
+    text = MINIMAL + f'[[source]]\nurl = "mirror://gnu/hello/hello-2.12.tar.gz"\nsha256 = "{SHA}"\n'
+    (source,) = parse_recipe(text, PATH, "zlib").sources
+    assert source == Source(
+        "hello-2.12.tar.gz", url="mirror://gnu/hello/hello-2.12.tar.gz", sha256=SHA
+    )
+    assert mirror_of("mirror://gnu/hello/hello-2.12.tar.gz") == ("gnu", "hello/hello-2.12.tar.gz")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mirror://gnu/a.tgz", "url source 'mirror://gnu/a.tgz' has no sha256"),
+        ("mirror://gnu/../a.tgz", "url 'mirror://gnu/../a.tgz' is not mirror://NAME/PATH"),
+        ("mirror://gnu/a//b.tgz", "url 'mirror://gnu/a//b.tgz' is not mirror://NAME/PATH"),
+        ("mirror://gnu/dir/", "url 'mirror://gnu/dir/' is not mirror://NAME/PATH"),
+        ("mirror:///a.tgz", "url 'mirror:///a.tgz' is not mirror://NAME/PATH"),
+    ],
+)
+def test_bad_mirror_urls(url: str, message: str) -> None:
+    sha = "" if "no sha256" in message else f'sha256 = "{SHA}"\n'
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(MINIMAL + f'[[source]]\nurl = "{url}"\n{sha}', PATH, "zlib")
+    assert str(caught.value).startswith(f"{PATH}:6: source #1: {message}")

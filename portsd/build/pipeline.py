@@ -87,7 +87,12 @@ class Workspace:
         repo = Repository(
             config.repo, config.arch, key, expires_in=int(config.index_expiry_days * 86400)
         )
-        fetcher = Fetcher(config.distfiles, config.mirrors, reporter=reporter)
+        fetcher = Fetcher(
+            config.distfiles,
+            config.mirrors,
+            named_mirrors=dict(config.named_mirrors),
+            reporter=reporter,
+        )
         hidden = (config.state_dir.resolve(), config.secret_key.resolve())
         return cls(config, repo, fetcher, Store(config.store), hidden)
 
@@ -107,7 +112,10 @@ class Workspace:
         log: Path | None = None,
         on_line: Callable[[str], None] | None = None,
     ) -> IndexEntry:
-        """Build, pack and publish one planned port; raises a PortsdError on failure."""
+        """Build, pack and publish one planned port; raises a PortsdError on failure.
+
+        Setting ``cancel`` (from another thread) stops it soon, in any stage: downloading
+        its sources (``FetchCancelled``) or running a build step."""
         recipe = revision.graph.recipe(build.name)
         assert recipe is not None, f"{build.name} was planned without a recipe"
         log = log or self.log_path(build)
@@ -117,7 +125,7 @@ class Workspace:
             port_dir = workdir / "port"
             revision.ports.export_port(build.name, port_dir)
             urls = [source for source in recipe.sources if source.url is not None]
-            sources = self.fetcher.fetch_sync(build.name, urls)
+            sources = self.fetcher.fetch_sync(build.name, urls, cancel)
             sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
             roots = tuple(
                 self._unpacked(revision, dep)

@@ -25,7 +25,7 @@ from portsd.build.builder import step_of
 from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli.inspect import known_port
-from portsd.cli.workspace import config_from, open_tree
+from portsd.cli.workspace import build_settings, config_from, open_tree
 from portsd.core.plan import PlannedBuild, critical_path, make_plan
 
 
@@ -147,7 +147,7 @@ class _FetchEvents:
 
 
 def build(args: argparse.Namespace, console: Console) -> int:
-    config = config_from(args, jobs=args.jobs)
+    config = config_from(args, **build_settings(args))
     events = _FetchEvents()
     workspace = Workspace.open(config, reporter=events)
     opened = open_tree(args, config, config.arch)

@@ -41,6 +41,51 @@ def add_state_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_build_settings(parser: argparse.ArgumentParser) -> None:
+    """The config's [build] and [sources] settings as flags (a flag wins over the file)."""
+    parser.add_argument("-j", "--jobs", type=int, help="builds at once (default: config, else 2)")
+    parser.add_argument(
+        "--make-jobs",
+        type=int,
+        metavar="N",
+        help="$JOBS inside each build (default: config, else the CPU count)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a build may take before it is killed (default: config, else 3600)",
+    )
+    parser.add_argument(
+        "--mirror",
+        action="append",
+        metavar="DIR|URL",
+        help="a distfiles mirror: sources by file name, tried before their own URLs "
+        "(repeatable, in order; replaces the config's mirrors)",
+    )
+    parser.add_argument(
+        "--named-mirror",
+        action="append",
+        type=_named_mirror,
+        metavar="NAME=DIR|URL",
+        help="a place of mirror NAME, where recipe URLs mirror://NAME/PATH point (repeatable, "
+        "in order; replaces the config's places of NAME)",
+    )
+    parser.add_argument(
+        "--distfiles",
+        type=Path,
+        metavar="DIR",
+        help="the downloaded sources, by sha256 (default: config, else <state>/distfiles)",
+    )
+
+
+def _named_mirror(text: str) -> tuple[str, str]:
+    name, equals, place = text.partition("=")
+    if not (name and equals and place):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR|URL, not '{text}'")
+    return name, place
+
+
 def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the client's subcommands to ``ports``."""
     p = commands.add_parser("install", help="install packages and what they need")

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from portsd.cli import run_main
 from portsd.cli.options import (
+    add_build_settings,
     add_client_commands,
     add_discover_options,
     add_state_options,
@@ -49,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("build", help="build ports (default: all) and what they need")
     p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="builds at once (default: config)")
     add_tree_options(p)
     add_state_options(p)
+    add_build_settings(p)
     p.set_defaults(handler="portsd.cli.build:build")
 
     add_client_commands(commands)

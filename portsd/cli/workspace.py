@@ -16,6 +16,21 @@ def config_from(args: argparse.Namespace, **overrides: object) -> Config:
     return load_config(state.absolute(), args.config, {"arch": args.arch, **overrides})
 
 
+def build_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The config settings the flags of ``add_build_settings`` override (None: not given)."""
+    places: dict[str, list[str]] = {}
+    for name, place in args.named_mirror or ():
+        places.setdefault(name, []).append(place)
+    return {
+        "jobs": args.jobs,
+        "make_jobs": args.make_jobs,
+        "build_timeout": args.timeout,
+        "mirrors": tuple(args.mirror) if args.mirror else None,
+        "named_mirrors": tuple(sorted((n, tuple(p)) for n, p in places.items())) or None,
+        "distfiles_dir": args.distfiles.absolute() if args.distfiles else None,
+    }
+
+
 def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Checkout:
     """Load and evaluate the tree the arguments name, with the recipe cache if ``config``."""
     return open_checkout(args.tree, args.rev, config.cache if config else None, arch)

@@ -27,7 +27,6 @@ file stays "modified" until the user merges it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -456,14 +455,7 @@ class Planner:
         st = self._view.lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             return None
-        digest = hashlib.sha256()
-        fd = self._fs.open_file(path, os.O_RDONLY)
-        try:
-            while chunk := os.read(fd, 1 << 20):
-                digest.update(chunk)
-        finally:
-            os.close(fd)
-        return digest.hexdigest()
+        return self._fs.sha256(path)
 
     # -- what leaves -----------------------------------------------------------------
 

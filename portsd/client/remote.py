@@ -33,13 +33,13 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 
-from portsd.build.fetch import Unavailable
-from portsd.client.download import MAX_SIGNATURE_BYTES, NoAnswer, get_bytes
+from portsd.client.download import MAX_SIGNATURE_BYTES, lan_limits
 from portsd.core.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
 from portsd.errors import BadSignature, ConfigError, RepoError
 from portsd.gcpause import paused_gc
 from portsd.pkg.repo import INDEX_NAME, SIG_SUFFIX
 from portsd.pkg.sign import PublicKey, verify
+from portsd.transfer import NoAnswer, Unavailable, get_bytes
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Bytes of a substituter answer: one entry in JSON is well under a kilobyte."""
@@ -201,18 +201,17 @@ async def _read(
     if urlsplit(base).scheme not in _SCHEMES:
         return "not an http(s) URL"
     url = _index_url(base, arch)
+    limits = lan_limits(answer_within)
     # a publish between the two requests pairs one old file with one new: ask once more
     for last_try in (False, True):
         try:
-            data = await get_bytes(session, url, limit=MAX_INDEX_BYTES, answer_within=answer_within)
+            data = await get_bytes(session, url, MAX_INDEX_BYTES, limits)
         except NoAnswer as failure:
             return failure.reason
         except Unavailable as failure:
             return f"index: {failure.reason}"
         try:
-            signature = await get_bytes(
-                session, url + SIG_SUFFIX, limit=MAX_SIGNATURE_BYTES, answer_within=answer_within
-            )
+            signature = await get_bytes(session, url + SIG_SUFFIX, MAX_SIGNATURE_BYTES, limits)
         except NoAnswer as failure:
             return failure.reason
         except Unavailable as failure:
@@ -286,12 +285,8 @@ async def _ask(
     if urlsplit(base).scheme not in _SCHEMES:
         return None
     try:
-        body = await get_bytes(
-            session,
-            f"{base}/api/v1/keys/{key}",
-            limit=MAX_ANSWER_BYTES,
-            answer_within=answer_within,
-        )
+        query = f"{base}/api/v1/keys/{key}"
+        body = await get_bytes(session, query, MAX_ANSWER_BYTES, lan_limits(answer_within))
         answer = json.loads(body)
     except (Unavailable, ValueError):
         return None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from portsd.errors import RootError
+from portsd.fsio import file_sha256
 
 _MAX_CACHED = 256  # open directory descriptors kept between operations
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -113,6 +114,14 @@ class RootFs:
         """``open`` of a regular file, refusing a symlink as the last component too."""
         fd, name = self.at(path)
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of the regular file at ``path``."""
+        fd = self.open_file(path, os.O_RDONLY)
+        try:
+            return file_sha256(fd)
+        finally:
+            os.close(fd)
 
     # -- changing paths ------------------------------------------------------------------
 

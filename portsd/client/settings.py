@@ -20,10 +20,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import rtoml
-
 from portsd.errors import ConfigError
 from portsd.pkg.sign import PublicKey
+from portsd.tomlfile import TomlFile
 
 DEFAULT_FILE = Path("/etc/ports.toml")
 
@@ -101,21 +100,14 @@ def load_settings(path: Path | None, **flags: Any) -> ClientSettings:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = rtoml.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("no such config file", path=str(path)) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read: {error}", path=str(path)) from None
-    except rtoml.TomlParsingError as error:
-        raise ConfigError(f"invalid TOML: {error}", path=str(path)) from None
+    file = TomlFile.read(path)
     values: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in file.data.items():
         kind = _KEYS.get(key)
         if kind is None:
-            raise ConfigError(f"unknown setting '{key}'", path=str(path))
+            raise file.error(f"unknown setting '{key}'", key)
         if not isinstance(value, kind):
-            raise ConfigError(f"'{key}' must be {kind.__name__}", path=str(path))
+            raise file.error(f"'{key}' must be {kind.__name__}", key)
         if key in ("root", "tree", "cache-dir"):
             value = str(path.parent / str(value))  # relative to the file; absolute stays
         values[key.replace("-", "_")] = value

@@ -35,7 +35,6 @@ is undone in reverse (``portsd.client.journal``) and then cleanup runs (roll bac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -224,7 +223,7 @@ class Installed:
             if (st.st_mode & 0o7777) != row.mode and row.type is not FileType.DIR:
                 problems.append(f"/{row.path}: mode {st.st_mode & 0o7777:o}, not {row.mode:o}")
             if row.type in (FileType.FILE, FileType.HARDLINK) and row.sha256 is not None:
-                if _sha256(self.fs, row.path) != row.sha256:
+                if self.fs.sha256(row.path) != row.sha256:
                     problems.append(f"/{row.path}: content changed")
         return problems
 
@@ -392,14 +391,3 @@ def _run(fs: RootFs, op: Op) -> None:
         journal.apply(fs, op)
     except OSError as exc:
         raise fs.error(op.path, exc, f"{op.kind.value} it") from exc
-
-
-def _sha256(fs: RootFs, path: str) -> str:
-    digest = hashlib.sha256()
-    fd = fs.open_file(path, os.O_RDONLY)
-    try:
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()

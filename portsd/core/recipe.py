@@ -27,6 +27,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 PORTS_ROOT = "ports"
 """The directory of a tree holding the port directories (``path`` sources stay outside it)."""
 _URL = re.compile(r"https?://[^/\s]+/\S*[^/\s]$")
+_MIRROR_URL = re.compile(r"mirror://([A-Za-z0-9][A-Za-z0-9_.-]*)/([^\s\x00]+)")
 _TOML_POSITION = re.compile(r" at line (\d+) column \d+$")
 
 
@@ -88,7 +89,8 @@ class Dependency:
 class Source:
     """Where a build input comes from; exactly one of ``url``, ``file`` and ``path`` is set.
 
-    ``url`` (with ``sha256``): a downloaded archive or file. ``file``: a file of the port
+    ``url`` (with ``sha256``): a downloaded archive or file, at an http(s) URL or at
+    ``mirror://NAME/PATH`` (see ``mirror_of``). ``file``: a file of the port
     directory. ``path``: a file or directory of the ports tree's own repository, relative
     to its root and outside ports/ (the tree packaging its own software). ``filename`` is
     the name the input gets in $SRCDIR.
@@ -384,7 +386,14 @@ def _parse_sources(check: _Checker, value: object, files: set[str] | None) -> tu
         if [url, file, path].count(None) != 2:
             check.add(f"{label}: give exactly one of 'url', 'file' or 'path'", None, where)
         if url is not None:
-            if not _URL.match(url):
+            if url.startswith("mirror://") and mirror_of(url) is None:
+                check.add(
+                    f"{label}: url '{url}' is not mirror://NAME/PATH (a relative PATH with no"
+                    " '.', '..' or empty parts)",
+                    "url",
+                    where,
+                )
+            elif not url.startswith("mirror://") and not _URL.match(url):
                 check.add(f"{label}: url '{url}' is not an http(s) URL of a file", "url", where)
             if sha256 is None:
                 check.add(f"{label}: url source '{url}' has no sha256", "url", where)
@@ -423,6 +432,17 @@ def _parse_sources(check: _Checker, value: object, files: set[str] | None) -> tu
 
 
 _UNSAFE_PARTS = frozenset({"", ".", "..", ".git"})
+
+
+def mirror_of(url: str) -> tuple[str, str] | None:
+    """``(NAME, PATH)`` of a ``mirror://NAME/PATH`` url (Gentoo's convention: the places
+    that hold mirror NAME come from the configuration), or None if ``url`` is not one.
+    PATH has no ``.``, ``..`` or empty parts, so it stays inside every place it is looked
+    up under."""
+    match = _MIRROR_URL.fullmatch(url)
+    if match is None or {"", ".", ".."} & set(match[2].split("/")):
+        return None
+    return match[1], match[2]
 
 
 def _check_path(check: _Checker, label: str, path: str, where: Where) -> None:

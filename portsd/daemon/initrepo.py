@@ -44,6 +44,7 @@ port = {port}
 
 [sources]
 # mirrors = ["/srv/distfiles", "https://mirror.example.org/distfiles"]
+# mirror.gnu = ["/srv/distfiles/gnu"]  # where recipe urls mirror://gnu/PATH point
 
 [repository]
 # path = "repo"               # the signed binary repository

@@ -67,7 +67,7 @@ from portsd.core.index import (
     without,
 )
 from portsd.errors import BadSignature, RepoError
-from portsd.fsio import fsync_dir, write_synced
+from portsd.fsio import feed_file, fsync_dir, write_synced
 from portsd.pkg.sign import PublicKey, SecretKey, verify, verify_file
 
 DEFAULT_EXPIRY = 7 * 24 * 3600
@@ -490,11 +490,7 @@ def _stage(source: Path, staged: Path, sha256: str) -> None:
 
 def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-            digest.update(chunk)
+    size = feed_file(digest, path)
     return size, digest.hexdigest()
 
 

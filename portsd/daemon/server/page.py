@@ -21,7 +21,6 @@ read and template rendering runs in a worker thread; the event loop only routes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -44,6 +43,7 @@ from portsd.daemon.server.graphview import (
     state_class,
 )
 from portsd.daemon.state import BuildRow, BuildState
+from portsd.fsio import file_sha256
 
 _HERE = Path(__file__).parent
 TEMPLATES = _HERE / "templates"
@@ -193,7 +193,7 @@ class Page:
         self.graphs = graphs or GraphView()
         self.links = Links(router)
         self._static = {
-            path.name: f"/static/{path.name}?v={hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+            path.name: f"/static/{path.name}?v={file_sha256(path)[:12]}"
             for path in sorted(STATIC.iterdir())
             if path.is_file()
         }
