@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "portsd"
 CORE = [
     "core/version",
     "core/recipe",
+    "core/provider",
     "core/graph",
     "core/keys",
     "core/plan",

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from portsd.core.provider import package_meets
 from portsd.core.recipe import Dependency
 from portsd.core.version import full_version
 from portsd.errors import PackageDbError
@@ -174,23 +175,10 @@ class Change:
 def satisfies(
     dependency: str | Dependency, name: str, version: str, provides: Iterable[str]
 ) -> bool:
-    """Whether package ``name`` at full ``version`` with ``provides`` meets ``dependency``.
-
-    A package meets a dependency on its own name at a version the constraint accepts. A
-    ``provides`` entry meets it when the names match and either the dependency has no
-    constraint or the entry carries a version (``sh=1.0``) the constraint accepts, as in
-    pacman: an unversioned provision never meets a versioned dependency.
-    """
+    """Whether package ``name`` at full ``version`` with ``provides`` meets ``dependency``
+    (by ``portsd.core.provider``'s rule, the one builds are resolved by)."""
     wanted = dependency if isinstance(dependency, Dependency) else Dependency.parse(dependency)
-    if wanted.name == name and wanted.accepts(version):
-        return True
-    for text in provides:
-        provided = Dependency.parse(text)
-        if provided.name != wanted.name:
-            continue
-        if wanted.op is None or (provided.version is not None and wanted.accepts(provided.version)):
-            return True
-    return False
+    return package_meets(wanted, name, version, map(Dependency.parse, provides))
 
 
 class PackageDb:

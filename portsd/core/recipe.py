@@ -163,15 +163,6 @@ class Recipe:
     def supports(self, arch: str) -> bool:
         return "any" in self.arch or arch in self.arch
 
-    def provided_version(self, name: str) -> str | None:
-        """The version this recipe offers for ``name`` (itself or a ``provides`` entry)."""
-        if name == self.name:
-            return self.full_version
-        for entry in self.provides:
-            if entry.name == name:
-                return entry.version or ""
-        return None
-
 
 _DEP_LISTS = ("depends", "build-depends", "check-depends", "conflicts")
 _TOP_KEYS = frozenset(

@@ -4,9 +4,9 @@ Pure: values in, values out. The available packages (a signed index's entries, o
 made from recipes and build keys) and the installed ones are both ``Candidate``s; the
 answer is a ``Resolution`` listing what to install or replace, each with why it is there.
 
-A dependency (or a requested name) is resolved the way the builder resolves one (see
-``portsd.core.graph``), first against the system as it will be after the transaction, then
-against what is available:
+A dependency (or a requested name) is resolved by the rule the builder uses too (see
+``portsd.core.provider``), first against the system as it will be after the transaction,
+then against what is available:
 
 1. a package that will be on the system (installed and kept, or already chosen) with that
    exact name, if it satisfies the constraint, else the first such package, by name,
@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
+from portsd.core.provider import choose_provider, meets, offered_version
 from portsd.core.recipe import Dependency, Recipe
-from portsd.core.version import Op, full_version, vercmp
+from portsd.core.version import full_version, vercmp
 from portsd.errors import ResolutionError
 
 
@@ -292,31 +293,33 @@ class _Resolver(Generic[C]):
     def on_system(self, dep: Dependency) -> str | None:
         """Rule 1: the package on the final system (as known so far) that satisfies ``dep``."""
         name = dep.name
-        exact = self.current(name)
-        if exact is not None and self.meets(exact, dep):
-            return name
-        providers: list[str] = sorted(
+        return choose_provider(
+            dep,
+            self.current(name) is not None,
+            self.system_providers(name),
+            lambda provider: self.offered(self.package(provider), name),
+        )
+
+    def system_providers(self, name: str) -> Iterator[str]:
+        """The packages on the final system that provide ``name``, by name (sorted only
+        when asked for: the exact name usually satisfies)."""
+        yield from sorted(
             {
                 *(p for p in self.installed_providers.get(name, ()) if p not in self.chosen),
                 *self.chosen_providers.get(name, ()),
             }
         )
-        for provider in providers:
-            if provider != name and self.meets(self.package(provider), dep):
-                return provider
-        return None
 
     def first(
         self, dep: Dependency, packages: Mapping[str, C], providers: Mapping[str, tuple[str, ...]]
     ) -> str | None:
         """Rule 2 over ``packages``: the exact name if it satisfies, else the first provider."""
-        exact = packages.get(dep.name)
-        if exact is not None and self.meets(exact, dep):
-            return dep.name
-        for provider in providers.get(dep.name, ()):
-            if self.meets(packages[provider], dep):
-                return provider
-        return None
+        return choose_provider(
+            dep,
+            dep.name in packages,
+            providers.get(dep.name, ()),
+            lambda provider: self.offered(packages[provider], dep.name),
+        )
 
     def choose(self, package: C, needer: tuple[str, ...], dep: Dependency) -> None:
         self.chosen[package.name] = package
@@ -530,25 +533,14 @@ class _Resolver(Generic[C]):
 
     def offered(self, package: Candidate, name: str) -> str | None:
         """The version ``package`` offers for ``name`` ('' for an unversioned provides)."""
-        if name == package.name:
-            return full_version(package.version, package.release)
-        for text in package.provides:
-            entry = self.parse(text)
-            if entry is not None and entry.name == name:
-                # recipes allow only '=' in provides: any other operator offers no version
-                return entry.version or "" if entry.op in (None, Op.EQ) else ""
-        return None
+        provides = (entry for entry in map(self.parse, package.provides) if entry is not None)
+        return offered_version(
+            package.name, full_version(package.version, package.release), provides, name
+        )
 
     def meets(self, package: Candidate, dep: Dependency) -> bool:
-        """Whether ``package`` satisfies ``dep`` (for a conflict entry: matches it).
-
-        An unversioned ``provides`` satisfies only an unconstrained need, and matches only
-        an unconstrained conflict entry.
-        """
-        offered = self.offered(package, dep.name)
-        if offered is None:
-            return False
-        return dep.op is None or (bool(offered) and dep.accepts(offered))
+        """Whether ``package`` satisfies ``dep`` (for a conflict entry: matches it)."""
+        return meets(self.offered(package, dep.name), dep)
 
     def provided_names(self, package: Candidate) -> set[str]:
         names = {package.name}
