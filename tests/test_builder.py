@@ -959,9 +959,9 @@ def test_ports_build_packages_paths_of_the_tree_and_rebuilds_when_they_change(
         index = repo.index()
         entry = index.entry("selfpkg")
         assert entry is not None
-        root = tmp_path / f"root-{entry.key[:12]}"
+        root = tmp_path / f"root-{entry.meta.build_key[:12]}"
         extract_package(repo.package_path(entry), root, expected_sha256=entry.sha256)
-        return root, entry.key, index.commit
+        return root, entry.meta.build_key, index.commit
 
     assert "2 to build" in build("selfpkg", "--rev", "HEAD")  # libbase and selfpkg
     root, first_key, commit = installed()

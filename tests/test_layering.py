@@ -12,6 +12,7 @@ CORE = [
     "core/version",
     "core/recipe",
     "core/provider",
+    "core/metadata",
     "core/graph",
     "core/keys",
     "core/plan",

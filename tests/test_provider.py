@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portsd.core.graph import Graph
+from portsd.core.metadata import PackageMeta
 from portsd.core.provider import choose_provider, offered_version, package_meets
 from portsd.core.recipe import Dependency, Recipe
-from portsd.core.resolve import Catalog, Offer, resolve
+from portsd.core.resolve import Catalog, resolve
 from portsd.errors import MissingDependency, ResolutionError
 
 
@@ -37,18 +38,25 @@ def test_offered_version(provides: tuple[str, ...], wanted: str, expected: str |
 @pytest.mark.parametrize(
     ("dependency", "name", "version", "provides", "expected"),
     [
-        ("zlib>=1.3", "zlib", "1.3-1", (), True),
-        ("zlib>=1.4", "zlib", "1.3-1", ("zlib=2",), False),
-        ("sh", "busybox", "1.36-1", ("sh",), True),
-        ("sh>=1.0", "busybox", "1.36-1", ("sh",), False),
-        ("sh>=1.0", "busybox", "1.36-1", ("sh>=2",), False),
-        ("sh<2", "busybox", "1.36-1", ("sh=1.36",), True),
+        ("zlib", "zlib", "1.3", (), True),
+        ("zlib>=1.3", "zlib", "1.3", (), True),
+        ("zlib>=1.4", "zlib", "1.3", (), False),
+        ("zlib<1.3", "zlib", "1.3", (), False),
+        ("zlib>=1.4", "zlib", "1.3", ("zlib=2",), False),  # its own name comes first
+        ("sh", "busybox", "1.36", ("sh",), True),
+        ("sh>=1.0", "busybox", "1.36", ("sh",), False),  # unversioned provides: no
+        ("sh>=1.0", "busybox", "1.36", ("sh=1.36",), True),
+        ("sh>=2", "busybox", "1.36", ("sh=1.36",), False),
+        ("sh<2", "busybox", "1.36", ("sh=1.36",), True),
+        ("sh", "dash", "0.5", ("bash",), False),
     ],
 )
 def test_package_meets(
     dependency: str, name: str, version: str, provides: tuple[str, ...], expected: bool
 ) -> None:
-    assert package_meets(Dependency.parse(dependency), name, version, deps(*provides)) is expected
+    package = PackageMeta(name, version, 1, "x86_64", "ab" * 32, provides=provides)
+    assert package_meets(package, dependency) is expected
+    assert package_meets(package, Dependency.parse(dependency)) is expected
 
 
 OFFERS = {"sh": "1.0-1", "bash": "5.2", "busybox": "1.36", "dash": "0.5", "toybox": ""}
@@ -123,7 +131,7 @@ TREES = st.tuples(*(st.one_of(st.none(), recipe(name)) for name in NAMES)).map(
 )
 
 
-def installer_choice(catalog: Catalog[Offer], dep: Dependency) -> str | None:
+def installer_choice(catalog: Catalog, dep: Dependency) -> str | None:
     """What installing ``dep`` into an empty root picks for it, or None if nothing fits."""
     try:
         resolution = resolve(catalog, {}, [str(dep)], origin="the ports tree")
@@ -137,7 +145,7 @@ def installer_choice(catalog: Catalog[Offer], dep: Dependency) -> str | None:
 def test_builds_and_installs_choose_the_same_provider(recipes: dict[str, Recipe]) -> None:
     graph = Graph.build(recipes, "x86_64")
     offers = {  # every port this architecture can build, as the client offers them
-        name: Offer.of(recipe, hashlib.sha256(name.encode()).hexdigest())
+        name: PackageMeta.of(recipe, hashlib.sha256(name.encode()).hexdigest(), "x86_64")
         for name, recipe in recipes.items()
         if graph.recipe(name) is not None
     }

@@ -141,26 +141,16 @@ class Plan:
             info = request.info
             old = request.replaces
             package = InstalledPackage(
-                name=info.name,
-                version=info.version,
-                release=info.release,
-                arch=info.arch,
-                build_key=info.build_key,
-                summary=info.summary,
-                license=info.license,
-                depends=info.depends,
-                provides=info.provides,
-                conflicts=info.conflicts,
-                installed_size=info.installed_size,
+                meta=info.meta,
                 installed_at=record.time,
                 reason=request.reason if old is None else old.reason,
                 origin=request.origin,
             )
-            times = mtimes[info.name]
+            times = mtimes[info.meta.name]
             files = tuple(
                 InstalledFile(
                     path=p.path,
-                    package=info.name,
+                    package=info.meta.name,
                     type=p.entry.type,
                     mode=p.entry.mode,
                     size=p.entry.size,
@@ -306,11 +296,13 @@ class Planner:
         requests: Sequence[Request],
         removals: Sequence[InstalledPackage],
     ) -> None:
-        leaving = [p.name for p in removals] + [r.replaces.name for r in requests if r.replaces]
+        leaving = [p.meta.name for p in removals] + [
+            r.replaces.meta.name for r in requests if r.replaces
+        ]
         self._fs = fs
         self._tx = tx
         self._requests = tuple(requests)
-        self._removed = frozenset(p.name for p in removals)
+        self._removed = frozenset(p.meta.name for p in removals)
         self._leaving = tuple(leaving)
         self._view = RootView(fs, db, frozenset(leaving))
         self._old_files: dict[str, InstalledFile] = {}
@@ -353,7 +345,7 @@ class Planner:
 
     def _place(self, request: Request) -> tuple[Placement, ...]:
         info = request.info
-        name = info.name
+        name = info.meta.name
         canonical: dict[str, str] = {}  # manifest path -> canonical path
         staged: dict[str, str] = {}  # manifest path -> staged name (files)
         placements = []

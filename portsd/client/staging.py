@@ -42,7 +42,7 @@ def stage_all(
         for staging in plan.staging:
             fs.mkdir(staging, 0o700)
         mtimes = {
-            request.info.name: _stage(fs, request, placements, progress)
+            request.info.meta.name: _stage(fs, request, placements, progress)
             for request, placements in plan.packages
         }
         for staging in plan.staging:

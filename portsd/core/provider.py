@@ -21,14 +21,16 @@ reading: a ``provides`` entry with an operator other than ``=`` (``sh>=1``, whic
 reject but an index or a package file could carry) offers no version, since it names no
 version the package is; the builder's old reading took ``1`` as the version offered.
 
-Pure functions over names and ``Dependency`` values; the callers keep their own lookup
-tables (the graph updates its table incrementally, the installer builds one per index).
+Pure functions over names, ``Dependency`` values and ``PackageMeta``; the callers keep
+their own lookup tables (the graph updates its table incrementally, the installer builds
+one per index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from portsd.core.metadata import PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.version import Op
 
@@ -55,11 +57,12 @@ def meets(offered: str | None, dep: Dependency) -> bool:
     return dep.op is None or (bool(offered) and dep.accepts(offered))
 
 
-def package_meets(
-    dep: Dependency, name: str, full_version: str, provides: Iterable[Dependency]
-) -> bool:
-    """Whether package ``name`` at ``full_version`` with ``provides`` satisfies ``dep``."""
-    return meets(offered_version(name, full_version, provides, dep.name), dep)
+def package_meets(package: PackageMeta, dep: Dependency | str) -> bool:
+    """Whether ``package`` satisfies ``dep`` (parsed if a string). An unreadable
+    dependency or ``provides`` entry raises ValueError."""
+    wanted = dep if isinstance(dep, Dependency) else Dependency.parse(dep)
+    provides = map(Dependency.parse, package.provides)
+    return meets(offered_version(package.name, package.full_version, provides, wanted.name), wanted)
 
 
 def choose_provider(

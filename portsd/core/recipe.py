@@ -20,7 +20,7 @@ from portsd.core.version import VERSION_PATTERN, Op, full_version, satisfies
 from portsd.errors import Problem, RecipeError
 
 NAME_PATTERN = re.compile(r"[a-z0-9@_+][a-z0-9@._+-]*")
-_DEPENDENCY = re.compile(
+DEPENDENCY_PATTERN = re.compile(
     r"([a-z0-9@_+][a-z0-9@._+-]*)(?:(<=|>=|=|<|>)((?:[0-9]+:)?[A-Za-z0-9._+-]+))?"
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -68,7 +68,7 @@ class Dependency:
     @classmethod
     def parse(cls, text: str) -> Dependency:
         """Parse ``name[op version]``; raises ``ValueError`` naming what is wrong."""
-        match = _DEPENDENCY.fullmatch(text)
+        match = DEPENDENCY_PATTERN.fullmatch(text)
         if match is None:
             raise ValueError(
                 f"invalid dependency '{text}' (expected name[op version], op: = < <= > >=)"

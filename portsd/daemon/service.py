@@ -316,7 +316,7 @@ class Daemon:
         (removed by hand): one lost file costs a rebuild, never the whole evaluation."""
         index = self.repo.index()
         if self._index_keys[0] != index.serial:
-            self._index_keys = (index.serial, {entry.name: entry.key for entry in index})
+            self._index_keys = (index.serial, {e.meta.name: e.meta.build_key for e in index})
         listed = self._index_keys[1]
         keys = revision.keys.keys
         lost = set()
