@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from portsd.client.db import (
-    Change,
+    DbChange,
     InstalledFile,
     InstalledPackage,
     InstallReason,
@@ -61,7 +61,7 @@ def commit(
     drop: tuple[str, ...] = (),
 ) -> None:
     record = TransactionRecord(tx, float(len(db.history()) + 1), "ports test", (), (), drop)
-    db.apply(Change(record, drop, tuple((p, tuple(files)) for p, files in add)))
+    db.apply(DbChange(record, drop, tuple((p, tuple(files)) for p, files in add)))
 
 
 @pytest.fixture

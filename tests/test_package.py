@@ -30,8 +30,8 @@ from portsd.errors import PackageError, UnsafeArchive
 from portsd.pkg.archive import TarHeader, TarStream, member_header, read_header, write_members
 from portsd.pkg.package import (
     PACKAGE_FORMAT,
-    FileEntry,
     FileType,
+    ManifestEntry,
     PackageReader,
     PortInfo,
     _Spool,
@@ -126,13 +126,13 @@ def test_round_trip(tmp_path: Path) -> None:
     by_path = {entry.path: entry for entry in info.files}
     assert [e.path for e in info.files] == sorted(by_path, key=lambda p: p.encode())
     assert by_path["usr/bin/a-tool"].type is FileType.FILE
-    assert by_path["usr/bin/tool"] == FileEntry(
+    assert by_path["usr/bin/tool"] == ManifestEntry(
         "usr/bin/tool", FileType.HARDLINK, 0o755, 0, None, "usr/bin/a-tool"
     )
-    assert by_path["usr/lib/libz.so"] == FileEntry(
+    assert by_path["usr/lib/libz.so"] == ManifestEntry(
         "usr/lib/libz.so", FileType.SYMLINK, 0o777, target="/usr/lib/libz.so.1"
     )
-    assert by_path["etc"] == FileEntry("etc", FileType.DIR, 0o750)
+    assert by_path["etc"] == ManifestEntry("etc", FileType.DIR, 0o750)
     assert by_path["sbin/su"].mode == 0o4755
     assert by_path["usr/lib/empty"].sha256 == hashlib.sha256(b"").hexdigest()
     files = [e for e in info.files if e.type is FileType.FILE]
@@ -365,19 +365,19 @@ def ti(
     return info
 
 
-def f(path: str, data: bytes, mode: int = 0o644) -> FileEntry:
-    return FileEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
+def f(path: str, data: bytes, mode: int = 0o644) -> ManifestEntry:
+    return ManifestEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
 
 
-def d(path: str, mode: int = 0o755) -> FileEntry:
-    return FileEntry(path, FileType.DIR, mode)
+def d(path: str, mode: int = 0o755) -> ManifestEntry:
+    return ManifestEntry(path, FileType.DIR, mode)
 
 
-def sym(path: str, target: str) -> FileEntry:
-    return FileEntry(path, FileType.SYMLINK, 0o777, target=target)
+def sym(path: str, target: str) -> ManifestEntry:
+    return ManifestEntry(path, FileType.SYMLINK, 0o777, target=target)
 
 
-def manifest(*entries: FileEntry) -> bytes:
+def manifest(*entries: ManifestEntry) -> bytes:
     meta = PackageMeta("evil", "1", 1, "x86_64", KEY, installed_size=sum(e.size for e in entries))
     return PortInfo(meta, entries).to_bytes()
 
@@ -486,13 +486,13 @@ ATTACKS: dict[str, tuple[bytes, list[Member], str, str]] = {
         "not the manifest's",
     ),
     "hardlink outside": (
-        manifest(FileEntry("hl", FileType.HARDLINK, 0o644, target="../../etc/shadow")),
+        manifest(ManifestEntry("hl", FileType.HARDLINK, 0o644, target="../../etc/shadow")),
         [link_member("hl", tarfile.LNKTYPE, "../../etc/shadow")],
         "hl",
         "outside the root",
     ),
     "hardlink to a file not in the package": (
-        manifest(FileEntry("hl", FileType.HARDLINK, 0o644, target="etc/shadow")),
+        manifest(ManifestEntry("hl", FileType.HARDLINK, 0o644, target="etc/shadow")),
         [link_member("hl", tarfile.LNKTYPE, "etc/shadow")],
         "hl",
         "not an earlier file",
@@ -723,7 +723,7 @@ def test_file_level_checks(tmp_path: Path) -> None:
 # --- the manifest --------------------------------------------------------------------------
 
 
-def valid_info(*files: FileEntry) -> dict[str, object]:
+def valid_info(*files: ManifestEntry) -> dict[str, object]:
     return msgpack.unpackb(manifest(*files))  # type: ignore[no-any-return]
 
 
@@ -784,7 +784,7 @@ def test_the_bytes_of_a_manifest_are_pinned() -> None:
         d("usr"),
         d("usr/lib"),
         sym("usr/lib/libz.so", "libz.so.1"),
-        FileEntry("usr/lib/libz.so.1", FileType.FILE, 0o644, 5, sha),
+        ManifestEntry("usr/lib/libz.so.1", FileType.FILE, 0o644, 5, sha),
     )
     assert PACKAGE_FORMAT == 1
     assert hashlib.sha256(PortInfo(meta, files).to_bytes()).hexdigest() == (
@@ -814,22 +814,22 @@ def port_infos(draw: st.DrawFn) -> PortInfo:
         for name in draw(st.lists(_name, max_size=8))
     } - dirs
     leaves = {p for p in leaves if not any(p == x or x.startswith(p + "/") for x in dirs)}
-    entries: list[FileEntry] = []
+    entries: list[ManifestEntry] = []
     files: list[str] = []
     for path in sorted(dirs | leaves):
         if path in dirs:
-            entries.append(FileEntry(path, FileType.DIR, draw(st.integers(0, 0o7777))))
+            entries.append(ManifestEntry(path, FileType.DIR, draw(st.integers(0, 0o7777))))
             continue
         kind = draw(st.sampled_from([FileType.FILE, FileType.SYMLINK, FileType.HARDLINK]))
         if kind is FileType.HARDLINK and files:
-            entries.append(FileEntry(path, kind, 0o644, target=draw(st.sampled_from(files))))
+            entries.append(ManifestEntry(path, kind, 0o644, target=draw(st.sampled_from(files))))
         elif kind is FileType.SYMLINK:
             target = "/" + draw(st.text("abc/é", min_size=1, max_size=10))
-            entries.append(FileEntry(path, kind, 0o777, target=target))
+            entries.append(ManifestEntry(path, kind, 0o777, target=target))
         else:
             data = draw(st.binary(max_size=8))
             entries.append(
-                FileEntry(
+                ManifestEntry(
                     path,
                     FileType.FILE,
                     draw(st.integers(0, 0o7777)),

@@ -16,9 +16,9 @@ from portsd.core.recipe import Dependency, parse_recipe
 from portsd.core.resolve import (
     Action,
     Catalog,
+    InstallStep,
     Mode,
     Resolution,
-    Step,
     resolve,
 )
 from portsd.core.version import full_version
@@ -589,23 +589,25 @@ def test_the_property_rejects_wrong_answers() -> None:
     wrong(clean, Resolution(steps[::-1]))  # dependants first
     wrong(clean, Resolution(steps[1:]))  # not closed
     wrong(clean, Resolution(steps[:-1]))  # the request not met
-    wrong(clean, Resolution((*steps, Step(Action.INSTALL, available["pick"], None, ("pick",)))))
+    wrong(
+        clean, Resolution((*steps, InstallStep(Action.INSTALL, available["pick"], None, ("pick",))))
+    )
     wrong(clean, ResolutionError("install", "nothing", (), "made up"))  # names no request
-    upgraded = Step(Action.UPGRADE, ZLIB, installed["zlib"], ("libfoo", "zlib"))
+    upgraded = InstallStep(Action.UPGRADE, ZLIB, installed["zlib"], ("libfoo", "zlib"))
     wrong(world, Resolution((upgraded,)))  # the request is not installed ...
-    with_libfoo = Resolution((upgraded, Step(Action.INSTALL, LIBFOO, None, ("libfoo",))))
+    with_libfoo = Resolution((upgraded, InstallStep(Action.INSTALL, LIBFOO, None, ("libfoo",))))
     wrong(world, with_libfoo)  # ... and installed "old" loses its zlib<1.3
     wrong(
         (available, installed, ["sh"], Mode.INSTALL),
-        Resolution((Step(Action.INSTALL, sh, None, ("sh",)),)),  # installed x conflicts
+        Resolution((InstallStep(Action.INSTALL, sh, None, ("sh",)),)),  # installed x conflicts
     )
     check(
         (available, {}, ["sh"], Mode.INSTALL),
-        Resolution((Step(Action.INSTALL, sh, None, ("sh",)),)),
+        Resolution((InstallStep(Action.INSTALL, sh, None, ("sh",)),)),
     )
 
 
-def _by_provides(world: World, step: Step) -> bool:
+def _by_provides(world: World, step: InstallStep) -> bool:
     """Whether ``step`` came in for a need naming something it provides, not its name."""
     if len(step.chain) < 2:
         return False

@@ -36,7 +36,7 @@ from portsd.errors import (
     RootLocked,
     UnsafeArchive,
 )
-from portsd.pkg.archive import FileEntry, FileType
+from portsd.pkg.archive import FileType, ManifestEntry
 from portsd.pkg.package import PortInfo, create_package, read_portinfo
 
 EPOCH = 315_532_800
@@ -909,16 +909,16 @@ GOOD = b"good data\n"
 KEY = "e" * 64
 
 
-def entry_file(path: str, data: bytes, mode: int = 0o644) -> FileEntry:
-    return FileEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
+def entry_file(path: str, data: bytes, mode: int = 0o644) -> ManifestEntry:
+    return ManifestEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
 
 
-def entry_dir(path: str) -> FileEntry:
-    return FileEntry(path, FileType.DIR, 0o755)
+def entry_dir(path: str) -> ManifestEntry:
+    return ManifestEntry(path, FileType.DIR, 0o755)
 
 
-def entry_link(path: str, target: str) -> FileEntry:
-    return FileEntry(path, FileType.SYMLINK, 0o777, target=target)
+def entry_link(path: str, target: str) -> ManifestEntry:
+    return ManifestEntry(path, FileType.SYMLINK, 0o777, target=target)
 
 
 def member(
@@ -931,7 +931,7 @@ def member(
 
 def craft(
     path: Path,
-    entries: list[FileEntry],
+    entries: list[ManifestEntry],
     members: list[tuple[tarfile.TarInfo, bytes]],
     trailer: bytes = b"",
 ) -> Pkg:
@@ -955,7 +955,7 @@ def zero_frames(total: int, frame: int = 64 << 20) -> bytes:
     return (one + compressor.flush()) * (total // frame)
 
 
-ATTACKS: dict[str, tuple[list[FileEntry], list[tuple[tarfile.TarInfo, bytes]], str, str]] = {
+ATTACKS: dict[str, tuple[list[ManifestEntry], list[tuple[tarfile.TarInfo, bytes]], str, str]] = {
     "member through a symlink (manifest)": (
         [entry_link("lib", "/tmp"), entry_file("lib/evil", GOOD)],
         [member("lib", kind=tarfile.SYMTYPE, mode=0o777, link="/tmp"), member("lib/evil", GOOD)],

@@ -22,7 +22,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Protocol
 
-from portsd.core.plan import Plan, PlannedBuild
+from portsd.core.plan import BuildPlan, PlannedBuild
 from portsd.errors import PortsdError
 
 
@@ -88,7 +88,7 @@ class Scheduler:
 
     def submit(
         self,
-        plan: Plan,
+        plan: BuildPlan,
         priority: Mapping[str, float] | None = None,
         *,
         again: Collection[str] = (),
@@ -201,7 +201,7 @@ class Scheduler:
             cancelled = running.cancel.is_set()
             outcome = Outcome.CANCELLED if cancelled else Outcome.FAILED
             result = Result(
-                build, outcome, "cancelled" if cancelled else describe(error), _since(running)
+                build, outcome, "cancelled" if cancelled else describe_error(error), _since(running)
             )
         else:
             result = Result(build, Outcome.BUILT, None, _since(running))
@@ -222,7 +222,7 @@ def _since(running: _Running) -> float:
     return time.monotonic() - running.started
 
 
-def describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """One readable line (plus detail lines) for a failed build."""
     if isinstance(error, PortsdError):
         return str(error)
@@ -249,7 +249,7 @@ class Collector:
 
 
 def run_plan(
-    plan: Plan,
+    plan: BuildPlan,
     run: Runner,
     *,
     jobs: int,

@@ -135,7 +135,7 @@ class TransactionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
+class DbChange:
     """What one transaction does to the database: rows of ``drop`` go, ``add`` come in.
 
     An upgrade drops the old package's name and adds the new one under it.
@@ -288,7 +288,7 @@ class PackageDb:
 
     # -- transactions --------------------------------------------------------------------
 
-    def apply(self, change: Change) -> None:
+    def apply(self, change: DbChange) -> None:
         """Commit ``change`` as one sqlite transaction: all of it or none of it."""
         record = change.record
         with self._write() as db:

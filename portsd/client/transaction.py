@@ -56,8 +56,8 @@ from portsd.client.journal import (
     DB_DIR,
     TX_DIR,
     Journal,
+    JournalOp,
     JournalState,
-    Op,
     Recovery,
     RecoveryAction,
     cleanup,
@@ -389,7 +389,7 @@ def _label(info: PortInfo) -> str:
     return f"{info.meta.name} {info.meta.full_version}"
 
 
-def _run(fs: RootFs, op: Op) -> None:
+def _run(fs: RootFs, op: JournalOp) -> None:
     try:
         journal.apply(fs, op)
     except OSError as exc:

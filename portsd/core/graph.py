@@ -24,8 +24,9 @@ from portsd.core.provider import choose_provider, offered_version
 from portsd.core.recipe import Dependency, DepKind, Recipe
 from portsd.errors import DependencyCycle, GraphError, MissingDependency, RecipeError
 
-Problem = RecipeError | GraphError
-Change = Recipe | RecipeError | None
+PortProblem = RecipeError | GraphError
+"""What keeps a port itself from building: a broken recipe, a missing dependency, a cycle."""
+PortChange = Recipe | RecipeError | None
 """What a commit did to a port: a new recipe, a recipe that no longer parses, or removal."""
 
 
@@ -123,7 +124,7 @@ class Graph:
         graph._find_cycles(graph._recipes)
         return graph
 
-    def updated(self, changes: Mapping[str, Change]) -> tuple[Graph, frozenset[str]]:
+    def updated(self, changes: Mapping[str, PortChange]) -> tuple[Graph, frozenset[str]]:
         """The graph after ``changes``, and the ports whose own facts changed.
 
         The returned set holds the changed ports and every port whose resolved edges,
@@ -350,11 +351,11 @@ class Graph:
     def supported(self, name: str) -> bool:
         return name not in self._unsupported
 
-    def problem(self, name: str) -> Problem | None:
+    def problem(self, name: str) -> PortProblem | None:
         """What is wrong with the port itself (not with its dependencies), if anything."""
         return self._recipe_errors.get(name) or self._missing.get(name) or self._cycles.get(name)
 
-    def problems(self) -> Iterator[tuple[str, Problem]]:
+    def problems(self) -> Iterator[tuple[str, PortProblem]]:
         for name in sorted(set(self._recipe_errors) | set(self._missing) | set(self._cycles)):
             problem = self.problem(name)
             assert problem is not None

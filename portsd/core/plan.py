@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from portsd.core.graph import Graph, Problem
+from portsd.core.graph import Graph, PortProblem
 from portsd.core.keys import KeySet
 
 
@@ -25,11 +25,11 @@ class PlannedBuild:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class BuildPlan:
     """Builds in dependency order, plus the ports that cannot be built and why."""
 
     builds: tuple[PlannedBuild, ...]
-    blocked: Mapping[str, Problem] = field(default_factory=dict)
+    blocked: Mapping[str, PortProblem] = field(default_factory=dict)
     up_to_date: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
@@ -41,13 +41,13 @@ class Plan:
 
 def make_plan(
     graph: Graph, keys: KeySet, present: Container[str], wanted: Iterable[str] | None = None
-) -> Plan:
+) -> BuildPlan:
     """Plan the builds ``wanted`` (default: every port for this architecture) needs.
 
     ``present`` holds the keys the repository already has.
     """
     missing: set[str]
-    blocked: dict[str, Problem]
+    blocked: dict[str, PortProblem]
     up_to_date: set[str]
     if wanted is None:
         # The whole tree: ``keys`` already covers it (edges only lead to supported ports),
@@ -75,7 +75,7 @@ def make_plan(
         PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
         for name in _order(needs)
     )
-    return Plan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
+    return BuildPlan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
 
 
 def _order(needs: Mapping[str, list[str]]) -> list[str]:
@@ -99,7 +99,7 @@ def _order(needs: Mapping[str, list[str]]) -> list[str]:
 
 
 def critical_path(
-    plan: Plan, durations: Mapping[str, float], default: float = 60.0
+    plan: BuildPlan, durations: Mapping[str, float], default: float = 60.0
 ) -> dict[str, float]:
     """Each planned build's priority: its own expected duration plus the longest chain of
     expected durations of the planned builds waiting on it. Running the highest first

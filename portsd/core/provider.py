@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 from portsd.core.metadata import PackageMeta
 from portsd.core.recipe import Dependency
-from portsd.core.version import Op
+from portsd.core.version import ConstraintOp
 
 
 def offered_version(
@@ -45,7 +45,7 @@ def offered_version(
         return full_version
     for entry in provides:
         if entry.name == wanted:
-            return entry.version or "" if entry.op in (None, Op.EQ) else ""
+            return entry.version or "" if entry.op in (None, ConstraintOp.EQ) else ""
     return None
 
 

@@ -66,7 +66,7 @@ class Action(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class InstallStep:
     """Install ``package`` (replacing ``replaces``, the installed package of its name)."""
 
     action: Action
@@ -92,10 +92,10 @@ class Resolution:
     tree cannot have, is cut where the walk entered it); ``satisfied``: requests that the
     system already meets, so they need no step."""
 
-    steps: tuple[Step, ...]
+    steps: tuple[InstallStep, ...]
     satisfied: tuple[str, ...] = ()
 
-    def __iter__(self) -> Iterator[Step]:
+    def __iter__(self) -> Iterator[InstallStep]:
         return iter(self.steps)
 
     def __len__(self) -> int:
@@ -402,9 +402,9 @@ class _Resolver:
 
     # -- order ----------------------------------------------------------------------------
 
-    def ordered(self) -> tuple[Step, ...]:
+    def ordered(self) -> tuple[InstallStep, ...]:
         """The chosen packages, each after the chosen packages it depends on."""
-        steps: list[Step] = []
+        steps: list[InstallStep] = []
         done: set[str] = set()
         for root in self.chosen:
             if root in done:
@@ -423,7 +423,7 @@ class _Resolver:
                     steps.append(self.step(name))
         return tuple(steps)
 
-    def step(self, name: str) -> Step:
+    def step(self, name: str) -> InstallStep:
         package = self.chosen[name]
         old = self.installed.get(name)
         if old is None:
@@ -434,7 +434,7 @@ class _Resolver:
                 full_version(old.version, old.release),
             )
             action = Action.UPGRADE if order > 0 else Action.DOWNGRADE if order else Action.REBUILD
-        return Step(action, package, old, self.chains[name])
+        return InstallStep(action, package, old, self.chains[name])
 
     # -- words ----------------------------------------------------------------------------
 

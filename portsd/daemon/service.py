@@ -35,7 +35,7 @@ from portsd.build.scheduler import Outcome, Result, Scheduler
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
-from portsd.core.plan import Plan, PlannedBuild, critical_path, make_plan
+from portsd.core.plan import BuildPlan, PlannedBuild, critical_path, make_plan
 from portsd.daemon.events import EventBus
 from portsd.daemon.server.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.state import BuildState, NewBuild, State
@@ -65,7 +65,7 @@ class _Evaluated:
     id: int
     revision: Revision
     tree: Tree
-    plan: Plan
+    plan: BuildPlan
     wanted: frozenset[str]  # keys handed to the scheduler
     blocked: dict[str, str]  # port -> why it cannot be built
 
@@ -310,7 +310,7 @@ class Daemon:
             evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
         return tree, evaluation
 
-    def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> frozenset[str]:
+    def _republish(self, revision: Revision, plan: BuildPlan, tree: Tree) -> frozenset[str]:
         """Index the stored packages of up-to-date ports it does not list (a revert), and
         drop the ports that left the tree. Returns the keys whose stored package is gone
         (removed by hand): one lost file costs a rebuild, never the whole evaluation."""
@@ -340,7 +340,7 @@ class Daemon:
         previous: _Evaluated | None,
         revision: Revision,
         tree: Tree,
-        plan: Plan,
+        plan: BuildPlan,
         present: frozenset[str],
     ) -> dict[str, str]:
         old = None
@@ -505,8 +505,8 @@ def _version(revision: Revision, name: str) -> str:
 
 
 def _without_remembered_failures(
-    plan: Plan, failed: dict[str, str]
-) -> tuple[Plan, dict[str, tuple[str, str]]]:
+    plan: BuildPlan, failed: dict[str, str]
+) -> tuple[BuildPlan, dict[str, tuple[str, str]]]:
     """The plan without the keys that failed before and the builds that need them,
     directly or not; the latter are returned as skipped (name -> (key, reason))."""
     failed_names = {b.name for b in plan.builds if b.key in failed}
@@ -527,4 +527,4 @@ def _without_remembered_failures(
         if b.name in culprit
     }
     builds = tuple(b for b in plan.builds if b.name not in failed_names and b.name not in doomed)
-    return Plan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), doomed
+    return BuildPlan(builds=builds, blocked=plan.blocked, up_to_date=plan.up_to_date), doomed

@@ -49,8 +49,8 @@ from portsd.pkg.archive import (
     BLOCK,
     MAX_OCTAL,
     PORTINFO,
-    FileEntry,
     FileType,
+    ManifestEntry,
     TarStream,
     allowance,
     canonical_path_problem,
@@ -66,7 +66,7 @@ from portsd.pkg.archive import (
 __all__ = [
     "PACKAGE_FORMAT",
     "BuiltPackage",
-    "FileEntry",
+    "ManifestEntry",
     "FileType",
     "Member",
     "PackageReader",
@@ -123,7 +123,7 @@ class PortInfo:
     """
 
     meta: PackageMeta
-    files: tuple[FileEntry, ...]
+    files: tuple[ManifestEntry, ...]
 
     def to_bytes(self) -> bytes:
         """The canonical msgpack encoding (fixed key order), as stored in packages."""
@@ -318,7 +318,7 @@ class Member:
 
     __slots__ = ("entry", "mtime", "_reader")
 
-    def __init__(self, entry: FileEntry, mtime: int, reader: PackageReader) -> None:
+    def __init__(self, entry: ManifestEntry, mtime: int, reader: PackageReader) -> None:
         self.entry = entry
         self.mtime = mtime
         self._reader = reader
@@ -578,7 +578,7 @@ def _record(raw: object, keys: frozenset[str], label: str, what: str) -> dict[st
     return raw
 
 
-def _file_entry(item: object, label: str) -> FileEntry:
+def _file_entry(item: object, label: str) -> ManifestEntry:
     kind = item.get("type") if isinstance(item, dict) else None
     kind = _TYPES.get(kind) if type(kind) is str else None
     if kind is None:
@@ -598,4 +598,4 @@ def _file_entry(item: object, label: str) -> FileEntry:
         or not (target is None or type(target) is str)
     ):
         raise PackageError(label, f"{PORTINFO}: file entry {item!r} has a field of a wrong type")
-    return FileEntry(path, kind, mode, size, sha256, target)
+    return ManifestEntry(path, kind, mode, size, sha256, target)
