@@ -42,8 +42,8 @@ from bench.tree import synthetic_tree  # noqa: E402
 from portsd.config import load_config  # noqa: E402
 from portsd.core.evaluate import Evaluation  # noqa: E402
 from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index  # noqa: E402
-from portsd.core.index import PackageMeta as IndexMeta  # noqa: E402
-from portsd.pkg.package import PackageMeta, create_package  # noqa: E402
+from portsd.core.metadata import PackageMeta  # noqa: E402
+from portsd.pkg.package import create_package  # noqa: E402
 from portsd.pkg.sign import SecretKey  # noqa: E402
 from portsd.tree.loader import TreeLoader  # noqa: E402
 from tests.daemon_harness import free_port  # noqa: E402
@@ -104,10 +104,10 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     for name, key in sorted(keys.items()):
         recipe = graph.recipe(name)
         assert recipe is not None
-        meta = IndexMeta(
+        meta = PackageMeta(
             name, recipe.version, recipe.release, arch, key, recipe.summary, recipe.license
         )
-        entry = IndexEntry.of(meta, meta.filename, template.size, template.sha256)
+        entry = IndexEntry(meta, meta.filename, template.size, template.sha256)
         os.link(template.path, root / "packages" / entry.file)
         (root / "packages" / f"{entry.file}.minisig").write_text(signature)
         (root / "keys" / key).write_bytes(encode_entry(entry))

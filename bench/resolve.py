@@ -43,6 +43,7 @@ import msgpack  # noqa: E402
 import zstandard  # noqa: E402
 
 from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index  # noqa: E402
+from portsd.core.metadata import PackageMeta  # noqa: E402
 from portsd.core.resolve import Catalog, Mode, resolve  # noqa: E402
 from portsd.gcpause import paused_gc  # noqa: E402
 
@@ -82,7 +83,7 @@ def synthetic_index(count: int, seed: int) -> Index:
                         continue
                 dep = names[target]
                 if rng.random() < 0.2:
-                    dep += f">={entries[target].version.split('.')[0]}.0"
+                    dep += f">={entries[target].meta.version.split('.')[0]}.0"
                 depends.append(dep)
         provides: list[str] = []
         conflicts: list[str] = []
@@ -93,29 +94,32 @@ def synthetic_index(count: int, seed: int) -> Index:
             if len(providers[virtual]) > 1 and rng.random() < 0.3:
                 conflicts.append(names[providers[virtual][0]])
         key = hashlib.sha256(f"{seed}/{name}/{version}".encode()).hexdigest()
+        meta = PackageMeta(
+            name=name,
+            version=version,
+            release=rng.randint(1, 3),
+            arch="x86_64",
+            build_key=key,
+            summary=f"The {name} package, for benchmarks",
+            license="MIT",
+            depends=tuple(dict.fromkeys(depends)),
+            provides=tuple(provides),
+            conflicts=tuple(conflicts),
+            installed_size=rng.randint(10_000, 80_000_000),
+        )
         entries.append(
             IndexEntry(
-                name=name,
-                version=version,
-                release=rng.randint(1, 3),
-                arch="x86_64",
-                key=key,
-                file=f"{name}-{version}-1-x86_64-{key[:12]}.pkg.tar.zst",
+                meta,
+                file=meta.filename,
                 size=rng.randint(2_000, 20_000_000),
                 sha256=hashlib.sha256(key.encode()).hexdigest(),
-                summary=f"The {name} package, for benchmarks",
-                license="MIT",
-                depends=tuple(dict.fromkeys(depends)),
-                provides=tuple(provides),
-                conflicts=tuple(conflicts),
-                installed_size=rng.randint(10_000, 80_000_000),
             )
         )
-    entries.sort(key=lambda entry: entry.name)
+    entries.sort(key=lambda entry: entry.meta.name)
     return Index(FORMAT, "x86_64", 42, 1_700_000_000, 1_800_000_000, "c0ffee", tuple(entries))
 
 
-def request_of_size(available: dict[str, IndexEntry], size: int, seed: int) -> list[str]:
+def request_of_size(available: dict[str, PackageMeta], size: int, seed: int) -> list[str]:
     """Leaf-ward packages, added until their closure (``naive_closure``) reaches ``size``;
     none whose closure holds a package and one it conflicts with."""
     rng = random.Random(seed)
@@ -138,7 +142,7 @@ def request_of_size(available: dict[str, IndexEntry], size: int, seed: int) -> l
     return request
 
 
-def naive_providers(available: Mapping[str, IndexEntry]) -> dict[str, list[str]]:
+def naive_providers(available: Mapping[str, PackageMeta]) -> dict[str, list[str]]:
     """Virtual name -> its providers, sorted: the table any resolver builds first."""
     providers: dict[str, list[str]] = {}
     for name in sorted(available):
@@ -148,7 +152,7 @@ def naive_providers(available: Mapping[str, IndexEntry]) -> dict[str, list[str]]
 
 
 def naive_closure(
-    available: Mapping[str, IndexEntry], providers: Mapping[str, list[str]], request: list[str]
+    available: Mapping[str, PackageMeta], providers: Mapping[str, list[str]], request: list[str]
 ) -> set[str]:
     """The reference: a plain breadth-first walk of names, as a first ``apk`` would do it.
 
@@ -202,7 +206,7 @@ def main() -> None:
 
     index = synthetic_index(args.packages, SEED)
     data = encode_index(index)
-    available = {entry.name: entry for entry in index}
+    available = {entry.meta.name: entry.meta for entry in index}
     request = request_of_size(available, args.closure, SEED)
     load = os.getloadavg()[0]
     n = f"{len(index) // 1000}k"
@@ -232,7 +236,7 @@ def main() -> None:
     for position, entry in enumerate(closure):
         if position % 3 == 0:  # an older build of it is installed
             installed[entry.name] = replace(
-                entry, key=hashlib.sha256(entry.key.encode()).hexdigest()
+                entry, build_key=hashlib.sha256(entry.build_key.encode()).hexdigest()
             )
     upgrade_times, upgrade = timed(
         args.runs, lambda: resolve(catalog, installed, request, Mode.UPGRADE)

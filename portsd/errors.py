@@ -63,7 +63,7 @@ class ConfigError(PortsdError):
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
+class FileProblem:
     """One thing wrong in one file; ``line`` is 1-based when known."""
 
     path: str
@@ -78,7 +78,7 @@ class Problem:
 class RecipeError(PortsdError):
     """A port.toml that cannot be used; carries every problem found in it, not just the first."""
 
-    def __init__(self, port: str, problems: Sequence[Problem]) -> None:
+    def __init__(self, port: str, problems: Sequence[FileProblem]) -> None:
         self.port = port
         self.problems = tuple(problems)
         super().__init__(str(self))

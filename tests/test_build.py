@@ -54,7 +54,7 @@ def repository(state: Path) -> Repository:
 
 def published(state: Path) -> dict[str, str]:
     """Port name -> build key of every package in the signed index."""
-    return {entry.name: entry.key for entry in repository(state).index()}
+    return {entry.meta.name: entry.meta.build_key for entry in repository(state).index()}
 
 
 def rebuilt(before: dict[str, str], after: dict[str, str]) -> set[str]:

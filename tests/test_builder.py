@@ -28,7 +28,7 @@ from portsd.build.builder import (
     is_archive,
     prepare_script,
 )
-from portsd.core.recipe import BuildStyle, Recipe, Step, parse_recipe
+from portsd.core.recipe import BuildStep, BuildStyle, Recipe, parse_recipe
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict
 from portsd.pkg.package import extract_package
 from portsd.pkg.repo import Repository
@@ -283,31 +283,31 @@ def test_prepare_copies_path_sources_without_following_links(tmp_path: Path) -> 
 
 
 def test_style_defaults() -> None:
-    assert styles.default_script(BuildStyle.AUTOTOOLS, Step.BUILD, ["--with-x=a b"]) == (
+    assert styles.default_script(BuildStyle.AUTOTOOLS, BuildStep.BUILD, ["--with-x=a b"]) == (
         "./configure --prefix=/usr '--with-x=a b'\nmake"
     )
-    assert styles.default_script(BuildStyle.AUTOTOOLS, Step.PACKAGE) == (
+    assert styles.default_script(BuildStyle.AUTOTOOLS, BuildStep.PACKAGE) == (
         'make DESTDIR="$DESTDIR" install'
     )
-    assert "make check" in (styles.default_script(BuildStyle.AUTOTOOLS, Step.CHECK) or "")
-    assert styles.default_script(BuildStyle.MAKE, Step.PACKAGE) == (
+    assert "make check" in (styles.default_script(BuildStyle.AUTOTOOLS, BuildStep.CHECK) or "")
+    assert styles.default_script(BuildStyle.MAKE, BuildStep.PACKAGE) == (
         'make DESTDIR="$DESTDIR" PREFIX=/usr install'
     )
     assert "-DCMAKE_INSTALL_PREFIX=/usr" in (
-        styles.default_script(BuildStyle.CMAKE, Step.BUILD) or ""
+        styles.default_script(BuildStyle.CMAKE, BuildStep.BUILD) or ""
     )
-    assert "--destdir" in (styles.default_script(BuildStyle.MESON, Step.PACKAGE) or "")
-    for step in Step:
+    assert "--destdir" in (styles.default_script(BuildStyle.MESON, BuildStep.PACKAGE) or "")
+    for step in BuildStep:
         assert styles.default_script(BuildStyle.CUSTOM, step) is None
-        assert styles.default_script(BuildStyle.MAKE, Step.PREPARE) is None
+        assert styles.default_script(BuildStyle.MAKE, BuildStep.PREPARE) is None
 
 
 def test_recipe_scripts_override_style_defaults(tmp_path: Path) -> None:
     recipe = Port(tmp_path).recipe('style = "make"\ncheck = ""\nbuild = "make all"')
-    assert styles.script(recipe.build, Step.BUILD) == "make all"
-    assert styles.script(recipe.build, Step.CHECK) == ""  # an empty script disables the step
-    assert styles.script(recipe.build, Step.PACKAGE) == styles.default_script(
-        BuildStyle.MAKE, Step.PACKAGE
+    assert styles.script(recipe.build, BuildStep.BUILD) == "make all"
+    assert styles.script(recipe.build, BuildStep.CHECK) == ""  # an empty script disables the step
+    assert styles.script(recipe.build, BuildStep.PACKAGE) == styles.default_script(
+        BuildStyle.MAKE, BuildStep.PACKAGE
     )
 
 
@@ -330,7 +330,7 @@ MAKEFILES_WITHOUT_CHECK = [
 @pytest.mark.parametrize("makefile", MAKEFILES_WITH_CHECK + MAKEFILES_WITHOUT_CHECK)
 def test_check_target_detection(makefile: str, tmp_path: Path) -> None:
     (tmp_path / "Makefile").write_text(makefile)
-    script = styles.default_script(BuildStyle.AUTOTOOLS, Step.CHECK) or ""
+    script = styles.default_script(BuildStyle.AUTOTOOLS, BuildStep.CHECK) or ""
     script = script.replace("make check", "echo would-check")
     result = subprocess.run(
         ["sh", "-eu", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
@@ -535,7 +535,7 @@ def test_environment_is_exactly_the_documented_one(tmp_path: Path) -> None:
     assert (result.destdir / "uid").read_text() == "1000\n"
     assert (result.destdir / "umask").read_text() == "0022\n"
     assert result.destdir == tmp_path / "work" / "pkg" and result.log.exists()
-    assert [t.step for t in result.steps] == [Step.PREPARE, Step.BUILD]
+    assert [t.step for t in result.steps] == [BuildStep.PREPARE, BuildStep.BUILD]
 
 
 def test_prepare_unpacks_copies_and_patches(tmp_path: Path) -> None:
@@ -768,7 +768,12 @@ def test_dependency_is_found_by_plain_configure(
     assert (tmp_path / "work/src/app-1.0/check.out").read_text() == "42\n"
     needed = subprocess.run(["readelf", "-d", str(app)], capture_output=True, text=True).stdout
     assert "libportsdtest.so.1" in needed
-    assert [t.step for t in result.steps] == [Step.PREPARE, Step.BUILD, Step.CHECK, Step.PACKAGE]
+    assert [t.step for t in result.steps] == [
+        BuildStep.PREPARE,
+        BuildStep.BUILD,
+        BuildStep.CHECK,
+        BuildStep.PACKAGE,
+    ]
     assert all(t.seconds > 0 for t in result.steps)
     assert sorted(p.name for p in result.destdir.rglob("*")) == ["app", "bin", "usr"]
 
@@ -959,9 +964,9 @@ def test_ports_build_packages_paths_of_the_tree_and_rebuilds_when_they_change(
         index = repo.index()
         entry = index.entry("selfpkg")
         assert entry is not None
-        root = tmp_path / f"root-{entry.key[:12]}"
+        root = tmp_path / f"root-{entry.meta.build_key[:12]}"
         extract_package(repo.package_path(entry), root, expected_sha256=entry.sha256)
-        return root, entry.key, index.commit
+        return root, entry.meta.build_key, index.commit
 
     assert "2 to build" in build("selfpkg", "--rev", "HEAD")  # libbase and selfpkg
     root, first_key, commit = installed()

@@ -66,7 +66,7 @@ def served_index(daemon: RunningDaemon, state: Path) -> dict[str, str]:
     status, signature = daemon.raw(f"/repo/{ARCH}/index.msgpack.zst.minisig")
     assert status == 200
     verify(data, signature.decode(), [PublicKey.load(state / "keys" / "portsd.pub")])
-    return {entry.name: entry.key for entry in decode_index(data, "served index")}
+    return {entry.meta.name: entry.meta.build_key for entry in decode_index(data, "served index")}
 
 
 def keys_at(tree: Path, commit: str) -> dict[str, str]:

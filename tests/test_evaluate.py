@@ -8,9 +8,9 @@ import random
 import pytest
 
 from portsd.core.evaluate import Evaluation, changes_between
-from portsd.core.graph import Change
+from portsd.core.graph import PortChange
 from portsd.core.recipe import Recipe, parse_recipe
-from portsd.errors import Problem, RecipeError
+from portsd.errors import FileProblem, RecipeError
 
 ARCH = "x86_64"
 
@@ -19,7 +19,7 @@ def random_port(rng: random.Random, name: str, names: list[str], step: int) -> R
     """A recipe (sometimes broken) with random dependencies: cycles come and go."""
     roll = rng.random()
     if roll < 0.06:
-        return RecipeError(name, [Problem(f"ports/{name}/port.toml", "broken on purpose")])
+        return RecipeError(name, [FileProblem(f"ports/{name}/port.toml", "broken on purpose")])
     others = [n for n in names if n != name]
 
     def deps(count: int) -> list[str]:
@@ -85,7 +85,7 @@ def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> Non
     evaluation = Evaluation.full(listing, ports, ARCH)
     assert_same(evaluation, Evaluation.full(listing, ports, ARCH))
     for step in range(1, 60):
-        changes: dict[str, Change] = {}
+        changes: dict[str, PortChange] = {}
         for _ in range(rng.choice((1, 1, 2, 3, 8))):
             name = rng.choice(names)
             if name in ports and rng.random() < 0.25:

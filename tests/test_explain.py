@@ -6,7 +6,7 @@ from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.graph import Graph
 from portsd.core.keys import KeySet
 from portsd.core.recipe import Recipe
-from portsd.errors import Problem, RecipeError
+from portsd.errors import FileProblem, RecipeError
 from tests.test_graph import port
 
 
@@ -77,7 +77,7 @@ def test_resolution_changes_are_causes_too() -> None:
 
 def test_blocked_port_says_why() -> None:
     broken = RecipeError(
-        "base", [Problem("ports/base/port.toml", "missing required field 'license'")]
+        "base", [FileProblem("ports/base/port.toml", "missing required field 'license'")]
     )
     new = evaluated("b" * 40, PORTS | {"base": broken}, IDS)
     assert explain("tool", None, new, {}, present=set()).lines() == [

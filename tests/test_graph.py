@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portsd.core.graph import Change, Graph
+from portsd.core.graph import Graph, PortChange
 from portsd.core.recipe import Dependency, Recipe
-from portsd.errors import DependencyCycle, MissingDependency, Problem, RecipeError
+from portsd.errors import DependencyCycle, FileProblem, MissingDependency, RecipeError
 
 
 def port(
@@ -94,7 +94,7 @@ def test_missing_and_unsatisfied_dependencies_name_everything() -> None:
 
 
 def test_broken_recipe_and_other_arch_are_explained_to_dependents() -> None:
-    error = RecipeError("bad", [Problem("ports/bad/port.toml", "unknown key 'x'", 3)])
+    error = RecipeError("bad", [FileProblem("ports/bad/port.toml", "unknown key 'x'", 3)])
     graph = graph_of(
         ("bad", error),
         port("armonly", arch=("aarch64",)),
@@ -185,13 +185,13 @@ def facts(graph: Graph) -> dict[str, tuple[object, ...]]:
 @st.composite
 def trees_and_changes(
     draw: st.DrawFn,
-) -> tuple[dict[str, Recipe | RecipeError], list[dict[str, Change]]]:
+) -> tuple[dict[str, Recipe | RecipeError], list[dict[str, PortChange]]]:
     rng = random.Random(draw(st.integers(0, 2**32)))
     names = [f"p{i}" for i in range(12)]
 
     def random_port(name: str) -> Recipe | RecipeError:
         if rng.random() < 0.08:
-            return RecipeError(name, [Problem(f"ports/{name}/port.toml", "broken")])
+            return RecipeError(name, [FileProblem(f"ports/{name}/port.toml", "broken")])
         pick = lambda: tuple(rng.sample(names + ["virt", "gone"], rng.randint(0, 2)))  # noqa: E731
         versions = ["", ">=1", "<2", "=1.0"]
         return port(
@@ -218,7 +218,7 @@ def trees_and_changes(
 @settings(max_examples=200, deadline=None)
 @given(trees_and_changes())
 def test_updated_graph_equals_a_fresh_build(
-    case: tuple[dict[str, Recipe | RecipeError], list[dict[str, Change]]],
+    case: tuple[dict[str, Recipe | RecipeError], list[dict[str, PortChange]]],
 ) -> None:
     tree, changes = case
     graph = Graph.build(tree, "x86_64")

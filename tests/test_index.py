@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,30 @@ from portsd.core.index import (
     FORMAT,
     Index,
     IndexEntry,
-    PackageMeta,
     check_fresh,
     decode_entry,
     decode_index,
     encode_entry,
     encode_index,
+    entry_from_map,
     successor,
     with_entry,
     without,
 )
+from portsd.core.metadata import PackageMeta
 from portsd.errors import IndexExpired, RepoError, RollbackDetected
 
 KEY = "ab" * 32
 SHA = "cd" * 32
 
 
-def entry(name: str = "zlib", **changes: Any) -> IndexEntry:
-    fields: dict[str, Any] = {
+def entry(name: str = "zlib", file: str | None = None, **changes: Any) -> IndexEntry:
+    facts: dict[str, Any] = {
         "name": name,
         "version": "1.3.1",
         "release": 1,
         "arch": "x86_64",
-        "key": KEY,
-        "file": f"{name}-1.3.1-1-x86_64-{KEY[:12]}.pkg.tar.zst",
-        "size": 1234,
-        "sha256": SHA,
+        "build_key": KEY,
         "summary": "Lossless data-compression library",
         "license": "Zlib",
         "depends": ("musl",),
@@ -51,8 +50,9 @@ def entry(name: str = "zlib", **changes: Any) -> IndexEntry:
         "conflicts": (),
         "installed_size": 4096,
     }
-    fields.update(changes)
-    return IndexEntry(**fields)
+    facts.update(changes)
+    meta = PackageMeta(**facts)
+    return IndexEntry(meta, file or meta.filename, 1234, SHA)
 
 
 def index(*entries: IndexEntry, serial: int = 7) -> Index:
@@ -75,19 +75,22 @@ versions = st.builds(
     st.sampled_from(["", "1:", "20:"]),
     word(_LOWER + "ABC", _LOWER + "ABC._+", 10),
 )
-tokens = st.text(_LOWER + "@._+<>=-", min_size=1, max_size=12)
+tokens = st.builds(
+    str.__add__,
+    names,
+    st.sampled_from(["", "=", "<", "<=", ">", ">="]).flatmap(
+        lambda op: st.just("") if not op else versions.map(lambda v: op + v)
+    ),
+)
 files = word(_LOWER + "_+@:-", _LOWER + "._+@:-", 40)
 sizes = st.integers(min_value=0, max_value=(1 << 63) - 1)
-entries = st.builds(
-    IndexEntry,
+metas = st.builds(
+    PackageMeta,
     name=names,
     version=versions,
     release=st.integers(min_value=0, max_value=1000),
     arch=st.sampled_from(["x86_64", "any"]),
-    key=hexes,
-    file=files,
-    size=sizes,
-    sha256=hexes,
+    build_key=hexes,
     summary=st.text(max_size=40),
     license=st.text(max_size=10),
     depends=st.lists(tokens, max_size=4).map(tuple),
@@ -95,6 +98,7 @@ entries = st.builds(
     conflicts=st.lists(tokens, max_size=2).map(tuple),
     installed_size=sizes,
 )
+entries = st.builds(IndexEntry, meta=metas, file=files, size=sizes, sha256=hexes)
 indexes = st.builds(
     Index,
     format=st.just(FORMAT),
@@ -103,8 +107,8 @@ indexes = st.builds(
     generated=sizes,
     expires=sizes,
     commit=st.none() | st.binary(min_size=20, max_size=20).map(bytes.hex),
-    packages=st.lists(entries, max_size=8, unique_by=lambda e: e.name).map(
-        lambda items: tuple(sorted(items, key=lambda e: e.name))
+    packages=st.lists(entries, max_size=8, unique_by=lambda e: e.meta.name).map(
+        lambda items: tuple(sorted(items, key=lambda e: e.meta.name))
     ),
 )
 
@@ -135,7 +139,7 @@ def test_entry_round_trip(value: IndexEntry) -> None:
     assert decode_entry(encode_entry(value), "rec") == value
 
 
-@given(st.lists(entries, max_size=10, unique_by=lambda e: e.name))
+@given(st.lists(entries, max_size=10, unique_by=lambda e: e.meta.name))
 def test_equal_indexes_encode_equal_bytes_whatever_the_insertion_order(
     items: list[IndexEntry],
 ) -> None:
@@ -146,7 +150,7 @@ def test_equal_indexes_encode_equal_bytes_whatever_the_insertion_order(
     for item in reversed(items):
         backward = with_entry(backward, item)
     assert encode_index(forward) == encode_index(backward)
-    assert forward.names() == tuple(sorted(item.name for item in items))
+    assert forward.names() == tuple(sorted(item.meta.name for item in items))
 
 
 @given(st.binary(max_size=300))
@@ -186,6 +190,28 @@ def test_any_wrong_top_level_field_is_refused_or_harmless(
         assert f"'{field}" in str(error)
     else:  # only a value that is itself valid may pass, and it is kept as it was
         assert raw_map(decoded)[field] == replacement
+
+
+@given(
+    entries,
+    st.sampled_from(sorted(raw_map(index(entry()))["packages"][0])),
+    msgpack_values | st.lists(st.text("aZ1. <>=-", max_size=4), max_size=3) | st.text(max_size=70),
+)
+@settings(max_examples=500)
+def test_the_fast_reader_accepts_exactly_what_the_records_accept(
+    value: IndexEntry, field: str, replacement: object
+) -> None:
+    raw = msgpack.unpackb(encode_entry(value), use_list=False)
+    raw[field] = msgpack.unpackb(msgpack.packb(replacement), use_list=False)
+    try:
+        slow: IndexEntry | None = entry_from_map(raw)  # the constructors: the one check
+    except ValueError:
+        slow = None
+    try:
+        fast: IndexEntry | None = decode_entry(msgpack.packb(raw), "rec")
+    except RepoError:
+        fast = None
+    assert fast == slow
 
 
 # -- strict decoding -----------------------------------------------------------------------
@@ -291,13 +317,15 @@ def test_index_invariants_hold_on_construction() -> None:
         index(entry("zlib"), entry("zlib"))
     with pytest.raises(ValueError, match="depends"):
         entry(depends=["musl"])  # a list is not a tuple: records are immutable all the way
+    with pytest.raises(ValueError, match="depends: invalid item 'musl >= 1'"):
+        entry(depends=("musl >= 1",))
     with pytest.raises(ValueError, match="file"):
         entry(file="packages/zlib.pkg.tar.zst")
 
 
 def test_with_entry_replaces_same_name_and_keeps_order() -> None:
     base = index(entry("a"), entry("m"), entry("z"))
-    newer = entry("m", version="2.0", key="ef" * 32)
+    newer = entry("m", version="2.0", build_key="ef" * 32)
     updated = with_entry(base, newer)
     assert updated.names() == ("a", "m", "z")
     assert updated.entry("m") == newer
@@ -307,12 +335,12 @@ def test_with_entry_replaces_same_name_and_keeps_order() -> None:
 
 
 def test_without_and_lookups() -> None:
-    base = index(entry("a"), entry("m", key="ef" * 32), entry("z"))
+    base = index(entry("a"), entry("m", build_key="ef" * 32), entry("z"))
     assert without(base, {"m", "absent"}).names() == ("a", "z")
     assert base.entry("m") is not None and base.entry("n") is None
     assert "z" in base and "q" not in base and len(base) == 3
     found = base.by_key("ef" * 32)
-    assert found is not None and found.name == "m"
+    assert found is not None and found.meta.name == "m"
     assert base.by_key("00" * 32) is None
 
 
@@ -332,10 +360,35 @@ def test_successor_bumps_serial_and_dates() -> None:
 def test_package_filename_carries_key_prefix() -> None:
     meta = PackageMeta("zlib", "1:1.3.1", 2, "x86_64", KEY)
     assert meta.filename == f"zlib-1:1.3.1-2-x86_64-{KEY[:12]}.pkg.tar.zst"
-    made = IndexEntry.of(meta, meta.filename, 10, SHA)
-    assert made.meta == meta
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(ValueError, match="build_key"):
         PackageMeta("zlib", "1.0", 1, "x86_64", "short")
+
+
+def test_the_bytes_of_an_entry_and_an_index_are_pinned() -> None:
+    """The index's layout is a contract (signed, cached, read by older clients): these
+    digests change only with ``FORMAT``."""
+    meta = PackageMeta(
+        "zlib",
+        "1.3.1",
+        2,
+        "x86_64",
+        KEY,
+        "Compression",
+        "Zlib",
+        ("musl>=1.2",),
+        ("libz=1.3.1",),
+        ("zlib-ng",),
+        5,
+    )
+    value = IndexEntry(meta, meta.filename, 1234, SHA)
+    assert FORMAT == 1
+    assert hashlib.sha256(encode_entry(value)).hexdigest() == (
+        "5fb7fa06357df153db70b4f6709781ce0872d22265dfad124e7c1b946f136ddd"
+    )
+    payload = zstandard.ZstdDecompressor().decompress(encode_index(index(value)))
+    assert hashlib.sha256(payload).hexdigest() == (
+        "4087bc81113f3a45d255a810a51fbc16e734218cded1e186d553ef5473e9174b"
+    )
 
 
 # -- freshness -----------------------------------------------------------------------------
@@ -385,6 +438,7 @@ def test_index_module_is_pure() -> None:
         "msgpack",
         "zstandard",
         "portsd.errors",
+        "portsd.core.metadata",
         "portsd.core.recipe",
         "portsd.core.version",
     }
@@ -401,4 +455,4 @@ def test_dataclasses_are_frozen_and_slotted() -> None:
         params = cls.__dataclass_params__
         assert params.frozen and "__slots__" in vars(cls)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        entry().name = "x"  # type: ignore[misc]
+        entry().file = "x"  # type: ignore[misc]

@@ -128,7 +128,7 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 
 def installed_names(root: Path) -> set[str]:
     with Installed.open(root, readonly=True) as installed:
-        return {p.name for p in installed.db.packages()}
+        return {p.meta.name for p in installed.db.packages()}
 
 
 # -- from the cache ------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_install_from_the_cache_runs_the_program(host: Host, tmp_path: Path) -> 
     assert run_installed(root, "toptool") == TOPTOOL_SAYS
     assert "building" not in result.stdout  # all four came from the cache
     with Installed.open(root, readonly=True) as installed:
-        packages = {p.name: p for p in installed.db.packages()}
+        packages = {p.meta.name: p for p in installed.db.packages()}
         assert set(packages) == set(TOPTOOL)
         assert packages["toptool"].reason == "explicit"
         assert packages["libtop"].reason == "dependency"
@@ -248,14 +248,16 @@ def test_upgrade_replaces_packages_whose_build_key_changed(host: Host, tmp_path:
     root.mkdir()
     ports("install", "toptool", "--root", root, *from_cache(host))
     with Installed.open(root, readonly=True) as installed:
-        before = {p.name: p.build_key for p in installed.db.packages()}
+        before = {p.meta.name: p.meta.build_key for p in installed.db.packages()}
     checkout = tmp_path / "checkout"
     git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
     (checkout / "ports" / "libmid" / "NOTES").write_text("same version, other inputs\n")
 
     result = ports("upgrade", "--root", root, "--tree", checkout, *from_cache(host))
     with Installed.open(root, readonly=True) as installed:
-        after = {p.name: (p.build_key, p.full_version) for p in installed.db.packages()}
+        after = {
+            p.meta.name: (p.meta.build_key, p.meta.full_version) for p in installed.db.packages()
+        }
     changed = {name for name in before if after[name][0] != before[name]}
     assert changed == {"libmid", "libtop", "toptool"}  # libbase's key does not depend on libmid
     assert all(version == "1.0-1" for _, version in after.values())

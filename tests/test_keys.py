@@ -13,7 +13,7 @@ from portsd.core.graph import Graph
 from portsd.core.keys import BUILDER_FORMAT, KeySet, build_key
 from portsd.core.plan import make_plan
 from portsd.core.recipe import Recipe, Source
-from portsd.errors import BrokenDependency, DependencyCycle, Problem, RecipeError
+from portsd.errors import BrokenDependency, DependencyCycle, FileProblem, RecipeError
 from tests.test_graph import port
 
 SHA_A = "a" * 64
@@ -107,7 +107,7 @@ def test_source_hashes_are_inputs() -> None:
 
 def test_blocked_ports_name_the_root_cause() -> None:
     ports = tree()
-    ports["libc"] = RecipeError("libc", [Problem("ports/libc/port.toml", "unknown key 'x'", 4)])
+    ports["libc"] = RecipeError("libc", [FileProblem("ports/libc/port.toml", "unknown key 'x'", 4)])
     ports["loop"] = port("loop", depends=("loop",))
     ports["uses-loop"] = port("uses-loop", build=("loop",))
     keys = keys_of(ports, ids(ports))
@@ -137,7 +137,7 @@ def test_incremental_keys_equal_a_full_evaluation() -> None:
         if roll < 0.15:
             new = None
         elif roll < 0.25:
-            new = RecipeError(name, [Problem(f"ports/{name}/port.toml", "broken")])
+            new = RecipeError(name, [FileProblem(f"ports/{name}/port.toml", "broken")])
         else:
             deps = tuple(rng.sample([n for n in names if n != name], rng.randint(0, 2)))
             new = port(name, depends=deps)

@@ -11,6 +11,8 @@ PACKAGE = Path(__file__).parent.parent / "portsd"
 CORE = [
     "core/version",
     "core/recipe",
+    "core/provider",
+    "core/metadata",
     "core/graph",
     "core/keys",
     "core/plan",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from portsd.core.evaluate import Evaluation
-from portsd.core.plan import Plan, PlannedBuild, Skip, skips, triage
+from portsd.core.plan import BuildPlan, PlannedBuild, Skip, skips, triage
 from portsd.core.recipe import Recipe
 from portsd.errors import RecipeError
 from tests.test_graph import port
 
 
-def plan_of(needs: dict[str, tuple[str, ...]]) -> Plan:
+def plan_of(needs: dict[str, tuple[str, ...]]) -> BuildPlan:
     """A plan in the given order (dependencies first), each port keyed ``key-<name>``."""
-    return Plan(builds=tuple(PlannedBuild(n, f"key-{n}", deps) for n, deps in needs.items()))
+    return BuildPlan(builds=tuple(PlannedBuild(n, f"key-{n}", deps) for n, deps in needs.items()))
 
 
 DIAMOND = {  # port -> what it needs, dependencies first

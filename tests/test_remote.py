@@ -22,9 +22,10 @@ from portsd.client.db import PackageDb
 from portsd.client.download import Download, download_all
 from portsd.client.remote import Caches, Substitute, ask_for_key, open_caches
 from portsd.config import Config
+from portsd.core.metadata import PackageMeta
 from portsd.daemon.state import State
 from portsd.errors import ConfigError, DownloadError
-from portsd.pkg.package import PackageMeta, create_package
+from portsd.pkg.package import create_package
 from portsd.pkg.repo import DEFAULT_EXPIRY, SIG_SUFFIX, Repository
 from portsd.pkg.sign import PublicKey, SecretKey
 from tests.serving import World, serving
@@ -71,7 +72,7 @@ def make_site(
         (destdir / "usr/share" / name / "data").write_bytes(os.urandom(40_000))
         meta = PackageMeta(name, version, 1, arch, build_key(name, version), summary=name)
         built = create_package(destdir, meta, root / "out", epoch=EPOCH)
-        world.packages[name] = repo.publish(built.path, built.info.index_meta(), commit="c0ffee")
+        world.packages[name] = repo.publish(built.path, built.info.meta, commit="c0ffee")
     return Site(world, key)
 
 
@@ -137,12 +138,12 @@ def test_a_good_index_verifies_and_its_serial_is_recorded(site: Site, db: Packag
     assert cache.signer == site.public
     assert cache.index == site.repo.index()
     assert db.last_serial(site.public.key_id) == site.repo.index().serial == 3
-    assert [entry.name for entry in caches.entries()] == ["hello", "zlib"]
+    assert [entry.meta.name for entry in caches.entries()] == ["hello", "zlib"]
     found = caches.entry("zlib")
     assert found is not None and found == (cache, site.world.packages["zlib"])
     assert caches.entry("nothing") is None
     zlib = site.world.packages["zlib"]
-    assert caches.by_key(zlib.key) == Substitute(
+    assert caches.by_key(zlib.meta.build_key) == Substitute(
         cache.url, zlib, f"{cache.url}/repo/{ARCH}/packages/{zlib.file}", None
     )
     assert caches.by_key("0" * 64) is None
@@ -202,7 +203,7 @@ def test_a_bad_signature_makes_the_cache_unusable_and_records_nothing(
     assert "\n" not in line
     assert db.last_serial(bad.public.key_id) is None
     # not half-used either: hello is only in the bad cache
-    assert caches.entry("hello") is None and [e.name for e in caches.entries()] == ["zlib"]
+    assert caches.entry("hello") is None and [e.meta.name for e in caches.entries()] == ["zlib"]
 
 
 def test_a_lower_serial_is_a_rollback(site: Site, db: PackageDb) -> None:
@@ -220,7 +221,7 @@ def test_the_same_serial_again_is_fine_and_a_higher_one_is_recorded(
     assert len(open_sites([site], [site.public], db).usable) == 1
     site.repo.unpublish(["hello"], commit="c0ffee")
     caches = open_sites([site], [site.public], db)
-    assert [e.name for e in caches.entries()] == ["zlib"]
+    assert [e.meta.name for e in caches.entries()] == ["zlib"]
     assert db.last_serial(site.public.key_id) == 4
 
 
@@ -260,11 +261,14 @@ def test_first_cache_with_a_name_wins(tmp_path: Path, db: PackageDb) -> None:
     first = make_site(tmp_path / "a", SecretKey.generate(), [("zlib", "1.3")])
     second = make_site(tmp_path / "b", SecretKey.generate(), [("zlib", "1.2"), ("hello", "2")])
     caches = open_sites([first, second], [second.public, first.public], db)
-    assert [(e.name, e.version) for e in caches.entries()] == [("hello", "2"), ("zlib", "1.3")]
+    assert [(e.meta.name, e.meta.version) for e in caches.entries()] == [
+        ("hello", "2"),
+        ("zlib", "1.3"),
+    ]
     found = caches.entry("zlib")
     assert found is not None and found[0].signer == first.public
     old = second.world.packages["zlib"]
-    substitute = caches.by_key(old.key)  # the older build is still offered by its key
+    substitute = caches.by_key(old.meta.build_key)  # the older build is still offered by its key
     assert substitute is not None and substitute.cache == caches.usable[1].url
     assert db.last_serial(first.public.key_id) == 2 and db.last_serial(second.public.key_id) == 3
 
@@ -312,7 +316,7 @@ def test_what_a_verified_index_offers_downloads_intact(
             pass
 
     async def fetch(session: aiohttp.ClientSession, caches: Caches) -> None:
-        substitute = caches.by_key(zlib.key)
+        substitute = caches.by_key(zlib.meta.build_key)
         assert substitute is not None
         wanted = Download(
             "zlib 1.3-1", (substitute.url,), zlib.size, zlib.sha256, dest, signature_urls=()
@@ -340,7 +344,7 @@ def test_ask_for_key_finds_a_stored_package_the_index_no_longer_lists(
         async with served(empty, site) as (empty_url, url):
             silent = f"http://127.0.0.1:{silent_port}"
             began = time.monotonic()
-            found = await ask_for_key(session, [silent, empty_url, url], zlib.key)
+            found = await ask_for_key(session, [silent, empty_url, url], zlib.meta.build_key)
             assert time.monotonic() - began < 3
             assert found == Substitute(
                 url,
@@ -349,7 +353,7 @@ def test_ask_for_key_finds_a_stored_package_the_index_no_longer_lists(
                 f"{url}/repo/{ARCH}/packages/{zlib.file}{SIG_SUFFIX}",
             )
             assert await ask_for_key(session, [empty_url, url], "1" * 64) is None
-            assert await ask_for_key(session, [], zlib.key) is None
+            assert await ask_for_key(session, [], zlib.meta.build_key) is None
             assert found.signature_url is not None
             wanted = Download(
                 "zlib 1.3-1",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from portsd.core.index import PackageMeta
+from portsd.core.metadata import PackageMeta
 from portsd.errors import BadSignature, RepoError
 from portsd.pkg.repo import DEFAULT_EXPIRY, INDEX_NAME, SIG_SUFFIX, Repository
 from portsd.pkg.sign import PublicKey, SecretKey
@@ -37,7 +37,7 @@ def meta(name: str, version: str = "1.0", arch: str = ARCH) -> PackageMeta:
         version=version,
         release=1,
         arch=arch,
-        key=build_key(f"{name}-{version}-{arch}"),
+        build_key=build_key(f"{name}-{version}-{arch}"),
         summary=f"the {name} package",
         depends=("musl",),
     )
@@ -162,7 +162,7 @@ def test_an_identical_unrecorded_file_is_adopted(repo: Repository, work: Path) -
     source = package(work, "zlib")
     (repo.packages_path / meta("zlib").filename).write_bytes(source.read_bytes())
     entry = repo.publish(source, meta("zlib"), commit="c1")
-    assert repo.find_key(entry.key) == entry
+    assert repo.find_key(entry.meta.build_key) == entry
     assert repo.check() == ()
 
 
@@ -170,7 +170,7 @@ def test_wrong_architecture_is_refused(repo: Repository, work: Path) -> None:
     with pytest.raises(RepoError, match="a package for aarch64 in a x86_64 repository"):
         repo.publish(package(work, "x"), meta("zlib", arch="aarch64"), commit=None)
     entry = repo.publish(package(work, "y"), meta("tzdata", arch="any"), commit=None)
-    assert entry.file.endswith(f"-any-{entry.key[:12]}.pkg.tar.zst")
+    assert entry.file.endswith(f"-any-{entry.meta.build_key[:12]}.pkg.tar.zst")
 
 
 def test_unusable_names_are_refused(
@@ -208,11 +208,11 @@ def test_copy_across_filesystems(repo: Repository) -> None:
 def test_find_key_finds_superseded_packages(repo: Repository, work: Path) -> None:
     old = repo.publish(package(work, "old"), meta("zlib", "1.0"), commit="c1")
     new = repo.publish(package(work, "new"), meta("zlib", "1.1"), commit="c2")
-    assert repo.index().by_key(old.key) is None
-    assert repo.find_key(old.key) == old
-    assert repo.find_key(new.key) == new
+    assert repo.index().by_key(old.meta.build_key) is None
+    assert repo.find_key(old.meta.build_key) == old
+    assert repo.find_key(new.meta.build_key) == new
     # a revert: the old key is wanted again and comes back without a rebuild
-    restored = repo.restore(old.key, commit="c3")
+    restored = repo.restore(old.meta.build_key, commit="c3")
     assert restored == old
     index = repo.index()
     assert (index.packages, index.serial, index.commit) == ((old,), 4, "c3")
@@ -233,7 +233,7 @@ def test_restore_refuses_a_damaged_file(repo: Repository, work: Path) -> None:
     path = repo.package_path(old)
     path.write_bytes(b"x" * old.size)  # same size, other bytes
     with pytest.raises(RepoError, match="does not match its record"):
-        repo.restore(old.key, commit="c3")
+        repo.restore(old.meta.build_key, commit="c3")
     assert repo.index().serial == 3
 
 
@@ -243,7 +243,7 @@ def test_unpublish(tmp_path: Path, repo: Repository, work: Path) -> None:
     index = repo.index()
     assert (index.names(), index.serial, index.commit) == (("a", "c"), 5, "c2")
     assert repo.package_path(entries[1]).exists()  # kept for find_key
-    assert repo.find_key(entries[1].key) == entries[1]
+    assert repo.find_key(entries[1].meta.build_key) == entries[1]
     assert repo.unpublish(["b"], commit="c2") == ()
     assert repo.index().serial == 5
     assert minisign_verifies(tmp_path / "repo.pub", repo.index_path)
@@ -438,7 +438,7 @@ def test_sigkill_at_random_moments_leaves_a_consistent_repository(
         assert now >= serial
         serial = now
         for entry in repo.index():
-            assert repo.find_key(entry.key) == entry
+            assert repo.find_key(entry.meta.build_key) == entry
             assert (arch / "packages" / (entry.file + SIG_SUFFIX)).exists()
         for stored in repo.stored_keys():  # a record means a whole package, kill or not
             assert repo.find_key(stored) is not None, stored

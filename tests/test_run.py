@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from portsd.build.run import RunResult, describe, run
+from portsd.build.run import RunResult, describe_exit, run
 from tests.processes import marker, wait_until_gone
 
 
@@ -29,7 +29,7 @@ from tests.processes import marker, wait_until_gone
     ],
 )
 def test_describe(returncode: int, timed_out_after: float | None, expected: str) -> None:
-    assert describe(returncode, timed_out_after) == expected
+    assert describe_exit(returncode, timed_out_after) == expected
 
 
 def test_output_goes_to_log_and_callback_line_by_line(tmp_path: Path) -> None:

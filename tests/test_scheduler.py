@@ -8,7 +8,7 @@ import time
 import pytest
 
 from portsd.build.scheduler import Collector, Outcome, Result, Scheduler, run_plan
-from portsd.core.plan import Plan, PlannedBuild, critical_path
+from portsd.core.plan import BuildPlan, PlannedBuild, critical_path
 from portsd.errors import BuildError
 from tests.test_plan import DIAMOND, plan_of
 
@@ -121,13 +121,13 @@ def test_a_new_plan_keeps_still_wanted_builds_and_cancels_the_rest() -> None:
 
     collector = Collector()
     scheduler = Scheduler(runner, jobs=2, reporter=collector)
-    first = Plan(builds=(PlannedBuild("a", "key-a1", ()), PlannedBuild("b", "key-b1", ())))
+    first = BuildPlan(builds=(PlannedBuild("a", "key-a1", ()), PlannedBuild("b", "key-b1", ())))
     scheduler.submit(first)
     deadline = time.monotonic() + 5
     while len(started) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     # the next commit still wants a (same key) but b changed, and c is new and needs b
-    second = Plan(
+    second = BuildPlan(
         builds=(
             PlannedBuild("a", "key-a1", ()),
             PlannedBuild("b", "key-b2", ()),

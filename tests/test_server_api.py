@@ -335,9 +335,11 @@ def test_keys(world: World) -> None:
     entry = world.packages["zlib"]
 
     async def scenario(server: Server) -> None:
-        async with server.session.get(f"{server.url}/api/v1/keys/{entry.key}") as response:
+        async with server.session.get(
+            f"{server.url}/api/v1/keys/{entry.meta.build_key}"
+        ) as response:
             found = await json_of(response)
-        assert found["key"] == entry.key
+        assert found["key"] == entry.meta.build_key
         assert found["package"]["sha256"] == entry.sha256
         assert found["package"]["name"] == "zlib" and found["package"]["size"] == entry.size
         assert found["url"] == f"/repo/{ARCH}/packages/{entry.file}"
@@ -349,11 +351,19 @@ def test_keys(world: World) -> None:
         async with server.session.get(f"{server.url}/api/v1/keys/{'ab' * 32}") as response:
             assert response.status == 404
             assert "error" in await json_of(response)
-        for bad in [entry.key.upper(), entry.key[:63], entry.key + "0", "..%2f..%2fkeys", "z" * 64]:
+        for bad in [
+            entry.meta.build_key.upper(),
+            entry.meta.build_key[:63],
+            entry.meta.build_key + "0",
+            "..%2f..%2fkeys",
+            "z" * 64,
+        ]:
             async with server.session.get(f"{server.url}/api/v1/keys/{bad}") as response:
                 assert response.status in (400, 404), bad
                 assert "error" in await json_of(response)
-        async with server.session.get(f"{server.url}/api/v1/keys/{entry.key.upper()}") as response:
+        async with server.session.get(
+            f"{server.url}/api/v1/keys/{entry.meta.build_key.upper()}"
+        ) as response:
             assert response.status == 400
 
     run(world, scenario)

@@ -311,7 +311,7 @@ def test_tls_connections_get_bytes_not_sendfile(world: World) -> None:
 
 
 def test_private_files_are_unreachable(world: World) -> None:
-    key = world.packages["zlib"].key
+    key = world.packages["zlib"].meta.build_key
     paths = [
         f"/repo/{ARCH}/keys/{key}",
         f"/repo/{ARCH}/.lock",
@@ -362,7 +362,7 @@ TRAVERSALS = [
 
 
 def test_traversal_is_impossible(world: World) -> None:
-    key = world.packages["zlib"].key
+    key = world.packages["zlib"].meta.build_key
     # the canary is beside the state directory, the key record inside the repository
     root = str(world.root).lstrip("/")
 

@@ -25,6 +25,7 @@ import pytest
 import zstandard
 
 from portsd.client import Checkpoint, Installed, InstallReason, Progress, RecoveryAction
+from portsd.core.metadata import PackageMeta
 from portsd.errors import (
     BrokenDependencies,
     FileConflict,
@@ -35,8 +36,8 @@ from portsd.errors import (
     RootLocked,
     UnsafeArchive,
 )
-from portsd.pkg.archive import FileEntry, FileType
-from portsd.pkg.package import PackageMeta, PortInfo, create_package, read_portinfo
+from portsd.pkg.archive import FileType, ManifestEntry
+from portsd.pkg.package import PortInfo, create_package, read_portinfo
 
 EPOCH = 315_532_800
 DB_DIR = "var/lib/ports"
@@ -242,7 +243,14 @@ def logical(root: Path, *, history: bool = True) -> tuple[object, ...]:
     with Installed.open(root, readonly=True) as installed:
         db = installed.db
         packages = [
-            (p.name, p.full_version, p.build_key, p.reason, p.depends, tuple(db.files(p.name)))
+            (
+                p.meta.name,
+                p.meta.full_version,
+                p.meta.build_key,
+                p.reason,
+                p.meta.depends,
+                tuple(db.files(p.meta.name)),
+            )
             for p in db.packages()
         ]
         transactions = len(db.history()) if history else None
@@ -297,10 +305,10 @@ def test_install_several_packages_files_and_database_agree(root: Path, make: Fac
         tx.install(zlib.path, zlib.info, InstallReason.DEPENDENCY)
         tx.install(base.path, base.info)
         result = tx.commit()
-        assert [p.name for p in result.installed] == ["baselayout", "zlib", "app"]
+        assert [p.meta.name for p in result.installed] == ["baselayout", "zlib", "app"]
         assert result.files == 3 + 6 + 5 and result.upgraded == () and result.removed == ()
         db = installed.db
-        assert [p.name for p in db.packages()] == ["app", "baselayout", "zlib"]
+        assert [p.meta.name for p in db.packages()] == ["app", "baselayout", "zlib"]
         zlib_row = db.installed("zlib")
         assert zlib_row is not None and zlib_row.reason is InstallReason.DEPENDENCY
         app_row = db.installed("app")
@@ -479,8 +487,8 @@ def test_remove_deletes_only_what_the_package_owns(root: Path, make: Factory) ->
         tx.remove("app")
         tx.remove("zlib")
         result = tx.commit()
-        assert [p.name for p in result.removed] == ["app", "zlib"]
-        assert [p.name for p in installed.db.packages()] == ["baselayout"]
+        assert [p.meta.name for p in result.removed] == ["app", "zlib"]
+        assert [p.meta.name for p in installed.db.packages()] == ["baselayout"]
         assert installed.db.owners("usr/share/common") == []
     after = tree(root, dir_mtimes=False)
     for gone in (
@@ -582,7 +590,7 @@ def test_an_exception_before_the_commit_point_undoes_everything_at_once(
     with Installed.open(root) as installed:
         assert installed.recovered is None
         zlib = installed.db.installed("zlib")
-        assert zlib is not None and zlib.version == "1.3.1"
+        assert zlib is not None and zlib.meta.version == "1.3.1"
 
 
 # --- upgrading -------------------------------------------------------------------------------
@@ -597,12 +605,12 @@ def test_upgrade_by_build_key_replaces_files_and_drops_vanished_ones(
         old = installed.db.installed("zlib")
         tx = installed.transaction()
         rebuilt = libz(make, "1.3", build="2")  # same version, a new build key
-        assert rebuilt.info.build_key != old.build_key if old else False
+        assert rebuilt.info.meta.build_key != old.meta.build_key if old else False
         tx.upgrade(rebuilt.path, rebuilt.info, origin="built from abc123")
         result = tx.commit()
         assert result.upgraded == ((old, installed.db.installed("zlib")),)
         new = installed.db.installed("zlib")
-        assert new is not None and new.build_key == rebuilt.info.build_key
+        assert new is not None and new.meta.build_key == rebuilt.info.meta.build_key
         assert new.reason is InstallReason.DEPENDENCY and new.origin == "built from abc123"
         tx = installed.transaction()
         newer = libz(make, "1.3.1")
@@ -901,16 +909,16 @@ GOOD = b"good data\n"
 KEY = "e" * 64
 
 
-def entry_file(path: str, data: bytes, mode: int = 0o644) -> FileEntry:
-    return FileEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
+def entry_file(path: str, data: bytes, mode: int = 0o644) -> ManifestEntry:
+    return ManifestEntry(path, FileType.FILE, mode, len(data), hashlib.sha256(data).hexdigest())
 
 
-def entry_dir(path: str) -> FileEntry:
-    return FileEntry(path, FileType.DIR, 0o755)
+def entry_dir(path: str) -> ManifestEntry:
+    return ManifestEntry(path, FileType.DIR, 0o755)
 
 
-def entry_link(path: str, target: str) -> FileEntry:
-    return FileEntry(path, FileType.SYMLINK, 0o777, target=target)
+def entry_link(path: str, target: str) -> ManifestEntry:
+    return ManifestEntry(path, FileType.SYMLINK, 0o777, target=target)
 
 
 def member(
@@ -923,27 +931,14 @@ def member(
 
 def craft(
     path: Path,
-    entries: list[FileEntry],
+    entries: list[ManifestEntry],
     members: list[tuple[tarfile.TarInfo, bytes]],
     trailer: bytes = b"",
 ) -> Pkg:
     """A package written with tarfile and zstandard, not with our writer, whose manifest
     (``info``, unchecked) is otherwise consistent: the one defect is the one under test."""
-    info = PortInfo(
-        1,
-        "evil",
-        "1.0",
-        1,
-        "x86_64",
-        "",
-        "",
-        (),
-        (),
-        (),
-        KEY,
-        sum(e.size for e in entries),
-        tuple(entries),
-    )
+    meta = PackageMeta("evil", "1.0", 1, "x86_64", KEY, installed_size=sum(e.size for e in entries))
+    info = PortInfo(meta, tuple(entries))
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for item, data in [member(".PORTINFO", info.to_bytes()), *members]:
@@ -960,7 +955,7 @@ def zero_frames(total: int, frame: int = 64 << 20) -> bytes:
     return (one + compressor.flush()) * (total // frame)
 
 
-ATTACKS: dict[str, tuple[list[FileEntry], list[tuple[tarfile.TarInfo, bytes]], str, str]] = {
+ATTACKS: dict[str, tuple[list[ManifestEntry], list[tuple[tarfile.TarInfo, bytes]], str, str]] = {
     "member through a symlink (manifest)": (
         [entry_link("lib", "/tmp"), entry_file("lib/evil", GOOD)],
         [member("lib", kind=tarfile.SYMTYPE, mode=0o777, link="/tmp"), member("lib/evil", GOOD)],

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portsd.core.version import VERSION_PATTERN, Op, satisfies, vercmp
+from portsd.core.version import VERSION_PATTERN, ConstraintOp, satisfies, vercmp
 
 # pacman's test/util/vercmptest.sh, verbatim.
 PACMAN_TABLE = [
@@ -63,17 +63,22 @@ def test_table_and_its_mirror(a: str, b: str, expected: int) -> None:
 @pytest.mark.parametrize(
     ("candidate", "op", "wanted", "ok"),
     [
-        ("1.3-1", Op.GE, "1.2.13", True),
-        ("1.2.12-1", Op.GE, "1.2.13", False),
-        ("1.3-2", Op.EQ, "1.3", True),  # no release in the constraint: any release matches
-        ("1.3-2", Op.EQ, "1.3-1", False),
-        ("1.3-1", Op.LT, "1.3-2", True),
-        ("1.3-1", Op.LE, "1.3", True),
-        ("2.0-1", Op.GT, "1.9", True),
-        ("1.9-1", Op.GT, "1.9", False),
+        ("1.3-1", ConstraintOp.GE, "1.2.13", True),
+        ("1.2.12-1", ConstraintOp.GE, "1.2.13", False),
+        (
+            "1.3-2",
+            ConstraintOp.EQ,
+            "1.3",
+            True,
+        ),  # no release in the constraint: any release matches
+        ("1.3-2", ConstraintOp.EQ, "1.3-1", False),
+        ("1.3-1", ConstraintOp.LT, "1.3-2", True),
+        ("1.3-1", ConstraintOp.LE, "1.3", True),
+        ("2.0-1", ConstraintOp.GT, "1.9", True),
+        ("1.9-1", ConstraintOp.GT, "1.9", False),
     ],
 )
-def test_satisfies(candidate: str, op: Op, wanted: str, ok: bool) -> None:
+def test_satisfies(candidate: str, op: ConstraintOp, wanted: str, ok: bool) -> None:
     assert satisfies(candidate, op, wanted) is ok
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from portsd.build import sandbox, styles
 from portsd.build.run import run
 from portsd.build.sandbox import Host, Mount, SandboxSpec
-from portsd.core.recipe import Recipe, Step
+from portsd.core.recipe import BuildStep, Recipe
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict, PackageError
 
 SRCDIR = "/build/src"
@@ -101,7 +101,7 @@ class BuildRequest:
 class StepTime:
     """How long one step took, sandbox start-up included."""
 
-    step: Step
+    step: BuildStep
     seconds: float
 
 
@@ -115,7 +115,7 @@ class BuildResult:
     builddir: str
     steps: tuple[StepTime, ...]
 
-    def seconds(self, step: Step) -> float | None:
+    def seconds(self, step: BuildStep) -> float | None:
         """Duration of ``step``; None if it did not run (no script)."""
         return next((s.seconds for s in self.steps if s.step is step), None)
 
@@ -283,12 +283,12 @@ class _Build:
             f"==> {self.recipe.name} {self.recipe.full_version} for {request.arch}"
             f" (key {request.key}), jobs {request.jobs}, timeout {request.timeout:g} s"
         )
-        times = [StepTime(Step.PREPARE, self._prepare())]
-        for step in (Step.BUILD, Step.CHECK, Step.PACKAGE):
+        times = [StepTime(BuildStep.PREPARE, self._prepare())]
+        for step in (BuildStep.BUILD, BuildStep.CHECK, BuildStep.PACKAGE):
             script = styles.script(self.recipe.build, step)
             if script is None or not script.strip():
                 continue
-            if step is Step.CHECK and not request.run_check:
+            if step is BuildStep.CHECK and not request.run_check:
                 self._say("==> check: skipped (checks disabled)")
                 continue
             times.append(StepTime(step, self._step(step, script, self.builddir)))
@@ -350,21 +350,21 @@ class _Build:
         if builddir is None and first is not None:
             # The default build dir is the first archive's single top directory: unpack it
             # alone to see what it holds.
-            self._run(Step.PREPARE, f'tar -xf {SOURCES}/{shlex.quote(first)} -C "$SRCDIR"')
+            self._run(BuildStep.PREPARE, f'tar -xf {SOURCES}/{shlex.quote(first)} -C "$SRCDIR"')
             unpacked = first
             tops = list((self.work / "src").iterdir())
             if len(tops) == 1 and tops[0].is_dir() and not tops[0].is_symlink():
                 builddir = tops[0].name
         self.builddir = f"{SRCDIR}/{builddir}" if builddir else SRCDIR
-        self._run(Step.PREPARE, prepare_script(self.recipe, self.builddir, skip=unpacked))
-        return self._finished(Step.PREPARE, start)
+        self._run(BuildStep.PREPARE, prepare_script(self.recipe, self.builddir, skip=unpacked))
+        return self._finished(BuildStep.PREPARE, start)
 
-    def _step(self, step: Step, script: str, cwd: str) -> float:
+    def _step(self, step: BuildStep, script: str, cwd: str) -> float:
         start = time.monotonic()
         self._run(step, script, cwd)
         return self._finished(step, start)
 
-    def _run(self, step: Step, script: str, cwd: str = SRCDIR) -> None:
+    def _run(self, step: BuildStep, script: str, cwd: str = SRCDIR) -> None:
         self._say(f"==> {step} (in {cwd})")
         for line in script.splitlines():
             self._say(f"$ {line}")
@@ -385,7 +385,7 @@ class _Build:
             self._say(f"==> {step}: failed ({status}) after {result.duration:.2f} s")
             raise BuildError(self.recipe.name, step.value, status, str(self.log))
 
-    def _finished(self, step: Step, start: float) -> float:
+    def _finished(self, step: BuildStep, start: float) -> float:
         seconds = time.monotonic() - start
         self._say(f"==> {step}: ok in {seconds:.2f} s")
         return seconds

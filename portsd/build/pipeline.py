@@ -27,9 +27,10 @@ from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph
 from portsd.core.index import IndexEntry
 from portsd.core.keys import KeySet
+from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.errors import RepoError
-from portsd.pkg.package import PackageMeta, create_package
+from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 
@@ -149,20 +150,9 @@ class Workspace:
                     cancel=cancel,
                 )
             )
-            meta = PackageMeta(
-                name=recipe.name,
-                version=recipe.version,
-                release=recipe.release,
-                arch=self.config.arch,
-                build_key=build.key,
-                summary=recipe.summary,
-                license=recipe.license,
-                depends=tuple(str(dep) for dep in recipe.depends),
-                provides=tuple(str(entry) for entry in recipe.provides),
-                conflicts=tuple(str(entry) for entry in recipe.conflicts),
-            )
+            meta = PackageMeta.of(recipe, build.key, self.config.arch)
             built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
-            return self.repo.publish(built.path, built.info.index_meta(), commit=revision.commit)
+            return self.repo.publish(built.path, built.info.meta, commit=revision.commit)
 
     def _unpacked(self, revision: Revision, name: str) -> Path:
         key = revision.keys.keys[name]

@@ -62,7 +62,7 @@ class RunResult:
         return self.returncode == 0 and not self.timed_out and not self.cancelled
 
 
-def describe(returncode: int, timed_out_after: float | None = None) -> str:
+def describe_exit(returncode: int, timed_out_after: float | None = None) -> str:
     """``returncode`` (Popen's convention) in words: ``exit 2``, ``killed by SIGTERM``.
 
     ``timed_out_after`` wins: a command we killed at its timeout "timed out after N s".
@@ -131,7 +131,7 @@ def run(
             code = 127 if isinstance(error, FileNotFoundError) else 126
             sink.feed(f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
             sink.finish()
-            return RunResult(argv, code, describe(code), time.monotonic() - start)
+            return RunResult(argv, code, describe_exit(code), time.monotonic() - start)
         try:
             stopped = _pump(process, sink, start, timeout, cancel)
         except BaseException:
@@ -147,7 +147,7 @@ def run(
     timed_out = stopped == "timeout"
     if stopped == "cancelled":
         return RunResult(argv, returncode, "cancelled", duration, cancelled=True)
-    status = describe(returncode, timeout if timed_out else None)
+    status = describe_exit(returncode, timeout if timed_out else None)
     return RunResult(argv, returncode, status, duration, timed_out)
 
 

@@ -23,7 +23,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Protocol
 
-from portsd.core.plan import Plan, PlannedBuild, skips
+from portsd.core.plan import BuildPlan, PlannedBuild, skips
 from portsd.errors import PortsdError
 
 
@@ -77,7 +77,7 @@ class Scheduler:
         self._reporter = reporter
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="build")
         self._lock = threading.Condition()
-        self._plan = Plan(builds=())  # the wanted work
+        self._plan = BuildPlan(builds=())  # the wanted work
         self._queued: dict[str, PlannedBuild] = {}  # by key
         self._needs: dict[str, set[str]] = {}  # key -> keys it waits for
         self._priority: dict[str, float] = {}
@@ -90,7 +90,7 @@ class Scheduler:
 
     def submit(
         self,
-        plan: Plan,
+        plan: BuildPlan,
         priority: Mapping[str, float] | None = None,
         *,
         again: Collection[str] = (),
@@ -201,7 +201,7 @@ class Scheduler:
             cancelled = running.cancel.is_set()
             outcome = Outcome.CANCELLED if cancelled else Outcome.FAILED
             result = Result(
-                build, outcome, "cancelled" if cancelled else describe(error), _since(running)
+                build, outcome, "cancelled" if cancelled else describe_error(error), _since(running)
             )
         else:
             result = Result(build, Outcome.BUILT, None, _since(running))
@@ -225,7 +225,7 @@ def _since(running: _Running) -> float:
     return time.monotonic() - running.started
 
 
-def describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """One readable line (plus detail lines) for a failed build."""
     if isinstance(error, PortsdError):
         return str(error)
@@ -252,7 +252,7 @@ class Collector:
 
 
 def run_plan(
-    plan: Plan,
+    plan: BuildPlan,
     run: Runner,
     *,
     jobs: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from portsd.core.recipe import BuildSpec, BuildStyle, Step
+from portsd.core.recipe import BuildSpec, BuildStep, BuildStyle
 
 _MAKEFILE = 'for makefile in GNUmakefile makefile Makefile; do [ -f "$makefile" ] && break; done'
 # A rule whose targets include "check" (not a variable named check: "check = ...").
@@ -38,7 +38,9 @@ def _if_check_target(command: str) -> str:
     )
 
 
-def default_script(style: BuildStyle, step: Step, configure_args: Sequence[str] = ()) -> str | None:
+def default_script(
+    style: BuildStyle, step: BuildStep, configure_args: Sequence[str] = ()
+) -> str | None:
     """The style's script for ``step`` (None: the style does nothing in that step).
 
     ``configure_args`` (the recipe's, shell-quoted here) go to ./configure, cmake's or
@@ -46,19 +48,19 @@ def default_script(style: BuildStyle, step: Step, configure_args: Sequence[str] 
     """
     args = "".join(" " + shlex.quote(arg) for arg in configure_args)
     match style, step:
-        case BuildStyle.AUTOTOOLS, Step.BUILD:
+        case BuildStyle.AUTOTOOLS, BuildStep.BUILD:
             return f"./configure --prefix=/usr{args}\nmake"
-        case BuildStyle.AUTOTOOLS, Step.CHECK:
+        case BuildStyle.AUTOTOOLS, BuildStep.CHECK:
             return _if_check_target("make check")
-        case BuildStyle.AUTOTOOLS, Step.PACKAGE:
+        case BuildStyle.AUTOTOOLS, BuildStep.PACKAGE:
             return 'make DESTDIR="$DESTDIR" install'
-        case BuildStyle.CMAKE, Step.BUILD:
+        case BuildStyle.CMAKE, BuildStep.BUILD:
             return (
                 "cmake -S . -B build -DCMAKE_INSTALL_PREFIX=/usr -DCMAKE_INSTALL_LIBDIR=lib"
                 f" -DCMAKE_BUILD_TYPE=Release{args}\n"
                 'cmake --build build --parallel "$JOBS"'
             )
-        case BuildStyle.CMAKE, Step.CHECK:
+        case BuildStyle.CMAKE, BuildStep.CHECK:
             return (
                 "if [ -f build/CTestTestfile.cmake ]; then\n"
                 '\t(cd build && ctest --output-on-failure --parallel "$JOBS")\n'
@@ -66,27 +68,27 @@ def default_script(style: BuildStyle, step: Step, configure_args: Sequence[str] 
                 "\techo 'no tests: skipping checks'\n"
                 "fi"
             )
-        case BuildStyle.CMAKE, Step.PACKAGE:
+        case BuildStyle.CMAKE, BuildStep.PACKAGE:
             return 'DESTDIR="$DESTDIR" cmake --install build'
-        case BuildStyle.MESON, Step.BUILD:
+        case BuildStyle.MESON, BuildStep.BUILD:
             return (
                 f"meson setup build --prefix=/usr --libdir=lib --buildtype=release{args}\n"
                 'meson compile -C build -j "$JOBS"'
             )
-        case BuildStyle.MESON, Step.CHECK:
+        case BuildStyle.MESON, BuildStep.CHECK:
             return 'meson test -C build --print-errorlogs --num-processes "$JOBS"'
-        case BuildStyle.MESON, Step.PACKAGE:
+        case BuildStyle.MESON, BuildStep.PACKAGE:
             return 'meson install -C build --no-rebuild --destdir "$DESTDIR"'
-        case BuildStyle.MAKE, Step.BUILD:
+        case BuildStyle.MAKE, BuildStep.BUILD:
             return f"make PREFIX=/usr{args}"
-        case BuildStyle.MAKE, Step.CHECK:
+        case BuildStyle.MAKE, BuildStep.CHECK:
             return _if_check_target(f"make PREFIX=/usr{args} check")
-        case BuildStyle.MAKE, Step.PACKAGE:
+        case BuildStyle.MAKE, BuildStep.PACKAGE:
             return f'make DESTDIR="$DESTDIR" PREFIX=/usr{args} install'
     return None
 
 
-def script(spec: BuildSpec, step: Step) -> str | None:
+def script(spec: BuildSpec, step: BuildStep) -> str | None:
     """What ``step`` runs for a recipe's ``[build]``: its own script, else the style's."""
     own = spec.script(step)
     if own is not None:

@@ -204,7 +204,7 @@ def _republish(workspace: Workspace, revision: Revision, names: frozenset[str]) 
     for name in sorted(names):
         key = revision.keys.keys[name]
         entry = index.entry(name)
-        if entry is None or entry.key != key:
+        if entry is None or entry.meta.build_key != key:
             workspace.repo.restore(key, commit=revision.commit)
             count += 1
     return count

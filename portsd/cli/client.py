@@ -33,8 +33,9 @@ from portsd.client.progress import Progress as TransactionProgress
 from portsd.client.session import Sources, add_package_files, install, open_sources, remove
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
+from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
-from portsd.core.resolve import Action, Candidate, Mode, Resolution
+from portsd.core.resolve import Action, Mode, Resolution
 from portsd.core.version import full_version
 from portsd.errors import InstallError
 from portsd.pkg.package import PortInfo
@@ -78,14 +79,15 @@ def remove_command(args: argparse.Namespace, console: Console) -> int:
 
 def _done(console: Console, result: TransactionResult) -> None:
     for package in result.installed:
-        console.print(f"[green]installed[/] {package.name} {package.full_version}")
-    for old, new in result.upgraded:
+        console.print(f"[green]installed[/] {package.meta.name} {package.meta.full_version}")
+    for old_row, new_row in result.upgraded:
+        old, new = old_row.meta, new_row.meta
         change = f"{old.full_version} -> {new.full_version}"
         if old.full_version == new.full_version:
             change = f"{old.full_version} (build {old.build_key[:12]} -> {new.build_key[:12]})"
         console.print(f"[green]upgraded[/] {new.name} {change}")
     for package in result.removed:
-        console.print(f"[green]removed[/] {package.name} {package.full_version}")
+        console.print(f"[green]removed[/] {package.meta.name} {package.meta.full_version}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"{result.files} files, {size(result.bytes)}")
@@ -108,31 +110,34 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
     grid.add_column(style="bold")
     grid.add_column()
     if mine is not None:
-        grid.add_row("name", mine.name)
+        meta = mine.meta
+        grid.add_row("name", meta.name)
         grid.add_row(
             "installed",
-            f"{mine.full_version} ({mine.reason}, {files} files, {size(mine.installed_size)})",
+            f"{meta.full_version} ({mine.reason}, {files} files, {size(meta.installed_size)})",
         )
-        grid.add_row("summary", escape(mine.summary))
-        grid.add_row("license", escape(mine.license))
-        grid.add_row("build key", mine.build_key)
+        grid.add_row("summary", escape(meta.summary))
+        grid.add_row("license", escape(meta.license))
+        grid.add_row("build key", meta.build_key)
         grid.add_row("from", escape(mine.origin))
-        grid.add_row("depends", escape(", ".join(mine.depends) or "-"))
-        if mine.provides:
-            grid.add_row("provides", escape(", ".join(mine.provides)))
-        if mine.conflicts:
-            grid.add_row("conflicts", escape(", ".join(mine.conflicts)))
+        grid.add_row("depends", escape(", ".join(meta.depends) or "-"))
+        if meta.provides:
+            grid.add_row("provides", escape(", ".join(meta.provides)))
+        if meta.conflicts:
+            grid.add_row("conflicts", escape(", ".join(meta.conflicts)))
     if available is not None:
         if mine is None:
             grid.add_row("name", available.name)
             grid.add_row("depends", escape(", ".join(available.depends) or "-"))
-        version = full_version(available.version, available.release)
         state = (
             ""
             if mine is None
-            else (" (installed)" if mine.build_key == available.key else " (an upgrade)")
+            else (" (installed)" if mine.meta.build_key == available.build_key else " (an upgrade)")
         )
-        grid.add_row("available", f"{version}, build key {available.key[:12]}{state}")
+        grid.add_row(
+            "available",
+            f"{available.full_version}, build key {available.build_key[:12]}{state}",
+        )
     console.print(grid)
     return 0
 
@@ -140,14 +145,13 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
 def search_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
     with read_root(settings, console) as installed:
-        mine = {p.name: p for p in installed.db.search(args.text)}
-        everything = {p.name: p for p in installed.db.packages()}
-    found: dict[str, Candidate] = {}
+        mine = {p.meta.name: p for p in installed.db.search(args.text)}
+        everything = {p.meta.name: p for p in installed.db.packages()}
+    found: dict[str, PackageMeta] = {}
     if not args.installed and _has_sources(settings):
         needle = args.text.lower()
         for name, candidate in _catalogue(settings, console).available.items():
-            summary = getattr(candidate, "summary", "")
-            if needle in name.lower() or needle in summary.lower():
+            if needle in name.lower() or needle in candidate.summary.lower():
                 found[name] = candidate
     table = Table(show_edge=False)
     for column in ("name", "version", "status", "summary"):
@@ -157,13 +161,13 @@ def search_command(args: argparse.Namespace, console: Console) -> int:
         package = found.get(name)
         if package is None:
             assert have is not None  # the name came from one of the two
-            table.add_row(name, have.full_version, "installed", escape(have.summary))
+            table.add_row(name, have.meta.full_version, "installed", escape(have.meta.summary))
             continue
         status = "available"
         if have is not None:
-            status = "installed" if have.build_key == package.key else "upgradable"
-        summary = getattr(package, "summary", "") or (have.summary if have else "")
-        table.add_row(name, full_version(package.version, package.release), status, escape(summary))
+            status = "installed" if have.meta.build_key == package.build_key else "upgradable"
+        summary = package.summary or (have.meta.summary if have else "")
+        table.add_row(name, package.full_version, status, escape(summary))
     if not table.row_count:
         console.print(f"no package matches {args.text!r}")
         return 1
@@ -228,7 +232,7 @@ class Display:
     def warn(self, text: str) -> None:
         self.print(f"[yellow]warning:[/] {escape(text)}")
 
-    def resolved(self, resolution: Resolution[Candidate]) -> None:
+    def resolved(self, resolution: Resolution) -> None:
         if not resolution.steps:
             return
         table = Table(show_edge=False, title=f"{len(resolution)} package(s)")
@@ -269,7 +273,7 @@ class _TransactionBar(TransactionProgress):
 
     def package(self, info: PortInfo) -> None:
         if self.task is not None:
-            self.display.progress.update(self.task, description=f"unpacking {info.name}")
+            self.display.progress.update(self.task, description=f"unpacking {info.meta.name}")
 
     def advance(self, nbytes: int, nfiles: int) -> None:
         if self.task is not None:

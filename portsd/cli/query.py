@@ -61,7 +61,11 @@ def list_command(args: argparse.Namespace, console: Console) -> int:
         table.add_column(column, justify="right" if column == "size" else "left")
     for p in packages:
         table.add_row(
-            p.name, p.full_version, size(p.installed_size), str(p.reason), escape(p.origin)
+            p.meta.name,
+            p.meta.full_version,
+            size(p.meta.installed_size),
+            str(p.reason),
+            escape(p.origin),
         )
     console.print(table)
     console.print(f"{len(packages)} packages installed in {settings.root}")
@@ -93,7 +97,7 @@ def owner_command(args: argparse.Namespace, console: Console) -> int:
         console.print(f"/{args.path.lstrip('/')} is not owned by any package")
         return 1
     for name, package in sorted(packages.items()):
-        version = package.full_version if package else "?"
+        version = package.meta.full_version if package else "?"
         console.print(f"/{owners[0].path} is owned by {name} {version}")
     return 0
 
@@ -103,7 +107,7 @@ def check_command(args: argparse.Namespace, console: Console) -> int:
     what a disk error, a hand edit or an intruder changed. Exit 1 if anything differs."""
     settings = settings_from(args)
     with read_root(settings, console) as installed:
-        names = args.names or [p.name for p in installed.db.packages()]
+        names = args.names or [p.meta.name for p in installed.db.packages()]
         problems: dict[str, list[str]] = {}
         for name in names:
             if installed.db.installed(name) is None:

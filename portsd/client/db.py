@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,8 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from portsd.core.metadata import FACTS, LIST_FACTS, PackageMeta
+from portsd.core.provider import package_meets
 from portsd.core.recipe import Dependency
-from portsd.core.version import full_version
 from portsd.errors import PackageDbError
 from portsd.pkg.archive import FileType
 
@@ -78,10 +79,7 @@ CREATE TABLE IF NOT EXISTS transactions (
 );
 """
 
-_PACKAGE_COLUMNS = (
-    "name, version, release, arch, build_key, summary, license, depends, provides, "
-    "conflicts, installed_size, installed_at, reason, origin"
-)
+_PACKAGE_COLUMNS = ", ".join((*FACTS, "installed_at", "reason", "origin"))
 _FILE_COLUMNS = "path, package, type, mode, size, sha256, target, mtime, adopted"
 _SERIAL = "serial:"
 
@@ -95,36 +93,13 @@ class InstallReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class InstalledPackage:
-    """One installed package; ``origin`` says where it came from (a cache URL, a build)."""
+    """One installed package: its manifest's facts, when and why it was installed, and
+    ``origin``, where it came from (a cache URL, a build)."""
 
-    name: str
-    version: str
-    release: int
-    arch: str
-    build_key: str
-    summary: str
-    license: str
-    depends: tuple[str, ...]
-    provides: tuple[str, ...]
-    conflicts: tuple[str, ...]
-    installed_size: int
+    meta: PackageMeta
     installed_at: float
     reason: InstallReason
     origin: str
-
-    @property
-    def full_version(self) -> str:
-        """``version-release``, what dependency constraints compare against."""
-        return full_version(self.version, self.release)
-
-    @property
-    def key(self) -> str:
-        """The build key, under the name the resolver's ``Candidate`` reads."""
-        return self.build_key
-
-    def satisfies(self, dependency: str | Dependency) -> bool:
-        """Whether this package (by name or by one of its ``provides``) meets ``dependency``."""
-        return satisfies(dependency, self.name, self.full_version, self.provides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +135,7 @@ class TransactionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
+class DbChange:
     """What one transaction does to the database: rows of ``drop`` go, ``add`` come in.
 
     An upgrade drops the old package's name and adds the new one under it.
@@ -169,28 +144,6 @@ class Change:
     record: TransactionRecord
     drop: tuple[str, ...]
     add: tuple[tuple[InstalledPackage, tuple[InstalledFile, ...]], ...]
-
-
-def satisfies(
-    dependency: str | Dependency, name: str, version: str, provides: Iterable[str]
-) -> bool:
-    """Whether package ``name`` at full ``version`` with ``provides`` meets ``dependency``.
-
-    A package meets a dependency on its own name at a version the constraint accepts. A
-    ``provides`` entry meets it when the names match and either the dependency has no
-    constraint or the entry carries a version (``sh=1.0``) the constraint accepts, as in
-    pacman: an unversioned provision never meets a versioned dependency.
-    """
-    wanted = dependency if isinstance(dependency, Dependency) else Dependency.parse(dependency)
-    if wanted.name == name and wanted.accepts(version):
-        return True
-    for text in provides:
-        provided = Dependency.parse(text)
-        if provided.name != wanted.name:
-            continue
-        if wanted.op is None or (provided.version is not None and wanted.accepts(provided.version)):
-            return True
-    return False
 
 
 class PackageDb:
@@ -273,12 +226,13 @@ class PackageDb:
     def installed(self, name: str) -> InstalledPackage | None:
         """The installed package called ``name`` (not a provider of it), or None."""
         row = self._one(f"SELECT {_PACKAGE_COLUMNS} FROM packages WHERE name = ?", (name,))
-        return None if row is None else _package(row)
+        return None if row is None else _package(row, self.path)
 
     def packages(self) -> list[InstalledPackage]:
         """Every installed package, by name."""
         return [
-            _package(r) for r in self._all(f"SELECT {_PACKAGE_COLUMNS} FROM packages ORDER BY name")
+            _package(row, self.path)
+            for row in self._all(f"SELECT {_PACKAGE_COLUMNS} FROM packages ORDER BY name")
         ]
 
     def search(self, text: str) -> list[InstalledPackage]:
@@ -289,11 +243,11 @@ class PackageDb:
             "WHERE name LIKE ?1 ESCAPE '\\' OR summary LIKE ?1 ESCAPE '\\' ORDER BY name",
             (pattern,),
         )
-        return [_package(row) for row in rows]
+        return [_package(row, self.path) for row in rows]
 
     def providers(self, dependency: str | Dependency) -> list[InstalledPackage]:
         """Installed packages that meet ``dependency`` (by name or ``provides``)."""
-        return [p for p in self.packages() if p.satisfies(dependency)]
+        return [p for p in self.packages() if package_meets(p.meta, dependency)]
 
     def dependents(self, name: str) -> list[tuple[InstalledPackage, str]]:
         """Installed packages with a dependency that package ``name`` meets, and that
@@ -304,9 +258,9 @@ class PackageDb:
         return [
             (package, dependency)
             for package in self.packages()
-            if package.name != name
-            for dependency in package.depends
-            if target.satisfies(dependency)
+            if package.meta.name != name
+            for dependency in package.meta.depends
+            if package_meets(target.meta, dependency)
         ]
 
     def set_reason(self, name: str, reason: InstallReason) -> None:
@@ -334,7 +288,7 @@ class PackageDb:
 
     # -- transactions --------------------------------------------------------------------
 
-    def apply(self, change: Change) -> None:
+    def apply(self, change: DbChange) -> None:
         """Commit ``change`` as one sqlite transaction: all of it or none of it."""
         record = change.record
         with self._write() as db:
@@ -344,17 +298,7 @@ class PackageDb:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        package.name,
-                        package.version,
-                        package.release,
-                        package.arch,
-                        package.build_key,
-                        package.summary,
-                        package.license,
-                        json.dumps(package.depends),
-                        json.dumps(package.provides),
-                        json.dumps(package.conflicts),
-                        package.installed_size,
+                        *_meta_row(package.meta),
                         package.installed_at,
                         package.reason.value,
                         package.origin,
@@ -441,39 +385,25 @@ class PackageDb:
         return highest
 
 
-def _package(row: tuple[Any, ...]) -> InstalledPackage:
-    (
-        name,
-        version,
-        release,
-        arch,
-        build_key,
-        summary,
-        license_,
-        depends,
-        provides,
-        conflicts,
-        installed_size,
-        installed_at,
-        reason,
-        origin,
-    ) = row
-    return InstalledPackage(
-        name=str(name),
-        version=str(version),
-        release=int(release),
-        arch=str(arch),
-        build_key=str(build_key),
-        summary=str(summary),
-        license=str(license_),
-        depends=tuple(json.loads(depends)),
-        provides=tuple(json.loads(provides)),
-        conflicts=tuple(json.loads(conflicts)),
-        installed_size=int(installed_size),
-        installed_at=float(installed_at),
-        reason=InstallReason(reason),
-        origin=str(origin),
+def _meta_row(meta: PackageMeta) -> tuple[object, ...]:
+    """The first columns of a package's row: its facts, lists as JSON."""
+    return tuple(
+        json.dumps(getattr(meta, fact)) if fact in LIST_FACTS else getattr(meta, fact)
+        for fact in FACTS
     )
+
+
+def _package(row: tuple[Any, ...], path: Path) -> InstalledPackage:
+    facts, (installed_at, reason, origin) = row[: len(FACTS)], row[len(FACTS) :]
+    values: dict[str, Any] = {
+        fact: tuple(json.loads(value)) if fact in LIST_FACTS else value
+        for fact, value in zip(FACTS, facts, strict=True)
+    }
+    try:
+        meta = PackageMeta(**values)
+    except ValueError as error:
+        raise PackageDbError(str(path), f"package {values['name']!r}: {error}") from None
+    return InstalledPackage(meta, float(installed_at), InstallReason(reason), str(origin))
 
 
 def _file(row: tuple[Any, ...]) -> InstalledFile:

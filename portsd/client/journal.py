@@ -1,6 +1,6 @@
 """The journal of a transaction: the file operations it performs, and how to undo them.
 
-A transaction is a list of ``Op``s. Each op is one rename-class system call (plus, for a
+A transaction is a list of ``JournalOp``s. Each op is one rename-class system call (plus, for a
 replacement, a hard link that keeps the old entry), and each can be undone by looking at
 the disk alone, whether the op ran, did not run, or its undo already ran: so recovery
 after a ``kill -9`` at any instant, even one that hits a recovery, converges.
@@ -63,7 +63,7 @@ class JournalState(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Op:
+class JournalOp:
     """One step; every path is root-relative and canonical."""
 
     kind: OpKind
@@ -80,7 +80,7 @@ class Journal:
     id: str
     state: JournalState
     staging: tuple[str, ...]
-    ops: tuple[Op, ...] = ()
+    ops: tuple[JournalOp, ...] = ()
     times: tuple[tuple[str, int], ...] = ()  # existing directories it touches: mtimes (ns)
 
     def to_bytes(self) -> bytes:
@@ -107,7 +107,7 @@ class Journal:
             if raw["format"] != JOURNAL_FORMAT:
                 raise ValueError(f"unknown journal format {raw['format']!r}")
             ops = tuple(
-                Op(OpKind(kind), str(path), source, backup, dest, int(mode), int(mtime))
+                JournalOp(OpKind(kind), str(path), source, backup, dest, int(mode), int(mtime))
                 for kind, path, source, backup, dest, mode, mtime in raw["ops"]
             )
             return cls(
@@ -137,7 +137,7 @@ def remove_journal(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def apply(fs: RootFs, op: Op) -> None:
+def apply(fs: RootFs, op: JournalOp) -> None:
     """Carry out ``op``; OSError on failure (the caller undoes what ran)."""
     fs.trim()
     match op.kind:
@@ -170,7 +170,7 @@ def apply(fs: RootFs, op: Op) -> None:
             fs.rename(op.source, op.path)
 
 
-def finish(fs: RootFs, ops: Sequence[Op]) -> None:
+def finish(fs: RootFs, ops: Sequence[JournalOp]) -> None:
     """Give the directories the transaction made their modes and mtimes, deepest first."""
     for op in sorted((op for op in ops if op.kind is OpKind.MKDIR), key=lambda o: o.path)[::-1]:
         fs.trim()
@@ -179,7 +179,7 @@ def finish(fs: RootFs, ops: Sequence[Op]) -> None:
         os.utime(fd, ns=(op.mtime_ns, op.mtime_ns))
 
 
-def undo(fs: RootFs, op: Op) -> None:
+def undo(fs: RootFs, op: JournalOp) -> None:
     """Undo ``op`` if it ran, judging from the disk; a no-op when it did not, or when it
     was undone already. Tolerates entries that are already gone."""
     fs.trim()

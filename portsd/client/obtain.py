@@ -33,8 +33,8 @@ from portsd.build.scheduler import Outcome, Reporter, run_plan
 from portsd.client.download import Download, DownloadReporter, download_all
 from portsd.client.remote import Caches, Substitute, ask_for_key
 from portsd.client.settings import ClientSettings, SourcePolicy
+from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild, critical_path, make_plan
-from portsd.core.resolve import Candidate, Offer
 from portsd.errors import PackageError, PortsdError, Unobtainable
 from portsd.pkg.package import PortInfo, read_portinfo
 from portsd.tree.checkout import Checkout
@@ -87,22 +87,22 @@ class Obtainer:
         self.asked: set[str] = set()  # build keys the caches were asked for in this run
         self.lock = threading.Lock()  # the store is shared by build threads
 
-    def obtain(self, packages: Sequence[Candidate]) -> dict[str, Obtained]:
+    def obtain(self, packages: Sequence[PackageMeta]) -> dict[str, Obtained]:
         """A verified package file for every candidate's key (Unobtainable, PackageError)."""
         for package in packages:
-            given = self.files.get(package.key)
-            if given is not None and not self._have(package.key):
+            given = self.files.get(package.build_key)
+            if given is not None and not self._have(package.build_key):
                 copy = self._downloads / given.name  # publishing moves it: keep the user's file
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(given, copy)
                 self._import(package, copy, str(given))
-        missing = [p for p in packages if not self._have(p.key)]
+        missing = [p for p in packages if not self._have(p.build_key)]
         if missing and self.settings.source is not SourcePolicy.ALWAYS:
             asyncio.run(self._substitute(missing))
-            missing = [p for p in missing if not self._have(p.key)]
+            missing = [p for p in missing if not self._have(p.build_key)]
         if missing:
             self._build(missing)
-        return {p.key: self._stored(p) for p in packages}
+        return {p.build_key: self._stored(p) for p in packages}
 
     def _have(self, key: str) -> bool:
         """Whether the store holds the whole package of ``key`` (not only its record)."""
@@ -114,9 +114,9 @@ class Obtainer:
 
     # -- substitution ---------------------------------------------------------------------
 
-    async def _substitute(self, packages: Sequence[Candidate]) -> None:
+    async def _substitute(self, packages: Sequence[PackageMeta]) -> None:
         """Download what the caches have of ``packages`` into the store, all at once."""
-        self.asked.update(p.key for p in packages)
+        self.asked.update(p.build_key for p in packages)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             offers = await asyncio.gather(*(self._offer(session, p) for p in packages))
@@ -133,14 +133,16 @@ class Obtainer:
         for (package, substitute), download in zip(found, downloads, strict=True):
             self._import(package, download.dest, substitute.cache)
 
-    async def _offer(self, session: aiohttp.ClientSession, package: Candidate) -> Substitute | None:
-        known = self.caches.by_key(package.key)
+    async def _offer(
+        self, session: aiohttp.ClientSession, package: PackageMeta
+    ) -> Substitute | None:
+        known = self.caches.by_key(package.build_key)
         if known is not None:
             return known
         urls = [cache.url for cache in self.caches.usable]
-        return await ask_for_key(session, urls, package.key) if urls else None
+        return await ask_for_key(session, urls, package.build_key) if urls else None
 
-    def _download(self, package: Candidate, substitute: Substitute) -> Download:
+    def _download(self, package: PackageMeta, substitute: Substitute) -> Download:
         entry = substitute.entry
         return Download(
             label=f"{package.name} {package.version}-{package.release}",
@@ -151,22 +153,23 @@ class Obtainer:
             signature_urls=(substitute.signature_url,) if substitute.signature_url else (),
         )
 
-    def _import(self, package: Candidate, path: Path, origin: str) -> None:
+    def _import(self, package: PackageMeta, path: Path, origin: str) -> None:
         """Put a verified package file into the store, after checking it is ``package``."""
         info = read_portinfo(path)
-        if (info.name, info.build_key) != (package.name, package.key):
+        found = info.meta
+        if (found.name, found.build_key) != (package.name, package.build_key):
             raise PackageError(
                 str(path),
-                f"is {info.name} with build key {info.build_key[:12]}, but {package.name} "
-                f"with key {package.key[:12]} was asked for (from {origin})",
+                f"is {found.name} with build key {found.build_key[:12]}, but {package.name} "
+                f"with key {package.build_key[:12]} was asked for (from {origin})",
             )
         with self.lock:
-            self.store.repo.publish(path, info.index_meta(), commit=None)
-            self.origins[package.key] = origin
+            self.store.repo.publish(path, info.meta, commit=None)
+            self.origins[package.build_key] = origin
 
     # -- source builds --------------------------------------------------------------------
 
-    def _build(self, packages: Sequence[Candidate]) -> None:
+    def _build(self, packages: Sequence[PackageMeta]) -> None:
         checkout = self.checkout
         if checkout is None or self.settings.source is SourcePolicy.NEVER:
             why = (
@@ -175,13 +178,13 @@ class Obtainer:
                 else "no ports tree is configured to build it from (tree, or --tree)"
             )
             first = packages[0]
-            raise Unobtainable(first.name, first.key, [self._cache_summary(), why])
+            raise Unobtainable(first.name, first.build_key, [self._cache_summary(), why])
         graph, keys = checkout.evaluation.graph, checkout.evaluation.keys
         for package in packages:
-            if keys.keys.get(package.name) != package.key:
+            if keys.keys.get(package.name) != package.build_key:
                 raise Unobtainable(
                     package.name,
-                    package.key,
+                    package.build_key,
                     [f"the ports tree at {self.settings.tree} builds another key of it"],
                 )
         plan = make_plan(graph, keys, self.store.present(), [p.name for p in packages])
@@ -209,7 +212,8 @@ class Obtainer:
             substitutable = self.settings.source is not SourcePolicy.ALWAYS
             if recipe is not None and substitutable and build.key not in self.asked:
                 try:
-                    asyncio.run(self._substitute([Offer.of(recipe, build.key)]))
+                    meta = PackageMeta.of(recipe, build.key, revision.graph.arch)
+                    asyncio.run(self._substitute([meta]))
                 except PortsdError:
                     pass  # a broken substitute is no reason not to build it here
                 if self._have(build.key):
@@ -227,13 +231,13 @@ class Obtainer:
 
     # -- the store ------------------------------------------------------------------------
 
-    def _stored(self, package: Candidate) -> Obtained:
+    def _stored(self, package: PackageMeta) -> Obtained:
         repo = self.store.repo
-        entry = repo.find_key(package.key)
+        entry = repo.find_key(package.build_key)
         if entry is None:
-            raise Unobtainable(package.name, package.key, ["it vanished from the store"])
+            raise Unobtainable(package.name, package.build_key, ["it vanished from the store"])
         path = repo.package_path(entry)
-        origin = self.origins.get(package.key, f"the local store ({repo.path})")
+        origin = self.origins.get(package.build_key, f"the local store ({repo.path})")
         return Obtained(path, read_portinfo(path), origin)
 
     def _cache_summary(self) -> str:

@@ -34,17 +34,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from portsd.client.db import (
-    Change,
+    DbChange,
     InstalledFile,
     InstalledPackage,
     InstallReason,
     PackageDb,
     TransactionRecord,
 )
-from portsd.client.journal import DB_DIR, TX_DIR, Op, OpKind
+from portsd.client.journal import DB_DIR, TX_DIR, JournalOp, OpKind
 from portsd.client.rootfs import RootFs, kind_of
 from portsd.errors import FileConflict, FileTypeConflict, InvalidTransaction, RootError
-from portsd.pkg.archive import FileEntry, FileType
+from portsd.pkg.archive import FileType, ManifestEntry
 from portsd.pkg.package import PortInfo
 
 CONFIG_DIR = "etc/"
@@ -85,7 +85,7 @@ class Placement:
     usr/bin``), which is recorded once.
     """
 
-    entry: FileEntry
+    entry: ManifestEntry
     path: str
     dest: str
     staged: str | None = None
@@ -98,11 +98,11 @@ class Placement:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class TransactionPlan:
     """What a transaction will do; ``ops`` needs the mtimes learned while staging."""
 
     packages: tuple[tuple[Request, tuple[Placement, ...]], ...]
-    removals: tuple[Op, ...]  # DELETE, MOVE, RMDIR, in that order
+    removals: tuple[JournalOp, ...]  # DELETE, MOVE, RMDIR, in that order
     leaving: tuple[str, ...]  # names whose database rows go (removed and upgraded)
     staging: tuple[str, ...]  # one staging directory per mount touched
     times: tuple[tuple[str, int], ...]  # existing directories it touches: their mtimes (ns)
@@ -116,50 +116,40 @@ class Plan:
     def upgrades(self) -> tuple[Request, ...]:
         return tuple(request for request, _ in self.packages if request.replaces is not None)
 
-    def ops(self, mtimes: Mapping[str, int]) -> tuple[Op, ...]:
+    def ops(self, mtimes: Mapping[str, int]) -> tuple[JournalOp, ...]:
         """Every op in order; ``mtimes`` gives each new directory's (canonical path) mtime
         in seconds, as the package has it."""
         made = [
-            Op(OpKind.MKDIR, p.path, mode=p.entry.mode, mtime_ns=mtimes.get(p.path, 0) * _NS)
+            JournalOp(OpKind.MKDIR, p.path, mode=p.entry.mode, mtime_ns=mtimes.get(p.path, 0) * _NS)
             for _, placements in self.packages
             for p in placements
             if p.mkdir
         ]
         puts = [
-            Op(OpKind.PUT, p.dest, source=p.staged, backup=p.backup)
+            JournalOp(OpKind.PUT, p.dest, source=p.staged, backup=p.backup)
             for _, placements in self.packages
             for p in placements
             if p.staged is not None
         ]
         return (*self.removals, *made, *puts)
 
-    def change(self, record: TransactionRecord, mtimes: Mapping[str, list[int]]) -> Change:
+    def change(self, record: TransactionRecord, mtimes: Mapping[str, list[int]]) -> DbChange:
         """The database rows: ``mtimes`` maps a package name to its entries' mtimes."""
         add = []
         for request, placements in self.packages:
             info = request.info
             old = request.replaces
             package = InstalledPackage(
-                name=info.name,
-                version=info.version,
-                release=info.release,
-                arch=info.arch,
-                build_key=info.build_key,
-                summary=info.summary,
-                license=info.license,
-                depends=info.depends,
-                provides=info.provides,
-                conflicts=info.conflicts,
-                installed_size=info.installed_size,
+                meta=info.meta,
                 installed_at=record.time,
                 reason=request.reason if old is None else old.reason,
                 origin=request.origin,
             )
-            times = mtimes[info.name]
+            times = mtimes[info.meta.name]
             files = tuple(
                 InstalledFile(
                     path=p.path,
-                    package=info.name,
+                    package=info.meta.name,
                     type=p.entry.type,
                     mode=p.entry.mode,
                     size=p.entry.size,
@@ -172,7 +162,7 @@ class Plan:
                 if p.record
             )
             add.append((package, files))
-        return Change(record, self.leaving, tuple(add))
+        return DbChange(record, self.leaving, tuple(add))
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +281,7 @@ class RootView:
 
 
 class Planner:
-    """Builds the ``Plan`` of one transaction (see the module docstring for the rules).
+    """Builds the ``TransactionPlan`` of one transaction (see the module docstring for the rules).
 
     ``requests`` come in the order their entries are placed: dependencies first
     (``relations.install_order``), so a symlink a dependency ships can be followed.
@@ -305,11 +295,13 @@ class Planner:
         requests: Sequence[Request],
         removals: Sequence[InstalledPackage],
     ) -> None:
-        leaving = [p.name for p in removals] + [r.replaces.name for r in requests if r.replaces]
+        leaving = [p.meta.name for p in removals] + [
+            r.replaces.meta.name for r in requests if r.replaces
+        ]
         self._fs = fs
         self._tx = tx
         self._requests = tuple(requests)
-        self._removed = frozenset(p.name for p in removals)
+        self._removed = frozenset(p.meta.name for p in removals)
         self._leaving = tuple(leaving)
         self._view = RootView(fs, db, frozenset(leaving))
         self._old_files: dict[str, InstalledFile] = {}
@@ -327,7 +319,7 @@ class Planner:
         self._staging: dict[int, str] = {main: f"{TX_DIR}/{tx}"}
         self._mounts: dict[str, int] = {TX_DIR: main}
 
-    def plan(self) -> Plan:
+    def plan(self) -> TransactionPlan:
         packages = tuple((r, self._place(r)) for r in self._requests)
         removals = self._removals()
         staging = tuple(self._staging.values())
@@ -346,13 +338,15 @@ class Planner:
             if _is_dir(st):
                 assert st is not None
                 times.append((path, st.st_mtime_ns))
-        return Plan(packages, removals, self._leaving, staging, tuple(times), tuple(self._notes))
+        return TransactionPlan(
+            packages, removals, self._leaving, staging, tuple(times), tuple(self._notes)
+        )
 
     # -- new packages ----------------------------------------------------------------
 
     def _place(self, request: Request) -> tuple[Placement, ...]:
         info = request.info
-        name = info.name
+        name = info.meta.name
         canonical: dict[str, str] = {}  # manifest path -> canonical path
         staged: dict[str, str] = {}  # manifest path -> staged name (files)
         placements = []
@@ -382,7 +376,7 @@ class Planner:
             placements.append(placement)
         return tuple(placements)
 
-    def _claim_dir(self, package: str, entry: FileEntry, path: str) -> Placement:
+    def _claim_dir(self, package: str, entry: ManifestEntry, path: str) -> Placement:
         if not path:  # a symlink of the package's own making led back to the root
             return Placement(entry, path, path, record=False)
         claim = self._view.claims.get(path)
@@ -403,7 +397,7 @@ class Planner:
             self._staging_for(path.rpartition("/")[0])  # the mount must be synced
         return Placement(entry, path, path, mkdir=node is None, adopted=adopted)
 
-    def _claim_entry(self, package: str, entry: FileEntry, path: str, parent: str) -> Placement:
+    def _claim_entry(self, package: str, entry: ManifestEntry, path: str, parent: str) -> Placement:
         kind = _WORDS[entry.type]
         claim = self._view.claims.get(path)
         if claim is not None:
@@ -437,7 +431,7 @@ class Planner:
             entry, path, dest, staged=self._name(staging), backup=backup, target=target
         )
 
-    def _modified_config(self, entry: FileEntry, path: str) -> bool:
+    def _modified_config(self, entry: ManifestEntry, path: str) -> bool:
         """Whether ``path`` is a config file replaced by ``entry`` whose content the user
         changed (and which the new version does not match either)."""
         old = self._old_files.get(path)
@@ -459,9 +453,9 @@ class Planner:
 
     # -- what leaves -----------------------------------------------------------------
 
-    def _removals(self) -> tuple[Op, ...]:
-        deletes: list[Op] = []
-        moves: list[Op] = []
+    def _removals(self) -> tuple[JournalOp, ...]:
+        deletes: list[JournalOp] = []
+        moves: list[JournalOp] = []
         for path, row in sorted(self._old_files.items()):
             claim = self._view.claims.get(path)
             if path in self._kept or (claim is not None and claim.kind != _DIRECTORY):
@@ -478,12 +472,14 @@ class Planner:
                     continue
                 if self._view.lstat(save) is not None:
                     deletes.append(
-                        Op(OpKind.DELETE, save, backup=self._name(self._staging_for(parent)))
+                        JournalOp(OpKind.DELETE, save, backup=self._name(self._staging_for(parent)))
                     )
-                moves.append(Op(OpKind.MOVE, path, dest=save))
+                moves.append(JournalOp(OpKind.MOVE, path, dest=save))
                 self._notes.append(f"/{path}: modified locally; saved as /{save}")
                 continue
-            deletes.append(Op(OpKind.DELETE, path, backup=self._name(self._staging_for(parent))))
+            deletes.append(
+                JournalOp(OpKind.DELETE, path, backup=self._name(self._staging_for(parent)))
+            )
         rmdirs = []
         for path in sorted(self._old_dirs, reverse=True):  # children before parents
             if path in self._view.claims:
@@ -496,7 +492,7 @@ class Planner:
                 continue
             self._staging_for(path.rpartition("/")[0])
             mode = stat.S_IMODE(st.st_mode)
-            rmdirs.append(Op(OpKind.RMDIR, path, mode=mode, mtime_ns=st.st_mtime_ns))
+            rmdirs.append(JournalOp(OpKind.RMDIR, path, mode=mode, mtime_ns=st.st_mtime_ns))
         return (*deletes, *moves, *rmdirs)
 
     def _modified_config_on_disk(self, row: InstalledFile) -> bool:

@@ -27,14 +27,21 @@ import asyncio
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 
 from portsd.client.download import MAX_SIGNATURE_BYTES, lan_limits
-from portsd.core.index import MAX_INDEX_BYTES, Index, IndexEntry, check_fresh, decode_index
+from portsd.core.index import (
+    MAX_INDEX_BYTES,
+    Index,
+    IndexEntry,
+    check_fresh,
+    decode_index,
+    entry_from_map,
+)
 from portsd.errors import BadSignature, ConfigError, RepoError
 from portsd.gcpause import paused_gc
 from portsd.pkg.repo import INDEX_NAME, SIG_SUFFIX
@@ -106,8 +113,8 @@ class Caches:
         keys: dict[str, tuple[Cache, IndexEntry]] = {}
         for cache in self.usable:
             for entry in cache.index:
-                names.setdefault(entry.name, (cache, entry))
-                keys.setdefault(entry.key, (cache, entry))
+                names.setdefault(entry.meta.name, (cache, entry))
+                keys.setdefault(entry.meta.build_key, (cache, entry))
         object.__setattr__(self, "_names", names)
         object.__setattr__(self, "_keys", keys)
 
@@ -293,7 +300,7 @@ async def _ask(
     if not isinstance(answer, dict):
         return None
     entry = _entry_from_json(answer.get("package"))
-    if entry is None or entry.key != key or entry.file != entry.meta.filename:
+    if entry is None or entry.meta.build_key != key or entry.file != entry.meta.filename:
         return None  # the file name binds name, version, release, arch and the key's prefix
     url = _resolve(base, answer.get("url"), entry.file)
     signature_url = _resolve(base, answer.get("signature"), entry.file + SIG_SUFFIX)
@@ -303,17 +310,9 @@ async def _ask(
 
 
 def _entry_from_json(raw: object) -> IndexEntry | None:
-    if not isinstance(raw, dict):
-        return None
-    values: dict[str, Any] = {}
-    for spec in fields(IndexEntry):
-        if spec.name not in raw:
-            return None
-        value = raw[spec.name]
-        values[spec.name] = tuple(value) if isinstance(value, list) else value
     try:
-        return IndexEntry(**values)
-    except (ValueError, TypeError):
+        return entry_from_map(raw)
+    except ValueError:
         return None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,11 +31,12 @@ from portsd.client.remote import Caches, SerialBook, open_caches
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import load_config
+from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
-from portsd.core.resolve import Action, Candidate, Mode, Offer, Resolution, resolve
+from portsd.core.resolve import Action, Mode, Resolution, resolve
 from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
 from portsd.pkg.discover import browse, trusted_caches
-from portsd.pkg.package import SUFFIX, read_portinfo
+from portsd.pkg.package import read_portinfo
 from portsd.pkg.sign import verify_file
 from portsd.tree.checkout import Checkout, open_checkout
 
@@ -47,7 +48,7 @@ class ClientReporter(ObtainReporter, Protocol):
 
     def warn(self, text: str) -> None: ...
 
-    def resolved(self, resolution: Resolution[Candidate]) -> None: ...
+    def resolved(self, resolution: Resolution) -> None: ...
 
     def transaction(self) -> Progress: ...
 
@@ -59,7 +60,7 @@ class Sources:
     settings: ClientSettings
     caches: Caches
     checkout: Checkout | None
-    available: dict[str, Candidate]
+    available: dict[str, PackageMeta]
     origin: str  # "the cache", "the ports tree": for resolution errors
     files: dict[str, Path] = field(default_factory=dict)  # build key -> given package file
     failure: str | None = None  # why nothing can be installed (said only if something must)
@@ -84,16 +85,16 @@ def open_sources(
     if settings.tree is not None:
         checkout = open_checkout(settings.tree, None, settings.cache / "recipes", settings.arch)
         graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
-        available: dict[str, Candidate] = {}
+        available: dict[str, PackageMeta] = {}
         for name, key in keys.items():  # the ports this machine can build (no broken ones)
             recipe = graph.recipe(name)
             if recipe is not None:
-                available[name] = Offer.of(recipe, key)
+                available[name] = PackageMeta.of(recipe, key, settings.arch)
         origin = f"the ports tree {settings.tree}"
     elif settings.source is SourcePolicy.ALWAYS:
         raise ConfigError("source = always needs a ports tree to build from (tree, or --tree)")
     else:
-        available = {entry.name: entry for entry in caches.entries()}
+        available = {entry.meta.name: entry.meta for entry in caches.entries()}
         origin = "the cache" if len(caches.usable) <= 1 else "the caches"
         if not urls:
             raise ConfigError(
@@ -132,7 +133,7 @@ def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bo
     files first. Each file's ``.minisig`` must verify with a trusted key unless ``unsigned``."""
     names = []
     for request in requests:
-        if not request.endswith(SUFFIX):
+        if not request.endswith(PACKAGE_SUFFIX):
             names.append(request)
             continue
         path = Path(request).absolute()
@@ -146,21 +147,12 @@ def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bo
                 ) from None
             verify_file(path, text, sources.settings.trusted_keys)
         info = read_portinfo(path)
-        if info.arch not in (sources.settings.arch, "any"):
-            raise PackageError(str(path), f"is for {info.arch}, not {sources.settings.arch}")
-        offer = Offer(
-            info.name,
-            info.version,
-            info.release,
-            info.build_key,
-            info.depends,
-            info.provides,
-            info.conflicts,
-            info.summary,
-        )
-        sources.available[info.name] = offer
-        sources.files[info.build_key] = path
-        names.append(info.name)
+        meta = info.meta
+        if meta.arch not in (sources.settings.arch, "any"):
+            raise PackageError(str(path), f"is for {meta.arch}, not {sources.settings.arch}")
+        sources.available[meta.name] = meta
+        sources.files[meta.build_key] = path
+        names.append(meta.name)
     return names
 
 
@@ -181,7 +173,7 @@ def install(
 ) -> TransactionResult | None:
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
-    current: Mapping[str, Candidate] = {p.name: p for p in installed.db.packages()}
+    current = {p.meta.name: p.meta for p in installed.db.packages()}
     try:
         resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
     except ResolutionError:
@@ -205,7 +197,7 @@ def install(
     packages = obtainer.obtain([step.package for step in resolution])
     tx = installed.transaction()
     for step in resolution:
-        got = packages[step.package.key]
+        got = packages[step.package.build_key]
         if step.action is Action.INSTALL:
             reason = InstallReason.EXPLICIT if step.requested else InstallReason.DEPENDENCY
             tx.install(got.path, got.info, reason, origin=got.origin)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from portsd.client.journal import Journal, JournalState, roll_back
-from portsd.client.planner import Placement, Plan, Request
+from portsd.client.planner import Placement, Request, TransactionPlan
 from portsd.client.progress import Phase, Progress
 from portsd.client.rootfs import RootFs
 from portsd.errors import PackageError, RootError
@@ -27,7 +27,7 @@ _NS = 1_000_000_000
 
 
 def stage_all(
-    fs: RootFs, plan: Plan, tx: str, journal_path: Path, progress: Progress
+    fs: RootFs, plan: TransactionPlan, tx: str, journal_path: Path, progress: Progress
 ) -> tuple[dict[str, list[int]], tuple[int, int]]:
     """Unpack every package into its staging directories; return each package's entries'
     mtimes and (entries, content bytes). On any failure nothing is left behind."""
@@ -42,7 +42,7 @@ def stage_all(
         for staging in plan.staging:
             fs.mkdir(staging, 0o700)
         mtimes = {
-            request.info.name: _stage(fs, request, placements, progress)
+            request.info.meta.name: _stage(fs, request, placements, progress)
             for request, placements in plan.packages
         }
         for staging in plan.staging:

@@ -55,8 +55,8 @@ from portsd.client.journal import (
     DB_DIR,
     TX_DIR,
     Journal,
+    JournalOp,
     JournalState,
-    Op,
     Recovery,
     RecoveryAction,
     cleanup,
@@ -69,7 +69,6 @@ from portsd.client.progress import Checkpoint, Phase, Progress
 from portsd.client.relations import check_relations, install_order
 from portsd.client.rootfs import RootFs
 from portsd.client.staging import stage_all
-from portsd.core.version import full_version
 from portsd.errors import InvalidTransaction, PackageDbError
 from portsd.pkg.archive import FileType
 from portsd.pkg.package import PortInfo
@@ -264,13 +263,14 @@ class Transaction:
         is checked against the file while it is read.
         """
         info.check(str(path))  # the planner relies on a sound manifest
-        self._check_name(info.name)
-        current = self._installed.db.installed(info.name)
+        self._check_name(info.meta.name)
+        current = self._installed.db.installed(info.meta.name)
         if current is not None:
             raise InvalidTransaction(
-                info.name, f"{current.full_version} is already installed; upgrade replaces it"
+                info.meta.name,
+                f"{current.meta.full_version} is already installed; upgrade replaces it",
             )
-        self._names.add(info.name)  # only once the request is sound
+        self._names.add(info.meta.name)  # only once the request is sound
         self._requests.append(Request(path, info, reason, origin, sha256))
 
     def upgrade(
@@ -279,13 +279,15 @@ class Transaction:
         """Replace the installed package of the same name by this build (any version, a
         different build key); it keeps being explicit or a dependency as before."""
         info.check(str(path))
-        self._check_name(info.name)
-        current = self._installed.db.installed(info.name)
+        self._check_name(info.meta.name)
+        current = self._installed.db.installed(info.meta.name)
         if current is None:
-            raise InvalidTransaction(info.name, "is not installed")
-        if current.build_key == info.build_key:
-            raise InvalidTransaction(info.name, f"build {info.build_key[:12]} is installed already")
-        self._names.add(info.name)
+            raise InvalidTransaction(info.meta.name, "is not installed")
+        if current.meta.build_key == info.meta.build_key:
+            raise InvalidTransaction(
+                info.meta.name, f"build {info.meta.build_key[:12]} is installed already"
+            )
+        self._names.add(info.meta.name)
         self._requests.append(Request(path, info, current.reason, origin, sha256, current))
 
     def remove(self, name: str) -> None:
@@ -326,7 +328,7 @@ class Transaction:
         journal_path = installed.root / DB_DIR / JOURNAL_NAME
         mtimes, sizes = stage_all(fs, plan, tx, journal_path, progress)
         dir_mtimes = {
-            p.path: mtimes[request.info.name][index]
+            p.path: mtimes[request.info.meta.name][index]
             for request, placements in plan.packages
             for index, p in enumerate(placements)
             if p.mkdir
@@ -338,7 +340,7 @@ class Transaction:
             installed.command,
             tuple(_label(r.info) for r in plan.installs),
             tuple(_label(r.info) for r in plan.upgrades),
-            tuple(f"{p.name} {p.full_version}" for p in self._removals),
+            tuple(f"{p.meta.name} {p.meta.full_version}" for p in self._removals),
         )
         change = plan.change(record, mtimes)
         applying = Journal(tx, JournalState.APPLYING, plan.staging, ops, plan.times)
@@ -368,12 +370,12 @@ class Transaction:
             cleanup(fs, plan.staging, journal_path)
         except OSError as exc:  # committed: the next open of the root finishes this
             log.warning("cleanup of transaction %s failed (%s); it is finished later", tx, exc)
-        new_rows = {package.name: package for package, _ in change.add}
+        new_rows = {package.meta.name: package for package, _ in change.add}
         return TransactionResult(
             id=tx,
-            installed=tuple(new_rows[r.info.name] for r in plan.installs),
+            installed=tuple(new_rows[r.info.meta.name] for r in plan.installs),
             upgraded=tuple(
-                (r.replaces, new_rows[r.info.name]) for r in plan.upgrades if r.replaces
+                (r.replaces, new_rows[r.info.meta.name]) for r in plan.upgrades if r.replaces
             ),
             removed=tuple(self._removals),
             notes=plan.notes,
@@ -383,10 +385,10 @@ class Transaction:
 
 
 def _label(info: PortInfo) -> str:
-    return f"{info.name} {full_version(info.version, info.release)}"
+    return f"{info.meta.name} {info.meta.full_version}"
 
 
-def _run(fs: RootFs, op: Op) -> None:
+def _run(fs: RootFs, op: JournalOp) -> None:
     try:
         journal.apply(fs, op)
     except OSError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from portsd.core.graph import Change, Graph
+from portsd.core.graph import Graph, PortChange
 from portsd.core.keys import KeySet
 from portsd.core.recipe import Recipe
 from portsd.errors import RecipeError
@@ -42,7 +42,7 @@ class Evaluation:
         graph = Graph.build(ports, arch)
         return cls(listing, graph, KeySet.compute(graph, listing))
 
-    def advance(self, listing: Mapping[str, str], changes: Mapping[str, Change]) -> Evaluation:
+    def advance(self, listing: Mapping[str, str], changes: Mapping[str, PortChange]) -> Evaluation:
         """The evaluation of the next commit.
 
         ``changes`` maps every port whose id differs between ``self.listing`` and

@@ -1,11 +1,12 @@
 """The dependency graph of a ports tree: resolution, cycles, closures and order.
 
 Every dependency of a recipe (runtime, build and check alike, since all of them are
-installed in its build root) is resolved to one port: the port of that exact name if it
-exists and satisfies the constraint, otherwise the first port, by name, whose ``provides``
-satisfies it. A port that cannot be resolved, or sits on a cycle, or has a broken recipe,
-gets a *problem*; ports that depend on it are reported as blocked by whoever asks for
-their build keys. The rest of the tree is unaffected.
+installed in its build root) is resolved to one port by the rule the installer uses too
+(``portsd.core.provider``): the port of that exact name if it exists and satisfies the
+constraint, otherwise the first port, by name, whose ``provides`` satisfies it. A port
+that cannot be resolved, or sits on a cycle, or has a broken recipe, gets a *problem*;
+ports that depend on it are reported as blocked by whoever asks for their build keys.
+The rest of the tree is unaffected.
 
 A ``Graph`` is immutable. ``updated`` derives the graph of the next commit from the
 changed recipes alone, re-resolving only ports whose dependencies could resolve
@@ -19,11 +20,13 @@ import heapq
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from portsd.core.provider import choose_provider, offered_version
 from portsd.core.recipe import Dependency, DepKind, Recipe
 from portsd.errors import DependencyCycle, GraphError, MissingDependency, RecipeError
 
-Problem = RecipeError | GraphError
-Change = Recipe | RecipeError | None
+PortProblem = RecipeError | GraphError
+"""What keeps a port itself from building: a broken recipe, a missing dependency, a cycle."""
+PortChange = Recipe | RecipeError | None
 """What a commit did to a port: a new recipe, a recipe that no longer parses, or removal."""
 
 
@@ -121,7 +124,7 @@ class Graph:
         graph._find_cycles(graph._recipes)
         return graph
 
-    def updated(self, changes: Mapping[str, Change]) -> tuple[Graph, frozenset[str]]:
+    def updated(self, changes: Mapping[str, PortChange]) -> tuple[Graph, frozenset[str]]:
         """The graph after ``changes``, and the ports whose own facts changed.
 
         The returned set holds the changed ports and every port whose resolved edges,
@@ -228,22 +231,23 @@ class Graph:
             self._dependents.add(edge.target, name)
 
     def _provider(self, dep: Dependency) -> str | None:
-        candidates = self._providers.get(dep.name, ())
-        if dep.name in self._recipes and candidates and candidates[0] != dep.name:
-            candidates = (dep.name, *(c for c in candidates if c != dep.name))
-        for candidate in candidates:
-            if dep.op is None:
-                return candidate
-            offered = self._recipes[candidate].provided_version(dep.name)
-            if offered and dep.accepts(offered):  # an unversioned provides meets no constraint
-                return candidate
-        if dep.name in self._recipe_errors:
+        target = choose_provider(
+            dep,
+            dep.name in self._recipes,
+            self._providers.get(dep.name, ()),
+            lambda port: self._offered(port, dep.name),
+        )
+        if target is None and dep.name in self._recipe_errors:
             return dep.name  # an edge to the broken port, so dependents name the root cause
-        return None
+        return target
+
+    def _offered(self, port: str, name: str) -> str | None:
+        recipe = self._recipes[port]
+        return offered_version(recipe.name, recipe.full_version, recipe.provides, name)
 
     def _why_missing(self, dep: Dependency) -> str:
         offers = [
-            f"{port} offers {self._recipes[port].provided_version(dep.name) or 'no version'}"
+            f"{port} offers {self._offered(port, dep.name) or 'no version'}"
             for port in self._providers.get(dep.name, ())
         ]
         if offers:
@@ -347,11 +351,11 @@ class Graph:
     def supported(self, name: str) -> bool:
         return name not in self._unsupported
 
-    def problem(self, name: str) -> Problem | None:
+    def problem(self, name: str) -> PortProblem | None:
         """What is wrong with the port itself (not with its dependencies), if anything."""
         return self._recipe_errors.get(name) or self._missing.get(name) or self._cycles.get(name)
 
-    def problems(self) -> Iterator[tuple[str, Problem]]:
+    def problems(self) -> Iterator[tuple[str, PortProblem]]:
         for name in sorted(set(self._recipe_errors) | set(self._missing) | set(self._cycles)):
             problem = self.problem(name)
             assert problem is not None

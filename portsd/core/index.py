@@ -7,8 +7,11 @@ On the wire an index is a zstd frame (with checksum) holding one msgpack map::
     {format, arch, serial, generated, expires, commit, packages: [entry, ...]}
 
 and each entry a map ``{name, version, release, arch, key, file, size, sha256, summary,
-license, depends, provides, conflicts, installed_size}``. Maps are written with their keys
-in that fixed order and packages sorted by name, so equal indexes encode to equal bytes.
+license, depends, provides, conflicts, installed_size}``: the package's facts
+(``portsd.core.metadata``, the build key under ``key``) and the file holding it. Maps are
+written with their keys in that fixed order and packages sorted by name, so equal indexes
+encode to equal bytes. The same map is an entry's record in a repository's key store and
+the substituter's JSON answer.
 Readers ignore keys they do not know (a newer writer may add some) and reject anything
 else that is not exactly right, naming the field.
 
@@ -29,6 +32,18 @@ from typing import Any, cast
 import msgpack
 import zstandard
 
+from portsd.core.metadata import ARCH_PATTERN as ARCH_PATTERN  # the repository's too
+from portsd.core.metadata import (
+    HEX64,
+    INT_MAX,
+    InvalidField,
+    MetaLayout,
+    PackageMeta,
+    check_int,
+    check_str,
+    is_dependency,
+    kind,
+)
 from portsd.core.recipe import NAME_PATTERN
 from portsd.core.version import VERSION_PATTERN
 from portsd.errors import IndexExpired, RepoError, RollbackDetected
@@ -40,176 +55,54 @@ MAX_INDEX_BYTES = 256 << 20
 """Refuse to inflate an index past this: a tiny hostile frame must not exhaust memory."""
 
 _ZSTD_LEVEL = 3  # rewritten per publish; the bulk is hex digests, which no level shrinks
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-ARCH_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]*")
-"""An architecture name (``x86_64``, ``aarch64``, ``any``): also a directory name."""
-
-_TOKEN = re.compile(r"\S+")
-_INT_MAX = (1 << 63) - 1
 _CHUNK = 1 << 16
 
 
-class _Invalid(ValueError):
-    """A field holds a value no index may contain; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-def _check_int(field: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _Invalid(field, f"expected an integer, got {_kind(value)}")
-    if not 0 <= value <= _INT_MAX:
-        raise _Invalid(field, f"out of range: {value}")
-
-
-def _check_str(field: str, value: object, pattern: re.Pattern[str] | None = None) -> None:
-    if not isinstance(value, str):
-        raise _Invalid(field, f"expected a string, got {_kind(value)}")
-    if pattern is not None and not pattern.fullmatch(value):
-        raise _Invalid(field, f"invalid value {value!r}")
-
-
-def _check_names(field: str, value: object) -> None:
-    if not isinstance(value, tuple):
-        raise _Invalid(field, f"expected a list of strings, got {_kind(value)}")
-    for item in value:
-        if not isinstance(item, str) or not _TOKEN.fullmatch(item):
-            raise _Invalid(field, f"invalid item {item!r}")
-
-
 def _check_file(field: str, value: object) -> None:
-    _check_str(field, value)
+    check_str(field, value)
     assert isinstance(value, str)
     # a bare, visible file name: clients join it to a URL or a directory
     if not value or value.startswith(".") or "/" in value or "\0" in value or len(value) > 255:
-        raise _Invalid(field, f"not a plain file name: {value!r}")
-
-
-def _check_meta(meta: PackageMeta | IndexEntry) -> None:
-    _check_str("name", meta.name, NAME_PATTERN)
-    _check_str("version", meta.version, VERSION_PATTERN)
-    _check_int("release", meta.release)
-    _check_str("arch", meta.arch, ARCH_PATTERN)
-    _check_str("key", meta.key, _HEX64)
-    _check_str("summary", meta.summary)
-    _check_str("license", meta.license)
-    _check_names("depends", meta.depends)
-    _check_names("provides", meta.provides)
-    _check_names("conflicts", meta.conflicts)
-    _check_int("installed_size", meta.installed_size)
-
-
-def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-@dataclass(frozen=True, slots=True)
-class PackageMeta:
-    """What a package says about itself; with its file's name, size and hash, an entry."""
-
-    name: str
-    version: str
-    release: int
-    arch: str
-    key: str
-    summary: str = ""
-    license: str = ""
-    depends: tuple[str, ...] = ()
-    provides: tuple[str, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    installed_size: int = 0
-
-    def __post_init__(self) -> None:
-        _check_meta(self)
-
-    @property
-    def filename(self) -> str:
-        """``<name>-<version>-<release>-<arch>-<key12>.pkg.tar.zst``: a rebuild gets a new name."""
-        return f"{self.name}-{self.version}-{self.release}-{self.arch}-{self.key[:12]}.pkg.tar.zst"
+        raise InvalidField(field, f"not a plain file name: {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
-    """One package of an index: its metadata and the file holding it (in ``packages/``)."""
+    """One package of an index: its facts and the file holding it (in ``packages/``)."""
 
-    name: str
-    version: str
-    release: int
-    arch: str
-    key: str
+    meta: PackageMeta
     file: str
     size: int
     sha256: str
-    summary: str = ""
-    license: str = ""
-    depends: tuple[str, ...] = ()
-    provides: tuple[str, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    installed_size: int = 0
 
     def __post_init__(self) -> None:
-        _check_meta(self)
+        if not isinstance(self.meta, PackageMeta):
+            raise InvalidField("meta", f"expected package metadata, got {kind(self.meta)}")
         _check_file("file", self.file)
-        _check_int("size", self.size)
-        _check_str("sha256", self.sha256, _HEX64)
-
-    @classmethod
-    def of(cls, meta: PackageMeta, file: str, size: int, sha256: str) -> IndexEntry:
-        """The entry for ``meta`` stored as ``file`` (``size`` bytes, ``sha256``)."""
-        return cls(
-            name=meta.name,
-            version=meta.version,
-            release=meta.release,
-            arch=meta.arch,
-            key=meta.key,
-            file=file,
-            size=size,
-            sha256=sha256,
-            summary=meta.summary,
-            license=meta.license,
-            depends=meta.depends,
-            provides=meta.provides,
-            conflicts=meta.conflicts,
-            installed_size=meta.installed_size,
-        )
-
-    @property
-    def meta(self) -> PackageMeta:
-        return PackageMeta(
-            name=self.name,
-            version=self.version,
-            release=self.release,
-            arch=self.arch,
-            key=self.key,
-            summary=self.summary,
-            license=self.license,
-            depends=self.depends,
-            provides=self.provides,
-            conflicts=self.conflicts,
-            installed_size=self.installed_size,
-        )
+        check_int("size", self.size)
+        check_str("sha256", self.sha256, HEX64)
 
 
-_ENTRY_FIELDS = (
-    "name",
-    "version",
-    "release",
-    "arch",
-    "key",
-    "file",
-    "size",
-    "sha256",
-    "summary",
-    "license",
-    "depends",
-    "provides",
-    "conflicts",
-    "installed_size",
+ENTRY_LAYOUT = MetaLayout(
+    (
+        "name",
+        "version",
+        "release",
+        "arch",
+        "key",
+        "file",
+        "size",
+        "sha256",
+        "summary",
+        "license",
+        "depends",
+        "provides",
+        "conflicts",
+        "installed_size",
+    ),
+    build_key="key",
 )
-_LIST_FIELDS = frozenset({"depends", "provides", "conflicts"})
+"""An entry's map: the package's facts, the build key as ``key``, and the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,31 +118,32 @@ class Index:
     packages: tuple[IndexEntry, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_int("format", self.format)
-        _check_str("arch", self.arch, ARCH_PATTERN)
-        _check_int("serial", self.serial)
-        _check_int("generated", self.generated)
-        _check_int("expires", self.expires)
+        check_int("format", self.format)
+        check_str("arch", self.arch, ARCH_PATTERN)
+        check_int("serial", self.serial)
+        check_int("generated", self.generated)
+        check_int("expires", self.expires)
         if self.commit is not None:
-            _check_str("commit", self.commit)
+            check_str("commit", self.commit)
         if not isinstance(self.packages, tuple):
-            raise _Invalid("packages", f"expected a tuple, got {_kind(self.packages)}")
+            raise InvalidField("packages", f"expected a tuple, got {kind(self.packages)}")
         previous = ""
         arches = (self.arch, "any")
         for position, entry in enumerate(self.packages):
             # this loop runs once per entry of every index read: its words only on failure
             if not isinstance(entry, IndexEntry):
-                raise _Invalid(f"packages[{position}]", f"expected an entry, got {_kind(entry)}")
-            if entry.name <= previous:
-                raise _Invalid(
-                    f"packages[{position}].name", f"'{entry.name}' is out of order or repeated"
+                raise InvalidField(f"packages[{position}]", f"expected an entry, got {kind(entry)}")
+            meta = entry.meta
+            if meta.name <= previous:
+                raise InvalidField(
+                    f"packages[{position}].name", f"'{meta.name}' is out of order or repeated"
                 )
-            if entry.arch not in arches:
-                raise _Invalid(
+            if meta.arch not in arches:
+                raise InvalidField(
                     f"packages[{position}].arch",
-                    f"'{entry.arch}' in an index for {self.arch} (top-level 'arch')",
+                    f"'{meta.arch}' in an index for {self.arch} (top-level 'arch')",
                 )
-            previous = entry.name
+            previous = meta.name
 
     @classmethod
     def empty(cls, arch: str, *, now: int, expires_in: int, commit: str | None = None) -> Index:
@@ -266,32 +160,32 @@ class Index:
         return isinstance(name, str) and self.entry(name) is not None
 
     def names(self) -> tuple[str, ...]:
-        return tuple(entry.name for entry in self.packages)
+        return tuple(entry.meta.name for entry in self.packages)
 
     def entry(self, name: str) -> IndexEntry | None:
         """The entry named ``name`` (binary search), or None."""
-        position = bisect.bisect_left(self.packages, name, key=lambda entry: entry.name)
-        if position < len(self.packages) and self.packages[position].name == name:
+        position = bisect.bisect_left(self.packages, name, key=lambda entry: entry.meta.name)
+        if position < len(self.packages) and self.packages[position].meta.name == name:
             return self.packages[position]
         return None
 
     def by_key(self, key: str) -> IndexEntry | None:
         """The entry built with build key ``key``, or None."""
-        return next((entry for entry in self.packages if entry.key == key), None)
+        return next((entry for entry in self.packages if entry.meta.build_key == key), None)
 
 
 def with_entry(index: Index, entry: IndexEntry) -> Index:
     """``index`` with ``entry`` added, replacing any entry of the same name."""
-    names = [existing.name for existing in index.packages]
-    position = bisect.bisect_left(names, entry.name)
-    end = position + 1 if position < len(names) and names[position] == entry.name else position
+    names = [existing.meta.name for existing in index.packages]
+    position = bisect.bisect_left(names, entry.meta.name)
+    end = position + 1 if position < len(names) and names[position] == entry.meta.name else position
     packages = (*index.packages[:position], entry, *index.packages[end:])
     return replace(index, packages=packages)
 
 
 def without(index: Index, names: Collection[str]) -> Index:
     """``index`` without the entries named in ``names`` (names it lacks are ignored)."""
-    return replace(index, packages=tuple(e for e in index.packages if e.name not in names))
+    return replace(index, packages=tuple(e for e in index.packages if e.meta.name not in names))
 
 
 def successor(index: Index, *, now: int, expires_in: int, commit: str | None) -> Index:
@@ -325,12 +219,15 @@ def check_fresh(index: Index, *, last_serial: int | None, now: int, label: str) 
 # -- encoding ------------------------------------------------------------------------------
 
 
-_entry_values = operator.attrgetter(*_ENTRY_FIELDS)
+def entry_map(entry: IndexEntry) -> dict[str, Any]:
+    """``entry`` as the map an index holds (tuples for lists: msgpack and json take both)."""
+    return ENTRY_LAYOUT.encode(entry.meta, (entry.file, entry.size, entry.sha256))
 
 
-def _entry_map(entry: IndexEntry) -> dict[str, Any]:
-    # msgpack packs tuples as arrays: no conversion needed (the index is re-encoded per publish)
-    return dict(zip(_ENTRY_FIELDS, _entry_values(entry), strict=True))
+def entry_from_map(raw: object) -> IndexEntry:
+    """The entry of a map written by ``entry_map`` (lists may be lists or tuples); raises
+    ``InvalidField`` naming the first bad field."""
+    return _entry_from_map(raw, "")
 
 
 def _index_map(index: Index) -> dict[str, Any]:
@@ -341,7 +238,7 @@ def _index_map(index: Index) -> dict[str, Any]:
         "generated": index.generated,
         "expires": index.expires,
         "commit": index.commit,
-        "packages": [_entry_map(entry) for entry in index.packages],
+        "packages": [entry_map(entry) for entry in index.packages],
     }
 
 
@@ -365,15 +262,17 @@ def decode_index(data: bytes, label: str, *, max_bytes: int = MAX_INDEX_BYTES) -
 
 def _index_from_map(raw: object, label: str) -> Index:
     if not isinstance(raw, dict):
-        raise RepoError(label, f"index is not a map but {_kind(raw)}")
+        raise RepoError(label, f"index is not a map but {kind(raw)}")
     try:
         index_format = _field(raw, "format", "")
-        _check_int("format", index_format)
+        check_int("format", index_format)
         if index_format != FORMAT:
-            raise _Invalid("format", f"unsupported index format {index_format} (reads {FORMAT})")
+            raise InvalidField(
+                "format", f"unsupported index format {index_format} (reads {FORMAT})"
+            )
         packages = _field(raw, "packages", "")
         if not isinstance(packages, tuple):
-            raise _Invalid("packages", f"expected a list, got {_kind(packages)}")
+            raise InvalidField("packages", f"expected a list, got {kind(packages)}")
         read = _EntryReader().read
         entries = tuple([read(item, n) for n, item in enumerate(packages)])
         return Index(
@@ -385,53 +284,59 @@ def _index_from_map(raw: object, label: str) -> Index:
             commit=_field(raw, "commit", ""),
             packages=entries,
         )
-    except _Invalid as error:
+    except InvalidField as error:
         raise RepoError(label, f"bad index field '{error.field}': {error.message}") from None
 
 
 def encode_entry(entry: IndexEntry) -> bytes:
     """One entry alone, as msgpack (the repository's record of every package it built)."""
-    return msgpack.packb(_entry_map(entry))
+    return msgpack.packb(entry_map(entry))
 
 
 def decode_entry(data: bytes, label: str) -> IndexEntry:
     """Parse ``encode_entry``'s bytes; ``RepoError`` names ``label`` and the bad field."""
     try:
         return _EntryReader().read(_unpack(data, label), None)
-    except _Invalid as error:
+    except InvalidField as error:
         raise RepoError(label, f"bad entry field '{error.field}': {error.message}") from None
 
 
-_entry_items = operator.itemgetter(*_ENTRY_FIELDS)
+_entry_items = operator.itemgetter(*ENTRY_LAYOUT.keys)
 
 
-class _Unfrozen:
-    """``IndexEntry``'s very layout, writable: filled, then made an ``IndexEntry`` by
+class _UnfrozenMeta:
+    """``PackageMeta``'s very layout, writable: filled, then made a ``PackageMeta`` by
     assigning ``__class__`` (which Python allows between equal slot layouts). Four times
-    cheaper than setting a frozen instance's fourteen slots one call at a time."""
+    cheaper than setting a frozen instance's slots one call at a time."""
+
+    __slots__ = PackageMeta.__slots__
+
+
+class _UnfrozenEntry:
+    """``IndexEntry``'s layout, writable, likewise."""
 
     __slots__ = IndexEntry.__slots__
 
 
 _STRINGS_OK = re.compile(
     f"(?:{NAME_PATTERN.pattern})\0(?:{VERSION_PATTERN.pattern})\0"
-    f"(?:{_HEX64.pattern})\0(?:{_HEX64.pattern})\0"
+    f"(?:{HEX64.pattern})\0(?:{HEX64.pattern})\0"
     r"[^./\0][^/\0]{0,254}"  # _check_file: not empty or hidden, no '/' or NUL, <= 255
 ).fullmatch
 """name, version, key, sha256 and file joined by NULs, which none of them may hold: one
 match instead of five (a call costs more than the characters it reads)."""
-_token_ok = _TOKEN.fullmatch
 _arch_ok = ARCH_PATTERN.fullmatch
 
 
 class _EntryReader:
     """Makes ``IndexEntry``s from unpacked maps, for one index.
 
-    The fast path checks every field as ``IndexEntry.__post_init__`` does, inline, then
-    fills the slots directly: about four times cheaper than the constructor. An entry it
-    does not accept goes through the constructor, which names the bad field. Tokens and
-    arches already accepted are remembered for the index being read: a few hundred names
-    (``musl``, ``sh``) recur thousands of times.
+    The fast path checks every field as constructing the records does (``check_meta``
+    and ``IndexEntry.__post_init__``), inline, then fills the slots directly: about four
+    times cheaper than the constructors. An entry it does not accept goes through the
+    constructors, which name the bad field. Dependency strings and arches already accepted
+    are remembered for the index being read: a few hundred names (``musl``, ``sh``) recur
+    thousands of times.
     """
 
     def __init__(self) -> None:
@@ -450,7 +355,7 @@ class _EntryReader:
         return _entry_from_map(raw, "" if position is None else f"packages[{position}]")
 
     def valid(self, values: tuple[Any, ...]) -> bool:
-        """Whether ``IndexEntry(*values)`` would accept them (False: it may or may not)."""
+        """Whether the entry of ``values`` would be accepted (False: it may or may not)."""
         (name, version, release, arch, key, file, size, sha256, summary, license_) = values[:10]
         depends, provides, conflicts, installed_size = values[10:]
         return (
@@ -461,18 +366,18 @@ class _EntryReader:
             and type(file) is str
             and _STRINGS_OK(f"{name}\0{version}\0{key}\0{sha256}\0{file}") is not None
             and type(release) is int
-            and 0 <= release <= _INT_MAX
+            and 0 <= release <= INT_MAX
             and type(size) is int
-            and 0 <= size <= _INT_MAX
+            and 0 <= size <= INT_MAX
             and type(installed_size) is int
-            and 0 <= installed_size <= _INT_MAX
+            and 0 <= installed_size <= INT_MAX
             and type(summary) is str
             and type(license_) is str
             and type(arch) is str
             and (arch in self.arches or self.new_arch(arch))
-            and self.tokens_ok(depends)
-            and self.tokens_ok(provides)
-            and self.tokens_ok(conflicts)
+            and self.dependencies_ok(depends)
+            and self.dependencies_ok(provides)
+            and self.dependencies_ok(conflicts)
         )
 
     def new_arch(self, arch: str) -> bool:
@@ -481,7 +386,7 @@ class _EntryReader:
         self.arches.add(arch)
         return True
 
-    def tokens_ok(self, items: object) -> bool:
+    def dependencies_ok(self, items: object) -> bool:
         if type(items) is not tuple:
             return False
         tokens = self.tokens
@@ -489,58 +394,57 @@ class _EntryReader:
             if type(item) is not str:
                 return False
             if item not in tokens:
-                if _token_ok(item) is None:
+                if not is_dependency(item):
                     return False
                 tokens.add(item)
         return True
 
 
 def _trusted_entry(values: tuple[Any, ...]) -> IndexEntry:
-    """The entry of ``values`` (in ``_ENTRY_FIELDS`` order), already checked."""
-    entry: Any = _Unfrozen()
+    """The entry of ``values`` (in ``ENTRY_LAYOUT.keys`` order), already checked."""
+    meta: Any = _UnfrozenMeta()
+    entry: Any = _UnfrozenEntry()
     (
-        entry.name,
-        entry.version,
-        entry.release,
-        entry.arch,
-        entry.key,
+        meta.name,
+        meta.version,
+        meta.release,
+        meta.arch,
+        meta.build_key,
         entry.file,
         entry.size,
         entry.sha256,
-        entry.summary,
-        entry.license,
-        entry.depends,
-        entry.provides,
-        entry.conflicts,
-        entry.installed_size,
+        meta.summary,
+        meta.license,
+        meta.depends,
+        meta.provides,
+        meta.conflicts,
+        meta.installed_size,
     ) = values
+    meta.__class__ = PackageMeta
+    entry.meta = meta
     entry.__class__ = IndexEntry
     return cast(IndexEntry, entry)
 
 
 def _entry_from_map(raw: object, where: str) -> IndexEntry:
-    """The slow path: an entry through its constructor, or the first bad field, named."""
+    """The slow path: an entry through its constructors, or the first bad field, named."""
     if not isinstance(raw, dict):
-        raise _Invalid(where or "entry", f"expected a map, got {_kind(raw)}")
+        raise InvalidField(where or "entry", f"expected a map, got {kind(raw)}")
     prefix = f"{where}." if where else ""
     name = raw.get("name")
     if isinstance(name, str) and where:
         prefix = f"{where}({name})."
-    values: dict[str, Any] = {}
-    for field in _ENTRY_FIELDS:
-        value = _field(raw, field, prefix)
-        if field in _LIST_FIELDS and not isinstance(value, tuple):
-            raise _Invalid(prefix + field, f"expected a list of strings, got {_kind(value)}")
-        values[field] = value
     try:
-        return IndexEntry(**values)
-    except _Invalid as error:
-        raise _Invalid(prefix + error.field, error.message) from None
+        meta = ENTRY_LAYOUT.decode(raw)
+        own = {key: _field(raw, key, "") for key in ("file", "size", "sha256")}
+        return IndexEntry(meta, **own)
+    except InvalidField as error:
+        raise InvalidField(prefix + error.field, error.message) from None
 
 
 def _field(raw: dict[str, Any], name: str, prefix: str) -> Any:
     if name not in raw:
-        raise _Invalid(prefix + name, "missing")
+        raise InvalidField(prefix + name, "missing")
     return raw[name]
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgpack
 
-from portsd.core.graph import Graph, Problem
+from portsd.core.graph import Graph, PortProblem
 from portsd.core.recipe import DepKind
 from portsd.errors import BrokenDependency
 
@@ -55,7 +55,7 @@ class KeySet:
 
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}
-        self.blocked: dict[str, Problem] = {}
+        self.blocked: dict[str, PortProblem] = {}
         # runtime closures, memoised per evaluation: many ports share deep dependencies
         self._closures: dict[str, frozenset[str]] = {}
         self._pack = msgpack.Packer().pack  # one packer for all keys: packb makes one per call

@@ -17,7 +17,7 @@ from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from portsd.core.evaluate import Evaluation
-from portsd.core.graph import Graph, Problem
+from portsd.core.graph import Graph, PortProblem
 from portsd.core.keys import KeySet
 
 
@@ -31,11 +31,11 @@ class PlannedBuild:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class BuildPlan:
     """Builds in dependency order, plus the ports that cannot be built and why."""
 
     builds: tuple[PlannedBuild, ...]
-    blocked: Mapping[str, Problem] = field(default_factory=dict)
+    blocked: Mapping[str, PortProblem] = field(default_factory=dict)
     up_to_date: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
@@ -57,7 +57,7 @@ class Skip:
         return f"dependency {self.failed} failed"
 
 
-def skips(plan: Plan, failed: Collection[str]) -> tuple[Skip, ...]:
+def skips(plan: BuildPlan, failed: Collection[str]) -> tuple[Skip, ...]:
     """The builds of ``plan`` that need a ``failed`` build (port names), directly or
     through other skipped builds, in plan order; the failed builds themselves are not."""
     culprit: dict[str, str] = {}  # skipped build -> the failed port it waits for
@@ -76,13 +76,13 @@ def skips(plan: Plan, failed: Collection[str]) -> tuple[Skip, ...]:
 
 def make_plan(
     graph: Graph, keys: KeySet, present: Container[str], wanted: Iterable[str] | None = None
-) -> Plan:
-    """Plan the builds ``wanted`` (default: every port for this architecture) needs.
+) -> BuildPlan:
+    """BuildPlan the builds ``wanted`` (default: every port for this architecture) needs.
 
     ``present`` holds the keys the repository already has.
     """
     missing: set[str]
-    blocked: dict[str, Problem]
+    blocked: dict[str, PortProblem]
     up_to_date: set[str]
     if wanted is None:
         # The whole tree: ``keys`` already covers it (edges only lead to supported ports),
@@ -110,15 +110,15 @@ def make_plan(
         PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
         for name in _order(needs)
     )
-    return Plan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
+    return BuildPlan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
 
 
 @dataclass(frozen=True, slots=True)
 class Triage:
     """An evaluation sorted for the build host."""
 
-    plan: Plan  # every build the repository lacks, in dependency order
-    wanted: Plan  # what to build now: ``plan`` less remembered failures and their dependents
+    plan: BuildPlan  # every build the repository lacks, in dependency order
+    wanted: BuildPlan  # what to build now: ``plan`` less remembered failures and their dependents
     doomed: tuple[Skip, ...]  # the builds that need a remembered failure
     blocked: Mapping[str, str]  # port -> why it is not built now, in one line
 
@@ -131,7 +131,7 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
     failures = {b.name: failed[b.key] for b in plan.builds if b.key in failed}
     doomed = skips(plan, failures)
     dropped = failures.keys() | {skip.build.name for skip in doomed}
-    wanted = Plan(
+    wanted = BuildPlan(
         builds=tuple(b for b in plan.builds if b.name not in dropped),
         blocked=plan.blocked,
         up_to_date=plan.up_to_date,
@@ -170,7 +170,7 @@ def _order(needs: Mapping[str, list[str]]) -> list[str]:
 
 
 def critical_path(
-    plan: Plan, durations: Mapping[str, float], default: float = 60.0
+    plan: BuildPlan, durations: Mapping[str, float], default: float = 60.0
 ) -> dict[str, float]:
     """Each planned build's priority: its own expected duration plus the longest chain of
     expected durations of the planned builds waiting on it. Running the highest first

@@ -16,11 +16,11 @@ from typing import Any
 
 import rtoml
 
-from portsd.core.version import VERSION_PATTERN, Op, full_version, satisfies
-from portsd.errors import Problem, RecipeError
+from portsd.core.version import VERSION_PATTERN, ConstraintOp, full_version, satisfies
+from portsd.errors import FileProblem, RecipeError
 
 NAME_PATTERN = re.compile(r"[a-z0-9@_+][a-z0-9@._+-]*")
-_DEPENDENCY = re.compile(
+DEPENDENCY_PATTERN = re.compile(
     r"([a-z0-9@_+][a-z0-9@._+-]*)(?:(<=|>=|=|<|>)((?:[0-9]+:)?[A-Za-z0-9._+-]+))?"
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -49,7 +49,7 @@ class BuildStyle(StrEnum):
     CUSTOM = "custom"
 
 
-class Step(StrEnum):
+class BuildStep(StrEnum):
     """The steps of a build, in the order they run."""
 
     PREPARE = "prepare"
@@ -63,19 +63,19 @@ class Dependency:
     """A name, optionally constrained: ``zlib``, ``zlib>=1.2.13``, ``sh=1.0``."""
 
     name: str
-    op: Op | None = None
+    op: ConstraintOp | None = None
     version: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Dependency:
         """Parse ``name[op version]``; raises ``ValueError`` naming what is wrong."""
-        match = _DEPENDENCY.fullmatch(text)
+        match = DEPENDENCY_PATTERN.fullmatch(text)
         if match is None:
             raise ValueError(
                 f"invalid dependency '{text}' (expected name[op version], op: = < <= > >=)"
             )
         name, op, version = match.groups()
-        return cls(name, Op(op), version) if op else cls(name)
+        return cls(name, ConstraintOp(op), version) if op else cls(name)
 
     def accepts(self, version: str) -> bool:
         """Whether a full version (``version-release``) satisfies this dependency."""
@@ -119,7 +119,7 @@ class BuildSpec:
     check: str | None = None
     package: str | None = None
 
-    def script(self, step: Step) -> str | None:
+    def script(self, step: BuildStep) -> str | None:
         """The recipe's own script for ``step``, or None to use the style's default."""
         return getattr(self, step.value)  # type: ignore[no-any-return]
 
@@ -165,15 +165,6 @@ class Recipe:
     def supports(self, arch: str) -> bool:
         return "any" in self.arch or arch in self.arch
 
-    def provided_version(self, name: str) -> str | None:
-        """The version this recipe offers for ``name`` (itself or a ``provides`` entry)."""
-        if name == self.name:
-            return self.full_version
-        for entry in self.provides:
-            if entry.name == name:
-                return entry.version or ""
-        return None
-
 
 _DEP_LISTS = ("depends", "build-depends", "check-depends", "conflicts")
 _TOP_KEYS = frozenset(
@@ -192,7 +183,7 @@ _TOP_KEYS = frozenset(
     | set(_DEP_LISTS)
 )
 _SOURCE_KEYS = frozenset({"url", "file", "path", "sha256", "filename"})
-_BUILD_KEYS = frozenset({"style", "configure-args", "dir", *(step.value for step in Step)})
+_BUILD_KEYS = frozenset({"style", "configure-args", "dir", *(step.value for step in BuildStep)})
 _STYLES = {style.value: style for style in BuildStyle}
 
 
@@ -206,12 +197,12 @@ class _Checker:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.text = text
-        self.problems: list[Problem] = []
+        self.problems: list[FileProblem] = []
 
     def add(self, message: str, key: str | None = None, where: Where = None) -> None:
         """Record a problem at ``key`` in ``where`` (at the table's header if no key)."""
         line = self.line_of(key, where) if key or where else None
-        self.problems.append(Problem(self.path, message, line))
+        self.problems.append(FileProblem(self.path, message, line))
 
     def line_of(self, key: str | None, where: Where) -> int | None:
         lines = self.text.splitlines()
@@ -283,7 +274,9 @@ def parse_recipe(
     try:
         text = data.decode() if isinstance(data, bytes) else data
     except UnicodeDecodeError as error:
-        raise RecipeError(dirname, [Problem(path, f"not UTF-8 text ({error.reason})")]) from None
+        raise RecipeError(
+            dirname, [FileProblem(path, f"not UTF-8 text ({error.reason})")]
+        ) from None
     try:
         table = rtoml.loads(text)
     except rtoml.TomlParsingError as error:
@@ -291,13 +284,13 @@ def parse_recipe(
         position = _TOML_POSITION.search(message)
         line = int(position.group(1)) if position else None
         message = _TOML_POSITION.sub("", message)
-        raise RecipeError(dirname, [Problem(path, f"invalid TOML: {message}", line)]) from None
+        raise RecipeError(dirname, [FileProblem(path, f"invalid TOML: {message}", line)]) from None
 
     check = _Checker(path, text)
     check.unknown_keys(table, _TOP_KEYS, None)
     for key in ("name", "version", "summary", "license"):
         if key not in table:
-            check.problems.append(Problem(path, f"missing required field '{key}'"))
+            check.problems.append(FileProblem(path, f"missing required field '{key}'"))
 
     name = check.string(table, "name")
     if name is not None and name != dirname:
@@ -320,7 +313,7 @@ def parse_recipe(
     deps = {key: _parse_dependencies(check, table, key) for key in _DEP_LISTS}
     provides = _parse_dependencies(check, table, "provides")
     for entry in provides:
-        if entry.op not in (None, Op.EQ):
+        if entry.op not in (None, ConstraintOp.EQ):
             check.add(f"provides entry '{entry}' may only use '='", "provides")
     sources = _parse_sources(
         check, table.get("source", []), set(files) if files is not None else None

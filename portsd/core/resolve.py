@@ -1,12 +1,13 @@
 """What to install: the runtime-dependency closure of a request, in dependency order.
 
-Pure: values in, values out. The available packages (a signed index's entries, or offers
-made from recipes and build keys) and the installed ones are both ``Candidate``s; the
-answer is a ``Resolution`` listing what to install or replace, each with why it is there.
+Pure: values in, values out. The available packages (the facts of a signed index's
+entries, or of what recipes would build with their build keys) and the installed ones are
+all ``PackageMeta``; the answer is a ``Resolution`` listing what to install or replace,
+each with why it is there.
 
-A dependency (or a requested name) is resolved the way the builder resolves one (see
-``portsd.core.graph``), first against the system as it will be after the transaction, then
-against what is available:
+A dependency (or a requested name) is resolved by the rule the builder uses too (see
+``portsd.core.provider``), first against the system as it will be after the transaction,
+then against what is available:
 
 1. a package that will be on the system (installed and kept, or already chosen) with that
    exact name, if it satisfies the constraint, else the first such package, by name,
@@ -40,65 +41,12 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, Protocol, TypeVar
 
-from portsd.core.recipe import Dependency, Recipe
-from portsd.core.version import Op, full_version, vercmp
+from portsd.core.metadata import PackageMeta
+from portsd.core.provider import choose_provider, meets, offered_version
+from portsd.core.recipe import Dependency
+from portsd.core.version import full_version, vercmp
 from portsd.errors import ResolutionError
-
-
-class Candidate(Protocol):
-    """A package as the resolver sees it: ``IndexEntry`` fits, so does ``Offer``.
-
-    ``depends``, ``provides`` and ``conflicts`` are dependency strings (``zlib>=1.3``,
-    ``sh=1.0``), as recipes and indexes write them.
-    """
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def release(self) -> int: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def depends(self) -> Sequence[str]: ...
-    @property
-    def provides(self) -> Sequence[str]: ...
-    @property
-    def conflicts(self) -> Sequence[str]: ...
-
-
-C = TypeVar("C", bound=Candidate)
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """A candidate that is not (yet) a package: a recipe and its build key, built on demand."""
-
-    name: str
-    version: str
-    release: int
-    key: str
-    depends: tuple[str, ...] = ()
-    provides: tuple[str, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    summary: str = ""
-
-    @classmethod
-    def of(cls, recipe: Recipe, key: str) -> Offer:
-        """What building ``recipe`` (whose build key is ``key``) would give."""
-        return cls(
-            name=recipe.name,
-            version=recipe.version,
-            release=recipe.release,
-            key=key,
-            depends=tuple(str(dep) for dep in recipe.depends),
-            provides=tuple(str(entry) for entry in recipe.provides),
-            conflicts=tuple(str(entry) for entry in recipe.conflicts),
-            summary=recipe.summary,
-        )
 
 
 class Mode(StrEnum):
@@ -118,12 +66,12 @@ class Action(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Step(Generic[C]):
+class InstallStep:
     """Install ``package`` (replacing ``replaces``, the installed package of its name)."""
 
     action: Action
-    package: C
-    replaces: Candidate | None
+    package: PackageMeta
+    replaces: PackageMeta | None
     chain: tuple[str, ...]
     """From the request to this package: ``("app",)`` when requested, else
     ``("app", "libfoo", "zlib")``."""
@@ -139,15 +87,15 @@ class Step(Generic[C]):
 
 
 @dataclass(frozen=True, slots=True)
-class Resolution(Generic[C]):
+class Resolution:
     """The steps, dependencies before what needs them (a dependency cycle, which a ports
     tree cannot have, is cut where the walk entered it); ``satisfied``: requests that the
     system already meets, so they need no step."""
 
-    steps: tuple[Step[C], ...]
+    steps: tuple[InstallStep, ...]
     satisfied: tuple[str, ...] = ()
 
-    def __iter__(self) -> Iterator[Step[C]]:
+    def __iter__(self) -> Iterator[InstallStep]:
         return iter(self.steps)
 
     def __len__(self) -> int:
@@ -158,31 +106,31 @@ class Resolution(Generic[C]):
 
 
 @dataclass(frozen=True, slots=True)
-class Catalog(Generic[C]):
+class Catalog:
     """The available packages with their lookup table, built once and shared by every
     resolution against them (an index is fetched once and asked many times).
 
     ``providers`` maps a name that packages provide to the names of those packages,
-    sorted (a package's own name aside; unreadable entries provide nothing).
+    sorted (a package's own name aside).
     """
 
-    packages: Mapping[str, C]
+    packages: Mapping[str, PackageMeta]
     providers: Mapping[str, tuple[str, ...]]
 
     @classmethod
-    def of(cls, packages: Mapping[str, C]) -> Catalog[C]:
+    def of(cls, packages: Mapping[str, PackageMeta]) -> Catalog:
         """``packages`` (name -> package) and their lookup table: one pass over them."""
         return cls(packages, _providers(packages))
 
 
 def resolve(
-    available: Mapping[str, C] | Catalog[C],
-    installed: Mapping[str, Candidate],
+    available: Mapping[str, PackageMeta] | Catalog,
+    installed: Mapping[str, PackageMeta],
     request: Sequence[str],
     mode: Mode = Mode.INSTALL,
     *,
     origin: str = "the cache",
-) -> Resolution[C]:
+) -> Resolution:
     """Resolve ``request`` (names, each optionally constrained: ``zlib>=1.3``).
 
     ``available`` and ``installed`` map a package name to its package (``available`` may
@@ -200,13 +148,13 @@ def resolve(
 # -- the walk ------------------------------------------------------------------------------
 
 
-class _Resolver(Generic[C]):
+class _Resolver:
     """One resolution's working state (the providers indexes are built once per call)."""
 
     def __init__(
         self,
-        catalog: Catalog[C],
-        installed: Mapping[str, Candidate],
+        catalog: Catalog,
+        installed: Mapping[str, PackageMeta],
         mode: Mode,
         origin: str,
     ) -> None:
@@ -214,10 +162,10 @@ class _Resolver(Generic[C]):
         self.installed = installed
         self.mode = mode
         self.origin = origin
-        self.parsed: dict[str, Dependency | None] = {}
+        self.parsed: dict[str, Dependency] = {}
         self.available_providers = catalog.providers
         self.installed_providers = _providers(installed)
-        self.chosen: dict[str, C] = {}  # name -> the available package chosen (in order)
+        self.chosen: dict[str, PackageMeta] = {}  # name -> the available package chosen (in order)
         self.chosen_providers: dict[str, list[str]] = {}
         self.chosen_for: dict[str, tuple[tuple[str, ...], Dependency]] = {}  # needer, need
         self.asked: dict[str, str] = {}  # requested name -> the request's text
@@ -225,14 +173,15 @@ class _Resolver(Generic[C]):
         self.edges: dict[str, list[str]] = {}  # name -> names its dependencies resolved to
         self.queue: deque[str] = deque()
 
-    def run(self, request: list[str]) -> Resolution[C]:
+    def run(self, request: list[str]) -> Resolution:
         wanted: dict[str, tuple[Dependency, str]] = {}  # text -> (parsed, what it resolved to)
         for text in request:
-            dep = self.parse(text)
-            if dep is None:
+            try:
+                dep = Dependency.parse(text)
+            except ValueError:
                 raise ResolutionError(
                     self.mode.value, text, (), "is not a package name or name<op>version"
-                )
+                ) from None
             target = self.resolve(dep, ())
             if target is None:
                 raise ResolutionError(self.mode.value, text, (), self.shortfall(dep))
@@ -264,8 +213,6 @@ class _Resolver(Generic[C]):
         targets = self.edges[name] = []
         for text in package.depends:
             dep = self.parse(text)
-            if dep is None:
-                raise self.error(chain, f"has an invalid dependency '{text}'")
             target = self.resolve(dep, chain)
             if target is None:
                 raise self.error(chain, f"needs {dep}, but {self.shortfall(dep)}")
@@ -279,7 +226,7 @@ class _Resolver(Generic[C]):
         if kept is not None:
             if self.mode is Mode.UPGRADE and kept not in self.chosen:
                 newer = self.available.get(kept)
-                if newer is not None and newer.key != self.package(kept).key:
+                if newer is not None and newer.build_key != self.package(kept).build_key:
                     if self.meets(newer, dep):
                         self.choose(newer, needer, dep)
             return kept
@@ -292,33 +239,38 @@ class _Resolver(Generic[C]):
     def on_system(self, dep: Dependency) -> str | None:
         """Rule 1: the package on the final system (as known so far) that satisfies ``dep``."""
         name = dep.name
-        exact = self.current(name)
-        if exact is not None and self.meets(exact, dep):
-            return name
-        providers: list[str] = sorted(
+        return choose_provider(
+            dep,
+            self.current(name) is not None,
+            self.system_providers(name),
+            lambda provider: self.offered(self.package(provider), name),
+        )
+
+    def system_providers(self, name: str) -> Iterator[str]:
+        """The packages on the final system that provide ``name``, by name (sorted only
+        when asked for: the exact name usually satisfies)."""
+        yield from sorted(
             {
                 *(p for p in self.installed_providers.get(name, ()) if p not in self.chosen),
                 *self.chosen_providers.get(name, ()),
             }
         )
-        for provider in providers:
-            if provider != name and self.meets(self.package(provider), dep):
-                return provider
-        return None
 
     def first(
-        self, dep: Dependency, packages: Mapping[str, C], providers: Mapping[str, tuple[str, ...]]
+        self,
+        dep: Dependency,
+        packages: Mapping[str, PackageMeta],
+        providers: Mapping[str, tuple[str, ...]],
     ) -> str | None:
         """Rule 2 over ``packages``: the exact name if it satisfies, else the first provider."""
-        exact = packages.get(dep.name)
-        if exact is not None and self.meets(exact, dep):
-            return dep.name
-        for provider in providers.get(dep.name, ()):
-            if self.meets(packages[provider], dep):
-                return provider
-        return None
+        return choose_provider(
+            dep,
+            dep.name in packages,
+            providers.get(dep.name, ()),
+            lambda provider: self.offered(packages[provider], dep.name),
+        )
 
-    def choose(self, package: C, needer: tuple[str, ...], dep: Dependency) -> None:
+    def choose(self, package: PackageMeta, needer: tuple[str, ...], dep: Dependency) -> None:
         self.chosen[package.name] = package
         self.chosen_for[package.name] = (needer, dep)
         if package.name in self.chains:
@@ -326,15 +278,15 @@ class _Resolver(Generic[C]):
             self.queue.append(package.name)
         for text in package.provides:
             entry = self.parse(text)
-            if entry is not None and entry.name != package.name:
+            if entry.name != package.name:
                 self.chosen_providers.setdefault(entry.name, []).append(package.name)
 
-    def current(self, name: str) -> Candidate | None:
+    def current(self, name: str) -> PackageMeta | None:
         """The package called ``name`` on the final system, as known so far."""
         chosen = self.chosen.get(name)
         return chosen if chosen is not None else self.installed.get(name)
 
-    def package(self, name: str) -> Candidate:
+    def package(self, name: str) -> PackageMeta:
         package = self.current(name)
         assert package is not None, name
         return package
@@ -380,10 +332,6 @@ class _Resolver(Generic[C]):
         """Every need of ``name`` (or those on names in ``only``) holds on the final system."""
         for text in self.package(name).depends:
             dep = self.parse(text)
-            if dep is None:
-                if installed:
-                    continue  # a need we cannot read was not ours to break
-                raise self.error(chain, f"has an invalid dependency '{text}'")
             if only is not None and dep.name not in only:
                 continue
             if self.on_system(dep) is not None:
@@ -415,7 +363,7 @@ class _Resolver(Generic[C]):
         return None
 
     def check_conflicts(self) -> None:
-        final: dict[str, Candidate] = {
+        final: dict[str, PackageMeta] = {
             name: package for name, package in self.installed.items() if name not in self.chosen
         }
         final.update(self.chosen)
@@ -429,10 +377,6 @@ class _Resolver(Generic[C]):
             package = final[name]
             for text in package.conflicts:
                 entry = self.parse(text)
-                if entry is None:
-                    if name in self.chosen:
-                        raise self.error(self.chains[name], f"has an invalid conflict '{text}'")
-                    continue
                 for other in by_provided.get(entry.name, ()):
                     if other == name or (name not in self.chosen and other not in self.chosen):
                         continue
@@ -458,9 +402,9 @@ class _Resolver(Generic[C]):
 
     # -- order ----------------------------------------------------------------------------
 
-    def ordered(self) -> tuple[Step[C], ...]:
+    def ordered(self) -> tuple[InstallStep, ...]:
         """The chosen packages, each after the chosen packages it depends on."""
-        steps: list[Step[C]] = []
+        steps: list[InstallStep] = []
         done: set[str] = set()
         for root in self.chosen:
             if root in done:
@@ -479,7 +423,7 @@ class _Resolver(Generic[C]):
                     steps.append(self.step(name))
         return tuple(steps)
 
-    def step(self, name: str) -> Step[C]:
+    def step(self, name: str) -> InstallStep:
         package = self.chosen[name]
         old = self.installed.get(name)
         if old is None:
@@ -490,7 +434,7 @@ class _Resolver(Generic[C]):
                 full_version(old.version, old.release),
             )
             action = Action.UPGRADE if order > 0 else Action.DOWNGRADE if order else Action.REBUILD
-        return Step(action, package, old, self.chains[name])
+        return InstallStep(action, package, old, self.chains[name])
 
     # -- words ----------------------------------------------------------------------------
 
@@ -516,58 +460,34 @@ class _Resolver(Generic[C]):
             text += f" (installed: {full_version(installed.version, installed.release)})"
         return text
 
-    def parse(self, text: str) -> Dependency | None:
+    def parse(self, text: str) -> Dependency:
+        """A dependency string of a package (valid: ``PackageMeta`` checks them), parsed
+        once per resolution."""
         try:
             return self.parsed[text]
         except KeyError:
-            pass
-        try:
-            dep: Dependency | None = Dependency.parse(text)
-        except ValueError:
-            dep = None
-        self.parsed[text] = dep
-        return dep
+            dep = self.parsed[text] = Dependency.parse(text)
+            return dep
 
-    def offered(self, package: Candidate, name: str) -> str | None:
+    def offered(self, package: PackageMeta, name: str) -> str | None:
         """The version ``package`` offers for ``name`` ('' for an unversioned provides)."""
-        if name == package.name:
-            return full_version(package.version, package.release)
-        for text in package.provides:
-            entry = self.parse(text)
-            if entry is not None and entry.name == name:
-                # recipes allow only '=' in provides: any other operator offers no version
-                return entry.version or "" if entry.op in (None, Op.EQ) else ""
-        return None
+        provides = map(self.parse, package.provides)
+        return offered_version(package.name, package.full_version, provides, name)
 
-    def meets(self, package: Candidate, dep: Dependency) -> bool:
-        """Whether ``package`` satisfies ``dep`` (for a conflict entry: matches it).
+    def meets(self, package: PackageMeta, dep: Dependency) -> bool:
+        """Whether ``package`` satisfies ``dep`` (for a conflict entry: matches it)."""
+        return meets(self.offered(package, dep.name), dep)
 
-        An unversioned ``provides`` satisfies only an unconstrained need, and matches only
-        an unconstrained conflict entry.
-        """
-        offered = self.offered(package, dep.name)
-        if offered is None:
-            return False
-        return dep.op is None or (bool(offered) and dep.accepts(offered))
-
-    def provided_names(self, package: Candidate) -> set[str]:
-        names = {package.name}
-        for text in package.provides:
-            entry = self.parse(text)
-            if entry is not None:
-                names.add(entry.name)
-        return names
+    def provided_names(self, package: PackageMeta) -> set[str]:
+        return {package.name, *(self.parse(text).name for text in package.provides)}
 
 
-def _providers(packages: Mapping[str, Candidate]) -> dict[str, tuple[str, ...]]:
+def _providers(packages: Mapping[str, PackageMeta]) -> dict[str, tuple[str, ...]]:
     """Provided name -> names of the packages providing it, sorted (own names aside)."""
     providers: dict[str, list[str]] = {}
     for name, package in packages.items():
         for text in package.provides:
-            try:
-                provided = Dependency.parse(text).name
-            except ValueError:
-                continue  # an unreadable entry provides nothing anyone could ask for by it
+            provided = Dependency.parse(text).name
             if provided != name:
                 providers.setdefault(provided, []).append(name)
     return {provided: tuple(sorted(names)) for provided, names in providers.items()}

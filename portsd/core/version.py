@@ -20,7 +20,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 
-class Op(StrEnum):
+class ConstraintOp(StrEnum):
     """A version constraint's comparison operator."""
 
     EQ = "="
@@ -32,15 +32,15 @@ class Op(StrEnum):
     def accepts(self, order: int) -> bool:
         """Whether ``vercmp(candidate, wanted) == order`` satisfies this operator."""
         match self:
-            case Op.EQ:
+            case ConstraintOp.EQ:
                 return order == 0
-            case Op.LT:
+            case ConstraintOp.LT:
                 return order < 0
-            case Op.LE:
+            case ConstraintOp.LE:
                 return order <= 0
-            case Op.GT:
+            case ConstraintOp.GT:
                 return order > 0
-            case Op.GE:
+            case ConstraintOp.GE:
                 return order >= 0
 
 
@@ -121,7 +121,7 @@ def vercmp(a: str, b: str) -> int:
     return order
 
 
-def satisfies(candidate: str, op: Op, wanted: str) -> bool:
+def satisfies(candidate: str, op: ConstraintOp, wanted: str) -> bool:
     """Whether version ``candidate`` meets the constraint ``op wanted``."""
     return op.accepts(vercmp(candidate, wanted))
 

@@ -35,7 +35,7 @@ from portsd.build.scheduler import Outcome, Result, Scheduler, describe
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
-from portsd.core.plan import Plan, PlannedBuild, Triage, critical_path, triage
+from portsd.core.plan import BuildPlan, PlannedBuild, Triage, critical_path, triage
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
@@ -335,13 +335,13 @@ class Daemon:
             evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
         return tree, evaluation
 
-    def _republish(self, revision: Revision, plan: Plan, tree: Tree) -> frozenset[str]:
+    def _republish(self, revision: Revision, plan: BuildPlan, tree: Tree) -> frozenset[str]:
         """Index the stored packages of up-to-date ports it does not list (a revert), and
         drop the ports that left the tree. Returns the keys whose stored package is gone
         (removed by hand): one lost file costs a rebuild, never the whole evaluation."""
         index = self.repo.index()
         if self._index_keys[0] != index.serial:
-            self._index_keys = (index.serial, {entry.name: entry.key for entry in index})
+            self._index_keys = (index.serial, {e.meta.name: e.meta.build_key for e in index})
         listed = self._index_keys[1]
         keys = revision.keys.keys
         lost = set()
@@ -365,7 +365,7 @@ class Daemon:
         previous: _Evaluated | None,
         revision: Revision,
         tree: Tree,
-        plan: Plan,
+        plan: BuildPlan,
         present: frozenset[str],
     ) -> dict[str, str]:
         old = None

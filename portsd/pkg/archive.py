@@ -83,7 +83,7 @@ _REFUSED = {
 
 
 @dataclass(frozen=True, slots=True)
-class FileEntry:
+class ManifestEntry:
     """One member: ``path`` relative to the root (no leading slash), ``mode`` its 0o7777 bits.
 
     Files carry ``size`` and ``sha256`` (hex); symlinks and hardlinks carry ``target`` (a
@@ -120,7 +120,7 @@ def canonical_path_problem(path: str) -> str | None:
     return None
 
 
-def check_entries(entries: Sequence[FileEntry], label: str) -> int:
+def check_entries(entries: Sequence[ManifestEntry], label: str) -> int:
     """Check a manifest's members; return the total size of its files.
 
     Every path is canonical and strictly after the previous one (bytewise sorted, so no
@@ -149,7 +149,9 @@ def check_entries(entries: Sequence[FileEntry], label: str) -> int:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _check_entry(entry: FileEntry, previous: str, kinds: dict[str, FileType], label: str) -> None:
+def _check_entry(
+    entry: ManifestEntry, previous: str, kinds: dict[str, FileType], label: str
+) -> None:
     path = entry.path
     problem = canonical_path_problem(path)
     if problem:
@@ -261,7 +263,7 @@ def write_members(
     epoch: int,
     compressor: zstandard.ZstdCompressionObj,
     write: Callable[[bytes], object],
-) -> list[FileEntry]:
+) -> list[ManifestEntry]:
     """Compress the tar members of ``found`` and the end marker, handing output to ``write``.
 
     Each file is read once: straight into the buffer that goes to zstd, hashed on the way
@@ -272,7 +274,7 @@ def write_members(
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     pos = 0
-    entries: list[FileEntry] = []
+    entries: list[ManifestEntry] = []
     inodes: dict[tuple[int, int], str] = {}
 
     def put(data: bytes | memoryview) -> None:
@@ -287,7 +289,7 @@ def write_members(
         full = f"{root}/{rel}"
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
-            entries.append(FileEntry(rel, FileType.DIR, mode))
+            entries.append(ManifestEntry(rel, FileType.DIR, mode))
             put(member_header(rel + "/", FileType.DIR, mode, 0, "", epoch))
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(full)
@@ -295,13 +297,13 @@ def write_members(
                 target.encode()
             except UnicodeEncodeError:
                 raise PackageError(full, "symlink target is not UTF-8") from None
-            entries.append(FileEntry(rel, FileType.SYMLINK, 0o777, target=target))
+            entries.append(ManifestEntry(rel, FileType.SYMLINK, 0o777, target=target))
             put(member_header(rel, FileType.SYMLINK, 0o777, 0, target, epoch))
         elif stat.S_ISREG(st.st_mode):
             inode = (st.st_dev, st.st_ino)
             first = inodes.get(inode) if st.st_nlink > 1 else None
             if first is not None:  # the first path in sorted order is the file
-                entries.append(FileEntry(rel, FileType.HARDLINK, mode, target=first))
+                entries.append(ManifestEntry(rel, FileType.HARDLINK, mode, target=first))
                 put(member_header(rel, FileType.HARDLINK, mode, 0, first, epoch))
                 continue
             if st.st_nlink > 1:
@@ -332,7 +334,7 @@ def write_members(
             finally:
                 os.close(fd)
             put(_ZERO_VIEW[: -size % BLOCK])
-            entries.append(FileEntry(rel, FileType.FILE, mode, size, digest.hexdigest()))
+            entries.append(ManifestEntry(rel, FileType.FILE, mode, size, digest.hexdigest()))
         else:
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket"
             if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -422,7 +424,7 @@ class TarHeader:
     mtime: int
 
 
-class Source:
+class HashingReader:
     """A compressed file read through, its bytes counted and hashed as zstd reads them."""
 
     def __init__(self, fd: int) -> None:
@@ -454,7 +456,7 @@ class TarStream:
     """
 
     def __init__(self, fd: int, label: str, *, threaded: bool = False) -> None:
-        self.source = Source(fd)
+        self.source = HashingReader(fd)
         decompressor = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
         self._reader = decompressor.stream_reader(
             self.source,  # type: ignore[arg-type]  # anything with read() will do
@@ -674,7 +676,7 @@ def read_header(stream: TarStream) -> TarHeader | None:
     return TarHeader(path, kind, _octal(mode, stream), size, target, _octal(mtime, stream))
 
 
-def match_header(header: TarHeader, expected: FileEntry, label: str) -> None:
+def match_header(header: TarHeader, expected: ManifestEntry, label: str) -> None:
     """Refuse a member header that is not exactly its manifest entry (path already equal)."""
     path = expected.path
     kind, mode, size, target = header.type, header.mode, header.size, header.target
@@ -690,7 +692,7 @@ def match_header(header: TarHeader, expected: FileEntry, label: str) -> None:
         raise UnsafeArchive(label, path, f"link to '{target}' is not the manifest's")
 
 
-def allowance(entries: Sequence[FileEntry]) -> int:
+def allowance(entries: Sequence[ManifestEntry]) -> int:
     """The most bytes the members of a manifest may decompress to, headers included.
 
     Generous about headers (any writer's pax records, record padding), exact about data:

@@ -21,7 +21,7 @@ defaults cannot slip in. Identical bytes hold for one libzstd version, which the
 zstandard wheel bundles.
 
 Reading trusts nothing, whatever signature vouched for the file: ``PackageReader`` checks
-the manifest (``PortInfo.check``), then that the members are exactly, in order, its entries
+the manifest (``PortInfo.from_bytes``), then that the members are exactly, in order, its entries
 (path, type, mode, size, target, and each file's sha256), and stops decompressing once the
 stream outgrows what the manifest accounts for (zstd bombs). Every violation raises
 ``UnsafeArchive`` naming the member.
@@ -32,11 +32,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -44,16 +43,14 @@ from typing import IO, Any
 import msgpack
 import zstandard
 
-from portsd.core.index import PackageMeta as IndexMeta
-from portsd.core.recipe import NAME_PATTERN, Dependency
-from portsd.core.version import VERSION_PATTERN
+from portsd.core.metadata import InvalidField, MetaLayout, PackageMeta
 from portsd.errors import PackageError, UnsafeArchive
 from portsd.pkg.archive import (
     BLOCK,
     MAX_OCTAL,
     PORTINFO,
-    FileEntry,
     FileType,
+    ManifestEntry,
     TarStream,
     allowance,
     canonical_path_problem,
@@ -69,24 +66,19 @@ from portsd.pkg.archive import (
 __all__ = [
     "PACKAGE_FORMAT",
     "BuiltPackage",
-    "FileEntry",
+    "ManifestEntry",
     "FileType",
     "Member",
-    "PackageMeta",
     "PackageReader",
     "PortInfo",
     "create_package",
     "extract_package",
-    "package_filename",
     "read_portinfo",
 ]
 
 PACKAGE_FORMAT = 1
 """Version of the layout of ``.PORTINFO`` and of the archive; bumped on any change."""
 
-SUFFIX = ".pkg.tar.zst"
-_ARCH = re.compile(r"[A-Za-z0-9_]+")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _JOB_SIZE = 8 << 20  # zstd's own default at level 3 (4 << windowLog 21), pinned: see above
 _OVERLAP_LOG = 6  # zstd's default overlap for its fast strategies, pinned likewise
 _SPOOL_LIMIT = 256 << 20  # compressed bytes kept in memory before spilling to disk
@@ -98,44 +90,40 @@ _COPY_CHUNK = 4 << 20
 _THREAD_MIN = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class PackageMeta:
-    """What a package says about itself, from the recipe and the build key."""
-
-    name: str
-    version: str
-    release: int
-    arch: str
-    build_key: str
-    summary: str = ""
-    license: str = ""
-    depends: tuple[str, ...] = ()
-    provides: tuple[str, ...] = ()
-    conflicts: tuple[str, ...] = ()
+_LAYOUT = MetaLayout(
+    (
+        "format",
+        "name",
+        "version",
+        "release",
+        "arch",
+        "summary",
+        "license",
+        "depends",
+        "provides",
+        "conflicts",
+        "build_key",
+        "installed_size",
+        "files",
+    ),
+    build_key="build_key",
+)
+"""The keys of ``.PORTINFO``, in the order they are written: the package's facts, the
+format and the files."""
 
 
 @dataclass(frozen=True, slots=True)
 class PortInfo:
-    """The manifest in ``.PORTINFO``; ``files`` are in the archive's (bytewise) order.
+    """The manifest in ``.PORTINFO``: the package's facts and its files, in the archive's
+    (bytewise) order.
 
-    ``installed_size`` is the sum of the sizes of the regular files (a hardlinked file
-    counted once). ``from_bytes`` accepts only what ``to_bytes`` could have written for a
-    safe package: see ``check`` for the rules.
+    ``meta.installed_size`` is the sum of the sizes of the regular files (a hardlinked
+    file counted once). ``from_bytes`` accepts only what ``to_bytes`` could have written
+    for a safe package: see ``check`` for the rules.
     """
 
-    format: int
-    name: str
-    version: str
-    release: int
-    arch: str
-    summary: str
-    license: str
-    depends: tuple[str, ...]
-    provides: tuple[str, ...]
-    conflicts: tuple[str, ...]
-    build_key: str
-    installed_size: int
-    files: tuple[FileEntry, ...]
+    meta: PackageMeta
+    files: tuple[ManifestEntry, ...]
 
     def to_bytes(self) -> bytes:
         """The canonical msgpack encoding (fixed key order), as stored in packages."""
@@ -152,23 +140,7 @@ class PortInfo:
             if entry.target is not None:
                 item["target"] = entry.target
             files.append(item)
-        data: bytes = msgpack.packb(
-            {
-                "format": self.format,
-                "name": self.name,
-                "version": self.version,
-                "release": self.release,
-                "arch": self.arch,
-                "summary": self.summary,
-                "license": self.license,
-                "depends": list(self.depends),
-                "provides": list(self.provides),
-                "conflicts": list(self.conflicts),
-                "build_key": self.build_key,
-                "installed_size": self.installed_size,
-                "files": files,
-            }
-        )
+        data: bytes = msgpack.packb(_LAYOUT.encode(self.meta, (PACKAGE_FORMAT, files)))
         return data
 
     @classmethod
@@ -184,53 +156,26 @@ class PortInfo:
         files = top["files"]
         if not isinstance(files, list):
             raise PackageError(label, f"{PORTINFO}: 'files' must be a list")
-        info = cls(
-            format=PACKAGE_FORMAT,
-            name=_typed(top, "name", str, label),
-            version=_typed(top, "version", str, label),
-            release=_typed(top, "release", int, label),
-            arch=_typed(top, "arch", str, label),
-            summary=_typed(top, "summary", str, label),
-            license=_typed(top, "license", str, label),
-            depends=_strings(top, "depends", label),
-            provides=_strings(top, "provides", label),
-            conflicts=_strings(top, "conflicts", label),
-            build_key=_typed(top, "build_key", str, label),
-            installed_size=_typed(top, "installed_size", int, label),
-            files=tuple(_file_entry(item, label) for item in files),
-        )
+        try:
+            meta = _LAYOUT.decode(top)
+        except InvalidField as error:
+            raise PackageError(label, f"{PORTINFO}: '{error.field}': {error.message}") from None
+        info = cls(meta, tuple(_file_entry(item, label) for item in files))
         info.check(label)
         return info
-
-    def index_meta(self) -> IndexMeta:
-        """What the repository's index says about this package."""
-        return IndexMeta(
-            name=self.name,
-            version=self.version,
-            release=self.release,
-            arch=self.arch,
-            key=self.build_key,
-            summary=self.summary,
-            license=self.license,
-            depends=self.depends,
-            provides=self.provides,
-            conflicts=self.conflicts,
-            installed_size=self.installed_size,
-        )
 
     def check(self, label: str) -> None:
         """Raise PackageError (UnsafeArchive for a dangerous entry) unless this is sound.
 
-        The metadata must be well formed (name, version, arch, build key, dependency
-        strings as in recipes) and the files obey ``portsd.pkg.archive.check_entries``:
-        canonical sorted unique paths, parents that are directories of the package, links
-        that stay inside the root.
+        The files obey ``portsd.pkg.archive.check_entries`` (canonical sorted unique paths,
+        parents that are directories of the package, links that stay inside the root) and
+        add up to ``installed_size``; the facts checked themselves when they were made.
         """
-        _check_metadata(self, label)
         total = check_entries(self.files, label)
-        if total != self.installed_size:
+        if total != self.meta.installed_size:
             raise PackageError(
-                label, f"installed_size {self.installed_size} is not the files' total {total}"
+                label,
+                f"installed_size {self.meta.installed_size} is not the files' total {total}",
             )
 
 
@@ -244,11 +189,6 @@ class BuiltPackage:
     info: PortInfo
 
 
-def package_filename(name: str, version: str, release: int, arch: str, build_key: str) -> str:
-    """``<name>-<version>-<release>-<arch>-<key12>.pkg.tar.zst``."""
-    return f"{name}-{version}-{release}-{arch}-{build_key[:12]}{SUFFIX}"
-
-
 def create_package(
     destdir: Path,
     meta: PackageMeta,
@@ -258,10 +198,11 @@ def create_package(
     level: int = 3,
     threads: int = -1,
 ) -> BuiltPackage:
-    """Pack DESTDIR into ``out_dir / package_filename(...)`` and describe what was written.
+    """Pack DESTDIR into ``out_dir / meta.filename`` and describe what was written.
 
     ``epoch`` (SOURCE_DATE_EPOCH) is every member's mtime; ``threads`` is zstd's worker
-    count (-1: one per usable CPU) and never changes the bytes. The file appears under its
+    count (-1: one per usable CPU) and never changes the bytes. ``meta.installed_size`` is
+    ignored: the manifest gets the size of what was packed. The file appears under its
     final name only when complete (temp file, fsync, rename), replacing any file there.
     Raises PackageError naming the path for what a package may not hold: device nodes,
     FIFOs, sockets, non-UTF-8 names, links leading outside DESTDIR. DESTDIR must not change
@@ -269,7 +210,6 @@ def create_package(
     by every reader (its sha256 would not match).
     """
     root = str(destdir)
-    _check_metadata(meta, root)
     if not 0 <= epoch < MAX_OCTAL:
         raise PackageError(root, f"SOURCE_DATE_EPOCH {epoch} is out of range")
     workers = max(1, len(os.sched_getaffinity(0)) if threads < 0 else threads)
@@ -282,28 +222,15 @@ def create_package(
     )
     cctx = zstandard.ZstdCompressor(compression_params=params)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = package_filename(meta.name, meta.version, meta.release, meta.arch, meta.build_key)
+    name = meta.filename
     final = out_dir / name
     with _Spool(out_dir, _SPOOL_LIMIT) as body:
         try:
             entries = write_members(root, scan(root), epoch, cctx.compressobj(), body.write)
         except OSError as exc:
             raise PackageError(exc.filename or root, exc.strerror or str(exc)) from None
-        info = PortInfo(
-            PACKAGE_FORMAT,
-            meta.name,
-            meta.version,
-            meta.release,
-            meta.arch,
-            meta.summary,
-            meta.license,
-            tuple(meta.depends),
-            tuple(meta.provides),
-            tuple(meta.conflicts),
-            meta.build_key,
-            sum(entry.size for entry in entries),
-            tuple(entries),
-        )
+        installed = sum(entry.size for entry in entries)
+        info = PortInfo(replace(meta, installed_size=installed), tuple(entries))
         info.check(root)  # never write what our own reader would refuse
         manifest = info.to_bytes()
         head = member_header(PORTINFO, FileType.FILE, 0o644, len(manifest), "", epoch)
@@ -391,7 +318,7 @@ class Member:
 
     __slots__ = ("entry", "mtime", "_reader")
 
-    def __init__(self, entry: FileEntry, mtime: int, reader: PackageReader) -> None:
+    def __init__(self, entry: ManifestEntry, mtime: int, reader: PackageReader) -> None:
         self.entry = entry
         self.mtime = mtime
         self._reader = reader
@@ -629,29 +556,9 @@ def _remove(root: str, *, keep_root: bool) -> None:
                 os.unlink(entry.path)
 
 
-def _check_metadata(meta: PackageMeta | PortInfo, label: str) -> None:
-    if not NAME_PATTERN.fullmatch(meta.name):
-        raise PackageError(label, f"invalid package name {meta.name!r}")
-    if not VERSION_PATTERN.fullmatch(meta.version):
-        raise PackageError(label, f"invalid version {meta.version!r}")
-    if meta.release < 0 or not _ARCH.fullmatch(meta.arch):
-        raise PackageError(label, f"invalid release/arch {meta.release!r}/{meta.arch!r}")
-    if not _SHA256.fullmatch(meta.build_key):
-        raise PackageError(label, f"invalid build key {meta.build_key!r}")
-    for field in ("depends", "provides", "conflicts"):
-        for text in getattr(meta, field):
-            try:
-                Dependency.parse(text)
-            except ValueError as exc:
-                raise PackageError(label, f"{field}: {exc}") from None
-
-
 # --- decoding ------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset(
-    "format name version release arch summary license depends provides conflicts "
-    "build_key installed_size files".split()
-)
+_TOP_KEYS = frozenset(_LAYOUT.keys)
 _TYPES = {kind.value: kind for kind in FileType}
 _FILE_KEYS = {
     FileType.FILE: frozenset({"path", "type", "mode", "size", "sha256"}),
@@ -671,21 +578,7 @@ def _record(raw: object, keys: frozenset[str], label: str, what: str) -> dict[st
     return raw
 
 
-def _typed(data: dict[str, Any], key: str, kind: type[Any], label: str) -> Any:
-    value = data[key]
-    if type(value) is not kind:  # exact: msgpack bools must not pass as ints
-        raise PackageError(label, f"{PORTINFO}: '{key}' must be {kind.__name__}, not {value!r}")
-    return value
-
-
-def _strings(data: dict[str, Any], key: str, label: str) -> tuple[str, ...]:
-    value = data[key]
-    if not isinstance(value, list) or not all(type(v) is str for v in value):
-        raise PackageError(label, f"{PORTINFO}: '{key}' must be a list of strings")
-    return tuple(value)
-
-
-def _file_entry(item: object, label: str) -> FileEntry:
+def _file_entry(item: object, label: str) -> ManifestEntry:
     kind = item.get("type") if isinstance(item, dict) else None
     kind = _TYPES.get(kind) if type(kind) is str else None
     if kind is None:
@@ -705,4 +598,4 @@ def _file_entry(item: object, label: str) -> FileEntry:
         or not (target is None or type(target) is str)
     ):
         raise PackageError(label, f"{PORTINFO}: file entry {item!r} has a field of a wrong type")
-    return FileEntry(path, kind, mode, size, sha256, target)
+    return ManifestEntry(path, kind, mode, size, sha256, target)

@@ -57,7 +57,6 @@ from portsd.core.index import (
     ARCH_PATTERN,
     Index,
     IndexEntry,
-    PackageMeta,
     decode_entry,
     decode_index,
     encode_entry,
@@ -66,6 +65,7 @@ from portsd.core.index import (
     with_entry,
     without,
 )
+from portsd.core.metadata import PackageMeta
 from portsd.errors import BadSignature, RepoError
 from portsd.fsio import feed_file, fsync_dir, write_synced
 from portsd.pkg.sign import PublicKey, SecretKey, verify, verify_file
@@ -257,7 +257,7 @@ class Repository:
         """Move ``package`` into the repository and publish a new index that lists it.
 
         The entry replaces any entry of the same name. If the repository already holds a
-        package for ``meta.key``, that one is published and ``package`` is discarded (the
+        package for ``meta.build_key``, that one is published and ``package`` is discarded (the
         returned entry says which file is served). ``package`` is gone on success; on
         error it is left in place. ``commit`` becomes the index's commit. Cheapest when
         ``package`` is on the repository's filesystem (a hard link); otherwise it is copied
@@ -272,7 +272,7 @@ class Repository:
             # the expensive reads happen before taking the lock
             size, sha256 = _hash_file(source)
             signature = secret.sign_file(
-                source, f"timestamp:{self._now()}\tfile:{filename}\tkey:{meta.key}"
+                source, f"timestamp:{self._now()}\tfile:{filename}\tkey:{meta.build_key}"
             )
         with _os_errors(self.path), self._locked():
             self._recover()
@@ -280,7 +280,7 @@ class Repository:
             entry = self._stored(meta, target, size, sha256, signature)
             if entry is None:
                 try:
-                    entry = IndexEntry.of(meta, filename, size, sha256)
+                    entry = IndexEntry(meta, filename, size, sha256)
                 except ValueError as error:
                     raise RepoError(str(source), f"cannot be published: {error}") from None
                 self._store(source, entry, signature)
@@ -400,7 +400,7 @@ class Repository:
         """The entry of the package already stored as ``target``, if there is one."""
         if not _exists(target):
             return None
-        entry = self.find_key(meta.key)
+        entry = self.find_key(meta.build_key)
         if entry is not None and self.package_path(entry) == target:
             return entry
         # a file without a complete record (placed by hand?): adopt it only if identical
@@ -408,7 +408,7 @@ class Repository:
             raise RepoError(
                 str(target), "a different file is stored under this name; refusing to replace it"
             )
-        entry = IndexEntry.of(meta, target.name, size, sha256)
+        entry = IndexEntry(meta, target.name, size, sha256)
         self._store(None, entry, signature)
         return entry
 
@@ -426,7 +426,7 @@ class Repository:
             os.link(staged, target)  # never replaces: checked under the lock, link re-checks
             staged.unlink()
         fsync_dir(self.packages_path)
-        self._write_file(self._keys / entry.key, encode_entry(entry))
+        self._write_file(self._keys / entry.meta.build_key, encode_entry(entry))
         fsync_dir(self._keys)
 
     def _replace_index(self, index: Index, commit: str | None) -> None:

@@ -5,7 +5,7 @@ from the object database with pygit2. ``hash_directory`` computes the id git wou
 directory, so a working tree and the commit with the same content name their ports with the
 same tree ids (and therefore give them the same build keys).
 
-A ``Snapshot`` is one state of a ports tree, read either way: ``GitSnapshot`` (a commit)
+A ``TreeSnapshot`` is one state of a ports tree, read either way: ``GitSnapshot`` (a commit)
 and ``DirSnapshot`` (a plain directory, a working tree with uncommitted edits or no git at
 all) both list ``ports/<name>/`` with tree ids, read a port's files and export them, and
 identify (``path_entry``) and export any other path of the tree, for ``path`` sources.
@@ -33,7 +33,7 @@ from typing import Protocol
 
 import pygit2
 
-from portsd.errors import GitError, Problem, RecipeError
+from portsd.errors import FileProblem, GitError, RecipeError
 
 PORTS_DIR = "ports"
 RECIPE_FILE = "port.toml"
@@ -55,7 +55,7 @@ _UNSAFE_NAMES = frozenset({"", ".", ".."})  # (a name from a parsed tree cannot 
 
 
 @dataclass(frozen=True, slots=True)
-class FileEntry:
+class PortFile:
     """A file of a port directory: its path relative to the directory, git mode and blob id."""
 
     path: str
@@ -279,16 +279,16 @@ class GitRepo:
                 raise GitError(self.path, f"unsafe name {name!r} in tree {tree.id}")
             yield name, entry
 
-    def files(self, tree_id: str) -> list[FileEntry]:
+    def files(self, tree_id: str) -> list[PortFile]:
         """The files of a directory tree, recursively, in git's order (submodules left out)."""
         return list(self._walk(self._tree(tree_id), ""))
 
-    def _walk(self, tree: pygit2.Tree, prefix: str) -> Iterator[FileEntry]:
+    def _walk(self, tree: pygit2.Tree, prefix: str) -> Iterator[PortFile]:
         for name, entry in self._entries(tree):
             if isinstance(entry, pygit2.Tree):
                 yield from self._walk(entry, f"{prefix}{name}/")
             elif isinstance(entry, pygit2.Blob):
-                yield FileEntry(f"{prefix}{name}", _MODES[entry.filemode], str(entry.id))
+                yield PortFile(f"{prefix}{name}", _MODES[entry.filemode], str(entry.id))
 
     def read_dir(
         self, tree_id: str, wanted: str
@@ -462,7 +462,7 @@ class HashedDirectory:
     to the directory), plus the contents of the files asked for while hashing."""
 
     tree_id: str
-    files: tuple[FileEntry, ...]
+    files: tuple[PortFile, ...]
     contents: dict[str, bytes]
 
 
@@ -477,7 +477,7 @@ def hash_directory(
     None for a directory with no files at all (git cannot record it). The contents of the
     files named in ``keep`` are returned too, read in the same pass.
     """
-    files: list[FileEntry] = []
+    files: list[PortFile] = []
     contents: dict[str, bytes] = {}
     tree = _hash_tree(path, "", files, contents, set(keep), ignored)
     if tree is None:
@@ -488,7 +488,7 @@ def hash_directory(
 def _hash_tree(
     directory: Path,
     prefix: str,
-    files: list[FileEntry],
+    files: list[PortFile],
     contents: dict[str, bytes],
     keep: set[str],
     ignored: Callable[[Path], bool] | None,
@@ -516,7 +516,7 @@ def _hash_tree(
         else:
             continue
         blob = hash_object("blob", data)
-        files.append(FileEntry(relative, mode, blob.hex()))
+        files.append(PortFile(relative, mode, blob.hex()))
         if relative in keep:
             contents[relative] = data
         entries.append((mode, os.fsencode(entry.name), blob))
@@ -536,7 +536,7 @@ class PortFiles:
     files: tuple[str, ...]
 
 
-class Snapshot(Protocol):
+class TreeSnapshot(Protocol):
     """One state of a ports tree: its port directories, their tree ids and their files."""
 
     @property
@@ -568,7 +568,7 @@ class Snapshot(Protocol):
 
 
 def _missing_recipe(name: str, why: str) -> RecipeError:
-    return RecipeError(name, [Problem(f"{PORTS_DIR}/{name}/{RECIPE_FILE}", why)])
+    return RecipeError(name, [FileProblem(f"{PORTS_DIR}/{name}/{RECIPE_FILE}", why)])
 
 
 class GitSnapshot:

@@ -47,7 +47,7 @@ from portsd.core.recipe import (
     parse_recipe,
     source_line,
 )
-from portsd.errors import GitError, Problem, RecipeError
+from portsd.errors import FileProblem, GitError, RecipeError
 from portsd.fsio import write_atomic
 from portsd.gcpause import paused_gc
 from portsd.tree.gitrepo import (
@@ -59,7 +59,7 @@ from portsd.tree.gitrepo import (
     GitSnapshot,
     PathEntry,
     PortFiles,
-    Snapshot,
+    TreeSnapshot,
 )
 
 Port = Recipe | RecipeError
@@ -148,7 +148,7 @@ class _Decoder:
     def decode(self, data: bytes | memoryview) -> Port:
         fields = msgpack.unpackb(data, use_list=False)
         if fields[0] == _ERROR:
-            return RecipeError(fields[1], [Problem(*problem) for problem in fields[2]])
+            return RecipeError(fields[1], [FileProblem(*problem) for problem in fields[2]])
         (_, name, version, release, summary, license_, homepage, arch) = fields[:8]
         depends, build_depends, check_depends, provides, conflicts, sources, build = fields[8:]
         spec = self.builds.get(build)
@@ -363,7 +363,7 @@ class Tree:
     their directories or their referenced paths (name -> input id, None if removed).
     """
 
-    snapshot: Snapshot
+    snapshot: TreeSnapshot
     listing: Mapping[str, str]
     ports: Mapping[str, Port]
     input_ids: Mapping[str, str]
@@ -416,7 +416,7 @@ class Tree:
         return exported
 
 
-def parse_ports(snapshot: Snapshot, names: Sequence[str]) -> list[Port]:
+def parse_ports(snapshot: TreeSnapshot, names: Sequence[str]) -> list[Port]:
     """Read and parse ports of ``snapshot``; problems come back as ``RecipeError`` values."""
     # All reads, then all parses: interleaved, libgit2 and the parser evict each other
     # from the CPU caches and the whole takes a third longer.
@@ -439,7 +439,7 @@ def parse_ports(snapshot: Snapshot, names: Sequence[str]) -> list[Port]:
     return parsed
 
 
-def _parse_batch(snapshot: Snapshot, names: Sequence[str]) -> list[tuple[bytes, bool]]:
+def _parse_batch(snapshot: TreeSnapshot, names: Sequence[str]) -> list[tuple[bytes, bool]]:
     """Worker process: parse ports and return them encoded (cheaper to ship than objects),
     each with whether it has path sources."""
     with paused_gc():
@@ -447,8 +447,8 @@ def _parse_batch(snapshot: Snapshot, names: Sequence[str]) -> list[tuple[bytes, 
 
 
 def _path_problems(
-    snapshot: Snapshot, name: str, recipe: Recipe, found: Mapping[str, PathEntry | None]
-) -> list[Problem]:
+    snapshot: TreeSnapshot, name: str, recipe: Recipe, found: Mapping[str, PathEntry | None]
+) -> list[FileProblem]:
     """What is wrong with the port's ``path`` sources in this tree: each path that holds
     nothing, a symlink or a submodule, at the line of its source. The messages depend on
     nothing but the port's inputs, so an incremental evaluation keeps them right."""
@@ -473,7 +473,7 @@ def _path_problems(
         text = snapshot.read_port(name).recipe.decode()
     except (RecipeError, GitError, UnicodeDecodeError):
         text = ""  # it parsed a moment ago; without its text, only the line is lost
-    return [Problem(file, message, source_line(text, n, "path")) for n, message in problems]
+    return [FileProblem(file, message, source_line(text, n, "path")) for n, message in problems]
 
 
 class TreeLoader:
@@ -501,7 +501,7 @@ class TreeLoader:
         self.parses = 0
         self.parsed_by_workers = 0
 
-    def load(self, snapshot: Snapshot) -> Tree:
+    def load(self, snapshot: TreeSnapshot) -> Tree:
         """Every port of ``snapshot`` with its recipe; ``GitError`` if the tree is unreadable."""
         listing = snapshot.listing()
         self._parse_missing(snapshot, listing)
@@ -535,7 +535,7 @@ class TreeLoader:
         """Persist the recipe cache (atomically); a no-op without a cache directory."""
         self.cache.save()
 
-    def _tree(self, snapshot: Snapshot, listing: Mapping[str, str]) -> Tree:
+    def _tree(self, snapshot: TreeSnapshot, listing: Mapping[str, str]) -> Tree:
         """The tree of a listing whose ports are all parsed: for the few ports with path
         sources (known from the cache, without decoding the others), their combined ids
         and, where a path is not usable, a ``RecipeError`` in place of the recipe."""
@@ -563,7 +563,7 @@ class TreeLoader:
         ports = _Ports(listing, cache, broken)
         return Tree(snapshot, listing, ports, inputs, combined, paths)
 
-    def _parse_missing(self, snapshot: Snapshot, names: Mapping[str, str]) -> None:
+    def _parse_missing(self, snapshot: TreeSnapshot, names: Mapping[str, str]) -> None:
         cache = self.cache
         keys = list(names.items())
         missing = cache.missing(keys)
@@ -583,7 +583,7 @@ class TreeLoader:
                 for key, port in zip(missing, ports, strict=True):
                     cache.put(key, port)
 
-    def _parse_in_pool(self, snapshot: Snapshot, missing: list[Key]) -> None:
+    def _parse_in_pool(self, snapshot: TreeSnapshot, missing: list[Key]) -> None:
         # This process parses one share itself while the workers parse the others: their
         # results must be shipped back and decoded, which costs about a fifth of a parse.
         shares = [missing[i :: self.workers] for i in range(self.workers)]

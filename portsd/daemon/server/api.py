@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from portsd.config import Config
-from portsd.core.index import IndexEntry
+from portsd.core.index import IndexEntry, entry_map
 from portsd.core.recipe import NAME_PATTERN
 from portsd.daemon.engine import Engine, EngineStatus
 from portsd.daemon.server.streams import EVENT_HEADERS, TEXT_HEADERS, Streams, send_events, send_log
@@ -110,22 +110,7 @@ def status_json(status: EngineStatus, counts: dict[BuildState, int]) -> dict[str
 
 
 def entry_json(entry: IndexEntry) -> dict[str, Any]:
-    return {
-        "name": entry.name,
-        "version": entry.version,
-        "release": entry.release,
-        "arch": entry.arch,
-        "key": entry.key,
-        "file": entry.file,
-        "size": entry.size,
-        "sha256": entry.sha256,
-        "summary": entry.summary,
-        "license": entry.license,
-        "depends": list(entry.depends),
-        "provides": list(entry.provides),
-        "conflicts": list(entry.conflicts),
-        "installed_size": entry.installed_size,
-    }
+    return entry_map(entry)  # the index's own map: one encoding of an entry
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -42,7 +42,7 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
+class EngineSnapshot:
     """The engine's side of a scrape, read in one go on a worker thread."""
 
     status: EngineStatus
@@ -52,10 +52,10 @@ class Snapshot:
     subscribers: int
 
 
-def snapshot(engine: Engine) -> Snapshot:
+def snapshot(engine: Engine) -> EngineSnapshot:
     """Read the engine's state (blocking: sqlite, maybe git)."""
     latest = engine.state.latest_evaluation()
-    return Snapshot(
+    return EngineSnapshot(
         status=engine.status(),
         counts=engine.state.counts(),
         durations=tuple(engine.state.finished_durations()),
@@ -65,7 +65,7 @@ def snapshot(engine: Engine) -> Snapshot:
     )
 
 
-def render(counters: Counters, snap: Snapshot) -> str:
+def render(counters: Counters, snap: EngineSnapshot) -> str:
     """The exposition text of ``counters`` and ``snap``."""
     out: list[str] = []
     status = snap.status
