@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -13,7 +11,6 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import portsd.core.index
 from portsd.core.index import (
     FORMAT,
     Index,
@@ -357,43 +354,6 @@ def test_expired_index_is_refused() -> None:
     value = index()
     with pytest.raises(IndexExpired, match=r"lan: index serial 7 expired at 1700604800 \(0s ago\)"):
         check_fresh(value, last_serial=None, now=value.expires, label="lan")
-
-
-# -- layering ------------------------------------------------------------------------------
-
-
-def test_index_module_is_pure() -> None:
-    source = Path(portsd.core.index.__file__).read_text()
-    tree = ast.parse(source)
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for alias in (
-            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
-        )
-    }
-    # no os, io, pathlib, time, subprocess, socket: values in, values out
-    assert imported <= {
-        "__future__",
-        "bisect",
-        "operator",
-        "re",
-        "collections.abc",
-        "dataclasses",
-        "typing",
-        "msgpack",
-        "zstandard",
-        "portsd.errors",
-        "portsd.core.recipe",
-        "portsd.core.version",
-    }
-    calls = {
-        node.func.id
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-    }
-    assert "open" not in calls
 
 
 def test_dataclasses_are_frozen_and_slotted() -> None:
