@@ -20,6 +20,7 @@ violation in a small fake package, so a checker that sees nothing cannot pass.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -438,3 +439,19 @@ def test_runtime_check_sees_a_package_init_side_effect(tmp_path: Path) -> None:
 def test_runtime_check_sees_what_an_import_chain_loads(tmp_path: Path) -> None:
     root = plant(tmp_path, {"core/a.py": "from . import b\n", "core/b.py": "import threading\n"})
     assert loaded_forbidden(root, "core.a") == ["threading"]
+
+
+# -- the map -------------------------------------------------------------------------------
+
+
+def map_entry(module: Module) -> str:
+    """How the map names a module: ``core/recipe.py``, or ``daemon/server/`` for a package."""
+    if module.path.name == "__init__.py":
+        return module.name.replace(".", "/") + "/"
+    return module.path.relative_to(PACKAGE).as_posix()
+
+
+def test_every_module_is_on_the_architecture_map() -> None:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"(?<![\w/.])(?:\w+/)*(?:\w+\.py|\w+/)", text))
+    assert [map_entry(m) for m in MODULES if m.name and map_entry(m) not in named] == []
