@@ -358,7 +358,7 @@ def test_expired_index_is_refused() -> None:
 
 def test_dataclasses_are_frozen_and_slotted() -> None:
     for cls in (Index, IndexEntry, PackageMeta):
-        params = cls.__dataclass_params__
+        params = vars(cls)["__dataclass_params__"]
         assert params.frozen and "__slots__" in vars(cls)
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry().name = "x"  # type: ignore[misc]
