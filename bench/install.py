@@ -58,8 +58,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.client import Installed, InstallReason  # noqa: E402
-from portsd.pkg.package import PackageMeta, create_package, read_portinfo  # noqa: E402
+from portsd.client import Installed, InstallReason
+from portsd.pkg.package import PackageMeta, create_package, read_portinfo
 
 EPOCH = 1_700_000_000
 HOST_LIBS = Path("/usr/lib/x86_64-linux-gnu")

@@ -36,7 +36,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.pkg.package import PackageMeta, create_package, extract_package  # noqa: E402
+from portsd.pkg.package import PackageMeta, create_package, extract_package
 
 CANDIDATES = (Path("/usr/lib/python3.11"), Path("/root/.pyenv/versions/3.11.7/lib/python3.11"))
 EPOCH = 1_700_000_000

@@ -39,12 +39,12 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgpack  # noqa: E402
-import zstandard  # noqa: E402
+import msgpack
+import zstandard
 
-from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index  # noqa: E402
-from portsd.core.resolve import Catalog, Mode, resolve  # noqa: E402
-from portsd.gcpause import paused_gc  # noqa: E402
+from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index
+from portsd.core.resolve import Catalog, Mode, resolve
+from portsd.gcpause import paused_gc
 
 SEED = 20_250_101
 CORE = (

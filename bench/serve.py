@@ -51,12 +51,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.config import Config  # noqa: E402
-from portsd.daemon.events import EventBus  # noqa: E402
-from portsd.daemon.server.engine import EngineStatus, PlanGraph  # noqa: E402
-from portsd.daemon.state import BuildState, State  # noqa: E402
-from portsd.pkg.repo import Repository  # noqa: E402
-from portsd.pkg.sign import SecretKey  # noqa: E402
+from portsd.config import Config
+from portsd.daemon.events import EventBus
+from portsd.daemon.server.engine import EngineStatus, PlanGraph
+from portsd.daemon.state import BuildState, State
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 
 ARCH = "x86_64"
 FILES = {"1MB": 1 << 20, "64MB": 64 << 20}
