@@ -29,7 +29,7 @@ ours makes the root durable before it returns.
 Targets: large package <= 1.5x the floor, the small set in under 5 s. The machine is
 shared: compare the ratios of one run, and look at the load average printed with them.
 Both sides need the second core (tar's zstd process, our decompressing thread), so a busy
-neighbour slows both, unevenly, and single runs swing by 30%.
+neighbour slows both, unevenly, and single runs swing. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

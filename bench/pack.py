@@ -15,6 +15,7 @@ the root) and times, each contender once per round, rounds repeated, medians rep
 
 Targets: pack <= 1.2x the CLI, unpack <= 1.5x, compressed size within 1%. The machine is
 shared, so the load average is printed: compare ratios from one run, not across runs.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Peers in the same run: `git diff --name-only` between the two commits (the chang
 detection every git-driven builder needs) and the daemon's own evaluation time (its log).
 Targets: p95 under 300 ms through the hook, under 1 s through the watcher; daemon RSS
 with the tree loaded under 300 MB.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ Targets (from the issue, against the minimal config): >= 0.9x nginx on 64 MB and
 on 1 MB at 16 connections, no failed request at 128 connections. The machine has 2 cores
 shared by wrk and the servers, and other work: compare ratios of one run, not numbers
 across runs.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ Every measurement that depends on process state runs in a fresh subprocess, repe
 ``--runs`` times; the table shows medians of wall and CPU time (the CPU column is the
 steadier one on a shared machine). "Cold" means no recipe cache; the git objects are in
 the page cache either way.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
