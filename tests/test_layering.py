@@ -147,6 +147,8 @@ class Use:
 
 @dataclass(frozen=True, slots=True)
 class Module:
+    """One module of a package as read: what it imports and reaches, and what it calls."""
+
     name: str
     """Relative to the package: ``core.recipe``; the package itself is ``""``."""
     path: Path
@@ -262,7 +264,7 @@ def violations(root: Path, module: Module) -> list[str]:
         if pure:
             if target is None and use.name.partition(".")[0] not in PURE_IMPORTS:
                 found.append(f"{at}: a pure module imports only {sorted(PURE_IMPORTS)}")
-            elif target is not None and target and not any(under(target, p) for p in PURE):
+            elif target and not any(under(target, p) for p in PURE):
                 found.append(f"{at}, which is not pure")
     if pure and module.calls & PURE_FORBIDDEN_CALLS:
         found.append(
