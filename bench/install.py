@@ -29,7 +29,7 @@ ours makes the root durable before it returns.
 Targets: large package <= 1.5x the floor, the small set in under 5 s. The machine is
 shared: compare the ratios of one run, and look at the load average printed with them.
 Both sides need the second core (tar's zstd process, our decompressing thread), so a busy
-neighbour slows both, unevenly, and single runs swing by 30%.
+neighbour slows both, unevenly, and single runs swing. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.client import Installed, InstallReason  # noqa: E402
-from portsd.core.metadata import PackageMeta  # noqa: E402
-from portsd.pkg.package import create_package, read_portinfo  # noqa: E402
+from portsd.client import Installed, InstallReason
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.package import create_package, read_portinfo
 
 EPOCH = 1_700_000_000
 HOST_LIBS = Path("/usr/lib/x86_64-linux-gnu")

@@ -15,6 +15,7 @@ the root) and times, each contender once per round, rounds repeated, medians rep
 
 Targets: pack <= 1.2x the CLI, unpack <= 1.5x, compressed size within 1%. The machine is
 shared, so the load average is printed: compare ratios from one run, not across runs.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.core.metadata import PackageMeta  # noqa: E402
-from portsd.pkg.package import create_package, extract_package  # noqa: E402
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.package import create_package, extract_package
 
 CANDIDATES = (Path("/usr/lib/python3.11"), Path("/root/.pyenv/versions/3.11.7/lib/python3.11"))
 EPOCH = 1_700_000_000

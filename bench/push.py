@@ -15,6 +15,7 @@ Peers in the same run: `git diff --name-only` between the two commits (the chang
 detection every git-driven builder needs) and the daemon's own evaluation time (its log).
 Targets: p95 under 300 ms through the hook, under 1 s through the watcher; daemon RSS
 with the tree loaded under 300 MB.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pygit2  # noqa: E402
+import pygit2
 
-from bench.tree import synthetic_tree  # noqa: E402
-from portsd.config import load_config  # noqa: E402
-from portsd.core.evaluate import Evaluation  # noqa: E402
-from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index  # noqa: E402
-from portsd.core.metadata import PackageMeta  # noqa: E402
-from portsd.pkg.package import create_package  # noqa: E402
-from portsd.pkg.sign import SecretKey  # noqa: E402
-from portsd.tree.loader import TreeLoader  # noqa: E402
-from tests.daemon_harness import free_port  # noqa: E402
+from bench.tree import synthetic_tree
+from portsd.config import load_config
+from portsd.core.evaluate import Evaluation
+from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.package import create_package
+from portsd.pkg.sign import SecretKey
+from portsd.tree.loader import TreeLoader
+from tests.daemon_harness import free_port
 
 
 def commit_edit(repo: pygit2.Repository, leaf: str, serial: int) -> str:

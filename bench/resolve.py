@@ -19,6 +19,7 @@ Times, each the median of ``--runs`` runs (min in brackets), in this process:
   installed packages have new build keys.
 
 Target: resolution < 100 ms on this 2-core machine (decode is reported beside it).
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgpack  # noqa: E402
-import zstandard  # noqa: E402
+import msgpack
+import zstandard
 
-from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index  # noqa: E402
-from portsd.core.metadata import PackageMeta  # noqa: E402
-from portsd.core.resolve import Catalog, Mode, resolve  # noqa: E402
-from portsd.gcpause import paused_gc  # noqa: E402
+from portsd.core.index import FORMAT, Index, IndexEntry, decode_index, encode_index
+from portsd.core.metadata import PackageMeta
+from portsd.core.resolve import Catalog, Mode, resolve
+from portsd.gcpause import paused_gc
 
 SEED = 20_250_101
 CORE = (

@@ -26,6 +26,7 @@ Targets (from the issue, against the minimal config): >= 0.9x nginx on 64 MB and
 on 1 MB at 16 connections, no failed request at 128 connections. The machine has 2 cores
 shared by wrk and the servers, and other work: compare ratios of one run, not numbers
 across runs.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portsd.config import Config  # noqa: E402
-from portsd.daemon.engine import EngineStatus, PlanGraph  # noqa: E402
-from portsd.daemon.events import EventBus  # noqa: E402
-from portsd.daemon.state import BuildState, State  # noqa: E402
-from portsd.pkg.repo import Repository  # noqa: E402
-from portsd.pkg.sign import SecretKey  # noqa: E402
+from portsd.config import Config
+from portsd.daemon.engine import EngineStatus, PlanGraph
+from portsd.daemon.events import EventBus
+from portsd.daemon.state import BuildState, State
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
 
 ARCH = "x86_64"
 FILES = {"1MB": 1 << 20, "64MB": 64 << 20}

@@ -13,6 +13,7 @@ Every measurement that depends on process state runs in a fresh subprocess, repe
 ``--runs`` times; the table shows medians of wall and CPU time (the CPU column is the
 steadier one on a shared machine). "Cold" means no recipe cache; the git objects are in
 the page cache either way.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pygit2  # noqa: E402
+import pygit2
 
-from portsd.core.evaluate import Evaluation  # noqa: E402
-from portsd.core.graph import Graph  # noqa: E402
-from portsd.core.keys import KeySet  # noqa: E402
-from portsd.core.plan import make_plan  # noqa: E402
-from portsd.core.recipe import parse_recipe  # noqa: E402
-from portsd.tree.gitrepo import GitRepo, GitSnapshot  # noqa: E402
-from portsd.tree.loader import TreeLoader  # noqa: E402
+from portsd.core.evaluate import Evaluation
+from portsd.core.graph import Graph
+from portsd.core.keys import KeySet
+from portsd.core.plan import make_plan
+from portsd.core.recipe import parse_recipe
+from portsd.tree.gitrepo import GitRepo, GitSnapshot
+from portsd.tree.loader import TreeLoader
 
 PORTS = 30_000
 SEED = 20_240_601

@@ -59,7 +59,7 @@ class ConfigError(PortsdError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return str(Problem(self.path, self.message, self.line)) if self.path else self.message
+        return str(FileProblem(self.path, self.message, self.line)) if self.path else self.message
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import tarfile
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 LIB_MAKEFILE = """\
 PREFIX ?= /usr
@@ -182,6 +183,16 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class RecipeOptions(TypedDict, total=False):
+    """The keyword arguments of ``recipe`` besides the source."""
+
+    version: str
+    depends: tuple[str, ...]
+    style: str
+    files: tuple[str, ...]
+    extra_build: str
+
+
 def recipe(
     name: str,
     *,
@@ -215,10 +226,10 @@ def write_tree(root: Path, base_url: str) -> dict[str, bytes]:
     """Write ``root/ports/...``; returns the upstream tarballs to serve at ``base_url``."""
     sources = upstream_sources()
 
-    def url_recipe(name: str, tar: str, **kwargs: object) -> str:
+    def url_recipe(name: str, tar: str, **options: Unpack[RecipeOptions]) -> str:
         return recipe(
-            name, source_url=f"{base_url}/{tar}", source_sha=sha256(sources[tar]), **kwargs
-        )  # type: ignore[arg-type]
+            name, source_url=f"{base_url}/{tar}", source_sha=sha256(sources[tar]), **options
+        )
 
     ports: dict[str, dict[str, str]] = {
         "libbase": {"port.toml": url_recipe("libbase", "libbase-1.0.tar.gz")},

@@ -472,7 +472,7 @@ def test_a_cancelled_build_stops_downloading_and_keeps_only_a_resumable_part(
     def build() -> None:
         try:
             workspace.build(revision, plan.builds[0], cancel)
-        except BaseException as error:  # noqa: BLE001 - the test looks at it
+        except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=build)

@@ -192,7 +192,10 @@ def trees_and_changes(
     def random_port(name: str) -> Recipe | RecipeError:
         if rng.random() < 0.08:
             return RecipeError(name, [FileProblem(f"ports/{name}/port.toml", "broken")])
-        pick = lambda: tuple(rng.sample(names + ["virt", "gone"], rng.randint(0, 2)))  # noqa: E731
+
+        def pick() -> tuple[str, ...]:
+            return tuple(rng.sample(names + ["virt", "gone"], rng.randint(0, 2)))
+
         versions = ["", ">=1", "<2", "=1.0"]
         return port(
             name,

@@ -81,8 +81,8 @@ def populate(root: Path, *, reverse: bool = False, when: int = 1_000_000) -> Non
     os.symlink("../../" + "t" * 120, root / "usr/lib/longlink")  # needs a pax linkpath
     os.link(root / "usr/bin/tool", root / "usr/bin/tool-alias")
     os.link(root / "usr/bin/tool", root / "usr/bin/a-tool")  # sorts first: it is the file
-    for path in sorted(root.rglob("*"), reverse=True):
-        os.utime(path, (when, when), follow_symlinks=False)
+    for child in sorted(root.rglob("*"), reverse=True):
+        os.utime(child, (when, when), follow_symlinks=False)
 
 
 def build(tmp_path: Path, name: str = "destdir", *, reverse: bool = False, when: int = 0) -> Path:
@@ -92,9 +92,12 @@ def build(tmp_path: Path, name: str = "destdir", *, reverse: bool = False, when:
     return root
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, int, object]]:
+Snapshot = dict[str, tuple[str, int, object]]
+
+
+def snapshot(root: Path) -> Snapshot:
     """Type, mode and content (or target) of everything below root."""
-    result: dict[str, tuple[str, int, object]] = {}
+    result: Snapshot = {}
     for path in sorted(root.rglob("*")):
         st_ = path.lstat()
         rel = str(path.relative_to(root))
@@ -809,10 +812,11 @@ def port_infos(draw: st.DrawFn) -> PortInfo:
     for _ in range(draw(st.integers(0, 6))):
         parts = draw(st.lists(_name, min_size=1, max_size=3))
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    leaves = {
-        f"{draw(st.sampled_from(sorted(dirs)))}/{name}" if dirs and draw(st.booleans()) else name
-        for name in draw(st.lists(_name, max_size=8))
-    } - dirs
+    leaves: set[str] = set()
+    for name in draw(st.lists(_name, max_size=8)):
+        nested = bool(dirs) and draw(st.booleans())
+        leaves.add(f"{draw(st.sampled_from(sorted(dirs)))}/{name}" if nested else name)
+    leaves -= dirs
     leaves = {p for p in leaves if not any(p == x or x.startswith(p + "/") for x in dirs)}
     entries: list[ManifestEntry] = []
     files: list[str] = []
@@ -876,7 +880,7 @@ def test_mangled_manifests_raise_only_package_errors(info: PortInfo, data: st.Da
 
 
 @pytest.fixture(scope="module")
-def small_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, object]]:
+def small_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Snapshot]:
     """A real package's decompressed tar stream (both frames), and what it unpacks to."""
     root = tmp_path_factory.mktemp("small")
     destdir = build(root)
@@ -896,7 +900,7 @@ def small_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_mangled_archives_are_refused_or_unpack_intact(
-    small_package: tuple[bytes, dict[str, object]],
+    small_package: tuple[bytes, Snapshot],
     tmp_path_factory: pytest.TempPathFactory,
     data: st.DataObject,
 ) -> None:

@@ -633,7 +633,8 @@ def test_browser_follows_a_build_from_queued_to_built_without_reloading(
     assert driver.title == "portsd: 0 running, 0 queued"
     assert same_page(driver)
     assert refreshes(driver) >= 5
-    severe = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+    log = driver.get_log("browser")  # type: ignore[no-untyped-call]  # selenium leaves it untyped
+    severe = [entry for entry in log if entry.get("level") == "SEVERE"]
     assert not severe
 
 

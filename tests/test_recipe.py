@@ -250,6 +250,63 @@ def test_source_line_locates_a_key_of_the_nth_source() -> None:
     assert source_line(text, 3, "path") is None
 
 
+_SCRIPT_WITH_A_TEST = """\
+[build]
+prepare = '''
+[ -d build ] || mkdir build
+[[ -n "$CC" ]] && echo "$CC"
+'''
+dir = "/abs"
+"""
+_SCRIPT_WITH_AN_ASSIGNMENT = """\
+[build]
+build = \"\"\"
+dir=out
+  style = "x" make
+\"\"\"
+dir = "/abs"
+style = "scons"
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        (
+            _SCRIPT_WITH_A_TEST,
+            [f"{PATH}:10: build dir '/abs' must be a relative path inside the sources"],
+        ),
+        (
+            _SCRIPT_WITH_AN_ASSIGNMENT,
+            [
+                f"{PATH}:10: build dir '/abs' must be a relative path inside the sources",
+                f"{PATH}:11: unknown build style 'scons' "
+                "(expected autotools | cmake | meson | make | custom)",
+            ],
+        ),
+    ],
+    ids=["bracket-lines", "assignment-lines"],
+)
+def test_lines_inside_multiline_scripts_are_not_keys_or_headers(
+    script: str, expected: list[str]
+) -> None:
+    assert problems(MINIMAL + script) == expected
+
+
+def test_source_line_skips_tables_inside_strings_and_arrays() -> None:
+    text = MINIMAL + (
+        '[[source]]\nfile = "a.patch"\n'
+        "[build]\n"
+        'check = """\n[[source]]\npath = "not-this" \\"""\n""""\n'
+        "package = '''\n[[source]] \"\npath = \"no\"'''\n"
+        'configure-args = [\n  "--x", # ]\n  "[[source]]",\n]\n'
+        '[[source]]\nfilename = "b"\npath = "b"\n'
+    )
+    assert parse_recipe(text, PATH, "zlib").sources[1].path == "b"
+    assert source_line(text, 2, "path") == 21
+    assert source_line(text, 3, "path") is None
+
+
 def test_missing_patch_file_is_reported_when_the_file_list_is_known() -> None:
     text = MINIMAL + '[[source]]\nfile = "0001-fix.patch"\n'
     assert problems(text, files=["port.toml"]) == [

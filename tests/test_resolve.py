@@ -447,7 +447,9 @@ def _world(
 def worlds(*, conflicts: bool = True) -> st.SearchStrategy[World]:
     """Available and installed packages (each name maybe in either), a request, a mode."""
     nothing = st.none()
-    available = [packages(0, conflicts=conflicts)]  # never an empty world
+    available: list[st.SearchStrategy[PackageMeta | None]] = [
+        packages(0, conflicts=conflicts)
+    ]  # never an empty world
     available += [one_in(6, nothing, packages(n, conflicts=conflicts)) for n in range(1, len(POOL))]
     installed = [one_in(3, packages(n, conflicts=conflicts), nothing) for n in range(len(POOL))]
     constraint = one_in(

@@ -9,7 +9,9 @@ import os
 import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from portsd.daemon.server.appkeys import COUNTERS
@@ -422,3 +424,57 @@ def test_only_get_and_head(world: World) -> None:
         assert world.repo.index_path.exists()
 
     run(world, scenario)
+
+
+# -- what files.py relies on in aiohttp ---------------------------------------------------------
+
+
+def test_aiohttp_sends_the_headers_into_the_transport_on_prepare() -> None:
+    """files.py writes the body to the socket beside aiohttp's transport, once the
+    transport's buffer is empty. That is only correct while ``StreamResponse.prepare`` hands
+    the status line and headers to the transport at once (keeping none in aiohttp's own
+    writer), ``write_eof`` adds nothing after a body of known length, and the transport
+    exposes its socket. This probe does what files.py does, with aiohttp alone."""
+    body = b"body written beside the transport\n"
+    broken = (
+        f"aiohttp {aiohttp.__version__} no longer behaves as portsd/daemon/server/files.py "
+        "relies on (it writes the body to the socket beside aiohttp's transport): "
+    )
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None, broken + "request.transport is None"
+        raw = transport.get_extra_info("socket")
+        assert raw is not None, broken + "the transport does not expose its socket"
+        response = web.StreamResponse(headers={"X-Probe": "1"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        while transport.get_write_buffer_size():
+            await asyncio.sleep(0.01)
+        assert os.write(raw.fileno(), body) == len(body)
+        await response.write_eof()
+        return response
+
+    async def probe() -> bytes:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            received = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return received
+        finally:
+            await runner.cleanup()
+
+    received = asyncio.run(probe())
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), broken + f"the reply starts {received[:40]!r}"
+    assert b"X-Probe: 1" in head, broken + "the headers did not come first"
+    assert rest == body, broken + f"after the headers came {rest!r}"

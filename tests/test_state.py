@@ -70,7 +70,7 @@ def test_superseded_queued_builds_are_cancelled(tmp_path: Path) -> None:
     assert running_row is not None and running_row.state is BuildState.RUNNING  # only queued ones
 
 
-def _hold_a_write_then_die(path: str, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def _hold_a_write_then_die(path: str, ready: multiprocessing.synchronize.Event) -> None:
     state = State(Path(path))
     [build] = queue(state, ("zlib", KEY_A))
     state.start_build(build, "/l")

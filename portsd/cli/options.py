@@ -5,9 +5,25 @@ zeroconf. Handlers are named ``"module:function"`` and imported when chosen."""
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_STATE = Path("~/.local/share/portsd")
+
+Handler = Callable[[argparse.Namespace, "Console"], int]
+"""What a subcommand runs: its arguments and the console in, the exit status out."""
+
+
+def load_handler(name: str) -> Handler:
+    """The handler ``"module:function"`` names, its module imported now."""
+    module, _, function = name.partition(":")
+    handler: Handler = getattr(importlib.import_module(module), function)
+    return handler
 
 
 def add_tree_options(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 
 from rich.console import Console
@@ -15,6 +14,7 @@ from portsd.cli.options import (
     add_discover_options,
     add_state_options,
     add_tree_options,
+    load_handler,
 )
 
 
@@ -68,10 +68,7 @@ def _main(argv: list[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s"
     )
     console = Console(highlight=False, soft_wrap=True)
-    module, function = args.handler.split(":")
-    handler = getattr(importlib.import_module(module), function)  # only what runs is imported
-    code: int = handler(args, console)
-    return code
+    return load_handler(args.handler)(args, console)  # only what runs is imported
 
 
 def main() -> int:

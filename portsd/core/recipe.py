@@ -191,6 +191,54 @@ Where = tuple[str, int] | None
 """A table and which occurrence of it (1-based, for ``[[source]]``); None is the top level."""
 
 
+def _statements(text: str) -> list[tuple[int, str]]:
+    """The lines (0-based number, text) where a TOML statement begins: a table header or a
+    ``key = value``. Lines inside a multi-line string or array are left out, so a script's
+    ``[ -d out ] || mkdir out`` or ``dir=out`` passes for neither. ``text`` is valid TOML."""
+    found: list[tuple[int, str]] = []
+    depth = 0  # brackets and braces open in a value
+    quote = ""  # the delimiter of a multi-line string still open
+    for number, line in enumerate(text.splitlines()):
+        if not quote and not depth:
+            found.append((number, line))
+            if line.lstrip().startswith("["):
+                continue  # a header closes on its own line
+        at = 0
+        while 0 <= at < len(line):  # -1: a string goes on past this line
+            if quote:
+                at = _string_end(line, at, quote)
+                quote = quote if at < 0 else ""
+            elif line[at] == "#":
+                break
+            elif line.startswith(('"""', "'''"), at):
+                quote = line[at : at + 3]
+                at += 3
+            elif line[at] in "\"'":
+                at = _string_end(line, at + 1, line[at])
+            else:
+                depth += (line[at] in "[{") - (line[at] in "]}")
+                at += 1
+    return found
+
+
+def _string_end(line: str, at: int, quote: str) -> int:
+    """Where the string closed by ``quote`` ends in ``line`` (reading from ``at``, inside
+    it), or -1 if it does not end on this line. Basic strings have escapes, literal ones
+    none; a multi-line string may end with up to two quotes of its own."""
+    while at < len(line):
+        if line[at] == "\\" and quote[0] == '"':
+            at += 2
+        elif line.startswith(quote, at):
+            at += len(quote)
+            extra = 0
+            while len(quote) == 3 and extra < 2 and line.startswith(quote[0], at):
+                at, extra = at + 1, extra + 1
+            return at
+        else:
+            at += 1
+    return -1
+
+
 class _Checker:
     """Collects problems for one file, locating keys in the text only when something is wrong."""
 
@@ -205,21 +253,27 @@ class _Checker:
         self.problems.append(FileProblem(self.path, message, line))
 
     def line_of(self, key: str | None, where: Where) -> int | None:
-        lines = self.text.splitlines()
-        is_header = [line.lstrip().startswith("[") for line in lines]
+        """The 1-based line of ``key`` in ``where`` (of the table's header if no key)."""
+        statements = _statements(self.text)
         start = 0
         if where is not None:
             table, occurrence = where
             header = re.compile(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?")
-            headers = [n for n, line in enumerate(lines) if header.match(line)]
+            headers = [n for n, line in statements if header.match(line)]
             if len(headers) < occurrence:
                 return None
             if key is None:
                 return headers[occurrence - 1] + 1
             start = headers[occurrence - 1] + 1
-        stop = next((n for n in range(start, len(lines)) if is_header[n]), len(lines))
         assignment = re.compile(rf"\s*[\"']?{re.escape(key or '')}[\"']?\s*=")
-        return next((n + 1 for n in range(start, stop) if assignment.match(lines[n])), None)
+        for n, line in statements:
+            if n < start:
+                continue
+            if line.lstrip().startswith("["):
+                return None  # the next table: the key is not in this one
+            if assignment.match(line):
+                return n + 1
+        return None
 
     def string(self, data: Mapping[str, Any], key: str, where: Where = None) -> str | None:
         value = data.get(key)

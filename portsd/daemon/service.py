@@ -31,7 +31,7 @@ from aiohttp import web
 
 from portsd.build.builder import step_of
 from portsd.build.pipeline import Revision, Workspace
-from portsd.build.scheduler import Outcome, Result, Scheduler, describe
+from portsd.build.scheduler import Outcome, Result, Scheduler, describe_error
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
@@ -232,7 +232,7 @@ class Daemon:
                 triaged = triage(evaluation, present, failed)
             lap("republish")
         except Exception as error:
-            self.state.finish_evaluation(evaluation_id, [], blocked=0, error=describe(error))
+            self.state.finish_evaluation(evaluation_id, [], blocked=0, error=describe_error(error))
             raise
         if self._stopping.is_set():  # its builds would be cancelled at once: queue none
             self.state.finish_evaluation(

@@ -11,10 +11,10 @@ all) both list ``ports/<name>/`` with tree ids, read a port's files and export t
 identify (``path_entry``) and export any other path of the tree, for ``path`` sources.
 
 ``PortsListing`` is the ``ports/`` tree object of one commit. A 30,000-port tree is a 1 MB
-object, and libgit2 spends ~12 ms parsing it into entries (plus ~25 ms more to diff two of
-them); a listing instead keeps the raw object and where its entries end, so the listing of
-the next commit is derived from the bytes that differ: a few milliseconds, most of it
-inflating the new object.
+object, costly for libgit2 to parse into entries and more so to diff; a listing instead
+keeps the raw object and where its entries end, so the listing of the next commit is
+derived from the bytes that differ, most of the time going to inflating the new object
+(measured against pygit2 by bench/tree.py; the numbers are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
