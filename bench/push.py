@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pygit2
 
-from bench.tree import synthetic_tree
+from bench.tree import TOOLCHAIN, synthetic_tree
 from portsd.config import load_config
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index
@@ -86,7 +86,7 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     """
     arch = os.uname().machine
     tree = TreeLoader().load_git(source, "main")
-    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch)
+    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch, TOOLCHAIN)
     graph, keys = evaluation.graph, evaluation.keys.keys
     leaf = next(n for n in sorted(keys) if not graph.edges(n) and not graph.dependents(n))
     config = load_config(state_dir)

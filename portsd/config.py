@@ -48,6 +48,7 @@ class Config:
     index_expiry_days: float = 7.0
     repo_dir: Path | None = None
     distfiles_dir: Path | None = None
+    seed_dir: Path | None = None  # where the bootstrap seed is kept
     tree_dir: Path | None = None  # the git repository the daemon follows
     branch: str | None = None  # default: the repository's HEAD branch
     listen: str = "127.0.0.1"  # loopback unless told otherwise
@@ -61,6 +62,10 @@ class Config:
     @property
     def distfiles(self) -> Path:
         return self.distfiles_dir or self.state_dir / "distfiles"
+
+    @property
+    def seed(self) -> Path:
+        return self.seed_dir or self.state_dir / "seed"
 
     @property
     def secret_key(self) -> Path:
@@ -103,6 +108,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "jobs": ("jobs", int),
         "make-jobs": ("make_jobs", int),
         "timeout": ("build_timeout", float),
+        "seed": ("seed_dir", str),
     },
     "sources": {
         "mirrors": ("mirrors", list),
@@ -127,7 +133,8 @@ def load_config(
 
     A missing default file is fine; a missing explicit ``path`` is an error.
     """
-    config = Config(state_dir=state_dir)
+    shared_seed = os.environ.get("PORTSD_SEED")
+    config = Config(state_dir=state_dir, seed_dir=Path(shared_seed) if shared_seed else None)
     file = path or state_dir / CONFIG_NAME
     if path is not None and not file.is_file():
         raise ConfigError("no such config file", path=str(file))

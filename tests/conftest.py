@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,26 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from portsd.build.seed import Seed, ensure_seed
 from tests.fixtures import commit_all, git, write_tree
+
+
+@pytest.fixture(scope="session", autouse=True)
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
+    """The bootstrap seed, made from this host once per test run and shared (PORTSD_SEED)
+    by every state directory the tests make, daemons and CLIs in subprocesses included.
+    xdist's workers share the base directory's parent, and ``ensure_seed`` locks."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if base.name.startswith("popen-gw") else base
+    directory = shared / "seed"
+    made = ensure_seed(directory, shared / "seed-work", "x86_64", lambda line: None)
+    previous = os.environ.get("PORTSD_SEED")
+    os.environ["PORTSD_SEED"] = str(directory)
+    yield made
+    if previous is None:
+        del os.environ["PORTSD_SEED"]
+    else:
+        os.environ["PORTSD_SEED"] = previous
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from portsd.build import styles
+from portsd.build import seed, styles
 from portsd.build.builder import (
     BuildRequest,
     build_port,
@@ -120,6 +120,7 @@ def request(tmp_path: Path, port: Port, recipe: Recipe, **changes: object) -> Bu
         "workdir": tmp_path / "work",
         "log": tmp_path / "logs" / "build.log",
         "arch": "x86_64",
+        "toolchain": Path(os.environ["PORTSD_SEED"]) / "root",
         "jobs": 2,
         "timeout": 120.0,
         "source_date_epoch": 1_700_000_000,
@@ -849,8 +850,22 @@ def test_make_style_without_check_target(tmp_path: Path) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def cmake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host's cmake as a dependency root, made the way the seed is (its libraries
+    private): cmake is no part of the toolchain, so a port that uses it declares it."""
+    root = tmp_path_factory.mktemp("cmake")
+    packages = seed.host_packages(["cmake", "cmake-data"])
+    model = seed.plan_seed(packages)
+    for rel in [rel for rel in model.files if not rel.startswith(("usr/bin", "usr/share"))]:
+        if not rel.startswith(seed.PRIVATE_LIBDIR):
+            del model.files[rel]
+    seed.write_seed(model, "cmake for tests\n", root)
+    return root
+
+
 @pytest.mark.slow
-def test_cmake_style(tmp_path: Path) -> None:
+def test_cmake_style(tmp_path: Path, cmake_root: Path) -> None:
     cmakelists = (
         "cmake_minimum_required(VERSION 3.13)\nproject(hello C)\n"
         "add_library(greet STATIC greet.c)\nadd_executable(hello hello.c)\n"
@@ -868,7 +883,7 @@ def test_cmake_style(tmp_path: Path) -> None:
             "hello-1.0/greet.c": "int greet(void) { return 1; }\n",
         },
     )
-    req = request(tmp_path, port, port.recipe('style = "cmake"'))
+    req = request(tmp_path, port, port.recipe('style = "cmake"'), dependency_roots=(cmake_root,))
     result = build_port(req)
     assert (result.destdir / "usr/bin/hello").is_file()
     assert (result.destdir / "usr/lib/libgreet.a").is_file()  # not lib64, not multiarch

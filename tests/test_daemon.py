@@ -3,6 +3,7 @@ hook, real sandboxed builds, the signed index served over HTTP, and real SIGKILL
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from portsd.build.seed import find_seed
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import decode_index
 from portsd.pkg.repo import Repository
@@ -71,7 +73,9 @@ def served_index(daemon: RunningDaemon, state: Path) -> dict[str, str]:
 
 def keys_at(tree: Path, commit: str) -> dict[str, str]:
     loaded = TreeLoader().load_git(tree, commit)
-    return Evaluation.full(loaded.listing, loaded.recipes(), ARCH).keys.keys
+    seed = find_seed(Path(os.environ["PORTSD_SEED"]))  # the daemons share the tests' seed
+    assert seed is not None
+    return Evaluation.full(loaded.listing, loaded.recipes(), ARCH, seed.content_id).keys.keys
 
 
 def slow_down(tree: Path, port: str, prepare: str, message: str) -> str:

@@ -82,8 +82,8 @@ def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> Non
     for name in rng.sample(names, len(names) // 2):
         ports[name] = random_port(rng, name, names, 0)
         listing[name] = tree_id(ports[name], 0)
-    evaluation = Evaluation.full(listing, ports, ARCH)
-    assert_same(evaluation, Evaluation.full(listing, ports, ARCH))
+    evaluation = Evaluation.full(listing, ports, ARCH, "0" * 64)
+    assert_same(evaluation, Evaluation.full(listing, ports, ARCH, "0" * 64))
     for step in range(1, 60):
         changes: dict[str, PortChange] = {}
         for _ in range(rng.choice((1, 1, 2, 3, 8))):
@@ -101,7 +101,7 @@ def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> Non
             changes[name] = ports[name]
         evaluation = evaluation.advance(dict(listing), changes)
         assert evaluation.changed == frozenset(changes)
-        assert_same(evaluation, Evaluation.full(dict(listing), dict(ports), ARCH))
+        assert_same(evaluation, Evaluation.full(dict(listing), dict(ports), ARCH, "0" * 64))
 
 
 def test_changes_between_listings() -> None:
@@ -113,7 +113,7 @@ def test_changes_between_listings() -> None:
 
 def test_advance_refuses_changes_that_contradict_the_listing() -> None:
     port = parse_recipe('name = "a"\nversion = "1"\nsummary = "a"\nlicense = "MIT"\n', "p", "a")
-    evaluation = Evaluation.full({"a": "1"}, {"a": port}, ARCH)
+    evaluation = Evaluation.full({"a": "1"}, {"a": port}, ARCH, "0" * 64)
     with pytest.raises(ValueError, match="a: removed but still in the new listing"):
         evaluation.advance({"a": "2"}, {"a": None})
     with pytest.raises(ValueError, match="b: given a recipe but not in the new listing"):

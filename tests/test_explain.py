@@ -14,7 +14,7 @@ def evaluated(
     revision: str, ports: dict[str, Recipe | RecipeError], tree_ids: dict[str, str]
 ) -> Evaluated:
     graph = Graph.build(ports, "x86_64")
-    return Evaluated(revision, graph, KeySet.compute(graph, tree_ids), tree_ids)
+    return Evaluated(revision, graph, KeySet.compute(graph, tree_ids, "0" * 64), tree_ids)
 
 
 PORTS: dict[str, Recipe | RecipeError] = {

@@ -17,6 +17,7 @@ from portsd.errors import BrokenDependency, DependencyCycle, FileProblem, Recipe
 from tests.test_graph import port
 
 SHA_A = "a" * 64
+TOOLCHAIN = "5" * 64  # the seed's content id
 
 
 def test_build_key_is_the_documented_encoding() -> None:
@@ -28,11 +29,14 @@ def test_build_key_is_the_documented_encoding() -> None:
                 "x86_64",
                 "t1",
                 [SHA_A],
+                TOOLCHAIN,
                 [["libc", "k1"], ["zlib", "k2"]],
             ]
         )
     ).hexdigest()
-    assert build_key("t1", [SHA_A], "x86_64", [("zlib", "k2"), ("libc", "k1")]) == expected
+    assert (
+        build_key("t1", [SHA_A], "x86_64", TOOLCHAIN, [("zlib", "k2"), ("libc", "k1")]) == expected
+    )
 
 
 def tree() -> dict[str, Recipe | RecipeError]:
@@ -56,7 +60,7 @@ def ids(ports: dict[str, Recipe | RecipeError]) -> dict[str, str]:
 def keys_of(
     ports: dict[str, Recipe | RecipeError], tree_ids: dict[str, str], arch: str = "x86_64"
 ) -> KeySet:
-    return KeySet.compute(Graph.build(ports, arch), tree_ids)
+    return KeySet.compute(Graph.build(ports, arch), tree_ids, TOOLCHAIN)
 
 
 def changed(a: KeySet, b: KeySet) -> set[str]:
@@ -128,7 +132,7 @@ def test_incremental_keys_equal_a_full_evaluation() -> None:
     ports = tree()
     tree_ids = ids(ports)
     graph = Graph.build(ports, "x86_64")
-    keys = KeySet.compute(graph, tree_ids)
+    keys = KeySet.compute(graph, tree_ids, TOOLCHAIN)
     names = list(ports) + ["extra1", "extra2"]
     for step in range(300):
         name = rng.choice(names)
@@ -148,7 +152,7 @@ def test_incremental_keys_equal_a_full_evaluation() -> None:
         else:
             ports[name] = new
             tree_ids[name] = f"tree-{step}"
-        keys = KeySet.compute(graph, tree_ids, previous=keys, affected=affected)
+        keys = KeySet.compute(graph, tree_ids, TOOLCHAIN, previous=keys, affected=affected)
         full = keys_of(ports, tree_ids)
         assert keys.keys == full.keys
         assert {n: str(p) for n, p in keys.blocked.items()} == {
@@ -159,7 +163,7 @@ def test_incremental_keys_equal_a_full_evaluation() -> None:
 def test_plan_builds_missing_keys_dependencies_first() -> None:
     ports = tree()
     graph = Graph.build(ports, "x86_64")
-    keys = KeySet.compute(graph, ids(ports))
+    keys = KeySet.compute(graph, ids(ports), TOOLCHAIN)
     plan = make_plan(graph, keys, present=set())
     order = plan.names()
     assert set(order) == set(ports)
@@ -181,7 +185,7 @@ def test_plan_of_named_ports_covers_what_they_need() -> None:
     ports["bad"] = port("bad", depends=("missing",))
     ports["uses-bad"] = port("uses-bad", depends=("bad", "zlib"))
     graph = Graph.build(ports, "x86_64")
-    keys = KeySet.compute(graph, ids(ports))
+    keys = KeySet.compute(graph, ids(ports), TOOLCHAIN)
     plan = make_plan(graph, keys, set(), wanted=["png", "uses-bad"])
     assert plan.names() == ["libc", "checker", "zlib", "png"]
     assert set(plan.blocked) == {"bad", "uses-bad"}

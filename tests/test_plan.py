@@ -55,7 +55,7 @@ def test_a_skip_names_the_failed_dependency() -> None:
 
 def evaluation_of(*recipes: Recipe) -> Evaluation:
     ports: dict[str, Recipe | RecipeError] = {recipe.name: recipe for recipe in recipes}
-    return Evaluation.full({name: f"tree-of-{name}" for name in ports}, ports, "x86_64")
+    return Evaluation.full({name: f"tree-of-{name}" for name in ports}, ports, "x86_64", "0" * 64)
 
 
 TREE = evaluation_of(

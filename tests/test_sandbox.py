@@ -23,15 +23,13 @@ HOST = Host(
     mount="/usr/bin/mount",
     sh="/bin/sh",
     setpriv="/usr/bin/setpriv",
-    links=(("bin", "usr/bin"), ("lib", "usr/lib")),
-    etc=("ld.so.cache", "alternatives"),
-    masked=("/usr/local",),
 )
 
 
 def spec(**changes: object) -> SandboxSpec:
     values: dict[str, object] = {
         "host": HOST,
+        "toolchain": Path("/t/seed"),
         "etc": Path("/w/etc"),
         "mounts": (
             Mount(Path("/w/src"), "/build/src", writable=True),
@@ -84,23 +82,21 @@ def test_mounts_read_only_unless_writable() -> None:
     assert pairs(argv, "--bind") == [("/w/src", "/build/src")]  # nothing else is writable
 
 
-def test_host_usr_read_only_and_usr_local_masked() -> None:
+def test_usr_is_the_toolchain_root_and_nothing_of_the_host() -> None:
     argv = sandbox.command(spec(), ["true"])
-    assert ("/usr", "/usr") in pairs(argv, "--ro-bind")
-    tmpfs = argv.index("--tmpfs")
-    assert argv[tmpfs + 1 : tmpfs + 4] == ["/usr/local", "--remount-ro", "/usr/local"]
-    assert ("usr/bin", "/bin") in pairs(argv, "--symlink")
+    binds = pairs(argv, "--ro-bind")
+    assert ("/t/seed/usr", "/usr") in binds
+    assert not [src for src, _ in binds if src.startswith(("/usr", "/etc", "/lib", "/bin"))]
+    assert pairs(argv, "--symlink")[:4] == list(
+        (target, f"/{name}") for name, target in sandbox.LAYOUT
+    )
 
 
-def test_etc_is_generated_plus_named_host_files() -> None:
+def test_etc_is_only_generated_files() -> None:
     argv = sandbox.command(spec(), ["true"])
     etc = [(src, dest) for src, dest in pairs(argv, "--ro-bind") if dest.startswith("/etc/")]
     names = [name for name, _ in sandbox.etc_files()]
-    assert etc == [(f"/w/etc/{n}", f"/etc/{n}") for n in names] + [
-        ("/etc/ld.so.cache", "/etc/ld.so.cache"),
-        ("/etc/alternatives", "/etc/alternatives"),
-    ]
-    assert ("/etc", "/etc") not in pairs(argv, "--ro-bind")
+    assert etc == [(f"/w/etc/{n}", f"/etc/{n}") for n in names]
 
 
 def test_environment_is_exactly_the_specs() -> None:
@@ -126,10 +122,11 @@ def test_dependency_root_is_an_overlay_in_a_namespace_of_our_own() -> None:
     ]
     # the script's values are arguments, never spliced into its text
     script_at = outer.index("-c") + 1
-    assert outer[script_at + 1 :] == ["portsd-overlay", "/w", "deps/usr:/usr", "/w/usr"]
+    lower = "deps/usr:/t/seed/usr"
+    assert outer[script_at + 1 :] == ["portsd-overlay", "/w", lower, "/w/usr"]
     assert "/w" not in outer[script_at]
     assert ("/w/usr", "/usr") in pairs(argv, "--ro-bind")
-    assert ("/usr", "/usr") not in pairs(argv, "--ro-bind")
+    assert ("/t/seed/usr", "/usr") not in pairs(argv, "--ro-bind")
 
 
 def test_without_setpriv_bwrap_comes_first() -> None:
@@ -138,20 +135,13 @@ def test_without_setpriv_bwrap_comes_first() -> None:
     assert argv[0] == "/b/bwrap"
 
 
-def test_non_merged_host_binds_top_level_dirs() -> None:
-    host = Host(bwrap="/b/bwrap", unshare="/b/u", mount="/b/m", sh="/b/sh", dirs=("bin", "lib"))
-    argv = sandbox.command(spec(host=host), ["true"])
-    assert ("/bin", "/bin") in pairs(argv, "--ro-bind")
-    assert ("/lib", "/lib") in pairs(argv, "--ro-bind")
-
-
 @pytest.mark.parametrize(
     "hidden",
     [
         Path("/w/src"),  # bound itself
         Path("/w/src/secret.key"),  # inside a writable mount
         Path("/ports/zlib/key"),  # inside a read-only mount
-        Path("/usr/lib/portsd/state"),  # inside the host's /usr
+        Path("/t/seed/usr/lib/state"),  # inside the toolchain root
         Path("/w/etc/passwd"),
     ],
 )
@@ -160,7 +150,9 @@ def test_refuses_to_expose_a_hidden_path(hidden: Path) -> None:
         sandbox.command(spec(hidden=(hidden,)), ["true"])
 
 
-@pytest.mark.parametrize("hidden", [Path("/var/lib/portsd"), Path("/w"), Path("/ports")])
+@pytest.mark.parametrize(
+    "hidden", [Path("/var/lib/portsd"), Path("/w"), Path("/ports"), Path("/usr/lib/portsd")]
+)
 def test_hidden_paths_elsewhere_are_fine(hidden: Path) -> None:
     # /w holds the build's own directories: those are visible, the rest of /w is not
     assert sandbox.command(spec(hidden=(hidden,)), ["true"])
@@ -195,13 +187,9 @@ def test_etc_files() -> None:
 
 def test_probe_describes_this_host() -> None:
     host = Host.probe()
-    assert Path(host.bwrap).name == "bwrap" and os.access(host.bwrap, os.X_OK)
-    for name, target in host.links:
-        assert os.readlink(f"/{name}") == target
-    for name in host.dirs:
-        assert Path("/", name).is_dir() and not Path("/", name).is_symlink()
-    assert {name for name, _ in host.links} | set(host.dirs) >= {"bin", "lib"}
-    assert all(Path("/etc", name).exists() for name in host.etc)
+    for tool in (host.bwrap, host.unshare, host.mount, host.sh):
+        assert os.access(tool, os.X_OK)
+    assert Path(host.bwrap).name == "bwrap"
 
 
 # The same vectors, run for real: no compiler needed, ~30 ms each.
@@ -216,6 +204,7 @@ def real_spec(tmp_path: Path, **changes: object) -> SandboxSpec:
     (tmp_path / "ro" / "file").write_text("read me\n")
     values: dict[str, object] = {
         "host": Host.probe(),
+        "toolchain": Path(os.environ["PORTSD_SEED"]) / "root",
         "etc": tmp_path / "etc",
         "mounts": (
             Mount(tmp_path / "src", "/build/src", writable=True),
@@ -235,7 +224,7 @@ def sandboxed(spec: SandboxSpec, script: str) -> tuple[int, list[str]]:
 
 
 def test_real_sandbox_identity_and_environment(tmp_path: Path) -> None:
-    code, lines = sandboxed(real_spec(tmp_path), "id -u; id -gn; hostname; pwd; env | sort")
+    code, lines = sandboxed(real_spec(tmp_path), "id -u; id -gn; uname -n; pwd; env | sort")
     assert code == 0, lines
     assert lines[:4] == ["1000", "builder", "portsd", "/build/src"]
     assert lines[4:] == [
@@ -263,12 +252,27 @@ def test_real_sandbox_writes_only_where_allowed(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "ro")) == ["file"]
 
 
-def test_real_sandbox_sees_no_host_etc_or_usr_local(tmp_path: Path) -> None:
-    code, lines = sandboxed(real_spec(tmp_path), "ls /etc; ls -A /usr/local | wc -l; ls /")
+def test_real_sandbox_sees_no_host_files(tmp_path: Path) -> None:
+    script = "ls /etc; echo --; ls /; echo --; ls /usr/local 2>&1 | wc -l; ls /usr/bin | wc -l"
+    code, lines = sandboxed(real_spec(tmp_path), script)
     assert code == 0, lines
-    etc = set(lines[: lines.index("0")])
-    assert etc == {name for name, _ in sandbox.etc_files()} | set(Host.probe().etc)
-    assert "root" not in lines and "home" not in lines  # no host top-level directories
+    first = lines.index("--")
+    assert set(lines[:first]) == {name for name, _ in sandbox.etc_files()}
+    top = set(lines[first + 1 : lines.index("--", first + 1)])
+    assert top == {
+        "bin",
+        "build",
+        "dev",
+        "etc",
+        "lib",
+        "lib64",
+        "proc",
+        "sbin",
+        "usr",
+        "var",
+    }
+    seed_programs = len(os.listdir(Path(os.environ["PORTSD_SEED"]) / "root" / "usr" / "bin"))
+    assert lines[-1] == str(seed_programs)  # /usr/bin is the seed's, not the host's
 
 
 def test_real_sandbox_has_no_capabilities_and_no_network(tmp_path: Path) -> None:
@@ -286,9 +290,9 @@ def test_real_sandbox_overlay_puts_dependency_files_under_usr(tmp_path: Path) ->
     (deps / "usr" / "include" / "portsd-dep.h").write_text("#define DEP 1\n")
     (tmp_path / "mnt").mkdir()
     spec = real_spec(tmp_path, root=deps, mountpoint=tmp_path / "mnt")
-    script = "cat /usr/include/portsd-dep.h; test -x /usr/bin/sh && echo host-usr; touch /usr/x"
+    script = "cat /usr/include/portsd-dep.h; test -x /usr/bin/sh && echo seed-usr; touch /usr/x"
     code, lines = sandboxed(spec, script)
-    assert lines[:2] == ["#define DEP 1", "host-usr"], lines
+    assert lines[:2] == ["#define DEP 1", "seed-usr"], lines
     assert code != 0 and "Read-only file system" in lines[-1]
     assert not (tmp_path / "mnt" / "include").exists()  # the mount never reached the host
     assert not Path("/usr/include/portsd-dep.h").exists()

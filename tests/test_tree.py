@@ -498,7 +498,7 @@ def test_advancing_through_real_commits_equals_loading_each_from_scratch(repo: P
     pool = [f"p{n}" for n in range(12)]
     loader = TreeLoader()
     tree = loader.load_git(repo)
-    evaluation = Evaluation.full(tree.listing, tree.ports, "x86_64")
+    evaluation = Evaluation.full(tree.listing, tree.ports, "x86_64", "0" * 64)
     for step in range(12):
         for _ in range(rng.randrange(1, 4)):
             name = rng.choice(pool)
@@ -511,7 +511,7 @@ def test_advancing_through_real_commits_equals_loading_each_from_scratch(repo: P
         tree = loader.advance(tree, "HEAD")
         evaluation = evaluation.advance(tree.listing, tree.changed_ports())
         scratch = TreeLoader().load_git(repo)
-        expected = Evaluation.full(scratch.listing, scratch.ports, "x86_64")
+        expected = Evaluation.full(scratch.listing, scratch.ports, "x86_64", "0" * 64)
         assert evaluation.keys.keys == expected.keys.keys
         assert {n: str(p) for n, p in evaluation.keys.blocked.items()} == {
             n: str(p) for n, p in expected.keys.blocked.items()
@@ -549,7 +549,7 @@ def self_hosting(repo: Path) -> Path:
 
 
 def full_evaluation(tree: Tree) -> Evaluation:
-    return Evaluation.full(tree.inputs(), tree.recipes(), "x86_64")
+    return Evaluation.full(tree.inputs(), tree.recipes(), "x86_64", "0" * 64)
 
 
 def same_evaluation(got: Evaluation, expected: Evaluation) -> None:

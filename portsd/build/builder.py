@@ -15,7 +15,7 @@ Inside the sandbox every build sees the same paths, wherever the host keeps its 
     /build/port       the port directory (port.toml, patches, files), read-only
 
 The dependency roots are composed into one tree (``compose_root``) whose ``usr/`` the
-sandbox lays over the host's /usr, so headers, libraries and pkg-config files of declared
+sandbox lays over the toolchain's /usr, so headers, libraries and pkg-config files of declared
 dependencies are at their standard paths and nothing undeclared is.
 """
 
@@ -37,6 +37,10 @@ from portsd.build.run import run
 from portsd.build.sandbox import Host, Mount, SandboxSpec
 from portsd.core.recipe import BuildStep, Recipe
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict, PackageError
+
+SOURCE_DATE_EPOCH = 315532800
+"""1980-01-01, for every build: a function of no input but the builder, so packages are
+byte-identical across machines and commits, and old enough for zip-based formats."""
 
 SRCDIR = "/build/src"
 DESTDIR = "/build/pkg"
@@ -71,12 +75,14 @@ class BuildRequest:
 
     ``sources`` maps each url source's filename to its verified file, and each ``path``
     source's filename to the file or directory exported for it (file sources are taken
-    from ``port_dir``). ``dependency_roots`` are extracted dependency packages, each
-    the root of one package (``usr/include/...``); a single root is used as it is, so a
-    caller may pass one tree composed once with ``compose_root`` and cached by the set of
-    dependency keys. ``workdir`` is this build's private directory (its subdirectories are
-    wiped first); ``hidden`` are host paths the build must never see (state directory,
-    signing key). ``timeout`` (seconds) bounds the whole build; setting ``cancel`` stops it.
+    from ``port_dir``). ``dependency_roots`` are extracted dependency packages, each the
+    root of one package (``usr/include/...``); a single root is used as it is, so a caller
+    may pass one tree composed once with ``compose_root`` and cached by the set of
+    dependency keys. ``toolchain`` is the unpacked root (the seed's) whose ``usr/`` is the
+    build's /usr: nothing of the host's is. ``workdir`` is this build's private directory
+    (its subdirectories are wiped first); ``hidden`` are host paths the build must never
+    see (state directory, signing key). ``timeout`` (seconds) bounds the whole build;
+    setting ``cancel`` stops it.
     """
 
     recipe: Recipe
@@ -86,6 +92,7 @@ class BuildRequest:
     workdir: Path
     log: Path
     arch: str
+    toolchain: Path
     dependency_roots: tuple[Path, ...] = ()
     jobs: int = 1
     timeout: float = 3600.0
@@ -318,6 +325,7 @@ class _Build:
                 mounts.append(Mount(path, f"{SOURCES}/{source.filename}"))
         return SandboxSpec(
             host=host,
+            toolchain=request.toolchain.resolve(),
             etc=self.work / "etc",
             mounts=tuple(mounts),
             cwd=SRCDIR,
@@ -329,15 +337,16 @@ class _Build:
 
     def _root(self) -> Path | None:
         roots = [root.resolve() for root in self.request.dependency_roots]
-        if not roots:
-            return None
-        for root in roots:  # composing links files in: check before, not only after
+        # composing links files in: check before, not only after
+        for root in (*roots, self.request.toolchain.resolve()):
             for hidden in self.request.hidden:
                 if sandbox.reveals(root, hidden.resolve()):
                     raise ConfigError(
-                        f"dependency root {root} would expose {hidden} to the build",
+                        f"build root {root} would expose {hidden} to the build",
                         path=str(hidden),
                     )
+        if not roots:
+            return None
         if len(roots) == 1 and _usable_as_is(roots[0]):
             return roots[0]
         return compose_root(roots, self.work / "deps")

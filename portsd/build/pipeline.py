@@ -12,6 +12,7 @@ report progress.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Container
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from portsd.build.builder import BuildRequest, build_port
+from portsd.build.builder import SOURCE_DATE_EPOCH, BuildRequest, build_port
 from portsd.build.fetch import Fetcher, FetchReporter
+from portsd.build.seed import Seed, ensure_seed
 from portsd.build.store import Store
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
@@ -34,9 +36,7 @@ from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 
-SOURCE_DATE_EPOCH = 315532800
-"""1980-01-01, for every build: a function of no input but the builder, so packages are
-byte-identical across machines and commits, and old enough for zip-based formats."""
+log = logging.getLogger(__name__)
 
 
 class PortSource(Protocol):
@@ -77,13 +77,21 @@ class Workspace:
     repo: Repository
     fetcher: Fetcher
     store: Store
+    seed: Seed
     hidden: tuple[Path, ...] = field(default=())
 
     @classmethod
-    def open(cls, config: Config, reporter: FetchReporter | None = None) -> Workspace:
-        """Open (creating on first use) everything under the config's state directory."""
+    def open(
+        cls,
+        config: Config,
+        reporter: FetchReporter | None = None,
+        say: Callable[[str], None] = log.info,
+    ) -> Workspace:
+        """Open (creating on first use) everything under the config's state directory;
+        ``say`` hears about work done on first use (making the seed)."""
         for directory in (config.state_dir, config.work, config.logs):
             directory.mkdir(parents=True, exist_ok=True)
+        seed = seed_of(config, say)
         key = ensure_signing_key(config)
         repo = Repository(
             config.repo, config.arch, key, expires_in=int(config.index_expiry_days * 86400)
@@ -95,7 +103,7 @@ class Workspace:
             reporter=reporter,
         )
         hidden = (config.state_dir.resolve(), config.secret_key.resolve())
-        return cls(config, repo, fetcher, Store(config.store), hidden)
+        return cls(config, repo, fetcher, Store(config.store), seed, hidden)
 
     def present(self) -> Container[str]:
         """The build keys the repository can serve without building."""
@@ -141,6 +149,7 @@ class Workspace:
                     workdir=workdir / "build",
                     log=log,
                     arch=self.config.arch,
+                    toolchain=self.seed.root,
                     dependency_roots=roots,
                     jobs=self.config.make_jobs,
                     timeout=self.config.build_timeout,
@@ -191,6 +200,12 @@ def _remove_tree(path: Path) -> None:
         function(failed)
 
     shutil.rmtree(path, onerror=writable)
+
+
+def seed_of(config: Config, say: Callable[[str], None] = log.info) -> Seed:
+    """The bootstrap seed builds of ``config`` stand on, made from this host on first use."""
+    config.work.mkdir(parents=True, exist_ok=True)
+    return ensure_seed(config.seed, config.work, config.arch, say)
 
 
 def ensure_signing_key(config: Config) -> SecretKey:

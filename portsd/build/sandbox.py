@@ -3,16 +3,14 @@
 This module decides *what* a build can see and touch; it runs nothing. ``command(spec,
 argv)`` turns a frozen ``SandboxSpec`` into the argument list that ``portsd.build.run.run``
 executes. ``Host.probe()`` is its one function that looks at the machine (which tools
-exist, how / is laid out); everything else is pure.
+exist); everything else is pure.
 
-Inside, the build sees (docs/sandbox.md has the reasons):
+Inside, the build sees (docs/sandbox.md has the reasons) nothing of the host's files:
 
-- ``/usr``: the host's /usr, read-only (bootstrap mode: the host toolchain), with the
-  dependency tree's ``usr/`` laid over it by a read-only overlayfs when there is one;
-  ``/usr/local`` hidden behind an empty read-only tmpfs; /bin, /lib... as on the host
-  (symlinks into /usr on a merged-/usr host);
-- ``/etc``: only generated passwd, group, hosts, nsswitch.conf and hostname, and the few
-  host files the toolchain needs (ld.so.cache, ld.so.conf(.d), alternatives);
+- ``/usr``: the toolchain root's ``usr/`` (the bootstrap seed or the tree's toolchain
+  packages), read-only, with the dependency tree's ``usr/`` laid over it by a read-only
+  overlayfs when there is one; /bin, /sbin, /lib, /lib64 are links into it (merged /usr);
+- ``/etc``: only generated passwd, group, hosts, nsswitch.conf and hostname;
 - ``/build/...``: the mounts of the spec (sources and the port directory read-only; the
   source tree and DESTDIR writable), and a private writable ``/tmp``;
 - no network but loopback, a new PID namespace that dies with its first process, an
@@ -33,14 +31,8 @@ BUILD_GID = 1000
 HOSTNAME = "portsd"
 SYSTEM_PATH = "/usr/bin:/usr/sbin:/bin:/sbin"
 
-TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
-"""Top-level directories that hold programs and libraries on some host layout."""
-
-HOST_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives")
-"""Host /etc entries the toolchain needs: the loader's cache and config, Debian's cc links."""
-
-MASKED = ("/usr/local",)
-"""Host directories hidden inside: what a site installed by hand is not a declared input."""
+LAYOUT = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"))
+"""Top-level links of every build root: a merged-/usr system, whatever the host is."""
 
 _OVERLAY_SCRIPT = (
     'cd -- "$1" && mount -t overlay portsd-root -o "ro,lowerdir=$2" -- "$3" && shift 3 && exec "$@"'
@@ -63,12 +55,9 @@ class Mount:
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    """What the sandbox borrows from the host: tools, the /usr tree and its layout.
+    """The host tools that set the sandbox up; none of them is visible inside.
 
-    ``links`` are top-level symlinks to recreate (``("bin", "usr/bin")`` on a merged-/usr
-    host), ``dirs`` top-level directories to bind read-only (hosts that are not merged),
-    ``etc`` the entries of ``HOST_ETC`` that exist, ``masked`` the ``MASKED`` directories
-    that exist. ``setpriv`` (optional) makes the sandbox die with the thread that started it.
+    ``setpriv`` (optional) makes the sandbox die with the thread that started it.
     """
 
     bwrap: str
@@ -76,11 +65,6 @@ class Host:
     mount: str
     sh: str
     setpriv: str | None = None
-    usr: Path = Path("/usr")
-    links: tuple[tuple[str, str], ...] = ()
-    dirs: tuple[str, ...] = ()
-    etc: tuple[str, ...] = ()
-    masked: tuple[str, ...] = ()
 
     @classmethod
     def probe(cls) -> Host:
@@ -92,25 +76,12 @@ class Host:
                 package = "bubblewrap" if name == "bwrap" else "util-linux"
                 raise ConfigError(f"{name} not found in {SYSTEM_PATH} (install {package})")
             tools[name] = found
-        links: list[tuple[str, str]] = []
-        dirs: list[str] = []
-        for name in TOP_LEVEL:
-            path = Path("/") / name
-            if path.is_symlink():
-                links.append((name, str(path.readlink())))
-            elif path.is_dir():
-                dirs.append(name)
         return cls(
             bwrap=tools["bwrap"],
             unshare=tools["unshare"],
             mount=tools["mount"],
             sh=tools["sh"],
             setpriv=shutil.which("setpriv", path=SYSTEM_PATH),
-            usr=Path("/usr"),
-            links=tuple(links),
-            dirs=tuple(dirs),
-            etc=tuple(name for name in HOST_ETC if (Path("/etc") / name).exists()),
-            masked=tuple(m for m in MASKED if Path(m).is_dir()),
         )
 
 
@@ -119,14 +90,16 @@ class SandboxSpec:
     """One sandboxed command's world.
 
     ``etc`` is a host directory holding the files of ``etc_files()`` (the caller writes
-    them). ``root``, when given, is a dependency tree whose ``usr/`` is laid over the host's
-    /usr; ``mountpoint`` is then a private empty directory (per build, never shared) to
-    mount that overlay on. ``hidden`` are host paths that must not be visible inside (the
-    state directory, the signing key): ``command`` refuses a spec that would expose one.
+    them). ``toolchain`` is the tree whose ``usr/`` is the build's /usr. ``root``, when
+    given, is a dependency tree whose ``usr/`` is laid over it; ``mountpoint`` is then a
+    private empty directory (per build, never shared) to mount that overlay on. ``hidden``
+    are host paths that must not be visible inside (the state directory, the signing key):
+    ``command`` refuses a spec that would expose one.
     ``env`` is the command's whole environment; ``cwd`` is a path inside.
     """
 
     host: Host
+    toolchain: Path
     etc: Path
     mounts: tuple[Mount, ...]
     cwd: str
@@ -160,9 +133,7 @@ def etc_files(
 
 def exposed(spec: SandboxSpec) -> tuple[Path, ...]:
     """Every host path the sandbox makes visible (the sources of its mounts)."""
-    paths = [spec.host.usr, spec.etc, *(m.source for m in spec.mounts)]
-    paths += [Path("/") / name for name in spec.host.dirs]
-    paths += [Path("/etc") / name for name in spec.host.etc]
+    paths = [spec.toolchain, spec.etc, *(m.source for m in spec.mounts)]
     if spec.root is not None:
         paths.append(spec.root)
     return tuple(paths)
@@ -187,7 +158,7 @@ def check(spec: SandboxSpec) -> None:
     if spec.root is not None:
         if spec.mountpoint is None:
             raise ConfigError("a sandbox with a dependency root needs a private mountpoint")
-        for part in (spec.root.name, str(spec.host.usr)):
+        for part in (spec.root.name, str(spec.toolchain)):
             if _LOWERDIR_UNSAFE & set(part):
                 raise ConfigError(
                     f"'{part}' cannot be an overlayfs layer (it contains one of , : \\)",
@@ -210,9 +181,10 @@ def command(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
     if host.setpriv is not None:
         prefix += [host.setpriv, "--pdeathsig", "KILL"]
     if spec.root is None:
-        return [*prefix, host.bwrap, *bwrap_options(spec, host.usr), "--", *argv]
+        usr = spec.toolchain / "usr"
+        return [*prefix, host.bwrap, *bwrap_options(spec, usr), "--", *argv]
     assert spec.mountpoint is not None
-    lowerdir = f"{spec.root.name}/usr:{host.usr}"
+    lowerdir = f"{spec.root.name}/usr:{spec.toolchain / 'usr'}"
     return [
         *prefix,
         host.unshare,
@@ -238,7 +210,6 @@ def command(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
 
 def bwrap_options(spec: SandboxSpec, usr: Path) -> list[str]:
     """bwrap's options (up to, not including, ``--``), with ``usr`` mounted as /usr."""
-    host = spec.host
     args = [
         "--unshare-user",
         "--uid",
@@ -261,19 +232,13 @@ def bwrap_options(spec: SandboxSpec, usr: Path) -> list[str]:
         str(usr),
         "/usr",
     ]
-    for masked in host.masked:
-        args += ["--tmpfs", masked, "--remount-ro", masked]
-    for name, target in host.links:
+    for name, target in LAYOUT:
         args += ["--symlink", target, f"/{name}"]
-    for name in host.dirs:
-        args += ["--ro-bind", f"/{name}", f"/{name}"]
     # A new /dev, read-only but for /dev/shm (POSIX shared memory, used by test suites).
     args += ["--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
     args += ["--proc", "/proc", "--dir", "/etc"]
     for name, _ in etc_files(spec.uid, spec.gid, spec.hostname):
         args += ["--ro-bind", str(spec.etc / name), f"/etc/{name}"]
-    for name in host.etc:
-        args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for mount in spec.mounts:
         args += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
     if not any(m.target == "/var/tmp" for m in spec.mounts):

@@ -47,8 +47,8 @@ def lint(args: argparse.Namespace, console: Console) -> int:
 
 def graph(args: argparse.Namespace, console: Console) -> int:
     """What NAME needs (to build and to run) and what needs it."""
-    arch = args.arch or platform.machine()
-    opened = open_tree(args, None, arch)
+    config = config_from(args)
+    opened = open_tree(args, config, config.arch)
     g = opened.evaluation.graph
     name = known_port(g, args.name)
     if args.dot:
@@ -118,7 +118,9 @@ def why(args: argparse.Namespace, console: Console) -> int:
     if since is not None:
         since_commit = repo.commit(since)
         old_tree = TreeLoader(config.cache).load(GitSnapshot(repo, since_commit))
-        old_eval = Evaluation.full(old_tree.inputs(), old_tree.recipes(), config.arch)
+        old_eval = Evaluation.full(
+            old_tree.inputs(), old_tree.recipes(), config.arch, opened.evaluation.keys.toolchain
+        )
         old = Evaluated(since_commit, old_eval.graph, old_eval.keys, old_tree.inputs())
         closure = opened.evaluation.graph.dependency_closure([name])
         until = opened.commit or repo.commit("HEAD")

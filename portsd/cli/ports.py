@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--dot", action="store_true", help="print Graphviz instead")
     add_tree_options(p)
-    p.add_argument("--arch", default=None, help="the target architecture (default: this machine's)")
+    add_state_options(p)
     p.set_defaults(handler="portsd.cli.inspect:graph")
 
     p = commands.add_parser("why", help="why a port must be (re)built")
@@ -54,6 +54,21 @@ def parser() -> argparse.ArgumentParser:
     add_state_options(p)
     add_build_settings(p)
     p.set_defaults(handler="portsd.cli.build:build")
+
+    p = commands.add_parser(
+        "seed", help="the bootstrap seed every build stands on: show, check or remake it"
+    )
+    action = p.add_mutually_exclusive_group()
+    action.add_argument(
+        "--check",
+        action="store_true",
+        help="make it again from this host and compare (exit 1 on any difference)",
+    )
+    action.add_argument("--remake", action="store_true", help="make it again and keep the new one")
+    p.add_argument("--manifest", action="store_true", help="print the packages it is made of")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_state_options(p)
+    p.set_defaults(handler="portsd.cli.seed:seed")
 
     add_client_commands(commands)
     p = commands.add_parser("discover", help="find portsd caches on the LAN (mDNS)")

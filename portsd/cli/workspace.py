@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from portsd.build.pipeline import seed_of
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.tree.checkout import Checkout, open_checkout
@@ -32,5 +34,10 @@ def build_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Checkout:
-    """Load and evaluate the tree the arguments name, with the recipe cache if ``config``."""
-    return open_checkout(args.tree, args.rev, config.cache if config else None, arch)
+    """Load and evaluate the tree the arguments name. With ``config``: the state's recipe
+    cache, and keys on the seed its builds stand on (made on first use, said on stderr);
+    without (``ports lint``): no cache, and keys that name no seed."""
+    if config is None:
+        return open_checkout(args.tree, args.rev, None, arch, toolchain="")
+    seed = seed_of(config, say=lambda line: print(line, file=sys.stderr))
+    return open_checkout(args.tree, args.rev, config.cache, arch, seed.content_id)

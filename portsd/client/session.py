@@ -23,14 +23,14 @@ from typing import Protocol
 
 import aiohttp
 
-from portsd.build.pipeline import Workspace
+from portsd.build.pipeline import Workspace, seed_of
 from portsd.client.db import InstallReason
 from portsd.client.obtain import Obtainer, ObtainReporter
 from portsd.client.progress import Progress
 from portsd.client.remote import Caches, SerialBook, open_caches
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
-from portsd.config import load_config
+from portsd.config import Config, load_config
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
@@ -83,7 +83,10 @@ def open_sources(
         caches = Caches(usable=(), problems=())
     checkout = None
     if settings.tree is not None:
-        checkout = open_checkout(settings.tree, None, settings.cache / "recipes", settings.arch)
+        seed = seed_of(store_config(settings), reporter.warn)
+        checkout = open_checkout(
+            settings.tree, None, settings.cache / "recipes", settings.arch, seed.content_id
+        )
         graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
         available: dict[str, PackageMeta] = {}
         for name, key in keys.items():  # the ports this machine can build (no broken ones)
@@ -158,8 +161,12 @@ def add_package_files(sources: Sources, requests: Sequence[str], *, unsigned: bo
 
 def store_of(settings: ClientSettings) -> Workspace:
     """The client's private repository and build space, under the cache directory."""
-    config = load_config(settings.cache, None, {"arch": settings.arch})
-    return Workspace.open(config)
+    return Workspace.open(store_config(settings))
+
+
+def store_config(settings: ClientSettings) -> Config:
+    """The builder's settings for source builds: state in the client's cache."""
+    return load_config(settings.cache, None, {"arch": settings.arch})
 
 
 def install(

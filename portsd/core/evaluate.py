@@ -34,13 +34,18 @@ class Evaluation:
 
     @classmethod
     def full(
-        cls, listing: Mapping[str, str], ports: Mapping[str, Recipe | RecipeError], arch: str
+        cls,
+        listing: Mapping[str, str],
+        ports: Mapping[str, Recipe | RecipeError],
+        arch: str,
+        toolchain: str,
     ) -> Evaluation:
-        """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse."""
+        """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse;
+        ``toolchain`` is the content id of what every build stands on (the seed)."""
         if ports.keys() != listing.keys():
             raise ValueError("every port of the listing needs its recipe or error, and no others")
         graph = Graph.build(ports, arch)
-        return cls(listing, graph, KeySet.compute(graph, listing))
+        return cls(listing, graph, KeySet.compute(graph, listing, toolchain))
 
     def advance(self, listing: Mapping[str, str], changes: Mapping[str, PortChange]) -> Evaluation:
         """The evaluation of the next commit.
@@ -60,7 +65,9 @@ class Evaluation:
         if not changes:
             return Evaluation(listing, self.graph, self.keys)
         graph, affected = self.graph.updated(changes)
-        keys = KeySet.compute(graph, listing, previous=self.keys, affected=affected)
+        keys = KeySet.compute(
+            graph, listing, self.keys.toolchain, previous=self.keys, affected=affected
+        )
         return Evaluation(listing, graph, keys, frozenset(changes))
 
 

@@ -4,6 +4,7 @@ A port's key is the sha256 of a canonical msgpack encoding of
 
     ["portsd-build-key", BUILDER_FORMAT, arch, tree id of ports/<name>,
      [sha256 of each url source, in recipe order],
+     content id of the toolchain every build stands on (the bootstrap seed),
      [[name, key] of every port in its build root, sorted by name]]
 
 where the build root is the port's runtime, build and check dependencies plus their
@@ -25,15 +26,19 @@ from portsd.core.graph import Graph, PortProblem
 from portsd.core.recipe import DepKind
 from portsd.errors import BrokenDependency
 
-BUILDER_FORMAT = 1
+BUILDER_FORMAT = 2
 """Bumped whenever the builder changes how the same inputs turn into a package."""
 
 
 def build_key(
-    tree_id: str, sources: Sequence[str], arch: str, build_root: Iterable[tuple[str, str]]
+    tree_id: str,
+    sources: Sequence[str],
+    arch: str,
+    toolchain: str,
+    build_root: Iterable[tuple[str, str]],
 ) -> str:
     """The key of one port from its inputs; ``build_root`` pairs are (name, build key)."""
-    return _key(msgpack.packb, tree_id, list(sources), arch, sorted(build_root))
+    return _key(msgpack.packb, tree_id, list(sources), arch, toolchain, sorted(build_root))
 
 
 def _key(
@@ -41,19 +46,21 @@ def _key(
     tree_id: str,
     sources: list[str],
     arch: str,
+    toolchain: str,
     build_root: list[tuple[str, str]],
 ) -> str:
     # msgpack packs tuples and lists alike, as arrays
-    payload = ["portsd-build-key", BUILDER_FORMAT, arch, tree_id, sources, build_root]
+    payload = ["portsd-build-key", BUILDER_FORMAT, arch, tree_id, sources, toolchain, build_root]
     return hashlib.sha256(pack(payload)).hexdigest()
 
 
 class KeySet:
     """The build key of every buildable port of a tree, and why the others have none."""
 
-    __slots__ = ("keys", "blocked", "_closures", "_pack")
+    __slots__ = ("keys", "blocked", "toolchain", "_closures", "_pack")
 
-    def __init__(self) -> None:
+    def __init__(self, toolchain: str) -> None:
+        self.toolchain = toolchain
         self.keys: dict[str, str] = {}
         self.blocked: dict[str, PortProblem] = {}
         # runtime closures, memoised per evaluation: many ports share deep dependencies
@@ -65,17 +72,18 @@ class KeySet:
         cls,
         graph: Graph,
         tree_ids: Mapping[str, str],
+        toolchain: str,
         previous: KeySet | None = None,
         affected: Iterable[str] = (),
     ) -> KeySet:
-        """Keys for every port of ``graph``.
+        """Keys for every port of ``graph``, built on the toolchain of content id ``toolchain``.
 
-        With ``previous``, only ``affected`` ports (those whose tree id or graph facts
-        changed, removed ports included) and everything depending on them are recomputed;
-        the rest is carried over.
+        With ``previous`` (of the same toolchain), only ``affected`` ports (those whose tree
+        id or graph facts changed, removed ports included) and everything depending on them
+        are recomputed; the rest is carried over.
         """
-        result = cls()
-        if previous is None:
+        result = cls(toolchain)
+        if previous is None or previous.toolchain != toolchain:
             todo = set(graph.names())
         else:
             affected = set(affected)
@@ -108,7 +116,7 @@ class KeySet:
                 return
         sources = [s.sha256 for s in recipe.sources if s.url is not None and s.sha256]
         pairs = [(dep, keys[dep]) for dep in build_root]  # sorted: build_root is
-        keys[name] = _key(self._pack, tree_id, sources, graph.arch, pairs)
+        keys[name] = _key(self._pack, tree_id, sources, graph.arch, self.toolchain, pairs)
 
     def _blocked_by(self, name: str, dep: str) -> BrokenDependency:
         cause = self.blocked.get(dep)

@@ -329,7 +329,9 @@ class Daemon:
     def _load(self, head: str, previous: _Evaluated | None) -> tuple[Tree, Evaluation]:
         if previous is None:
             tree = self.loader.load(GitSnapshot(self.git, head))
-            evaluation = Evaluation.full(tree.inputs(), tree.recipes(), self.config.arch)
+            evaluation = Evaluation.full(
+                tree.inputs(), tree.recipes(), self.config.arch, self.workspace.seed.content_id
+            )
         else:
             tree = self.loader.advance(previous.tree, head)
             evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())

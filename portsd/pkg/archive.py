@@ -25,10 +25,11 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+import msgpack
 import zstandard
 
 from portsd.errors import PackageError, UnsafeArchive
@@ -759,3 +760,22 @@ def _pax_records(data: bytes, stream: TarStream) -> dict[bytes, bytes]:
             raise UnsafeArchive(stream.label, stream.member, "followed by a malformed pax header")
         records[key] = value[:-1]
     return records
+
+
+# --- identity --------------------------------------------------------------------------
+
+
+CONTENT_FORMAT = 1
+"""Version of the encoding ``content_id`` digests; bumped on any change."""
+
+
+def content_id(files: Iterable[ManifestEntry]) -> str:
+    """A package's content id: sha256 of its file manifest (paths, types, modes, sizes,
+    content hashes, link targets) in order, and of nothing else. Two builds that install
+    the same files have the same content id whatever their metadata (build key, version)."""
+    rows = [
+        [entry.path, str(entry.type), entry.mode, entry.size, entry.sha256 or entry.target or ""]
+        for entry in files
+    ]
+    payload = msgpack.packb(["portsd-content", CONTENT_FORMAT, rows])
+    return hashlib.sha256(payload).hexdigest()

@@ -25,10 +25,13 @@ class Checkout:
     repo: GitRepo | None
 
 
-def open_checkout(path: Path, rev: str | None, cache: Path | None, arch: str) -> Checkout:
+def open_checkout(
+    path: Path, rev: str | None, cache: Path | None, arch: str, toolchain: str
+) -> Checkout:
     """Load and evaluate the ports tree at ``path``: a git repository at ``rev`` (bare
     repositories default to HEAD), else the directory as it is. ``cache``: where parsed
-    recipes are kept between runs (by git tree id), None for none."""
+    recipes are kept between runs (by git tree id), None for none; ``toolchain``: the
+    content id builds stand on (the seed's)."""
     loader = TreeLoader(cache)
     repo = _git_repo(path)
     if rev is not None or (repo is not None and repo.workdir is None):
@@ -46,7 +49,7 @@ def open_checkout(path: Path, rev: str | None, cache: Path | None, arch: str) ->
         cache.mkdir(parents=True, exist_ok=True)
         loader.save()
     ports = tree.recipes()
-    return Checkout(tree, Evaluation.full(tree.inputs(), ports, arch), commit, repo)
+    return Checkout(tree, Evaluation.full(tree.inputs(), ports, arch, toolchain), commit, repo)
 
 
 def _not_a_tree(path: Path) -> ConfigError:
