@@ -14,11 +14,22 @@ from portsd.errors import ConfigError
 CONTRIB = Path(__file__).parent.parent / "contrib" / "portsd.toml.example"
 
 
-def test_defaults_put_everything_under_the_state_directory(tmp_path: Path) -> None:
+def test_defaults_put_everything_under_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PORTSD_SEED", raising=False)  # the test session shares one seed
     config = load_config(tmp_path)
     assert config == Config(state_dir=tmp_path)
+    assert config.seed == tmp_path / "seed"
     assert config.repo == tmp_path / "repo" and config.distfiles == tmp_path / "distfiles"
     assert config.secret_key.parent == tmp_path / "keys" and config.listen == "127.0.0.1"
+
+
+def test_a_seed_shared_by_several_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTSD_SEED", "/srv/seed")
+    assert load_config(tmp_path).seed == Path("/srv/seed")
+    (tmp_path / CONFIG_NAME).write_text('[build]\nseed = "../shared-seed"\n')
+    assert load_config(tmp_path).seed == (tmp_path / "../shared-seed").resolve()
 
 
 def test_file_then_flags(tmp_path: Path) -> None:
