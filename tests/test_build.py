@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from portsd.build.seed import Seed
 from portsd.pkg.package import extract_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey
@@ -219,9 +220,10 @@ def test_why_traces_a_change_through_the_graph(ports_tree: Path, tmp_path: Path)
     assert lines[3] == "    reaches toptool through libmid -(depends)-> libtop -(depends)-> toptool"
 
 
-def test_graph_shows_both_directions(ports_tree: Path) -> None:
-    result = ports("graph", "liba", "--tree", ports_tree)
+def test_graph_shows_both_directions(ports_tree: Path, seed: Seed, tmp_path: Path) -> None:
+    result = ports("graph", "liba", "--tree", ports_tree, "--state", tmp_path)
     assert "libbase (depends)" in result.stdout
+    assert f"toolchain: the seed {seed.content_id[:12]}" in result.stdout
     assert "needed by (1): diamond (depends)" in result.stdout
     dot = ports("graph", "libbase", "--dot", "--tree", ports_tree).stdout
     assert '"libmid" -> "libbase";' in dot and dot.startswith("digraph")

@@ -66,6 +66,8 @@ def graph(args: argparse.Namespace, console: Console) -> int:
     console.print(needs)
     root = opened.evaluation.keys.build_root(g, name) if recipe else []
     console.print(f"[bold]build root[/] ({len(root)}): {', '.join(root) or '-'}")
+    toolchain = opened.evaluation.keys.toolchain
+    console.print(f"[bold]toolchain[/]: the seed {toolchain[:12]} [dim](ports seed)[/]")
     direct = sorted(g.dependents(name))
     rest = sorted(g.reverse_closure([name]) - set(direct) - {name})
     kinds = {d: ", ".join(e.kind.value for e in g.edges(d) if e.target == name) for d in direct}
