@@ -25,6 +25,15 @@ def free_port() -> int:
         return port
 
 
+def daemon_environment() -> dict[str, str]:
+    """A daemon's whole environment: PATH, HOME and the test session's shared seed (a
+    daemon left to itself would make a seed of its own in every state directory)."""
+    environment = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    if "PORTSD_SEED" in os.environ:
+        environment["PORTSD_SEED"] = os.environ["PORTSD_SEED"]
+    return environment
+
+
 def portsd(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "portsd.cli.daemon", *map(str, args)],
@@ -57,7 +66,7 @@ class RunningDaemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")},
+                env=daemon_environment(),
             )
         self.wait_for(lambda: self.get("/api/v1/status"), timeout=30, what="the daemon to answer")
         return self
