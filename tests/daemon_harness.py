@@ -25,10 +25,15 @@ def free_port() -> int:
         return port
 
 
-def daemon_environment() -> dict[str, str]:
-    """A daemon's whole environment: PATH, HOME and the test session's shared seed (a
-    daemon left to itself would make a seed of its own in every state directory)."""
-    environment = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+def command_environment(home: str | None = None) -> dict[str, str]:
+    """The whole environment of a `portsd` or `ports` the tests start: PATH, HOME, wide
+    columns, and the test session's shared seed (a command left to itself would make a
+    seed of its own in every state directory)."""
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": home or os.environ.get("HOME", "/root"),
+        "COLUMNS": "200",
+    }
     if "PORTSD_SEED" in os.environ:
         environment["PORTSD_SEED"] = os.environ["PORTSD_SEED"]
     return environment
@@ -66,7 +71,7 @@ class RunningDaemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=daemon_environment(),
+                env=command_environment(),
             )
         self.wait_for(lambda: self.get("/api/v1/status"), timeout=30, what="the daemon to answer")
         return self

@@ -6,7 +6,6 @@ Every test here builds the C ports of tests/fixtures.py for real.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from portsd.pkg.package import extract_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey
 from tests.conftest import SourceServer
+from tests.daemon_harness import command_environment
 from tests.fixtures import commit_all, recipe
 from tests.rangeserver import Served, range_server
 
@@ -34,7 +34,7 @@ def ports(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[
         capture_output=True,
         text=True,
         timeout=600,
-        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "COLUMNS": "200"},
+        env=command_environment(),
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -33,6 +33,7 @@ from portsd.errors import BuildError, ConfigError, FetchError, FileConflict
 from portsd.pkg.package import extract_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey
+from tests.daemon_harness import command_environment
 from tests.fixtures import commit_all, git
 from tests.processes import marker, processes_with
 
@@ -967,7 +968,7 @@ def test_ports_build_packages_paths_of_the_tree_and_rebuilds_when_they_change(
             capture_output=True,
             text=True,
             timeout=600,
-            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "COLUMNS": "200"},
+            env=command_environment(home=str(tmp_path)),
         )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout

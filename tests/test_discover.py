@@ -49,7 +49,7 @@ from portsd.pkg.discover import (
     trusted_caches,
 )
 from portsd.pkg.sign import PublicKey, SecretKey
-from tests.daemon_harness import daemon_environment, portsd
+from tests.daemon_harness import command_environment, portsd
 
 T = TypeVar("T")
 
@@ -400,7 +400,7 @@ class NetnsDaemon:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=daemon_environment(),
+                env=command_environment(),
             )
 
     def wait_for_log(self, text: str, timeout: float = 30) -> None:
