@@ -15,9 +15,7 @@ from tests.fixtures import commit_all, git
 from tests.test_build import build, repository
 
 
-def elf(
-    *needed: str, soname: str | None = None, interpreter: str | None = None
-) -> ElfLinkage:
+def elf(*needed: str, soname: str | None = None, interpreter: str | None = None) -> ElfLinkage:
     return ElfLinkage("EM_X86_64", 64, interpreter, needed, soname)
 
 
