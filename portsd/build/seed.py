@@ -37,7 +37,7 @@ from pathlib import Path
 
 from portsd.build.builder import SOURCE_DATE_EPOCH
 from portsd.build.run import run
-from portsd.core.linkage import LIBRARY_DIRS
+from portsd.core.linkage import LIBRARY_DIRS, MERGED_USR
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.errors import ConfigError, PackageError
 from portsd.pkg.archive import content_id
@@ -124,7 +124,7 @@ DROPPED = (
 )
 """Documentation and integration files no build reads."""
 
-MERGED = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
+MERGED = MERGED_USR
 LIBDIRS = LIBRARY_DIRS
 """Where the loader and the linker look: a library here is public."""
 HOST_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib")
