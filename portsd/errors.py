@@ -12,6 +12,7 @@
     │   ├── ChecksumMismatch     ... or its sha256 is not the recipe's
     │   └── FetchCancelled       ... before the build that wanted it was cancelled
     ├── BuildError               a build step failed, timed out or was killed
+    │   └── UnmetNeed            ... or made a file needing a soname nothing it depends on provides
     ├── PackageError             a package file is malformed
     │   └── UnsafeArchive        ... or tries to escape its root
     ├── RepoError                the repository or its index is unusable
@@ -190,6 +191,29 @@ class BuildError(PortsdError):
 
     def __str__(self) -> str:
         text = f"{self.port}: {self.step} failed ({self.status})"
+        return f"{text}; log: {self.log}" if self.log else text
+
+
+class UnmetNeed(BuildError):
+    """A file of the package ``port`` built needs ``need`` (a soname, or its interpreter's
+    path) and neither the package nor its runtime dependencies provide it; ``more``
+    counts the other unmet needs, which the log lists."""
+
+    def __init__(
+        self, port: str, path: str, need: str, log: str | None = None, *, more: int = 0
+    ) -> None:
+        self.path = path
+        self.need = need
+        self.more = more
+        super().__init__(port, "package", f"{path} needs {need}", log)
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.port}: {self.path} needs {self.need}, which neither {self.port} nor its"
+            " runtime dependencies provide"
+        )
+        if self.more:
+            text += f" (and {self.more} more)"
         return f"{text}; log: {self.log}" if self.log else text
 
 

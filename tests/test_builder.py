@@ -329,15 +329,63 @@ MAKEFILES_WITHOUT_CHECK = [
 ]
 
 
+def check_step_output(directory: Path, style: BuildStyle = BuildStyle.AUTOTOOLS) -> str:
+    """What the style's check step prints in ``directory``, ``make check`` replaced by an
+    echo (with the make style's arguments, whatever comes before ``check``)."""
+    script = styles.default_script(style, BuildStep.CHECK) or ""
+    script = script.replace("make check", "echo would-check")
+    script = script.replace("make PREFIX=/usr check", "echo would-check")
+    result = subprocess.run(
+        ["sh", "-eu", "-c", script], cwd=directory, capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
 @pytest.mark.parametrize("makefile", MAKEFILES_WITH_CHECK + MAKEFILES_WITHOUT_CHECK)
 def test_check_target_detection(makefile: str, tmp_path: Path) -> None:
     (tmp_path / "Makefile").write_text(makefile)
-    script = styles.default_script(BuildStyle.AUTOTOOLS, BuildStep.CHECK) or ""
-    script = script.replace("make check", "echo would-check")
-    result = subprocess.run(
-        ["sh", "-eu", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
-    assert (result.stdout == "would-check\n") is (makefile in MAKEFILES_WITH_CHECK)
+    output = check_step_output(tmp_path)
+    assert (output == "would-check\n") is (makefile in MAKEFILES_WITH_CHECK)
+
+
+GNULIB_GNUMAKEFILE = """\
+# gnulib's top/GNUmakefile, cut down: no check rule of its own, the Makefile's included
+_gl-Makefile := $(wildcard [M]akefile)
+ifneq ($(_gl-Makefile),)
+include Makefile
+else
+.DEFAULT_GOAL := abort-due-to-no-makefile
+$(MAKECMDGOALS): abort-due-to-no-makefile
+abort-due-to-no-makefile:
+\t@echo There seems to be no Makefile in this directory. 1>&2; exit 1
+endif
+"""
+RECURSIVE_CHECK = """\
+check: check-recursive
+check-recursive:
+\t$(MAKE) -C sub check
+"""
+
+
+@pytest.mark.parametrize("style", [BuildStyle.AUTOTOOLS, BuildStyle.MAKE])
+def test_check_target_included_by_a_gnulib_gnumakefile_is_found(
+    style: BuildStyle, tmp_path: Path
+) -> None:
+    (tmp_path / "GNUmakefile").write_text(GNULIB_GNUMAKEFILE)
+    (tmp_path / "Makefile").write_text(RECURSIVE_CHECK)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "Makefile").write_text("$(shell touch read)\ncheck:\n\ttouch built\n")
+    assert check_step_output(tmp_path, style) == "would-check\n"
+    # asking make ran no sub-make, let alone a recipe
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["Makefile"]
+
+
+@pytest.mark.parametrize("style", [BuildStyle.AUTOTOOLS, BuildStyle.MAKE])
+def test_no_makefile_or_one_without_check_skips_the_step(style: BuildStyle, tmp_path: Path) -> None:
+    assert check_step_output(tmp_path, style) == "no check target: skipping checks\n"
+    (tmp_path / "GNUmakefile").write_text(GNULIB_GNUMAKEFILE)
+    (tmp_path / "Makefile").write_text("all:\n\ttrue\ninstall:\n\ttrue\n")
+    assert check_step_output(tmp_path, style) == "no check target: skipping checks\n"
 
 
 def test_compose_root_merges_and_links(tmp_path: Path) -> None:

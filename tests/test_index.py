@@ -94,6 +94,9 @@ metas = st.builds(
     provides=st.lists(tokens, max_size=3).map(tuple),
     conflicts=st.lists(tokens, max_size=2).map(tuple),
     installed_size=sizes,
+    sonames=st.lists(word(_LOWER + "_", _LOWER + "._-", 20), max_size=3).map(
+        lambda items: tuple(sorted(set(items)))
+    ),
 )
 entries = st.builds(IndexEntry, meta=metas, file=files, size=sizes, sha256=hexes)
 indexes = st.builds(
@@ -217,7 +220,7 @@ def test_the_fast_reader_accepts_exactly_what_the_records_accept(
 @pytest.mark.parametrize(
     "path, value, message",
     [
-        (("format",), 2, "unsupported index format 2"),
+        (("format",), 1, "unsupported index format 1"),
         (("format",), "1", "expected an integer"),
         (("arch",), "../x", "invalid value"),
         (("serial",), -1, "out of range"),
@@ -238,6 +241,9 @@ def test_the_fast_reader_accepts_exactly_what_the_records_accept(
         (("packages", 0, "depends"), "musl", "expected a list"),
         (("packages", 0, "depends"), ["musl", 3], "invalid item 3"),
         (("packages", 0, "provides"), ["two words"], "invalid item"),
+        (("packages", 0, "sonames"), "libz.so.1", "expected a list"),
+        (("packages", 0, "sonames"), ["usr/lib/libz.so.1"], "invalid soname"),
+        (("packages", 0, "sonames"), ["libz.so.1", "libz.so.1"], "not sorted and distinct"),
         (("packages", 0, "summary"), b"bytes", "expected a string"),
         (("packages", 0, "arch"), "aarch64", "'aarch64' in an index for x86_64"),
         (("packages", 1, "name"), "zlib", "out of order or repeated"),
@@ -376,15 +382,16 @@ def test_the_bytes_of_an_entry_and_an_index_are_pinned() -> None:
         ("libz=1.3.1",),
         ("zlib-ng",),
         5,
+        ("libz.so.1",),
     )
     value = IndexEntry(meta, meta.filename, 1234, SHA)
-    assert FORMAT == 1
+    assert FORMAT == 2
     assert hashlib.sha256(encode_entry(value)).hexdigest() == (
-        "5fb7fa06357df153db70b4f6709781ce0872d22265dfad124e7c1b946f136ddd"
+        "28736d9fb6295f58526022f56f1f2eb4286e38330380a7282c10f58f25f3421d"
     )
     payload = zstandard.ZstdDecompressor().decompress(encode_index(index(value)))
     assert hashlib.sha256(payload).hexdigest() == (
-        "4087bc81113f3a45d255a810a51fbc16e734218cded1e186d553ef5473e9174b"
+        "d9236193434faa1e1c161c5366108fc039b9b913b6cebcb018ba22ddc75cdf84"
     )
 
 

@@ -39,6 +39,9 @@ def meta(**changes: Any) -> PackageMeta:
         ("provides", ("sh >= 1",), "invalid item 'sh >= 1'"),
         ("conflicts", ("ok", 3), "invalid item 3"),
         ("installed_size", 1 << 63, "out of range"),
+        ("sonames", ["libz.so.1"], "expected a list of strings, got list"),
+        ("sonames", ("usr/lib/libz.so.1",), "invalid soname"),
+        ("sonames", ("libz.so.1", "libc.so.6"), "not sorted and distinct"),
     ],
 )
 def test_every_field_is_checked_on_construction(field: str, value: object, message: str) -> None:
@@ -74,6 +77,7 @@ LAYOUT = MetaLayout(
         "provides",
         "conflicts",
         "installed_size",
+        "sonames",
     ),
     build_key="key",
 )

@@ -733,7 +733,8 @@ def valid_info(*files: ManifestEntry) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (lambda m: m.update(format=2), "unsupported package format"),
+        (lambda m: m.update(format=1), "unsupported package format"),
+        (lambda m: m.update(format=3), "unsupported package format"),
         (lambda m: m.update(format=True), "unsupported package format"),
         (lambda m: m.update(release=True), "'release': expected an integer, got bool"),
         (lambda m: m.update(name=1), "'name': expected a string, got int"),
@@ -745,6 +746,9 @@ def valid_info(*files: ManifestEntry) -> dict[str, object]:
         (lambda m: m.update(build_key="ABC"), "'build_key': invalid value 'ABC'"),
         (lambda m: m.update(arch="X86"), "'arch': invalid value 'X86'"),
         (lambda m: m.update(installed_size=1), "installed_size"),
+        (lambda m: m.pop("sonames"), "missing keys ['sonames']"),
+        (lambda m: m.update(sonames=["lib/x.so.1"]), "'sonames': invalid soname"),
+        (lambda m: m.update(sonames=["libz.so.1", "liba.so.1"]), "not sorted and distinct"),
         (lambda m: m.update(files={}), "'files' must be a list"),
         (lambda m: m["files"][0].update(type="fifo"), "no valid type"),
         (lambda m: m["files"][0].update(type=["file"]), "no valid type"),
@@ -782,6 +786,7 @@ def test_the_bytes_of_a_manifest_are_pinned() -> None:
         ("libz=1.3.1",),
         ("zlib-ng",),
         5,
+        ("libz.so.1",),
     )
     files = (
         d("usr"),
@@ -789,9 +794,9 @@ def test_the_bytes_of_a_manifest_are_pinned() -> None:
         sym("usr/lib/libz.so", "libz.so.1"),
         ManifestEntry("usr/lib/libz.so.1", FileType.FILE, 0o644, 5, sha),
     )
-    assert PACKAGE_FORMAT == 1
+    assert PACKAGE_FORMAT == 2
     assert hashlib.sha256(PortInfo(meta, files).to_bytes()).hexdigest() == (
-        "0ac7dc56870c5efef345c37f3f4cdf42fe5f697abfaf8389dc19959382665142"
+        "cb0599a2d69fe36dcc36c17b3e0b18ecb4114cc5ebe72eda34249f5f1fbcc3b2"
     )
 
 

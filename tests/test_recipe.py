@@ -82,6 +82,13 @@ def test_full_recipe() -> None:
     assert recipe.supports("x86_64") and not recipe.supports("riscv64")
 
 
+def test_allowed_missing_sonames_and_interpreters() -> None:
+    text = MINIMAL + '[build]\nallow-missing-sonames = ["libGL.so.1", "/lib/ld-musl.so.1"]\n'
+    recipe = parse_recipe(text, PATH, "zlib")
+    assert recipe.build.allow_missing_sonames == ("libGL.so.1", "/lib/ld-musl.so.1")
+    assert parse_recipe(MINIMAL, PATH, "zlib").build.allow_missing_sonames == ()
+
+
 def test_minimal_recipe_defaults() -> None:
     recipe = parse_recipe(MINIMAL.encode(), PATH, "zlib")
     assert recipe == Recipe(name="zlib", version="1.0", release=1, summary="s", license="MIT")
@@ -127,6 +134,15 @@ def problems(text: str, files: list[str] | None = None) -> list[str]:
             "(expected name[op version], op: = < <= > >=)",
         ),
         (MINIMAL + 'depends = ["a", "a>1"]\n', f"{PATH}:5: depends: 'a' is listed twice"),
+        (
+            MINIMAL + '[build]\nallow-missing-sonames = ["libGL.so.1", "lib/x.so", "a b"]\n',
+            f"{PATH}:6: allow-missing-sonames: 'lib/x.so' is neither a soname (libGL.so.1) nor"
+            " an interpreter's absolute path",
+        ),
+        (
+            MINIMAL + "[build]\nallow-missing-sonames = 'libGL.so.1'\n",
+            f"{PATH}:6: 'allow-missing-sonames' must be a list of strings",
+        ),
         (MINIMAL + 'depends = "musl"\n', f"{PATH}:5: 'depends' must be a list of strings"),
         (MINIMAL + "release = 0\n", f"{PATH}:5: 'release' must be a positive integer"),
         (MINIMAL + "homepage = 3\n", f"{PATH}:5: 'homepage' must be a string, not an integer"),

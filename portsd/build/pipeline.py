@@ -16,12 +16,13 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from portsd.build.builder import SOURCE_DATE_EPOCH, BuildRequest, build_port
 from portsd.build.fetch import Fetcher, FetchReporter
+from portsd.build.needs import check_needs
 from portsd.build.seed import Seed, ensure_seed
 from portsd.build.store import Store
 from portsd.config import Config
@@ -31,6 +32,7 @@ from portsd.core.index import IndexEntry
 from portsd.core.keys import KeySet
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
+from portsd.core.recipe import DepKind
 from portsd.errors import RepoError
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
@@ -159,9 +161,26 @@ class Workspace:
                     cancel=cancel,
                 )
             )
-            meta = PackageMeta.of(recipe, build.key, self.config.arch)
+            runtime = revision.graph.runtime_closure(
+                edge.target
+                for edge in revision.graph.edges(build.name)
+                if edge.kind is DepKind.RUNTIME
+            )
+            sonames = check_needs(
+                recipe,
+                result.destdir,
+                log,
+                seed_root=self.seed.root,
+                closure=[self._provisions(revision, dep) for dep in sorted(runtime)],
+            )
+            meta = replace(PackageMeta.of(recipe, build.key, self.config.arch), sonames=sonames)
             built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
             return self.repo.publish(built.path, built.info.meta, commit=revision.commit)
+
+    def _provisions(self, revision: Revision, name: str) -> tuple[Path, tuple[str, ...]]:
+        """A runtime dependency's unpacked root and the sonames its package provides."""
+        entry = self.repo.find_key(revision.keys.keys[name])
+        return self._unpacked(revision, name), entry.meta.sonames if entry else ()
 
     def _unpacked(self, revision: Revision, name: str) -> Path:
         key = revision.keys.keys[name]

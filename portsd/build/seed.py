@@ -37,8 +37,9 @@ from pathlib import Path
 
 from portsd.build.builder import SOURCE_DATE_EPOCH
 from portsd.build.run import run
+from portsd.core.linkage import LIBRARY_DIRS, MERGED_USR
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
-from portsd.errors import ConfigError
+from portsd.errors import ConfigError, PackageError
 from portsd.pkg.archive import content_id
 from portsd.pkg.elf import read_linkage
 from portsd.pkg.package import create_package, extract_package, read_portinfo
@@ -123,8 +124,8 @@ DROPPED = (
 )
 """Documentation and integration files no build reads."""
 
-MERGED = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
-LIBDIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib")
+MERGED = MERGED_USR
+LIBDIRS = LIBRARY_DIRS
 """Where the loader and the linker look: a library here is public."""
 HOST_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib")
 
@@ -397,7 +398,10 @@ def find_seed(directory: Path) -> Seed | None:
         return None
     if not (directory / "root").is_dir():
         return None
-    info = read_portinfo(packages[0])
+    try:
+        info = read_portinfo(packages[0])
+    except PackageError:
+        return None  # a seed of an older package format: made again
     manifest = (directory / "manifest").read_text()
     return Seed(
         packages[0], content_id(info.files), info.meta.build_key, manifest, directory / "root"

@@ -18,23 +18,29 @@ from collections.abc import Sequence
 
 from portsd.core.recipe import BuildSpec, BuildStep, BuildStyle
 
-_MAKEFILE = 'for makefile in GNUmakefile makefile Makefile; do [ -f "$makefile" ] && break; done'
-# A rule whose targets include "check" (not a variable named check: "check = ...").
-_HAS_CHECK = (
-    "grep -Eq '^([^#:=[:space:]]+[[:space:]]+)*check([[:space:]]+[^#:=[:space:]]+)*"
-    '[[:space:]]*::?([^=]|$)\' "$makefile"'
-)
+_NO_CHECK_RULE = "No rule to make target 'check'."
+"""What make says when it has no rule for ``check`` itself (not for one of its
+prerequisites: that reads "..., needed by 'check'.")."""
 
 
-def _if_check_target(command: str) -> str:
-    """``command`` when the directory's makefile has a ``check`` rule; otherwise a note."""
+def _if_check_target(command: str, make_args: str = "") -> str:
+    """``command`` when make has a rule for ``check``; otherwise a note.
+
+    Make is asked, not the makefile read: the rule may come from an included file (a
+    gnulib package's GNUmakefile includes the Makefile that has it). ``make -q``
+    (question mode) runs no recipe line but those calling $(MAKE) (or marked ``+``), and
+    ``MAKE=true`` turns those into no-ops: asking builds nothing, here or in a
+    subdirectory (``make -n`` would run the sub-makes, in every directory). Only
+    make's error for a missing ``check`` rule skips the step: any other (a prerequisite
+    no rule makes) is left for ``command`` to report.
+    """
     return (
-        f"{_MAKEFILE}\n"
-        f'if [ -f "$makefile" ] && {_HAS_CHECK}; then\n'
-        f"\t{command}\n"
-        "else\n"
-        "\techo 'no check target: skipping checks'\n"
-        "fi"
+        "status=0\n"
+        f"why=$(LC_ALL=C make -q{make_args} MAKE=true check 2>&1 >/dev/null) || status=$?\n"
+        'case "$status:$why" in\n'
+        f"2:*\"{_NO_CHECK_RULE}\"*) echo 'no check target: skipping checks' ;;\n"
+        f"*) {command} ;;\n"
+        "esac"
     )
 
 
@@ -82,7 +88,7 @@ def default_script(
         case BuildStyle.MAKE, BuildStep.BUILD:
             return f"make PREFIX=/usr{args}"
         case BuildStyle.MAKE, BuildStep.CHECK:
-            return _if_check_target(f"make PREFIX=/usr{args} check")
+            return _if_check_target(f"make PREFIX=/usr{args} check", f" PREFIX=/usr{args}")
         case BuildStyle.MAKE, BuildStep.PACKAGE:
             return f'make DESTDIR="$DESTDIR" PREFIX=/usr{args} install'
     return None

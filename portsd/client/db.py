@@ -34,7 +34,7 @@ from portsd.core.recipe import Dependency
 from portsd.errors import PackageDbError
 from portsd.pkg.archive import FileType
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sonames
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS packages (
     provides TEXT NOT NULL,
     conflicts TEXT NOT NULL,
     installed_size INTEGER NOT NULL,
+    sonames TEXT NOT NULL,
     installed_at REAL NOT NULL,
     reason TEXT NOT NULL,
     origin TEXT NOT NULL,
@@ -295,7 +296,7 @@ class PackageDb:
             db.executemany("DELETE FROM packages WHERE name = ?", [(n,) for n in change.drop])
             db.executemany(
                 f"INSERT INTO packages ({_PACKAGE_COLUMNS}, tx) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"VALUES ({', '.join('?' * (len(FACTS) + 4))})",
                 [
                     (
                         *_meta_row(package.meta),

@@ -7,7 +7,7 @@ On the wire an index is a zstd frame (with checksum) holding one msgpack map::
     {format, arch, serial, generated, expires, commit, packages: [entry, ...]}
 
 and each entry a map ``{name, version, release, arch, key, file, size, sha256, summary,
-license, depends, provides, conflicts, installed_size}``: the package's facts
+license, depends, provides, conflicts, installed_size, sonames}``: the package's facts
 (``portsd.core.metadata``, the build key under ``key``) and the file holding it. Maps are
 written with their keys in that fixed order and packages sorted by name, so equal indexes
 encode to equal bytes. The same map is an entry's record in a repository's key store and
@@ -32,6 +32,7 @@ from typing import Any, cast
 import msgpack
 import zstandard
 
+from portsd.core.linkage import SONAME_PATTERN
 from portsd.core.metadata import ARCH_PATTERN as ARCH_PATTERN  # the repository's too
 from portsd.core.metadata import (
     HEX64,
@@ -48,8 +49,9 @@ from portsd.core.recipe import NAME_PATTERN
 from portsd.core.version import VERSION_PATTERN
 from portsd.errors import IndexExpired, RepoError, RollbackDetected
 
-FORMAT = 1
-"""The index format this module writes and reads; bumped on an incompatible change."""
+FORMAT = 2
+"""The index format this module writes and reads; bumped on an incompatible change
+(2: ``sonames``)."""
 
 MAX_INDEX_BYTES = 256 << 20
 """Refuse to inflate an index past this: a tiny hostile frame must not exhaust memory."""
@@ -99,6 +101,7 @@ ENTRY_LAYOUT = MetaLayout(
         "provides",
         "conflicts",
         "installed_size",
+        "sonames",
     ),
     build_key="key",
 )
@@ -326,6 +329,7 @@ _STRINGS_OK = re.compile(
 """name, version, key, sha256 and file joined by NULs, which none of them may hold: one
 match instead of five (a call costs more than the characters it reads)."""
 _arch_ok = ARCH_PATTERN.fullmatch
+_soname_ok = SONAME_PATTERN.fullmatch
 
 
 class _EntryReader:
@@ -357,7 +361,7 @@ class _EntryReader:
     def valid(self, values: tuple[Any, ...]) -> bool:
         """Whether the entry of ``values`` would be accepted (False: it may or may not)."""
         (name, version, release, arch, key, file, size, sha256, summary, license_) = values[:10]
-        depends, provides, conflicts, installed_size = values[10:]
+        depends, provides, conflicts, installed_size, sonames = values[10:]
         return (
             type(name) is str
             and type(version) is str
@@ -378,6 +382,7 @@ class _EntryReader:
             and self.dependencies_ok(depends)
             and self.dependencies_ok(provides)
             and self.dependencies_ok(conflicts)
+            and self.sonames_ok(sonames)
         )
 
     def new_arch(self, arch: str) -> bool:
@@ -397,6 +402,16 @@ class _EntryReader:
                 if not is_dependency(item):
                     return False
                 tokens.add(item)
+        return True
+
+    def sonames_ok(self, items: object) -> bool:
+        if type(items) is not tuple:
+            return False
+        previous = ""
+        for item in items:
+            if type(item) is not str or item <= previous or _soname_ok(item) is None:
+                return False
+            previous = item
         return True
 
 
@@ -419,6 +434,7 @@ def _trusted_entry(values: tuple[Any, ...]) -> IndexEntry:
         meta.provides,
         meta.conflicts,
         meta.installed_size,
+        meta.sonames,
     ) = values
     meta.__class__ = PackageMeta
     entry.meta = meta

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from portsd.core.linkage import SONAME_PATTERN
 from portsd.core.recipe import DEPENDENCY_PATTERN, NAME_PATTERN, Recipe
 from portsd.core.version import VERSION_PATTERN, full_version
 
@@ -53,7 +54,9 @@ class PackageMeta:
 
     ``depends``, ``provides`` and ``conflicts`` are dependency strings as recipes write
     them (``zlib>=1.3``, ``sh=1.0``); ``installed_size`` is the sum of the sizes of the
-    package's regular files (0 until it is built).
+    package's regular files and ``sonames`` the sorted sonames of its public shared
+    libraries (``portsd.core.linkage.provided_sonames``), both unknown (0, none) until it
+    is built.
     """
 
     name: str
@@ -67,6 +70,7 @@ class PackageMeta:
     provides: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
     installed_size: int = 0
+    sonames: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_meta(self)
@@ -103,7 +107,7 @@ class PackageMeta:
 
 FACTS = tuple(spec.name for spec in fields(PackageMeta))
 """The fields of ``PackageMeta``, in order."""
-LIST_FACTS = frozenset({"depends", "provides", "conflicts"})
+LIST_FACTS = frozenset({"depends", "provides", "conflicts", "sonames"})
 
 
 # -- the check -------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ def check_meta(meta: PackageMeta) -> None:
     check_dependencies("provides", meta.provides)
     check_dependencies("conflicts", meta.conflicts)
     check_int("installed_size", meta.installed_size)
+    check_sonames("sonames", meta.sonames)
 
 
 def check_int(field: str, value: object) -> None:
@@ -147,6 +152,17 @@ def check_dependencies(field: str, value: object) -> None:
     for item in value:
         if not is_dependency(item):
             raise InvalidField(field, f"invalid item {item!r}")
+
+
+def check_sonames(field: str, value: object) -> None:
+    """A sorted tuple of distinct sonames (plain file names)."""
+    if not isinstance(value, tuple):
+        raise InvalidField(field, f"expected a list of strings, got {kind(value)}")
+    for item in value:
+        if not isinstance(item, str) or SONAME_PATTERN.fullmatch(item) is None:
+            raise InvalidField(field, f"invalid soname {item!r}")
+    if list(value) != sorted(set(value)):
+        raise InvalidField(field, "not sorted and distinct")
 
 
 def is_dependency(item: object) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import rtoml
 
+from portsd.core.linkage import SONAME_PATTERN
 from portsd.core.version import VERSION_PATTERN, ConstraintOp, full_version, satisfies
 from portsd.errors import FileProblem, RecipeError
 
@@ -28,6 +29,7 @@ PORTS_ROOT = "ports"
 """The directory of a tree holding the port directories (``path`` sources stay outside it)."""
 _URL = re.compile(r"https?://[^/\s]+/\S*[^/\s]$")
 _MIRROR_URL = re.compile(r"mirror://([A-Za-z0-9][A-Za-z0-9_.-]*)/([^\s\x00]+)")
+_INTERPRETER = re.compile(r"(?:/[A-Za-z0-9_+@.-]+)+")
 _TOML_POSITION = re.compile(r" at line (\d+) column \d+$")
 
 
@@ -109,7 +111,12 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class BuildSpec:
-    """The ``[build]`` table: a style, its arguments and any steps the recipe overrides."""
+    """The ``[build]`` table: a style, its arguments and any steps the recipe overrides.
+
+    ``allow_missing_sonames`` are sonames (or interpreter paths) the package's files may
+    need although neither it nor its runtime dependencies provide them (``libGL.so.1``,
+    which the system installing it supplies): see ``portsd.core.linkage``.
+    """
 
     style: BuildStyle = BuildStyle.CUSTOM
     configure_args: tuple[str, ...] = ()
@@ -118,6 +125,7 @@ class BuildSpec:
     build: str | None = None
     check: str | None = None
     package: str | None = None
+    allow_missing_sonames: tuple[str, ...] = ()
 
     def script(self, step: BuildStep) -> str | None:
         """The recipe's own script for ``step``, or None to use the style's default."""
@@ -183,7 +191,9 @@ _TOP_KEYS = frozenset(
     | set(_DEP_LISTS)
 )
 _SOURCE_KEYS = frozenset({"url", "file", "path", "sha256", "filename"})
-_BUILD_KEYS = frozenset({"style", "configure-args", "dir", *(step.value for step in BuildStep)})
+_BUILD_KEYS = frozenset(
+    {"style", "configure-args", "dir", "allow-missing-sonames", *(step.value for step in BuildStep)}
+)
 _STYLES = {style.value: style for style in BuildStyle}
 
 
@@ -537,6 +547,15 @@ def _parse_build(check: _Checker, value: object) -> BuildSpec:
             ("build", 1),
         )
     where = ("build", 1)
+    allowed = tuple(check.strings(value, "allow-missing-sonames", where))
+    for item in allowed:
+        if not SONAME_PATTERN.fullmatch(item) and not _INTERPRETER.fullmatch(item):
+            check.add(
+                f"allow-missing-sonames: '{item}' is neither a soname (libGL.so.1) nor an"
+                " interpreter's absolute path",
+                "allow-missing-sonames",
+                where,
+            )
     return BuildSpec(
         style,
         tuple(check.strings(value, "configure-args", where)),
@@ -545,4 +564,5 @@ def _parse_build(check: _Checker, value: object) -> BuildSpec:
         check.string(value, "build", where),
         check.string(value, "check", where),
         check.string(value, "package", where),
+        allowed,
     )

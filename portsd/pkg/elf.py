@@ -8,7 +8,6 @@ dynamic section (static programs, object files, archives), need nothing.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,11 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
+from portsd.core.linkage import ElfLinkage
+
+__all__ = ["ElfLinkage", "is_elf", "read_linkage"]
+
 MAGIC = b"\x7fELF"
-
-
-@dataclass(frozen=True, slots=True)
-class ElfLinkage:
-    """One ELF file's dynamic-linking facts. ``machine`` is e_machine (``EM_X86_64``), so a
-    library of another architecture never satisfies a need."""
-
-    machine: str
-    elfclass: int
-    interpreter: str | None = None
-    needed: tuple[str, ...] = ()
-    soname: str | None = None
-    runpath: tuple[str, ...] = ()
 
 
 def is_elf(path: Path) -> bool:

@@ -76,8 +76,9 @@ __all__ = [
     "read_portinfo",
 ]
 
-PACKAGE_FORMAT = 1
-"""Version of the layout of ``.PORTINFO`` and of the archive; bumped on any change."""
+PACKAGE_FORMAT = 2
+"""Version of the layout of ``.PORTINFO`` and of the archive; bumped on any change
+(2: ``sonames``)."""
 
 _JOB_SIZE = 8 << 20  # zstd's own default at level 3 (4 << windowLog 21), pinned: see above
 _OVERLAP_LOG = 6  # zstd's default overlap for its fast strategies, pinned likewise
@@ -104,6 +105,7 @@ _LAYOUT = MetaLayout(
         "conflicts",
         "build_key",
         "installed_size",
+        "sonames",
         "files",
     ),
     build_key="build_key",
