@@ -4,15 +4,22 @@ A package is unpacked once (with every archive safety check) and then shared rea
 by every build that needs it. ``<store>/<key>/`` appears atomically: it is unpacked into a
 temporary sibling and renamed, so a crash or a concurrent unpack of the same key never
 leaves a half directory under the final name.
+
+A build root of several packages is composed into one tree (``compose_root``) once per set
+of build keys: ``<store>/composed/<digest of the sorted keys>/``, made the same way and as
+read-only to builds, so a rebuild on the same dependencies composes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+from portsd.build.builder import compose_root
 from portsd.pkg.package import extract_package
 
 
@@ -21,8 +28,10 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".unpack-*"):  # an unpack a crash interrupted
+        self.composed_root = root / "composed"
+        self.composed_root.mkdir(parents=True, exist_ok=True)
+        # an unpack or composition a crash interrupted
+        for leftover in (*root.glob(".unpack-*"), *self.composed_root.glob(".compose-*")):
             shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, key: str) -> Path:
@@ -42,6 +51,27 @@ class Store:
                 os.rename(staging / "root", final)
             except OSError:
                 if not final.is_dir():  # lost a race with an identical unpack: fine
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def composed(self, layers: Sequence[tuple[str, Path]]) -> Path:
+        """The tree ``compose_root`` makes of ``layers`` ((build key, unpacked root) pairs),
+        composed on first use of this set of keys. Raises ``FileConflict`` as
+        ``compose_root`` does, leaving nothing behind."""
+        keys = sorted(key for key, _ in layers)
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        final = self.composed_root / digest
+        if final.is_dir():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".compose-{digest[:12]}-", dir=self.composed_root))
+        try:
+            compose_root([root for _, root in sorted(layers)], staging / "root")
+            try:
+                os.rename(staging / "root", final)
+            except OSError:
+                if not final.is_dir():  # lost a race with an identical composition: fine
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
