@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from portsd.build.builder import compose_root
@@ -41,20 +41,11 @@ class Store:
         self, key: str, package: Path, *, sha256: str | None = None, size: int | None = None
     ) -> Path:
         """The unpacked root of the package with build key ``key``, unpacking it if needed."""
-        final = self.path(key)
-        if final.is_dir():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".unpack-{key[:12]}-", dir=self.root))
-        try:
-            extract_package(package, staging / "root", expected_sha256=sha256, expected_size=size)
-            try:
-                os.rename(staging / "root", final)
-            except OSError:
-                if not final.is_dir():  # lost a race with an identical unpack: fine
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return final
+        return _once(
+            self.path(key),
+            f".unpack-{key[:12]}-",
+            lambda dest: extract_package(package, dest, expected_sha256=sha256, expected_size=size),
+        )
 
     def composed(self, layers: Sequence[tuple[str, Path]]) -> Path:
         """The tree ``compose_root`` makes of ``layers`` ((build key, unpacked root) pairs),
@@ -62,17 +53,27 @@ class Store:
         ``compose_root`` does, leaving nothing behind."""
         keys = sorted(key for key, _ in layers)
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-        final = self.composed_root / digest
-        if final.is_dir():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".compose-{digest[:12]}-", dir=self.composed_root))
-        try:
-            compose_root([root for _, root in sorted(layers)], staging / "root")
-            try:
-                os.rename(staging / "root", final)
-            except OSError:
-                if not final.is_dir():  # lost a race with an identical composition: fine
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        roots = [root for _, root in sorted(layers)]
+        return _once(
+            self.composed_root / digest,
+            f".compose-{digest[:12]}-",
+            lambda dest: compose_root(roots, dest),
+        )
+
+
+def _once(final: Path, prefix: str, make: Callable[[Path], object]) -> Path:
+    """``final``, made by ``make(dest)`` in a temporary sibling and renamed unless it exists:
+    never half there, and a concurrent maker of the same tree wins without harm."""
+    if final.is_dir():
         return final
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        make(staging / "root")
+        try:
+            os.rename(staging / "root", final)
+        except OSError:
+            if not final.is_dir():  # lost a race with an identical tree: fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
