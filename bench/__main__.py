@@ -6,7 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["tree.py", "pack.py", "push.py", "serve.py", "resolve.py", "install.py"]
+BENCHMARKS = [
+    "tree.py",
+    "pack.py",
+    "push.py",
+    "serve.py",
+    "resolve.py",
+    "install.py",
+    "hermetic.py",
+]
 
 
 def main() -> int:

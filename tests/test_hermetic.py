@@ -17,6 +17,7 @@ import pytest
 
 from portsd.build import seed as seed_module
 from portsd.build.builder import BuildRequest, build_port
+from portsd.build.identity import fingerprint
 from portsd.build.seed import PRIVATE_LIBDIR, Seed, make_seed
 from portsd.core.graph import Graph
 from portsd.core.keys import KeySet
@@ -165,3 +166,4 @@ def test_ports_seed_shows_the_seed_as_json(seed: Seed, tmp_path: Path) -> None:
     shown = json.loads(result.stdout)
     assert shown["content_id"] == seed.content_id
     assert {p["name"] for p in shown["packages"]} >= {"gcc-12", "make", "libc6"}
+    assert shown["builder"]["fingerprint"] == fingerprint().digest

@@ -220,6 +220,7 @@ def _merge(
             raise FileConflict(str(root), into, str(owners[into]))
         (dest / into).mkdir(parents=True)
         directories[into] = root
+    target = f"{dest}/{into}/"  # strings, not Paths: this loop runs once per file
     with os.scandir(source) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             path = f"{into}/{entry.name}"
@@ -229,7 +230,10 @@ def _merge(
             owner = owners.get(path) or directories.get(path)
             if owner is not None:
                 raise FileConflict(str(root), path, str(owner))
-            _link(Path(entry.path), dest / path)
+            try:
+                os.link(entry.path, target + entry.name, follow_symlinks=False)
+            except OSError:
+                _link(Path(entry.path), dest / path)
             owners[path] = root
 
 

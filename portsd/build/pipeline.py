@@ -138,10 +138,15 @@ class Workspace:
             urls = [source for source in recipe.sources if source.url is not None]
             sources = self.fetcher.fetch_sync(build.name, urls, cancel)
             sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
-            roots = tuple(
+            layers = [
                 self._unpacked(revision, dep)
                 for dep in revision.keys.build_root(revision.graph, build.name)
-            )
+            ]
+            # several packages: one tree per set of keys, composed once and then reused
+            if len(layers) > 1:
+                roots: tuple[Path, ...] = (self.store.composed(layers),)
+            else:
+                roots = tuple(root for _, root in layers)
             result = build_port(
                 BuildRequest(
                     recipe=recipe,
@@ -180,16 +185,17 @@ class Workspace:
     def _provisions(self, revision: Revision, name: str) -> tuple[Path, tuple[str, ...]]:
         """A runtime dependency's unpacked root and the sonames its package provides."""
         entry = self.repo.find_key(revision.keys.keys[name])
-        return self._unpacked(revision, name), entry.meta.sonames if entry else ()
+        return self._unpacked(revision, name)[1], entry.meta.sonames if entry else ()
 
-    def _unpacked(self, revision: Revision, name: str) -> Path:
+    def _unpacked(self, revision: Revision, name: str) -> tuple[str, Path]:
+        """The build key of dependency ``name`` and its unpacked package."""
         key = revision.keys.keys[name]
         entry = self.repo.find_key(key)
         if entry is None:
             raise RepoError(
                 str(self.repo.path), f"the package of {name} (key {key[:12]}) is missing"
             )
-        return self.store.ensure(
+        return key, self.store.ensure(
             key, self.repo.package_path(entry), sha256=entry.sha256, size=entry.size
         )
 

@@ -4,15 +4,22 @@ A package is unpacked once (with every archive safety check) and then shared rea
 by every build that needs it. ``<store>/<key>/`` appears atomically: it is unpacked into a
 temporary sibling and renamed, so a crash or a concurrent unpack of the same key never
 leaves a half directory under the final name.
+
+A build root of several packages is composed into one tree (``compose_root``) once per set
+of build keys: ``<store>/composed/<digest of the sorted keys>/``, made the same way and as
+read-only to builds, so a rebuild on the same dependencies composes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from portsd.build.builder import compose_root
 from portsd.pkg.package import extract_package
 
 
@@ -21,8 +28,10 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".unpack-*"):  # an unpack a crash interrupted
+        self.composed_root = root / "composed"
+        self.composed_root.mkdir(parents=True, exist_ok=True)
+        # an unpack or composition a crash interrupted
+        for leftover in (*root.glob(".unpack-*"), *self.composed_root.glob(".compose-*")):
             shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, key: str) -> Path:
@@ -32,17 +41,39 @@ class Store:
         self, key: str, package: Path, *, sha256: str | None = None, size: int | None = None
     ) -> Path:
         """The unpacked root of the package with build key ``key``, unpacking it if needed."""
-        final = self.path(key)
-        if final.is_dir():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".unpack-{key[:12]}-", dir=self.root))
-        try:
-            extract_package(package, staging / "root", expected_sha256=sha256, expected_size=size)
-            try:
-                os.rename(staging / "root", final)
-            except OSError:
-                if not final.is_dir():  # lost a race with an identical unpack: fine
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return _once(
+            self.path(key),
+            f".unpack-{key[:12]}-",
+            lambda dest: extract_package(package, dest, expected_sha256=sha256, expected_size=size),
+        )
+
+    def composed(self, layers: Sequence[tuple[str, Path]]) -> Path:
+        """The tree ``compose_root`` makes of ``layers`` ((build key, unpacked root) pairs),
+        composed on first use of this set of keys. Raises ``FileConflict`` as
+        ``compose_root`` does, leaving nothing behind."""
+        keys = sorted(key for key, _ in layers)
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        roots = [root for _, root in sorted(layers)]
+        return _once(
+            self.composed_root / digest,
+            f".compose-{digest[:12]}-",
+            lambda dest: compose_root(roots, dest),
+        )
+
+
+def _once(final: Path, prefix: str, make: Callable[[Path], object]) -> Path:
+    """``final``, made by ``make(dest)`` in a temporary sibling and renamed unless it exists:
+    never half there, and a concurrent maker of the same tree wins without harm."""
+    if final.is_dir():
         return final
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        make(staging / "root")
+        try:
+            os.rename(staging / "root", final)
+        except OSError:
+            if not final.is_dir():  # lost a race with an identical tree: fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

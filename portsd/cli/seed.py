@@ -12,10 +12,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from portsd.build import identity
 from portsd.build.builder import SOURCE_DATE_EPOCH
 from portsd.build.pipeline import seed_of
 from portsd.build.seed import Seed, keep_seed, make_seed
 from portsd.cli.workspace import config_from
+from portsd.core.keys import BUILDER_FORMAT
 from portsd.pkg.package import read_portinfo
 
 
@@ -67,6 +69,7 @@ def _show(kept: Seed, args: argparse.Namespace, console: Console) -> None:
     packages = [
         line.split()[1:] for line in kept.manifest.splitlines() if line.startswith("package ")
     ]
+    builder = identity.fingerprint()  # the rest of what a key builds: shown beside the seed
     if args.json:
         print(
             json.dumps(
@@ -81,6 +84,11 @@ def _show(kept: Seed, args: argparse.Namespace, console: Console) -> None:
                         {"name": p[0], "version": p[1], "arch": p[2], "role": p[3]}
                         for p in packages
                     ],
+                    "builder": {
+                        "format": BUILDER_FORMAT,
+                        "fingerprint": builder.digest,
+                        "components": dict(builder.components),
+                    },
                 }
             )
         )
@@ -92,6 +100,7 @@ def _show(kept: Seed, args: argparse.Namespace, console: Console) -> None:
         f"{kept.path.stat().st_size >> 20} MiB packed, from {len(packages)} "
         "Debian packages"
     )
+    console.print(f"[bold]builder[/] format {BUILDER_FORMAT}, fingerprint {builder.digest[:12]}")
     if args.manifest:
         console.print(escape(kept.manifest), end="")
 

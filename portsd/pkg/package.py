@@ -80,6 +80,7 @@ PACKAGE_FORMAT = 2
 """Version of the layout of ``.PORTINFO`` and of the archive; bumped on any change
 (2: ``sonames``)."""
 
+ZSTD_LEVEL = 3
 _JOB_SIZE = 8 << 20  # zstd's own default at level 3 (4 << windowLog 21), pinned: see above
 _OVERLAP_LOG = 6  # zstd's default overlap for its fast strategies, pinned likewise
 _SPOOL_LIMIT = 256 << 20  # compressed bytes kept in memory before spilling to disk
@@ -197,7 +198,7 @@ def create_package(
     out_dir: Path,
     *,
     epoch: int,
-    level: int = 3,
+    level: int = ZSTD_LEVEL,
     threads: int = -1,
 ) -> BuiltPackage:
     """Pack DESTDIR into ``out_dir / meta.filename`` and describe what was written.
@@ -215,14 +216,7 @@ def create_package(
     if not 0 <= epoch < MAX_OCTAL:
         raise PackageError(root, f"SOURCE_DATE_EPOCH {epoch} is out of range")
     workers = max(1, len(os.sched_getaffinity(0)) if threads < 0 else threads)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level,
-        threads=workers,
-        job_size=_JOB_SIZE,
-        overlap_log=_OVERLAP_LOG,
-        write_checksum=True,
-    )
-    cctx = zstandard.ZstdCompressor(compression_params=params)
+    cctx = zstandard.ZstdCompressor(compression_params=compression_parameters(level, workers))
     out_dir.mkdir(parents=True, exist_ok=True)
     name = meta.filename
     final = out_dir / name
@@ -255,6 +249,17 @@ def create_package(
             os.unlink(temp)
             raise
     return BuiltPackage(final, size, digest.hexdigest(), info)
+
+
+def compression_parameters(level: int, workers: int) -> zstandard.ZstdCompressionParameters:
+    """zstd's parameters for packages; ``workers`` (>= 1) never changes the bytes."""
+    return zstandard.ZstdCompressionParameters.from_level(
+        level,
+        threads=workers,
+        job_size=_JOB_SIZE,
+        overlap_log=_OVERLAP_LOG,
+        write_checksum=True,
+    )
 
 
 class _Spool:
