@@ -26,7 +26,7 @@ from portsd.core.graph import Graph, PortProblem
 from portsd.core.recipe import DepKind
 from portsd.errors import BrokenDependency
 
-BUILDER_FORMAT = 2
+BUILDER_FORMAT = 3
 """Bumped whenever the builder changes how the same inputs turn into a package."""
 
 
