@@ -3,6 +3,7 @@ hook of a repository whose daemon moved."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,3 +53,16 @@ def test_a_second_daemon_on_the_same_state_refuses_naming_the_first(
 def test_the_lock_dies_with_a_killed_daemon(daemon: RunningDaemon) -> None:
     daemon.kill()
     daemon.start()  # no stale lock to remove by hand
+
+
+def test_a_taken_port_is_one_line_with_the_fix(bare: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = serve(bare, port)
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr
+    first, hint = refused.stderr.splitlines()
+    assert first.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
+    assert "--port N" in hint and "make run PORT=N" in hint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -130,7 +131,11 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
     runner = create_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise _cannot_listen(config, error) from None
     stop = asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, stop.set)
@@ -151,6 +156,16 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
         if advertiser is not None:
             await advertiser.stop()  # goodbyes first: clients stop choosing a cache going away
         await runner.cleanup()
+
+
+def _cannot_listen(config: Config, error: OSError) -> PortsdError:
+    failure = PortsdError(f"cannot listen on {config.listen} port {config.port}: {error.strerror}")
+    if error.errno == errno.EADDRINUSE:
+        failure.hint = (
+            f"another program uses port {config.port}; choose another with `--port N`"
+            " (or `make run PORT=N`)"
+        )
+    return failure
 
 
 async def _advertise(config: Config) -> Advertiser | None:
