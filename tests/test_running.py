@@ -1,17 +1,20 @@
 """`portsd serve` as people run it: twice on one state, on a port already taken, with the
-hook of a repository whose daemon moved."""
+hook of a repository whose daemon moved or died."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.daemon_harness import RunningDaemon, free_port, portsd
+from tests.fixtures import git
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +69,60 @@ def test_a_taken_port_is_one_line_with_the_fix(bare: Path) -> None:
     first, hint = refused.stderr.splitlines()
     assert first.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
     assert "--port N" in hint and "make run PORT=N" in hint
+
+
+class Decoy:
+    """Whatever else listens on a port: records each request it gets."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Record(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                seen.append(self.path)
+                self.send_response(202)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Record)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def push_commit(tree: Path, bare: Path, message: str) -> str:
+    """Commit to ``tree`` and push it to ``bare``; returns what the hook said."""
+    git(tree, "commit", "-q", "--allow-empty", "-m", message)
+    pushed = subprocess.run(
+        ["git", "-C", str(tree), "push", str(bare), "HEAD:main"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return pushed.stderr
+
+
+def test_the_hook_notifies_the_daemon_where_it_listens_and_nobody_else(tmp_path: Path) -> None:
+    configured = Decoy()  # what `portsd init --port` wrote down; the daemon serves elsewhere
+    tree = tmp_path / "tree"
+    git(tmp_path, "init", "-q", "-b", "main", str(tree))
+    bare = tmp_path / "build.git"
+    portsd("init", bare, "--port", str(configured.port))
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    try:
+        assert "portsd: build host notified" in push_commit(tree, bare, "one")
+        daemon.kill()
+        gone = Decoy(daemon.port)  # someone else now has the dead daemon's port
+        said = push_commit(tree, bare, "two")
+        assert "no daemon is running" in said
+        assert (configured.seen, gone.seen) == ([], [])
+        gone.close()
+    finally:
+        daemon.stop()
+        configured.close()
