@@ -43,7 +43,7 @@ from typing import IO, Any
 import msgpack
 import zstandard
 
-from portsd.core.metadata import InvalidField, MetaLayout, PackageMeta
+from portsd.core.metadata import InvalidField, MetaLayout, PackageMeta, unpack
 from portsd.errors import PackageError, UnsafeArchive
 from portsd.pkg.archive import (
     BLOCK,
@@ -147,7 +147,7 @@ class PortInfo:
     def from_bytes(cls, data: bytes, label: str) -> PortInfo:
         """Decode and ``check`` a manifest; any problem raises PackageError naming ``label``."""
         try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            raw = unpack(data)
         except Exception as exc:  # msgpack raises a variety; all mean "not a manifest"
             raise PackageError(label, f"{PORTINFO} is not valid msgpack: {exc}") from None
         top = _record(raw, _TOP_KEYS, label, PORTINFO)
