@@ -9,10 +9,10 @@ leaves a half directory under the final name.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+from portsd.fsio import remove_tree
 from portsd.pkg.package import extract_package
 
 
@@ -23,7 +23,7 @@ class Store:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(".unpack-*"):  # an unpack a crash interrupted
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_tree(leftover)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -44,5 +44,5 @@ class Store:
                 if not final.is_dir():  # lost a race with an identical unpack: fine
                     raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
         return final
