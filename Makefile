@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
 	tools/bootstrap
 
 run: $(VENV)/.installed
-	$(BIN)/portsd serve --tree . --state $(STATE)
+	$(BIN)/portsd serve --tree . --state $(STATE) $(if $(PORT),--port $(PORT))
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check portsd tests bench

@@ -12,7 +12,7 @@ All state lives under one directory (``state_dir``) unless a setting moves a par
     <state>/cache/             parsed recipes by tree id
     <state>/portsd.sqlite      the daemon's evaluations and builds
     <state>/token              the secret of the post-receive hook (mode 0600)
-    <state>/daemon.url         where the running daemon listens (for `portsd status`)
+    <state>/daemon.lock        held by the running daemon: its pid and URL
 """
 
 from __future__ import annotations

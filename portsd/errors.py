@@ -20,6 +20,7 @@
     │   ├── RollbackDetected
     │   └── IndexExpired
     ├── DiscoveryError           finding caches on the LAN (mDNS) failed, or an advert is malformed
+    ├── StateInUse               another daemon already serves this state directory (pid, URL)
     └── InstallError
         ├── ResolutionError      a need nothing satisfies, or a conflict (with its chain)
         ├── RootLocked           another client holds the root's lock (pid, command line)
@@ -271,6 +272,20 @@ class DiscoveryError(PortsdError):
 
     def __str__(self) -> str:
         return f"{self.service}: {self.message}" if self.service else self.message
+
+
+class StateInUse(PortsdError):
+    """Another ``portsd serve`` holds the state directory's lock."""
+
+    def __init__(self, state: str, pid: int | None, url: str) -> None:
+        self.state = state
+        self.pid = pid
+        self.url = url
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        holder = "another portsd" if self.pid is None else f"portsd pid {self.pid}"
+        return f"{self.state} is in use by {holder}" + (f" ({self.url})" if self.url else "")
 
 
 class InstallError(PortsdError):

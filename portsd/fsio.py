@@ -3,7 +3,8 @@
 A new name is durable once the file's data and its directory entry are both on disk:
 write to a temporary name in the same directory, fsync the file, rename (or link) it into
 place, fsync the directory. Everything that must never be seen half-written goes through
-here, and every file whose content is checked is hashed by ``file_sha256``.
+here, and every file whose content is checked is hashed by ``file_sha256``. Trees are
+removed by ``remove_tree``, which gets past read-only directories and raises on failure.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import hashlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 _READ_CHUNK = 1 << 20
@@ -91,3 +93,21 @@ def _feed(digest: hashlib._Hash, fd: int, length: int | None, name: str) -> int:
         digest.update(chunk)
         fed += len(chunk)
     return fed
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything below it, if it exists; OSError if anything stays.
+
+    Builds and packages leave read-only directories (``install -m 555``), which rmtree
+    alone cannot empty: each directory is made writable first, never through a symlink.
+    """
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    path.chmod(0o700)
+    for directory, subdirectories, _ in os.walk(path):
+        for name in subdirectories:
+            child = os.path.join(directory, name)
+            if not os.path.islink(child):  # a link's target is outside the tree
+                os.chmod(child, 0o700)
+    shutil.rmtree(path)

@@ -60,8 +60,6 @@ class RunningDaemon:
         self.log = log
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
-        # the hook must find this daemon
-        subprocess.run(["git", "-C", str(repo), "config", "portsd.url", self.url], check=True)
 
     def start(self) -> RunningDaemon:
         with self.log.open("ab") as log:

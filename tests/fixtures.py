@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TypedDict, Unpack
 
+import msgpack
+
 LIB_MAKEFILE = """\
 PREFIX ?= /usr
 CFLAGS ?= -O2
@@ -296,3 +298,24 @@ def commit_all(repo: Path, message: str) -> str:
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", message)
     return git(repo, "rev-parse", "HEAD")
+
+
+class Repeated(dict[str, object]):
+    """A map that ``pack_repeating`` packs with ``again``'s pairs after its own."""
+
+    def __init__(self, pairs: Mapping[str, object], again: tuple[tuple[str, object], ...]) -> None:
+        super().__init__(pairs)
+        self.again = again
+
+
+def pack_repeating(value: object) -> bytes:
+    """msgpack of ``value`` in which a Repeated map holds a key twice: bytes no packer makes."""
+    if isinstance(value, dict):
+        pairs = [*value.items(), *getattr(value, "again", ())]
+        head = bytes([0x80 | len(pairs)]) if len(pairs) < 16 else b"\xde" + len(pairs).to_bytes(2)
+        return head + b"".join(pack_repeating(k) + pack_repeating(v) for k, v in pairs)
+    if isinstance(value, list | tuple):
+        head = bytes([0x90 | len(value)]) if len(value) < 16 else b"\xdc" + len(value).to_bytes(2)
+        return head + b"".join(pack_repeating(item) for item in value)
+    packed: bytes = msgpack.packb(value)
+    return packed

@@ -28,6 +28,7 @@ from portsd.core.index import (
 )
 from portsd.core.metadata import PackageMeta
 from portsd.errors import IndexExpired, RepoError, RollbackDetected
+from tests.fixtures import Repeated, pack_repeating
 
 KEY = "ab" * 32
 SHA = "cd" * 32
@@ -277,6 +278,21 @@ def test_missing_entry_field_names_the_package() -> None:
     del raw["packages"][0]["sha256"]
     with pytest.raises(RepoError, match=r"'packages\[0\]\(zlib\)\.sha256': missing"):
         decode_index(pack(raw), "idx")
+
+
+def test_a_key_twice_anywhere_is_refused_naming_it() -> None:
+    raw = raw_map(index(entry("zlib")))
+    twice = Repeated(raw["packages"][0], again=(("sha256", "0" * 64),))
+    with pytest.raises(RepoError, match="duplicate key 'sha256'"):
+        decode_index(pack_repeating_zstd({**raw, "packages": [twice]}), "idx")
+    with pytest.raises(RepoError, match="duplicate key 'serial'"):
+        decode_index(pack_repeating_zstd(Repeated(raw, again=(("serial", 8),))), "idx")
+    with pytest.raises(RepoError, match="duplicate key 'name'"):
+        decode_entry(pack_repeating(Repeated(raw["packages"][0], again=(("name", "x"),))), "e")
+
+
+def pack_repeating_zstd(raw: object) -> bytes:
+    return zstandard.ZstdCompressor().compress(pack_repeating(raw))
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -39,6 +39,7 @@ from portsd.pkg.package import (
     extract_package,
     read_portinfo,
 )
+from tests.fixtures import Repeated, pack_repeating
 
 EPOCH = 1_700_000_000
 KEY = "0123456789abcdef" * 4
@@ -150,6 +151,20 @@ def test_round_trip(tmp_path: Path) -> None:
     assert os.stat(out / "usr/bin/tool").st_ino == os.stat(out / "usr/bin/a-tool").st_ino
     for path in out.rglob("*"):
         assert path.lstat().st_mtime == EPOCH, path
+
+
+def test_a_key_twice_anywhere_in_the_manifest_is_refused(tmp_path: Path) -> None:
+    """msgpack keeps the last copy: a reader of the first 'mode' would see 644, not 4755."""
+    info = create_package(build(tmp_path), META, tmp_path / "out", epoch=EPOCH).info
+    raw = msgpack.unpackb(info.to_bytes())
+    plain = next(i for i, f in enumerate(raw["files"]) if f["mode"] == 0o644)
+    raw["files"][plain] = Repeated(raw["files"][plain], again=(("mode", 0o4755),))
+    with pytest.raises(PackageError, match="duplicate key 'mode'"):
+        PortInfo.from_bytes(pack_repeating(raw), "demo.pkg")
+    top = Repeated(msgpack.unpackb(info.to_bytes()), again=(("name", "other"),))
+    with pytest.raises(PackageError, match="duplicate key 'name'"):
+        PortInfo.from_bytes(pack_repeating(top), "demo.pkg")
+    assert PortInfo.from_bytes(pack_repeating(msgpack.unpackb(info.to_bytes())), "x") == info
 
 
 def test_packages_are_byte_identical_whatever_the_disk_says(tmp_path: Path) -> None:

@@ -178,6 +178,16 @@ def test_a_broken_port_is_an_error_for_that_port_only(repo: Path) -> None:
         assert all(e.port == n for n, e in errors.items())
 
 
+@pytest.mark.parametrize("name", ["..evil", ".hidden", "-x", "Upper", "a b"])
+def test_a_port_whose_name_breaks_the_name_rule_is_an_error(repo: Path, name: str) -> None:
+    write_port(repo, name)  # its recipe's name matches its directory
+    commit_all(repo, "an odd name")
+    for tree in (TreeLoader().load_git(repo), TreeLoader().load_dir(repo)):
+        error = tree.ports[name]
+        assert isinstance(error, RecipeError), f"{name!r} was loaded"
+        assert str(error).startswith(f"ports/{name}/port.toml: invalid port name '{name}' (")
+
+
 # -- the cache --------------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from portsd.build.run import run
 from portsd.build.sandbox import Host, Mount, SandboxSpec
 from portsd.core.recipe import BuildStep, Recipe
 from portsd.errors import BuildError, ConfigError, FetchError, FileConflict, PackageError
+from portsd.fsio import remove_tree
 
 SOURCE_DATE_EPOCH = 315532800
 """1980-01-01, for every build: a function of no input but the builder, so packages are
@@ -311,7 +312,7 @@ class _Build:
         request = self.request
         host = request.host or Host.probe()
         for name in _WORK_DIRS:
-            _remove(self.work / name)
+            remove_tree(self.work / name)
         for name in _WORK_DIRS[:-1]:  # deps/ is made by compose_root, if at all
             (self.work / name).mkdir(parents=True)
         for name, content in sandbox.etc_files():
@@ -416,20 +417,6 @@ def _usable_as_is(root: Path) -> bool:
     if not (root / "usr").is_dir() or set(root.name) & set(",:\\\n"):
         return False
     return not any((root / top).exists() for top, _ in MERGED_USR)
-
-
-def _remove(path: Path) -> None:
-    """Remove a tree a build left, including directories it made read-only."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    path.chmod(0o700)
-    for directory, subdirectories, _ in os.walk(path):
-        for name in subdirectories:
-            child = os.path.join(directory, name)
-            if not os.path.islink(child):  # never chmod through a link, out of the tree
-                os.chmod(child, 0o700)
-    shutil.rmtree(path)
 
 
 def step_of(line: str) -> str | None:

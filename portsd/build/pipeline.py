@@ -13,7 +13,6 @@ report progress.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
 from portsd.errors import RepoError
+from portsd.fsio import remove_tree
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
@@ -210,21 +210,12 @@ class _Scratch:
         self.path = path
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path)  # a crash's leftover, read-only parts and all
         self.path.mkdir(parents=True)
         return self.path
 
     def __exit__(self, *exc: object) -> None:
-        _remove_tree(self.path)
-
-
-def _remove_tree(path: Path) -> None:
-    # Builds may leave read-only directories behind (make install -m 555 ...).
-    def writable(function: Callable[..., object], failed: str, _: object) -> None:
-        Path(failed).parent.chmod(0o755)
-        function(failed)
-
-    shutil.rmtree(path, onerror=writable)
+        remove_tree(self.path)
 
 
 def seed_of(config: Config, say: Callable[[str], None] = log.info) -> Seed:

@@ -40,6 +40,7 @@ from portsd.build.run import run
 from portsd.core.linkage import LIBRARY_DIRS, MERGED_USR
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.errors import ConfigError, PackageError
+from portsd.fsio import remove_tree
 from portsd.pkg.archive import content_id
 from portsd.pkg.elf import read_linkage
 from portsd.pkg.package import create_package, extract_package, read_portinfo
@@ -370,7 +371,7 @@ def make_seed(out_dir: Path, work: Path, *, arch: str, epoch: int) -> Seed:
     build_key = hashlib.sha256(manifest.encode()).hexdigest()
     stage = work / "seed-root"
     if stage.exists():
-        shutil.rmtree(stage)
+        remove_tree(stage)
     stage.mkdir(parents=True)
     try:
         write_seed(model, manifest, stage)
@@ -387,7 +388,7 @@ def make_seed(out_dir: Path, work: Path, *, arch: str, epoch: int) -> Seed:
         out_dir.mkdir(parents=True, exist_ok=True)
         built = create_package(stage, meta, out_dir, epoch=epoch)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_tree(stage)
     return Seed(built.path, content_id(built.info.files), build_key, manifest, out_dir / "root")
 
 
@@ -435,22 +436,13 @@ def keep_seed(seed: Seed, directory: Path) -> Seed:
         os.replace(seed.path, target)
     root = directory / "root"
     if root.exists():
-        _remove_tree(root)
+        remove_tree(root)
     unpacking = directory / ".root-new"
     if unpacking.exists():
-        _remove_tree(unpacking)
+        remove_tree(unpacking)
     extract_package(target, unpacking)
     os.replace(unpacking, root)
     # the manifest last: find_seed sees a whole seed or none
     (directory / "manifest.tmp").write_text(seed.manifest)
     os.replace(directory / "manifest.tmp", directory / "manifest")
     return Seed(target, seed.content_id, seed.build_key, seed.manifest, root)
-
-
-def _remove_tree(path: Path) -> None:
-    for directory, subdirectories, _ in os.walk(path):
-        for name in subdirectories:
-            full = os.path.join(directory, name)
-            if not os.path.islink(full):
-                os.chmod(full, 0o755)
-    shutil.rmtree(path)

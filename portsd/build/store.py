@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from portsd.build.builder import compose_root
+from portsd.fsio import remove_tree
 from portsd.pkg.package import extract_package
 
 
@@ -32,7 +32,7 @@ class Store:
         self.composed_root.mkdir(parents=True, exist_ok=True)
         # an unpack or composition a crash interrupted
         for leftover in (*root.glob(".unpack-*"), *self.composed_root.glob(".compose-*")):
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_tree(leftover)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -75,5 +75,5 @@ def _once(final: Path, prefix: str, make: Callable[[Path], object]) -> Path:
             if not final.is_dir():  # lost a race with an identical tree: fine
                 raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
     return final

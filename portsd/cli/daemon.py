@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -22,6 +23,7 @@ from portsd.cli import run_main
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.daemon.initrepo import init_repository, state_of
+from portsd.daemon.instance import InstanceLock, running_daemon
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.service import Daemon
 from portsd.errors import ConfigError, PortsdError
@@ -29,7 +31,6 @@ from portsd.fsio import write_atomic
 from portsd.pkg.discover import Advertiser, announcement_for
 
 log = logging.getLogger("portsd")
-ADDRESS_FILE = "daemon.url"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,9 +112,14 @@ def serve(args: argparse.Namespace, console: Console) -> int:
         jobs=args.jobs,
     )
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    if not config.token_file.exists():
-        write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
-    asyncio.run(_serve(config, advertise=args.advertise))
+    # before anything touches the state: a second daemon would recover the first's builds
+    lock = InstanceLock.acquire(config.state_dir, _url(config))
+    try:
+        if not config.token_file.exists():
+            write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
+        asyncio.run(_serve(config, advertise=args.advertise))
+    finally:
+        lock.release()
     return 0
 
 
@@ -125,7 +131,11 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
     runner = create_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise _cannot_listen(config, error) from None
     stop = asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, stop.set)
@@ -137,8 +147,6 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
         config.tree_dir,
         config.state_dir,
     )
-    address = config.state_dir / ADDRESS_FILE  # how `portsd status` finds this daemon
-    write_atomic(address, f"http://{_host(config.listen)}:{config.port}\n".encode())
     advertiser: Advertiser | None = None
     try:
         advertiser = await _advertise(config) if advertise else None
@@ -147,8 +155,17 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
         log.warning("portsd: stopping")
         if advertiser is not None:
             await advertiser.stop()  # goodbyes first: clients stop choosing a cache going away
-        address.unlink(missing_ok=True)
         await runner.cleanup()
+
+
+def _cannot_listen(config: Config, error: OSError) -> PortsdError:
+    failure = PortsdError(f"cannot listen on {config.listen} port {config.port}: {error.strerror}")
+    if error.errno == errno.EADDRINUSE:
+        failure.hint = (
+            f"another program uses port {config.port}; choose another with `--port N`"
+            " (or `make run PORT=N`)"
+        )
+    return failure
 
 
 async def _advertise(config: Config) -> Advertiser | None:
@@ -166,11 +183,8 @@ async def _advertise(config: Config) -> Advertiser | None:
 
 
 def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
-    try:
-        base = (config.state_dir / ADDRESS_FILE).read_text().strip()
-    except FileNotFoundError:
-        base = f"http://{_host(config.listen)}:{config.port}"
-    url = base + path
+    holder = running_daemon(config.state_dir)
+    url = (holder.url if holder is not None else _url(config)) + path
     headers = {"Content-Type": "application/json"}
     if body is not None:
         headers["Authorization"] = f"Bearer {config.token_file.read_text().strip()}"
@@ -188,6 +202,11 @@ def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
         failure = PortsdError(f"cannot reach the daemon at {url}: {error}")
         failure.hint = "is `portsd serve` running with this state directory?"
         raise failure from None
+
+
+def _url(config: Config) -> str:
+    """Where a daemon with ``config`` can be reached from this host."""
+    return f"http://{_host(config.listen)}:{config.port}"
 
 
 def _host(listen: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from portsd.build.pipeline import seed_of
 from portsd.build.seed import Seed, keep_seed, make_seed
 from portsd.cli.workspace import config_from
 from portsd.core.keys import BUILDER_FORMAT
+from portsd.fsio import remove_tree
 from portsd.pkg.package import read_portinfo
 
 
@@ -40,7 +40,7 @@ def seed(args: argparse.Namespace, console: Console) -> int:
             Path(scratch) / "out", Path(scratch), arch=config.arch, epoch=SOURCE_DATE_EPOCH
         )
         differences = _differences(kept, again)
-        shutil.rmtree(Path(scratch) / "out", ignore_errors=True)
+        remove_tree(Path(scratch) / "out")
     if args.json:
         print(
             json.dumps(

@@ -44,6 +44,7 @@ from portsd.core.metadata import (
     check_str,
     is_dependency,
     kind,
+    unpack,
 )
 from portsd.core.recipe import NAME_PATTERN
 from portsd.core.version import VERSION_PATTERN
@@ -482,6 +483,6 @@ def _decompress(data: bytes, label: str, max_bytes: int) -> bytes:
 def _unpack(payload: bytes, label: str) -> Any:
     try:
         # tuples, not lists: what the records hold, so nothing is converted
-        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=False)
+        return unpack(payload, use_list=False)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         raise RepoError(label, f"not valid msgpack: {error}") from None

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import msgpack
+
 from portsd.core.linkage import SONAME_PATTERN
 from portsd.core.recipe import DEPENDENCY_PATTERN, NAME_PATTERN, Recipe
 from portsd.core.version import VERSION_PATTERN, full_version
@@ -223,3 +225,21 @@ class MetaLayout:
             return PackageMeta(**values)
         except InvalidField as error:
             raise InvalidField(self._wire[error.field], error.message) from None
+
+
+def unpack(data: bytes, *, use_list: bool = True) -> Any:
+    """Decode msgpack from outside (a manifest, an index), refusing a map with a key twice
+    (ValueError naming it): msgpack would keep the last copy, so a file entry saying mode
+    644 and then 4755 would install a setuid file that a reader of the first saw as 644."""
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=True, use_list=use_list, object_pairs_hook=_unique_keys
+    )
+
+
+def _unique_keys(pairs: Sequence[tuple[Any, Any]]) -> dict[Any, Any]:
+    result: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result

@@ -21,6 +21,7 @@ from portsd.core.version import VERSION_PATTERN, ConstraintOp, full_version, sat
 from portsd.errors import FileProblem, RecipeError
 
 NAME_PATTERN = re.compile(r"[a-z0-9@_+][a-z0-9@._+-]*")
+NAME_RULE = "lowercase letters, digits and @ . _ + -, not starting with . or -"
 DEPENDENCY_PATTERN = re.compile(
     r"([a-z0-9@_+][a-z0-9@._+-]*)(?:(<=|>=|=|<|>)((?:[0-9]+:)?[A-Za-z0-9._+-]+))?"
 )
@@ -335,6 +336,10 @@ def parse_recipe(
     recipe's ``name`` must equal it) and ``files``, when given, are the paths (relative to
     the port directory) that ``file`` sources may refer to.
     """
+    if not NAME_PATTERN.fullmatch(dirname):  # the name is the directory: refuse it first
+        raise RecipeError(
+            dirname, [FileProblem(path, f"invalid port name '{dirname}' ({NAME_RULE})")]
+        )
     try:
         text = data.decode() if isinstance(data, bytes) else data
     except UnicodeDecodeError as error:

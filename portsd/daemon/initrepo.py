@@ -17,6 +17,7 @@ import pygit2
 
 from portsd.build.pipeline import ensure_signing_key
 from portsd.config import CONFIG_NAME, Config, load_config
+from portsd.daemon.instance import LOCK_NAME
 from portsd.errors import ConfigError
 from portsd.fsio import write_atomic
 
@@ -83,6 +84,6 @@ def init_repository(directory: Path, *, port: int = 8470) -> Initialised:
     shutil.copyfile(source, hook)
     hook.chmod(0o755)
     git_config = pygit2.Repository(str(directory)).config
-    git_config["portsd.url"] = f"http://127.0.0.1:{config.port}"
+    git_config["portsd.lockfile"] = str(config.state_dir / LOCK_NAME)  # holds the daemon's URL
     git_config["portsd.tokenfile"] = str(config.token_file)
     return Initialised(directory, config, key.key_id)

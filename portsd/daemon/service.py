@@ -18,7 +18,6 @@ import asyncio
 import ctypes
 import gc
 import logging
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +40,7 @@ from portsd.daemon.events import EventBus
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
+from portsd.fsio import remove_tree
 from portsd.pkg.repo import Repository
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
 from portsd.tree.loader import Tree, TreeLoader
@@ -139,7 +139,7 @@ class Daemon:
             log.warning(
                 "%d build(s) interrupted by the last stop will be planned again", len(interrupted)
             )
-        shutil.rmtree(self.config.work, ignore_errors=True)  # half-done builds: start over
+        remove_tree(self.config.work)  # half-done builds: start over
         self.config.work.mkdir(parents=True, exist_ok=True)
 
     # -- triggers ----------------------------------------------------------------------

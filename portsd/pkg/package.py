@@ -32,9 +32,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -43,8 +42,9 @@ from typing import IO, Any
 import msgpack
 import zstandard
 
-from portsd.core.metadata import InvalidField, MetaLayout, PackageMeta
+from portsd.core.metadata import InvalidField, MetaLayout, PackageMeta, unpack
 from portsd.errors import PackageError, UnsafeArchive
+from portsd.fsio import remove_tree
 from portsd.pkg.archive import (
     BLOCK,
     MAX_OCTAL,
@@ -150,7 +150,7 @@ class PortInfo:
     def from_bytes(cls, data: bytes, label: str) -> PortInfo:
         """Decode and ``check`` a manifest; any problem raises PackageError naming ``label``."""
         try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            raw = unpack(data)
         except Exception as exc:  # msgpack raises a variety; all mean "not a manifest"
             raise PackageError(label, f"{PORTINFO} is not valid msgpack: {exc}") from None
         top = _record(raw, _TOP_KEYS, label, PORTINFO)
@@ -547,20 +547,12 @@ def _ns(mtime: int) -> tuple[int, int]:
 
 def _remove(root: str, *, keep_root: bool) -> None:
     """Remove what an extraction wrote, even below directories that lost their write bits."""
-
-    def retry(function: Callable[..., Any], failed: str, _exc: object) -> None:
-        os.chmod(os.path.dirname(failed), 0o700)
-        function(failed)
-
     if not keep_root:
-        shutil.rmtree(root, onerror=retry)
+        remove_tree(Path(root))
         return
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, onerror=retry)
-            else:
-                os.unlink(entry.path)
+            remove_tree(Path(entry.path))
 
 
 # --- decoding ------------------------------------------------------------------------------
