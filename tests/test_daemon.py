@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from portsd.build.seed import find_seed
+from portsd.build.seed import Seed, find_seed
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import decode_index
 from portsd.pkg.repo import Repository
@@ -112,7 +112,7 @@ def test_a_push_without_the_hook_is_noticed_by_the_watcher(
 
 
 def test_each_push_rebuilds_exactly_what_it_reaches(
-    daemon: RunningDaemon, ports_tree: Path
+    daemon: RunningDaemon, ports_tree: Path, seed: Seed
 ) -> None:
     push(ports_tree)
     daemon.wait_idle(head(ports_tree))
@@ -125,6 +125,7 @@ def test_each_push_rebuilds_exactly_what_it_reaches(
         push(ports_tree)
         daemon.wait_idle(commit)
         status = daemon.get("/api/v1/status")
+        assert status["seed"] == seed.content_id  # the toolchain every build stood on
         builds = daemon.builds(evaluation=status["evaluation"])
         assert {b["port"] for b in builds} == expected
         assert {b["state"] for b in builds} == {"built"}

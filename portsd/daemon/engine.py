@@ -39,6 +39,7 @@ class EngineStatus:
     running: tuple[Running, ...]
     eta: float | None  # seconds until the queue is empty, from past build times
     blocked: int = 0  # ports of the evaluated commit that cannot be built
+    seed: str = ""  # content id of the bootstrap seed every build stands on
 
 
 @dataclass(frozen=True, slots=True)

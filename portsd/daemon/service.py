@@ -472,6 +472,7 @@ class Daemon:
             running=tuple(current),
             eta=self._eta(queued, running),
             blocked=len(latest.triaged.blocked) if latest else 0,
+            seed=self.workspace.seed.content_id,
         )
 
     def _eta(

@@ -105,6 +105,7 @@ def status_json(status: EngineStatus, counts: dict[BuildState, int]) -> dict[str
         ],
         "eta": status.eta,
         "blocked": status.blocked,
+        "seed": status.seed,
         "counts": {state.value: n for state, n in counts.items()},
     }
 
