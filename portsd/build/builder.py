@@ -63,8 +63,8 @@ ARCHIVE_SUFFIXES = (
 )
 """Sources unpacked into SRCDIR (by GNU tar, which detects the compression itself)."""
 
-MERGED_USR = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"))
-"""Top-level directories of a dependency merged into usr/, as on a merged-/usr system."""
+MERGED_USR = sandbox.LAYOUT
+"""Top-level directories of a dependency merged into usr/: what the sandbox links there."""
 
 _WORK_DIRS = ("src", "pkg", "home", "tmp", "etc", "usr", "deps")
 _HOST_ENV = {"PATH": sandbox.SYSTEM_PATH, "LANG": "C.UTF-8"}

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from portsd.core.linkage import MERGED_USR
 from portsd.errors import ConfigError
 
 BUILD_UID = 1000
@@ -31,7 +32,7 @@ BUILD_GID = 1000
 HOSTNAME = "portsd"
 SYSTEM_PATH = "/usr/bin:/usr/sbin:/bin:/sbin"
 
-LAYOUT = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"))
+LAYOUT = tuple(MERGED_USR.items())
 """Top-level links of every build root: a merged-/usr system, whatever the host is."""
 
 _OVERLAY_SCRIPT = (

@@ -125,9 +125,6 @@ DROPPED = (
 )
 """Documentation and integration files no build reads."""
 
-MERGED = MERGED_USR
-LIBDIRS = LIBRARY_DIRS
-"""Where the loader and the linker look: a library here is public."""
 HOST_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib")
 
 
@@ -171,8 +168,8 @@ class _Model:
 def seed_path(rel: str) -> str | None:
     """Where host path ``rel`` (no leading slash) lands in the merged-/usr seed, or None."""
     top, _, rest = rel.partition("/")
-    if top in MERGED:
-        rel = f"{MERGED[top]}/{rest}" if rest else MERGED[top]
+    if top in MERGED_USR:
+        rel = f"{MERGED_USR[top]}/{rest}" if rest else MERGED_USR[top]
     elif top != "usr":
         return None
     rel = posixpath.normpath(rel)
@@ -213,7 +210,7 @@ def plan_seed(packages: Iterable[DebianPackage], host: Path = Path("/")) -> _Mod
                 continue
             source = host / path.lstrip("/")
             mode = source.lstat().st_mode if os.path.lexists(source) else 0
-            if stat.S_ISLNK(mode) and path.lstrip("/") in MERGED:
+            if stat.S_ISLNK(mode) and path.lstrip("/") in MERGED_USR:
                 continue  # a merged-/usr host's /bin -> usr/bin: the seed is merged itself
             if stat.S_ISLNK(mode):
                 raw_links[rel] = (posixpath.dirname("/" + path.lstrip("/")), os.readlink(source))
@@ -252,7 +249,7 @@ def _privatise(model: _Model, runtime: set[str]) -> None:
     moved: dict[str, str] = {}
     for rel in sorted((*model.files, *model.links)):
         directory, name = posixpath.split(rel)
-        if directory in LIBDIRS and name.startswith("lib") and ".so" in name:
+        if directory in LIBRARY_DIRS and name.startswith("lib") and ".so" in name:
             if model.origin.get(rel) not in runtime:
                 moved[rel] = f"{PRIVATE_LIBDIR}/{name}"
     for old, new in moved.items():
@@ -293,7 +290,7 @@ def _close_over_needed(model: _Model, host: Path) -> None:
 
 
 def _provides(model: _Model, soname: str, runpath: Iterable[str]) -> bool:
-    directories = (*runpath, *LIBDIRS, PRIVATE_LIBDIR)
+    directories = (*runpath, *LIBRARY_DIRS, PRIVATE_LIBDIR)
     return any(model.exists(posixpath.normpath(f"{d}/{soname}")) for d in directories)
 
 
