@@ -157,8 +157,13 @@ class _Model:
     origin: dict[str, str] = field(default_factory=dict)
     private: dict[str, Path] = field(default_factory=dict)  # soname -> host file
 
+    def holds(self, rel: str) -> bool:
+        """A file or link at ``rel`` (a dictionary look-up; ``exists`` also scans for
+        directories, which no library is)."""
+        return rel in self.files or rel in self.links
+
     def exists(self, rel: str) -> bool:
-        return rel in self.files or rel in self.links or self.is_dir(rel)
+        return self.holds(rel) or self.is_dir(rel)
 
     def is_dir(self, rel: str) -> bool:
         prefix = rel + "/"
@@ -291,7 +296,7 @@ def _close_over_needed(model: _Model, host: Path) -> None:
 
 def _provides(model: _Model, soname: str, runpath: Iterable[str]) -> bool:
     directories = (*runpath, *LIBRARY_DIRS, PRIVATE_LIBDIR)
-    return any(model.exists(posixpath.normpath(f"{d}/{soname}")) for d in directories)
+    return any(model.holds(posixpath.normpath(f"{d}/{soname}")) for d in directories)
 
 
 def _host_library(host: Path, soname: str) -> Path | None:
