@@ -1,10 +1,12 @@
 """From one planned build to a published package.
 
-For each build: export the port directory and the repository paths its ``path`` sources
-name from the tree, fetch its url sources, unpack the packages of its build root from the
-repository, build in the sandbox, pack DESTDIR into a deterministic package and publish it
-(package, signature, then a new index). The build's work directory is removed afterwards;
-its log stays.
+For each build: make its order (``order``: the port directory and the repository paths
+its ``path`` sources name, exported from the tree, its url sources fetched, its build root
+named by build keys), have a builder turn the order into a package (``Producer``: here, or
+a cluster worker), and publish it (package, signature, then a new index). Publishing is
+this module's alone: the signing key never leaves this machine, and a package made
+elsewhere is checked member by member first (``accept``). The build's work directory is
+removed afterwards; its log stays.
 
 ``ports build`` and the daemon share this; they differ in what they plan and how they
 report progress.
@@ -14,27 +16,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from portsd.build.builder import SOURCE_DATE_EPOCH, BuildRequest, build_port
 from portsd.build.fetch import Fetcher, FetchReporter
-from portsd.build.needs import check_needs
+from portsd.build.order import BuildOrder, Layer, pack_tree
+from portsd.build.produce import Producer, Scratch
 from portsd.build.seed import Seed, ensure_seed
 from portsd.build.store import Store
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph
 from portsd.core.index import IndexEntry
-from portsd.core.keys import KeySet
+from portsd.core.keys import BUILDER_FORMAT, KeySet
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
-from portsd.errors import RepoError
-from portsd.fsio import remove_tree
-from portsd.pkg.package import create_package
+from portsd.errors import PackageError, RepoError
+from portsd.pkg.package import PackageReader
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 
@@ -114,6 +115,51 @@ class Workspace:
     def log_path(self, build: PlannedBuild) -> Path:
         return self.config.logs / build.name / f"{build.key[:12]}.log"
 
+    def producer(self) -> Producer:
+        """The builder on this machine: layers come straight from the repository."""
+        return Producer(
+            self.config.work,
+            self.config.arch,
+            self.fetcher,
+            self.store,
+            self.seed,
+            _RepoPackages(self.repo),
+            self.hidden,
+        )
+
+    def order(self, revision: Revision, build: PlannedBuild, cancel: threading.Event) -> BuildOrder:
+        """The self-contained order of one planned build. Its sources are fetched here
+        first, so this machine's distfiles can feed any builder."""
+        recipe = revision.graph.recipe(build.name)
+        assert recipe is not None, f"{build.name} was planned without a recipe"
+        urls = [source for source in recipe.sources if source.url is not None]
+        self.fetcher.fetch_sync(build.name, urls, cancel)
+        with Scratch(self.config.work / f".order-{build.name}-{build.key[:12]}") as scratch:
+            revision.ports.export_port(build.name, scratch / "port")
+            paths = revision.ports.export_paths(build.name, scratch / "paths")
+            tree = pack_tree(scratch)
+        runtime = revision.graph.runtime_closure(
+            edge.target for edge in revision.graph.edges(build.name) if edge.kind is DepKind.RUNTIME
+        )
+        return BuildOrder(
+            recipe=recipe,
+            key=build.key,
+            arch=self.config.arch,
+            tree=tree,
+            paths=tuple(
+                (name, path.relative_to(scratch).as_posix()) for name, path in paths.items()
+            ),
+            root=tuple(
+                self._layer(revision, dep)
+                for dep in revision.keys.build_root(revision.graph, build.name)
+            ),
+            runtime=tuple(self._layer(revision, dep) for dep in sorted(runtime)),
+            seed=self.seed.content_id,
+            builder=BUILDER_FORMAT,
+            jobs=self.config.make_jobs,
+            timeout=self.config.build_timeout,
+        )
+
     def build(
         self,
         revision: Revision,
@@ -123,99 +169,58 @@ class Workspace:
         log: Path | None = None,
         on_line: Callable[[str], None] | None = None,
     ) -> IndexEntry:
-        """Build, pack and publish one planned port; raises a PortsdError on failure.
+        """Build, pack and publish one planned port here; raises a PortsdError on failure.
 
         Setting ``cancel`` (from another thread) stops it soon, in any stage: downloading
         its sources (``FetchCancelled``) or running a build step."""
-        recipe = revision.graph.recipe(build.name)
-        assert recipe is not None, f"{build.name} was planned without a recipe"
-        log = log or self.log_path(build)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.unlink(missing_ok=True)
-        with self._workdir(build) as workdir:
-            port_dir = workdir / "port"
-            revision.ports.export_port(build.name, port_dir)
-            urls = [source for source in recipe.sources if source.url is not None]
-            sources = self.fetcher.fetch_sync(build.name, urls, cancel)
-            sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
-            layers = [
-                self._unpacked(revision, dep)
-                for dep in revision.keys.build_root(revision.graph, build.name)
-            ]
-            # several packages: one tree per set of keys, composed once and then reused
-            if len(layers) > 1:
-                roots: tuple[Path, ...] = (self.store.composed(layers),)
-            else:
-                roots = tuple(root for _, root in layers)
-            result = build_port(
-                BuildRequest(
-                    recipe=recipe,
-                    key=build.key,
-                    port_dir=port_dir,
-                    sources=sources,
-                    workdir=workdir / "build",
-                    log=log,
-                    arch=self.config.arch,
-                    toolchain=self.seed.root,
-                    dependency_roots=roots,
-                    jobs=self.config.make_jobs,
-                    timeout=self.config.build_timeout,
-                    source_date_epoch=SOURCE_DATE_EPOCH,
-                    hidden=self.hidden,
-                    on_line=on_line,
-                    cancel=cancel,
-                )
-            )
-            runtime = revision.graph.runtime_closure(
-                edge.target
-                for edge in revision.graph.edges(build.name)
-                if edge.kind is DepKind.RUNTIME
-            )
-            sonames = check_needs(
-                recipe,
-                result.destdir,
-                log,
-                seed_root=self.seed.root,
-                closure=[self._provisions(revision, dep) for dep in sorted(runtime)],
-            )
-            meta = replace(PackageMeta.of(recipe, build.key, self.config.arch), sonames=sonames)
-            built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
-            return self.repo.publish(built.path, built.info.meta, commit=revision.commit)
+        order = self.order(revision, build, cancel)
+        return self.producer().produce(
+            order,
+            cancel,
+            lambda path, meta: self.repo.publish(path, meta, commit=revision.commit),
+            log=log or self.log_path(build),
+            on_line=on_line,
+        )
 
-    def _provisions(self, revision: Revision, name: str) -> tuple[Path, tuple[str, ...]]:
-        """A runtime dependency's unpacked root and the sonames its package provides."""
-        entry = self.repo.find_key(revision.keys.keys[name])
-        return self._unpacked(revision, name)[1], entry.meta.sonames if entry else ()
+    def accept(self, package: Path, order: BuildOrder, *, commit: str | None) -> IndexEntry:
+        """Publish a package another builder made of ``order``, after checking every
+        member (``PackageReader``: manifest, paths, types, sizes, sha256s, no bombs) and
+        that it says it is what the order asked for. Raises PackageError otherwise."""
+        meta = check_package(package, order)
+        return self.repo.publish(package, meta, commit=commit)
 
-    def _unpacked(self, revision: Revision, name: str) -> tuple[str, Path]:
-        """The build key of dependency ``name`` and its unpacked package."""
+    def _layer(self, revision: Revision, name: str) -> Layer:
+        """Dependency ``name``'s package, by its build key."""
         key = revision.keys.keys[name]
         entry = self.repo.find_key(key)
         if entry is None:
             raise RepoError(
                 str(self.repo.path), f"the package of {name} (key {key[:12]}) is missing"
             )
-        return key, self.store.ensure(
-            key, self.repo.package_path(entry), sha256=entry.sha256, size=entry.size
-        )
-
-    def _workdir(self, build: PlannedBuild) -> _Scratch:
-        return _Scratch(self.config.work / f"{build.name}-{build.key[:12]}")
+        return Layer(name, key, entry.file, entry.size, entry.sha256, entry.meta.sonames)
 
 
-class _Scratch:
-    """A fresh directory for one build, removed when the build is over, whatever happened."""
+def check_package(package: Path, order: BuildOrder) -> PackageMeta:
+    """The checked manifest of a package built elsewhere from ``order``: every archive
+    rule holds and its facts are the order's (only size and sonames are the builder's)."""
+    with PackageReader(package) as reader:
+        for _ in reader.members():
+            pass  # reading a member checks it
+        meta = reader.info.meta
+    expected = PackageMeta.of(order.recipe, order.key, order.arch)
+    if replace(meta, installed_size=0, sonames=()) != expected:
+        raise PackageError(str(package), f"is not the package {order.label} asked for")
+    return meta
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
 
-    def __enter__(self) -> Path:
-        remove_tree(self.path)  # a crash's leftover, read-only parts and all
-        self.path.mkdir(parents=True)
-        return self.path
+@dataclass(frozen=True, slots=True)
+class _RepoPackages:
+    """Layers from the repository on this machine."""
 
-    def __exit__(self, *exc: object) -> None:
-        remove_tree(self.path)
+    repo: Repository
+
+    def obtain(self, layers: Sequence[Layer], cancel: threading.Event) -> dict[str, Path]:
+        return {layer.key: self.repo.packages_path / layer.file for layer in layers}
 
 
 def seed_of(config: Config, say: Callable[[str], None] = log.info) -> Seed:
