@@ -13,6 +13,8 @@ All state lives under one directory (``state_dir``) unless a setting moves a par
     <state>/portsd.sqlite      the daemon's evaluations and builds
     <state>/token              the secret of the post-receive hook (mode 0600)
     <state>/daemon.lock        held by the running daemon: its pid and URL
+    <state>/worker-token       the secret cluster workers present to upload (mode 0600)
+    <state>/uploads/           packages uploaded by cluster workers, until checked
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Config:
     listen: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8470
     max_request_bytes: int = 1 << 20
+    cluster: str | None = None  # a Dask scheduler (tcp://host:8786): build there, not here
+    verify: int = 1  # identical builds on different workers before a package is published
 
     @property
     def repo(self) -> Path:
@@ -79,6 +83,15 @@ class Config:
     def token_file(self) -> Path:
         """The secret the post-receive hook presents to the daemon (mode 0600)."""
         return self.state_dir / "token"
+
+    @property
+    def worker_token_file(self) -> Path:
+        """The secret cluster workers present to upload packages (mode 0600)."""
+        return self.state_dir / "worker-token"
+
+    @property
+    def uploads(self) -> Path:
+        return self.state_dir / "uploads"
 
     @property
     def database(self) -> Path:
@@ -109,6 +122,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "make-jobs": ("make_jobs", int),
         "timeout": ("build_timeout", float),
         "seed": ("seed_dir", str),
+        "cluster": ("cluster", str),
+        "verify": ("verify", int),
     },
     "sources": {
         "mirrors": ("mirrors", list),
@@ -150,6 +165,10 @@ def load_config(
     config = replace(config, **values)
     if config.jobs < 1 or config.make_jobs < 1:
         raise ConfigError("jobs and make-jobs must be at least 1", path=str(file))
+    if config.verify < 1:
+        raise ConfigError("verify must be at least 1", path=str(file))
+    if config.verify > 1 and config.cluster is None:
+        raise ConfigError("verify needs builders on a cluster: set [build] cluster", path=str(file))
     return config
 
 

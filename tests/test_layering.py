@@ -10,7 +10,7 @@ from a floor above:
     1  core     pure: values in, values out
     2  tree, pkg
     3  build
-    4  daemon (with daemon.server), client
+    4  daemon (with daemon.server), client, cluster
     5  cli
 
 Edge rules (EDGES) cut across the floors. Every rule is also shown failing on a planted
@@ -31,7 +31,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "portsd"
 
 GROUND = 0
-FLOORS = {"core": 1, "tree": 2, "pkg": 2, "build": 3, "daemon": 4, "client": 4, "cli": 5}
+FLOORS = {
+    "core": 1,
+    "tree": 2,
+    "pkg": 2,
+    "build": 3,
+    "daemon": 4,
+    "client": 4,
+    "cluster": 4,
+    "cli": 5,
+}
 """The floor of each subpackage; a top-level module is on the ground floor."""
 
 PURE = ("core", "errors")
@@ -126,6 +135,8 @@ class Confined:
 EDGES = (
     Apart("daemon", "client", "the two ends of the wire share only pkg and core"),
     Apart("client", "daemon", "the two ends of the wire share only pkg and core"),
+    Apart("cluster", "daemon", "workers talk to the daemon over HTTP, never through its code"),
+    Apart("client", "cluster", "an installer needs no cluster"),
     Confined(("rich",), ("cli",), "only the command line draws on a terminal"),
     Confined(SPAWNING, ("build.run",), "one wrapper starts every child process"),
     Confined(

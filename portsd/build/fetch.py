@@ -7,9 +7,11 @@ Layout under ``distfiles`` (all on one filesystem, so a rename is atomic):
     partial/<hex>.part.json   where those bytes came from (url, strong validator) for If-Range
     locks/<hex>.lock          flock held by whoever is fetching <hex> (any thread or process)
 
-A url source is looked for in the cache, then on each mirror in order (``<mirror>/<filename>``,
-a local directory or an http(s) base URL), then at its own url; a ``mirror://NAME/PATH`` url
-stands for each place configured for mirror NAME, in order (``<place>/<PATH>``).
+A url source is looked for in the cache, then on each content mirror (``<base>/<sha256>``:
+a daemon's distfiles, which feed cluster workers), then on each mirror in order
+(``<mirror>/<filename>``, a local directory or an http(s) base URL), then at its own url;
+a ``mirror://NAME/PATH`` url stands for each place configured for mirror NAME, in order
+(``<place>/<PATH>``).
 ``portsd.transfer`` moves the bytes (resumed, bounded, hashed as they stream); bytes with the
 wrong sha256 never reach the cache, are deleted from ``partial/``, and the next location is
 tried. The cache is trusted: only verified files are renamed into it.
@@ -132,7 +134,8 @@ class Fetcher:
     """Obtains url sources into the distfiles cache and returns their verified paths.
 
     Use it as an async context manager: one aiohttp session serves every fetch while it is
-    open. ``mirrors`` hold files by name and are tried first for every source;
+    open. ``by_sha256`` hold files by sha256 and are tried first, then ``mirrors``, which
+    hold files by name;
     ``named_mirrors`` are where ``mirror://NAME/PATH`` urls point (NAME -> places, each a
     directory or an http(s) base URL). ``connect_timeout`` bounds each TCP connect and
     ``read_timeout`` each wait for data (so a stalled server fails in about that long);
@@ -148,6 +151,7 @@ class Fetcher:
         mirrors: Sequence[str | os.PathLike[str]] = (),
         *,
         named_mirrors: Mapping[str, Sequence[str]] | None = None,
+        by_sha256: Sequence[str] = (),
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         max_bytes: int | None = None,
@@ -162,6 +166,7 @@ class Fetcher:
             name: tuple(Mirror.parse(place) for place in places)
             for name, places in (named_mirrors or {}).items()
         }
+        self.by_sha256 = tuple(Mirror.parse(base) for base in by_sha256)
         self.limits = transfer.Limits(
             connect=connect_timeout,
             stall=read_timeout,
@@ -329,9 +334,11 @@ class Fetcher:
         raise _failure(port, source.filename, expected, attempts, self._unknown_mirror(source))
 
     def _locations(self, source: Source) -> list[Location]:
-        """The distfiles mirrors by file name, then the url's own places."""
-        locations = [mirror.locate(source.filename) for mirror in self.mirrors]
-        assert source.url is not None  # _check_source
+        """The content mirrors, the distfiles mirrors by file name, then the url's own
+        places."""
+        assert source.url is not None and source.sha256 is not None  # _check_source
+        locations = [mirror.locate(source.sha256) for mirror in self.by_sha256]
+        locations += [mirror.locate(source.filename) for mirror in self.mirrors]
         named = mirror_of(source.url)
         if named is None:
             locations.append(Location(LocationKind.HTTP, source.url))

@@ -117,17 +117,17 @@ class Producer:
 
     def _unpacked(self, layers: Sequence[Layer], cancel: threading.Event) -> dict[str, Path]:
         """Each layer unpacked in the store, by build key; fetched only when missing."""
-        missing = {layer.key: layer for layer in layers if not self.store.path(layer.key).is_dir()}
-        files = self.packages.obtain(list(missing.values()), cancel) if missing else {}
-        unpacked = {}
+        unpacked: dict[str, Path] = {}
+        missing: dict[str, Layer] = {}
         for layer in layers:
-            package = files.get(layer.key)
-            if package is None:
-                unpacked[layer.key] = self.store.path(layer.key)
-                continue
-            unpacked[layer.key] = self.store.ensure(
-                layer.key, package, sha256=layer.sha256, size=layer.size
-            )
+            cached = self.store.cached(layer.key)
+            if cached is None:
+                missing[layer.key] = layer
+            else:
+                unpacked[layer.key] = cached
+        files = self.packages.obtain(list(missing.values()), cancel) if missing else {}
+        for key, layer in missing.items():
+            unpacked[key] = self.store.ensure(key, files[key], sha256=layer.sha256, size=layer.size)
         return unpacked
 
 

@@ -8,6 +8,9 @@ leaves a half directory under the final name.
 A build root of several packages is composed into one tree (``compose_root``) once per set
 of build keys: ``<store>/composed/<digest of the sorted keys>/``, made the same way and as
 read-only to builds, so a rebuild on the same dependencies composes nothing.
+
+Each use touches the tree's mtime, so ``prune`` (a cluster worker's bounded cache) can
+drop the trees used least recently.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ class Store:
     def path(self, key: str) -> Path:
         return self.root / key
 
+    def cached(self, key: str) -> Path | None:
+        """The unpacked root of ``key`` if it is here (touched: just used), else None."""
+        path = self.path(key)
+        if not path.is_dir():
+            return None
+        os.utime(path)
+        return path
+
     def ensure(
         self, key: str, package: Path, *, sha256: str | None = None, size: int | None = None
     ) -> Path:
@@ -60,11 +71,31 @@ class Store:
             lambda dest: compose_root(roots, dest),
         )
 
+    def prune(self, keep: int) -> int:
+        """Remove all but the ``keep`` most recently used unpacked packages, and likewise
+        composed roots; returns how many trees went. Only between builds: a tree in use
+        by a build must not go."""
+        removed = 0
+        for parent in (self.root, self.composed_root):
+            trees = [
+                entry
+                for entry in os.scandir(parent)
+                if entry.is_dir(follow_symlinks=False)
+                and not entry.name.startswith(".")
+                and entry.path != str(self.composed_root)
+            ]
+            trees.sort(key=lambda entry: entry.stat(follow_symlinks=False).st_mtime, reverse=True)
+            for entry in trees[keep:]:
+                remove_tree(Path(entry.path))
+                removed += 1
+        return removed
+
 
 def _once(final: Path, prefix: str, make: Callable[[Path], object]) -> Path:
     """``final``, made by ``make(dest)`` in a temporary sibling and renamed unless it exists:
     never half there, and a concurrent maker of the same tree wins without harm."""
     if final.is_dir():
+        os.utime(final)  # used now: kept longest by ``prune``
         return final
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:

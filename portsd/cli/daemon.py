@@ -51,6 +51,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="the port to listen on (default: 8470)")
     p.add_argument("-j", "--jobs", type=int, help="builds at once (default: config)")
     p.add_argument("--advertise", action="store_true", help="announce the cache on the LAN (mDNS)")
+    p.add_argument(
+        "--cluster",
+        metavar="tcp://HOST:PORT",
+        help="build on the workers of this Dask scheduler (default: config, else here)",
+    )
+    p.add_argument(
+        "--verify",
+        type=int,
+        metavar="N",
+        help="publish only after N identical builds on different workers (default: config, else 1)",
+    )
     p.set_defaults(handler=serve)
 
     p = commands.add_parser("status", help="what the daemon is doing")
@@ -110,6 +121,8 @@ def serve(args: argparse.Namespace, console: Console) -> int:
         listen=args.listen,
         port=args.port,
         jobs=args.jobs,
+        cluster=args.cluster,
+        verify=args.verify,
     )
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # before anything touches the state: a second daemon would recover the first's builds

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from portsd.config import Config
 from portsd.daemon.events import EventBus
 from portsd.daemon.state import BuildRow, BuildState, State
 from portsd.pkg.repo import Repository
+
+if TYPE_CHECKING:
+    from portsd.cluster.dispatch import WorkerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,17 @@ class Running:
 
     build: BuildRow
     step: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """Builders on a Dask cluster: its scheduler, dashboard, workers, and the keys whose
+    builds disagreed (message, the two workers, the differing files)."""
+
+    scheduler: str
+    dashboard: str | None
+    workers: tuple[WorkerView, ...]
+    disagreements: tuple[tuple[str, tuple[str, str], tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +54,7 @@ class EngineStatus:
     eta: float | None  # seconds until the queue is empty, from past build times
     blocked: int = 0  # ports of the evaluated commit that cannot be built
     seed: str = ""  # content id of the bootstrap seed every build stands on
+    cluster: ClusterStatus | None = None  # None: builds run on the daemon's machine
 
 
 @dataclass(frozen=True, slots=True)

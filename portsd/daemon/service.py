@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -31,16 +32,18 @@ from aiohttp import web
 from portsd.build.builder import step_of
 from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, Scheduler, describe_error
+from portsd.cluster.agree import Disagreement, settle
+from portsd.cluster.dispatch import Cluster
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.plan import BuildPlan, PlannedBuild, Triage, critical_path, triage
-from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
+from portsd.daemon.engine import ClusterStatus, EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
-from portsd.fsio import remove_tree
+from portsd.fsio import remove_tree, write_atomic
 from portsd.pkg.repo import Repository
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
 from portsd.tree.loader import Tree, TreeLoader
@@ -58,6 +61,7 @@ REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
+IN_FLIGHT = 256  # builds handed to a cluster at once: its scheduler orders them by priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,14 @@ class Daemon:
         self._refs_lock = threading.Lock()  # are not safe to share between threads
         self.branch = config.branch or self.git.head_branch()
         self.loader = TreeLoader(config.cache)
-        self.scheduler = Scheduler(self._build, jobs=config.jobs, reporter=self)
+        self.cluster: Cluster | None = None  # connected by ``lifetime`` in cluster mode
+        self._priority: dict[str, float] = {}  # port -> critical path, a cluster's priority
+        self._workers: dict[int, str] = {}  # build row -> the worker that built it
+        self._disagreements: dict[str, Disagreement] = {}  # build key -> the last one
+        if config.cluster is not None and not config.worker_token_file.exists():
+            write_atomic(config.worker_token_file, secrets.token_urlsafe(32).encode(), 0o600)
+        jobs = IN_FLIGHT if config.cluster is not None else config.jobs
+        self.scheduler = Scheduler(self._build, jobs=jobs, reporter=self)
         # One thread for every evaluation: its transient 30,000-entry structures then reuse
         # one malloc arena instead of fragmenting a new one per pool thread.
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
@@ -112,6 +123,8 @@ class Daemon:
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: recover, start the loop and the watcher; stop them after."""
         await asyncio.to_thread(self._recover)
+        if self.config.cluster is not None:
+            self.cluster = await asyncio.to_thread(Cluster, self.config.cluster)
         watcher = RefWatcher(Path(self.git.gitdir), lambda path: self.trigger("watch"))
         watcher.start()
         evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
@@ -129,6 +142,8 @@ class Daemon:
             refresh.cancel()
             await asyncio.gather(evaluations, refresh, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.close)
             await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
             self._evaluator.shutdown()
             self.state.close()
@@ -140,6 +155,7 @@ class Daemon:
                 "%d build(s) interrupted by the last stop will be planned again", len(interrupted)
             )
         remove_tree(self.config.work)  # half-done builds: start over
+        remove_tree(self.config.uploads)  # worker results no finished task named: never taken
         self.config.work.mkdir(parents=True, exist_ok=True)
 
     # -- triggers ----------------------------------------------------------------------
@@ -311,9 +327,8 @@ class Daemon:
             }
             self._durations = self.state.durations()
             self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep)
-            self.scheduler.submit(
-                triaged.wanted, critical_path(triaged.wanted, self._durations), again=again
-            )
+            self._priority = critical_path(triaged.wanted, self._durations)
+            self.scheduler.submit(triaged.wanted, self._priority, again=again)
         return rows
 
     def _save_cache(self, *, force: bool = False) -> None:
@@ -401,6 +416,9 @@ class Daemon:
         with self._lock:
             row = self._rows[build.key]
             revision = self._revisions[build.key]
+        if self.cluster is not None:
+            self._build_on(self.cluster, revision, build, row, cancel)
+            return
         self.workspace.build(
             revision,
             build,
@@ -408,6 +426,45 @@ class Daemon:
             log=self._log_path(build.name, row),
             on_line=lambda line: self._line(row, line),
         )
+
+    def _build_on(
+        self,
+        cluster: Cluster,
+        revision: Revision,
+        build: PlannedBuild,
+        row: int,
+        cancel: threading.Event,
+    ) -> None:
+        """Build on the cluster (``verify`` times), its log lines streamed into the build's
+        log here; publish what the builds agree on."""
+        order = self.workspace.order(revision, build, cancel)
+        log_path = self._log_path(build.name, row)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a", buffering=1) as log_file:
+
+            def on_line(line: str) -> None:
+                log_file.write(line + "\n")
+                self._line(row, line)
+
+            builds = cluster.build(
+                order,
+                times=self.config.verify,
+                priority=self._priority.get(build.name, 0.0),
+                cancel=cancel,
+                on_line=on_line,
+            )
+            workers = ", ".join(built.worker for built in builds)
+            on_line(f"==> built on {workers}")
+        with self._lock:
+            self._workers[row] = workers
+        try:
+            settle(self.workspace, order, builds, commit=revision.commit)
+        except Disagreement as disagreement:
+            with self._lock:
+                self._disagreements[build.key] = disagreement
+            raise
+        with self._lock:
+            self._disagreements.pop(build.key, None)
 
     def _log_path(self, port: str, row: int) -> Path:
         return self.config.logs / port / f"{row}.log"
@@ -443,6 +500,10 @@ class Daemon:
         detail = (
             "superseded by a newer commit" if result.outcome is Outcome.CANCELLED else result.reason
         )
+        with self._lock:
+            worker = self._workers.pop(row, None)
+        if worker is not None and result.outcome is Outcome.BUILT:
+            detail = f"built on {worker}"
         self.state.finish_build(row, state, detail)
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
@@ -473,6 +534,20 @@ class Daemon:
             eta=self._eta(queued, running),
             blocked=len(latest.triaged.blocked) if latest else 0,
             seed=self.workspace.seed.content_id,
+            cluster=self._cluster_status(),
+        )
+
+    def _cluster_status(self) -> ClusterStatus | None:
+        cluster = self.cluster
+        if cluster is None:
+            return None
+        with self._lock:
+            disagreements = tuple(self._disagreements.values())
+        return ClusterStatus(
+            scheduler=cluster.address,
+            dashboard=cluster.dashboard,
+            workers=tuple(cluster.workers()),
+            disagreements=tuple((str(d), d.workers, d.files) for d in disagreements),
         )
 
     def _eta(

@@ -74,6 +74,7 @@ __all__ = [
     "create_package",
     "extract_package",
     "read_portinfo",
+    "differences",
 ]
 
 PACKAGE_FORMAT = 2
@@ -312,6 +313,17 @@ def read_portinfo(path: Path) -> PortInfo:
         return PortInfo.from_bytes(read_first(TarStream(fd, str(path))), str(path))
     finally:
         os.close(fd)
+
+
+def differences(one: PortInfo, other: PortInfo) -> tuple[str, ...]:
+    """The paths whose members differ between two manifests (content, type, mode, target,
+    or present in one only), in path order; ``.PORTINFO`` when only the facts differ."""
+    mine = {entry.path: entry for entry in one.files}
+    theirs = {entry.path: entry for entry in other.files}
+    paths = sorted(p for p in mine.keys() | theirs.keys() if mine.get(p) != theirs.get(p))
+    if not paths and one.meta != other.meta:
+        return (PORTINFO,)
+    return tuple(paths)
 
 
 class Member:

@@ -36,7 +36,7 @@ from aiohttp import web
 from portsd.config import Config
 from portsd.core.index import IndexEntry, entry_map
 from portsd.core.recipe import NAME_PATTERN
-from portsd.daemon.engine import Engine, EngineStatus
+from portsd.daemon.engine import ClusterStatus, Engine, EngineStatus
 from portsd.daemon.server.streams import EVENT_HEADERS, TEXT_HEADERS, Streams, send_events, send_log
 from portsd.daemon.state import BuildRow, BuildState, EvaluationRow
 from portsd.errors import RepoError
@@ -107,6 +107,31 @@ def status_json(status: EngineStatus, counts: dict[BuildState, int]) -> dict[str
         "blocked": status.blocked,
         "seed": status.seed,
         "counts": {state.value: n for state, n in counts.items()},
+        "cluster": cluster_json(status.cluster),
+    }
+
+
+def cluster_json(cluster: ClusterStatus | None) -> dict[str, Any] | None:
+    """The builders on a cluster; None when builds run on the daemon's machine."""
+    if cluster is None:
+        return None
+    return {
+        "scheduler": cluster.scheduler,
+        "dashboard": cluster.dashboard,
+        "workers": [
+            {
+                "name": worker.name,
+                "address": worker.address,
+                "running": list(worker.running),
+                "done": worker.done,
+                "last_seen": round(worker.last_seen, 1),
+            }
+            for worker in cluster.workers
+        ],
+        "disagreements": [
+            {"message": message, "workers": list(workers), "files": list(files)}
+            for message, workers, files in cluster.disagreements
+        ],
     }
 
 

@@ -25,12 +25,15 @@ from portsd.daemon.server.appkeys import CONFIG, COUNTERS, ENGINE, REPO_FILES, S
 from portsd.daemon.server.files import RepoFiles
 from portsd.daemon.server.metrics import Counters, MetricsView
 from portsd.daemon.server.streams import Streams
+from portsd.daemon.server.uploads import Uploads
 
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds a shutdown waits for requests in flight (streams end at once by themselves)."""
 
 
-def routes(files: RepoFiles, api: Api, metrics: MetricsView) -> list[web.RouteDef]:
+def routes(
+    files: RepoFiles, api: Api, metrics: MetricsView, uploads: Uploads
+) -> list[web.RouteDef]:
     """Every route but the status page's (``GET`` routes answer ``HEAD`` too)."""
     v1 = "/api/v1"
     return [
@@ -44,6 +47,8 @@ def routes(files: RepoFiles, api: Api, metrics: MetricsView) -> list[web.RouteDe
         web.post(f"{v1}/push", api.push, name="api-push"),
         web.post(f"{v1}/rebuild", api.rebuild, name="api-rebuild"),
         web.get("/metrics", metrics.get, name="metrics"),
+        web.get("/distfiles/{sha256}", uploads.distfile, name="distfile"),
+        web.put(f"{v1}/uploads", uploads.upload, name="api-upload"),
     ]
 
 
@@ -63,7 +68,9 @@ def create_app(config: Config, engine: Engine) -> web.Application:
     app[COUNTERS] = counters
     app[REPO_FILES] = files
     app[STREAMS] = streams
-    app.add_routes(routes(files, Api(config, engine, streams), MetricsView(engine, counters)))
+    app.add_routes(
+        routes(files, Api(config, engine, streams), MetricsView(engine, counters), Uploads(config))
+    )
     app.on_response_prepare.append(counters.on_response_prepare)
     app.on_shutdown.append(streams.close)
     app.on_cleanup.append(files.on_cleanup)

@@ -1,0 +1,181 @@
+"""The daemon's side of a cluster: build orders submitted to a Dask scheduler.
+
+``Cluster.build`` submits one order as a task that needs the worker resource ``build``
+(``dask worker ... --resources build=1``), with the build's critical path as its Dask
+priority, and waits for it on the calling scheduler thread. Setting the build's cancel
+event cancels the task on the cluster (its worker stops the sandbox). A worker that dies
+mid-build never answers; Dask runs the task again on another worker, and only the answer
+of a task that finished names an upload, so nothing a dead worker half-made is ever taken.
+With ``verify = N`` the order is built N times, each on a worker that has not built it
+yet, and the answers are returned for ``agree`` to compare.
+
+Log lines arrive as Dask events (``LOG_TOPIC``) and go to the build's ``on_line``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import distributed
+
+from portsd.build.order import BuildOrder
+from portsd.cluster.worker import LOG_TOPIC, Built, Failed, build_on_worker
+from portsd.errors import ConfigError, PortsdError
+
+CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler at start
+_POLL = 0.05  # seconds between looks at a build's cancel event
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One worker as the status page shows it."""
+
+    name: str
+    address: str
+    running: tuple[str, ...]  # the builds it runs (port and key)
+    done: int  # builds it finished for this daemon
+    last_seen: float  # seconds ago
+
+
+class Cancelled(PortsdError):
+    """The build was cancelled while its task was on the cluster."""
+
+
+class Cluster:
+    """A connection to one Dask scheduler, shared by every build thread."""
+
+    def __init__(self, address: str) -> None:
+        try:
+            self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as error:
+            raise ConfigError(f"cannot reach the Dask scheduler at {address}: {error}") from None
+        self.address = address
+        self._lock = threading.Lock()
+        self._follow: dict[str, Callable[[str], None]] = {}  # task -> its build's on_line
+        self._labels: dict[str, str] = {}  # task -> the build it is
+        self._done: Counter[str] = Counter()  # worker name -> builds finished
+        self.client.subscribe_topic(LOG_TOPIC, self._on_log)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def build(
+        self,
+        order: BuildOrder,
+        *,
+        times: int,
+        priority: float,
+        cancel: threading.Event,
+        on_line: Callable[[str], None],
+    ) -> list[Built]:
+        """``order`` built ``times`` times, each on a worker that has not built it yet.
+
+        Raises PortsdError for a build that failed (naming the worker), ``Cancelled``."""
+        builds: list[Built] = []
+        for _ in range(times):
+            avoid = {built.worker for built in builds}
+            builds.append(self._once(order, priority, cancel, on_line, avoid))
+        return builds
+
+    def _once(
+        self,
+        order: BuildOrder,
+        priority: float,
+        cancel: threading.Event,
+        on_line: Callable[[str], None],
+        avoid: set[str],
+    ) -> Built:
+        task = f"portsd-{order.name}-{order.key[:12]}-{uuid.uuid4().hex[:8]}"
+        options: dict[str, Any] = {}
+        if avoid:
+            options["workers"] = [
+                address
+                for address, info in self._workers().items()
+                if str(info.get("name")) not in avoid
+            ]
+            options["allow_other_workers"] = False
+            if not options["workers"]:
+                raise PortsdError(
+                    f"{order.label}: no other worker to build it again on (verify needs as "
+                    "many workers)"
+                )
+        with self._lock:
+            self._follow[task] = on_line
+            self._labels[task] = f"{order.name} {order.key[:12]}"
+        done = threading.Event()
+        try:
+            future = self.client.submit(
+                build_on_worker,
+                order,
+                key=task,
+                pure=False,
+                resources={"build": 1},
+                priority=int(priority * 1000),
+                **options,
+            )
+            future.add_done_callback(lambda _: done.set())
+            while not done.wait(_POLL):
+                if cancel.is_set():
+                    future.cancel()
+                    raise Cancelled(f"{order.label}: cancelled")
+            answer = _answer(order, future)
+        finally:
+            with self._lock:
+                self._follow.pop(task, None)
+                self._labels.pop(task, None)
+        if isinstance(answer, Failed):
+            if answer.cancelled or cancel.is_set():
+                raise Cancelled(f"{order.label}: cancelled")
+            raise PortsdError(f"{answer.reason} (on worker {answer.worker})")
+        with self._lock:
+            self._done[answer.worker] += 1
+        return answer
+
+    def _on_log(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, message = event
+        with self._lock:
+            follow = self._follow.get(str(message.get("task")))
+        if follow is not None:
+            for line in message.get("lines", ()):
+                follow(str(line))
+
+    def _workers(self) -> dict[str, dict[str, Any]]:
+        workers: dict[str, dict[str, Any]] = self.client.scheduler_info(n_workers=-1)["workers"]
+        return workers
+
+    def workers(self) -> list[WorkerView]:
+        """Every worker the scheduler knows, with what it builds for this daemon."""
+        processing: dict[str, list[str]] = self.client.processing()
+        now = time.time()
+        with self._lock:
+            labels, done = dict(self._labels), Counter(self._done)
+        views = []
+        for address, info in sorted(self._workers().items()):
+            name = str(info.get("name", address))
+            running = tuple(labels[t] for t in processing.get(address, ()) if t in labels)
+            seen = float(info.get("last_seen", now))
+            views.append(WorkerView(name, address, running, done[name], max(now - seen, 0.0)))
+        return views
+
+    @property
+    def dashboard(self) -> str | None:
+        link = self.client.dashboard_link
+        return str(link) if link else None
+
+
+def _answer(order: BuildOrder, future: distributed.Future[Any]) -> Built | Failed:
+    try:
+        answer = future.result()
+    except distributed.client.FutureCancelledError:
+        raise Cancelled(f"{order.label}: cancelled on the cluster") from None
+    except Exception as error:  # a lost task: KilledWorker after too many dead workers
+        raise PortsdError(f"{order.label}: {type(error).__name__}: {error}") from None
+    if not isinstance(answer, Built | Failed):
+        raise PortsdError(f"{order.label}: the worker answered {answer!r}")
+    return answer

@@ -1,0 +1,205 @@
+"""A Dask worker that builds: ``dask worker tcp://HOST:8786 --resources build=1
+--preload portsd.cluster.worker``.
+
+The preload (``dask_setup``) gives the worker its own builder, configured by environment
+variables (docs/cluster.md):
+
+    PORTSD_WORKER_STATE       its state directory: work, store, distfiles, logs, seed
+    PORTSD_DAEMON_URL         the daemon, http://HOST:PORT: packages, sources, uploads
+    PORTSD_WORKER_KEY         the repository's public key file: layers are verified with it
+    PORTSD_WORKER_TOKEN_FILE  the daemon's worker token (its <state>/worker-token)
+    PORTSD_WORKER_ROOTS       unpacked packages (and composed roots) kept; default 64
+    PORTSD_WORKER_FAULT       fault injection for tests: 1 makes every package of this worker
+                              differ (a byte appended to the first regular file)
+    PORTSD_SEED               the bootstrap seed, as for the daemon (must be the daemon's)
+
+``build_on_worker`` is the task the daemon submits. It holds a cluster-wide lock named by
+the build key (one key never builds twice at once, even across a daemon restart), stops
+the build as soon as the task is released on the scheduler (cancelled, superseded, or
+its daemon gone), sends the log lines to the daemon as Dask events (``LOG_TOPIC``), and
+returns what the daemon needs to take the package: where the upload is, its size and
+sha256, and the worker's name. A worker that dies mid-build returns nothing, and Dask
+runs the task again elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import distributed
+
+from portsd.build.fetch import Fetcher
+from portsd.build.order import BuildOrder
+from portsd.build.pipeline import seed_of
+from portsd.build.produce import Producer
+from portsd.build.store import Store
+from portsd.cluster.remote import DaemonPackages, Uploaded, upload
+from portsd.config import Config, load_config
+from portsd.core.metadata import PackageMeta
+from portsd.errors import ConfigError, PortsdError
+from portsd.pkg.sign import PublicKey
+
+EXTENSION = "portsd"
+LOG_TOPIC = "portsd-log"
+FLUSH_EVERY = 0.2  # seconds between log batches (and looks at the task's state)
+DEFAULT_ROOTS = 64
+_GONE = {"cancelled", "released", "forgotten", "error"}  # the scheduler no longer wants it
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A finished remote build."""
+
+    worker: str
+    upload: Uploaded
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A build that failed on the worker, as one readable line (exceptions of portsd do not
+    all survive pickling, and a failure is an answer, not a lost worker)."""
+
+    worker: str
+    reason: str
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class WorkerBuilder:
+    """One worker's builder and its settings."""
+
+    producer: Producer
+    config: Config
+    daemon: str
+    token: Path
+    roots: int
+    lock: threading.Lock
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerBuilder:
+        def need(name: str) -> str:
+            value = environ.get(name)
+            if not value:
+                raise ConfigError(f"a portsd worker needs {name} (see docs/cluster.md)")
+            return value
+
+        config = load_config(Path(need("PORTSD_WORKER_STATE")).absolute())
+        daemon = need("PORTSD_DAEMON_URL").rstrip("/")
+        key = PublicKey.load(Path(need("PORTSD_WORKER_KEY")))
+        token = Path(need("PORTSD_WORKER_TOKEN_FILE"))
+        roots = int(environ.get("PORTSD_WORKER_ROOTS") or DEFAULT_ROOTS)
+        for directory in (config.work, config.logs, config.state_dir / "packages"):
+            directory.mkdir(parents=True, exist_ok=True)
+        fetcher = Fetcher(
+            config.distfiles,
+            config.mirrors,
+            named_mirrors=dict(config.named_mirrors),
+            by_sha256=(f"{daemon}/distfiles",),
+        )
+        producer = Producer(
+            config.work,
+            config.arch,
+            fetcher,
+            Store(config.store),
+            seed_of(config),
+            DaemonPackages(daemon, config.arch, (key,), config.state_dir / "packages"),
+            hidden=(config.state_dir.resolve(),),
+            alter=_fault if environ.get("PORTSD_WORKER_FAULT") == "1" else None,
+        )
+        return cls(producer, config, daemon, token, roots, threading.Lock())
+
+    def build(
+        self,
+        order: BuildOrder,
+        worker: distributed.Worker,
+        task: str,
+        still_wanted: Callable[[], bool],
+    ) -> Built:
+        """Build ``order``, upload the package; raises a PortsdError on failure."""
+        cancel = threading.Event()
+        lines: list[str] = []
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch, args=(worker, task, still_wanted, cancel, lines, stop), daemon=True
+        )
+        watcher.start()
+        try:
+            with distributed.Lock(f"portsd-build-{order.key}"):
+                if cancel.is_set():
+                    raise PortsdError(f"{order.label}: cancelled")
+                with self.lock:  # one build at a time here, whatever the resources say
+                    uploaded = self.producer.produce(
+                        order,
+                        cancel,
+                        self._deliver,
+                        log=self.config.logs / order.name / f"{order.key[:12]}.log",
+                        on_line=lines.append,
+                    )
+                    self.producer.store.prune(self.roots)
+        finally:
+            stop.set()
+            watcher.join()
+        return Built(str(worker.name), uploaded)
+
+    def _deliver(self, package: Path, meta: PackageMeta) -> Uploaded:
+        return upload(self.daemon, self.token.read_text().strip(), package)
+
+    def _watch(
+        self,
+        worker: distributed.Worker,
+        task: str,
+        still_wanted: Callable[[], bool],
+        cancel: threading.Event,
+        lines: list[str],
+        stop: threading.Event,
+    ) -> None:
+        """Send log lines in batches; set ``cancel`` once the scheduler drops the task."""
+        while True:
+            finished = stop.wait(FLUSH_EVERY)
+            batch = lines[:]
+            del lines[: len(batch)]  # list ops are atomic: the build thread only appends
+            if batch:
+                worker.log_event(LOG_TOPIC, {"task": task, "lines": batch})
+            if finished:
+                return
+            if not still_wanted():
+                cancel.set()
+
+
+def build_on_worker(order: BuildOrder) -> Built | Failed:
+    """The task the daemon submits: build ``order`` on this worker."""
+    worker = distributed.get_worker()
+    name = str(worker.name)
+    builder = worker.extensions.get(EXTENSION)
+    if not isinstance(builder, WorkerBuilder):
+        return Failed(name, "this worker was started without --preload portsd.cluster.worker")
+    task = str(worker.get_current_task())
+
+    def still_wanted() -> bool:
+        state = worker.state.tasks.get(task)
+        return state is not None and state.state not in _GONE
+
+    try:
+        return builder.build(order, worker, task, still_wanted)
+    except PortsdError as error:
+        return Failed(name, str(error), cancelled=not still_wanted())
+
+
+def _fault(destdir: Path) -> None:
+    """PORTSD_WORKER_FAULT=1: a byte appended to the first regular file (by path), or a
+    file of its own when there is none; this worker's packages then differ."""
+    files = sorted(path for path in destdir.rglob("*") if path.is_file() and not path.is_symlink())
+    target = files[0] if files else destdir / "portsd-fault"
+    if files:
+        target.chmod(target.stat().st_mode | 0o200)
+    with target.open("ab") as file:
+        file.write(b"\0")
+
+
+def dask_setup(worker: distributed.Worker) -> None:
+    """The preload's entry point: Dask calls it as the worker starts."""
+    worker.extensions[EXTENSION] = WorkerBuilder.from_environment(os.environ)
