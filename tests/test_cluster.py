@@ -1,0 +1,274 @@
+"""Builders on a Dask cluster, end to end: a real `dask scheduler`, two real `dask worker`
+processes with separate state directories (as if on two machines), a real daemon in
+cluster mode, a real `git push`, real sandboxed builds, real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portsd.fsio import file_sha256
+from tests.daemon_harness import RunningDaemon, command_environment, free_port, portsd
+from tests.fixtures import commit_all, git
+from tests.test_daemon import ALL, ARCH, assert_consistent, head, keys_at, push, served_index
+
+pytestmark = pytest.mark.slow
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+class Cluster:
+    """A Dask scheduler and its portsd workers, on 127.0.0.1."""
+
+    def __init__(self, tmp: Path, bare: Path) -> None:
+        self.tmp = tmp
+        self.state = bare / "portsd"
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _start(self, name: str, argv: list[str], environment: dict[str, str]) -> None:
+        with (self.tmp / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
+
+    def scheduler(self) -> None:
+        argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
+        self._start("scheduler", [*argv, "--no-dashboard"], command_environment())
+
+    def worker(self, name: str, daemon: RunningDaemon, **settings: str) -> None:
+        state = self.tmp / f"worker-{name}"
+        environment = command_environment() | {
+            "PORTSD_WORKER_STATE": str(state),
+            "PORTSD_DAEMON_URL": daemon.url,
+            "PORTSD_WORKER_KEY": str(self.state / "keys" / "portsd.pub"),
+            "PORTSD_WORKER_TOKEN_FILE": str(self.state / "worker-token"),
+        }
+        argv = [str(DASK), "worker", self.address, "--name", name, "--nthreads", "1"]
+        argv += ["--resources", "build=1", "--preload", "portsd.cluster.worker"]
+        argv += ["--no-nanny", "--no-dashboard", "--host", "127.0.0.1"]
+        self._start(name, [*argv, "--local-directory", str(state / "dask")], environment | settings)
+
+    def kill(self, name: str) -> None:
+        process = self.processes[name]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes.values()):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def bare(tmp_path: Path, ports_tree: Path) -> Path:
+    repo = tmp_path / "build.git"
+    portsd("init", repo)
+    git(ports_tree, "remote", "add", "build", str(repo))
+    return repo
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, bare: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path, bare)
+    running.scheduler()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def start_daemon(tmp: Path, bare: Path, cluster: Cluster, *extra: str) -> RunningDaemon:
+    daemon = RunningDaemon(bare, tmp / "daemon.log", "--cluster", cluster.address, *extra)
+    return daemon.start()
+
+
+def wait_workers(daemon: RunningDaemon, count: int) -> None:
+    def ready() -> bool:
+        status = daemon.get("/api/v1/status")
+        return bool(status and len(status["cluster"]["workers"]) == count)
+
+    daemon.wait_for(ready, timeout=60, what=f"{count} workers")
+
+
+def with_daemon_and_workers(
+    tmp: Path, bare: Path, cluster: Cluster, *extra: str, **settings: str
+) -> RunningDaemon:
+    daemon = start_daemon(tmp, bare, cluster, *extra)
+    cluster.worker("w1", daemon)
+    cluster.worker("w2", daemon, **settings)
+    wait_workers(daemon, 2)
+    return daemon
+
+
+def packages(state: Path) -> dict[str, str]:
+    """File name -> sha256 of every stored package."""
+    folder = state / "repo" / ARCH / "packages"
+    return {p.name: file_sha256(p) for p in folder.glob("*.pkg.tar.zst")}
+
+
+def test_builds_on_workers_are_published_installable_and_identical_to_local_ones(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster)
+    try:
+        push(ports_tree)
+        commit = head(ports_tree)
+        daemon.wait_idle(commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        built = daemon.builds(state="built")
+        assert {b["port"] for b in built} == ALL
+        assert {b["detail"].removeprefix("built on ") for b in built} <= {"w1", "w2"}
+        workers = daemon.get("/api/v1/status")["cluster"]["workers"]
+        assert sum(w["done"] for w in workers) == len(ALL)
+        assert {w["name"] for w in workers} == {"w1", "w2"}
+        root = tmp_path / "root"
+        root.mkdir()
+        installed = subprocess.run(
+            [sys.executable, "-m", "portsd.cli.ports", "install", "toptool", "--root", root]
+            + ["--cache", daemon.url, "--key", str(bare / "portsd" / "keys" / "portsd.pub")],
+            capture_output=True,
+            text=True,
+            env=command_environment(),
+        )
+        assert installed.returncode == 0, installed.stderr
+        assert (root / "usr" / "bin" / "toptool").is_file()
+    finally:
+        daemon.stop()
+    local = tmp_path / "local"
+    subprocess.run(
+        [sys.executable, "-m", "portsd.cli.ports", "build", "--tree", ports_tree]
+        + ["--state", local],
+        capture_output=True,
+        check=True,
+        env=command_environment(),
+    )
+    assert packages(bare / "portsd") == packages(local)
+
+
+def test_only_workers_with_the_token_upload(tmp_path: Path, bare: Path, cluster: Cluster) -> None:
+    daemon = start_daemon(tmp_path, bare, cluster)
+    try:
+        token = (bare / "portsd" / "worker-token").read_text().strip()
+        body = b"not a package"
+        digest = {"X-Portsd-Sha256": __import__("hashlib").sha256(body).hexdigest()}
+        for headers, expected in [
+            ({}, 401),
+            ({"Authorization": "Bearer wrong"}, 401),
+            ({"Authorization": f"Bearer {token}"}, 201),
+        ]:
+            assert put(daemon, "/api/v1/uploads", body, headers | digest) == expected
+        assert len(list((bare / "portsd" / "uploads").iterdir())) == 1
+    finally:
+        daemon.stop()
+
+
+def put(daemon: RunningDaemon, path: str, body: bytes, headers: dict[str, str]) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(daemon.url + path, data=body, headers=headers, method="PUT")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def slow(tree: Path, port: str, seconds: float) -> str:
+    recipe = tree / "ports" / port / "port.toml"
+    recipe.write_text(recipe.read_text() + f"prepare = 'sleep {seconds}'\n")
+    return commit_all(tree, f"{port}: slow")
+
+
+def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    commit = slow(ports_tree, "libbase", 4)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster)
+    try:
+        push(ports_tree)
+
+        def builder() -> str | None:
+            status = daemon.get("/api/v1/status")
+            for worker in status["cluster"]["workers"] if status else ():
+                if any(r.startswith("libbase ") for r in worker["running"]):
+                    return str(worker["name"])
+            return None
+
+        victim = daemon.wait_for(builder, timeout=60, what="libbase to build on a worker")
+        time.sleep(0.5)
+        cluster.kill(victim)
+        daemon.wait_idle(commit, timeout=120)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        libbase = daemon.builds(port="libbase", state="built")
+        survivor = {"w1", "w2"} - {victim}
+        assert [b["detail"] for b in libbase] == [f"built on {survivor.pop()}"]
+        assert all(b["detail"] != f"built on {victim}" for b in daemon.builds(state="built"))
+    finally:
+        daemon.stop()
+    assert_consistent(bare)
+
+
+def test_the_daemon_killed_while_workers_build_publishes_each_key_once(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    commit = slow(ports_tree, "libbase", 2)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster)
+    push(ports_tree)
+    daemon.wait_for(
+        lambda: any(b["state"] == "running" for b in daemon.builds()),
+        timeout=60,
+        what="a build on a worker",
+    )
+    daemon.kill()
+    assert_consistent(bare)
+    daemon.start()
+    try:
+        daemon.wait_idle(commit, timeout=120)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+    finally:
+        daemon.stop()
+    assert_consistent(bare)
+    stored = packages(bare / "portsd")
+    assert len(stored) == len(ALL)  # one package per key: none twice, none half
+    assert not list((bare / "portsd" / "uploads").glob("*"))
+
+
+def test_verify_2_publishes_nothing_when_a_worker_disagrees(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    for port in ALL - {"libbase"}:  # libbase alone: what depends on it cannot build
+        git(ports_tree, "rm", "-rq", f"ports/{port}")
+    commit = commit_all(ports_tree, "libbase alone")
+    daemon = with_daemon_and_workers(
+        tmp_path, bare, cluster, "--verify", "2", PORTSD_WORKER_FAULT="1"
+    )
+    try:
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        failed = daemon.builds(port="libbase", state="failed")
+        assert failed and "built different packages" in failed[0]["detail"]
+        disagreements = daemon.get("/api/v1/status")["cluster"]["disagreements"]
+        assert len(disagreements) == 1
+        assert sorted(disagreements[0]["workers"]) == ["w1", "w2"]
+        files = disagreements[0]["files"]
+        assert files and all(f.startswith("usr/") for f in files)
+        assert files[0] in failed[0]["detail"]
+        assert packages(bare / "portsd") == {}
+    finally:
+        daemon.stop()
