@@ -4,11 +4,14 @@ cluster mode, a real `git push`, real sandboxed builds, real SIGKILLs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,7 +142,7 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         root = tmp_path / "root"
         root.mkdir()
         installed = subprocess.run(
-            [sys.executable, "-m", "portsd.cli.ports", "install", "toptool", "--root", root]
+            [sys.executable, "-m", "portsd.cli.ports", "install", "toptool", "--root", str(root)]
             + ["--cache", daemon.url, "--key", str(bare / "portsd" / "keys" / "portsd.pub")],
             capture_output=True,
             text=True,
@@ -151,8 +154,8 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         daemon.stop()
     local = tmp_path / "local"
     subprocess.run(
-        [sys.executable, "-m", "portsd.cli.ports", "build", "--tree", ports_tree]
-        + ["--state", local],
+        [sys.executable, "-m", "portsd.cli.ports", "build", "--tree", str(ports_tree)]
+        + ["--state", str(local)],
         capture_output=True,
         check=True,
         env=command_environment(),
@@ -165,7 +168,7 @@ def test_only_workers_with_the_token_upload(tmp_path: Path, bare: Path, cluster:
     try:
         token = (bare / "portsd" / "worker-token").read_text().strip()
         body = b"not a package"
-        digest = {"X-Portsd-Sha256": __import__("hashlib").sha256(body).hexdigest()}
+        digest = {"X-Portsd-Sha256": hashlib.sha256(body).hexdigest()}
         for headers, expected in [
             ({}, 401),
             ({"Authorization": "Bearer wrong"}, 401),
@@ -178,9 +181,6 @@ def test_only_workers_with_the_token_upload(tmp_path: Path, bare: Path, cluster:
 
 
 def put(daemon: RunningDaemon, path: str, body: bytes, headers: dict[str, str]) -> int:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(daemon.url + path, data=body, headers=headers, method="PUT")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -203,12 +203,12 @@ def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
     try:
         push(ports_tree)
 
-        def builder() -> str | None:
+        def builder() -> str:
             status = daemon.get("/api/v1/status")
             for worker in status["cluster"]["workers"] if status else ():
                 if any(r.startswith("libbase ") for r in worker["running"]):
                     return str(worker["name"])
-            return None
+            return ""
 
         victim = daemon.wait_for(builder, timeout=60, what="libbase to build on a worker")
         time.sleep(0.5)
