@@ -139,6 +139,8 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         workers = daemon.get("/api/v1/status")["cluster"]["workers"]
         assert sum(w["done"] for w in workers) == len(ALL)
         assert {w["name"] for w in workers} == {"w1", "w2"}
+        code, page = daemon.raw("/")
+        assert code == 200 and b"<td>w1</td>" in page and b"<td>w2</td>" in page
         root = tmp_path / "root"
         root.mkdir()
         installed = subprocess.run(
@@ -269,6 +271,8 @@ def test_verify_2_publishes_nothing_when_a_worker_disagrees(
         files = disagreements[0]["files"]
         assert files and all(f.startswith("usr/") for f in files)
         assert files[0] in failed[0]["detail"]
+        code, page = daemon.raw("/")
+        assert code == 200 and b"built different packages" in page
         assert packages(bare / "portsd") == {}
     finally:
         daemon.stop()
