@@ -5,6 +5,7 @@ cluster mode, a real `git push`, real sandboxed builds, real SIGKILLs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -152,6 +153,9 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         )
         assert installed.returncode == 0, installed.stderr
         assert (root / "usr" / "bin" / "toptool").is_file()
+        verified = ports_verify(tmp_path, daemon, bare, ports_tree, "toptool", "hello")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "agrees toptool" in verified.stdout and "agrees hello" in verified.stdout
     finally:
         daemon.stop()
     local = tmp_path / "local"
@@ -163,6 +167,47 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         env=command_environment(),
     )
     assert packages(bare / "portsd") == packages(local)
+
+
+def ports_verify(
+    tmp: Path, daemon: RunningDaemon, bare: Path, tree: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`ports verify` on a client with its own cache directory, from the fixture tree."""
+    (tmp / "client-root").mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "portsd.cli.ports", "verify", *args, "--tree", str(tree)]
+        + ["--root", str(tmp / "client-root"), "--cache-dir", str(tmp / "client-cache")]
+        + ["--cache", daemon.url, "--key", str(bare / "portsd" / "keys" / "portsd.pub")],
+        capture_output=True,
+        text=True,
+        env=command_environment(),
+    )
+
+
+def test_ports_verify_finds_what_a_faulty_worker_published(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    for port in ALL - {"libbase"}:
+        git(ports_tree, "rm", "-rq", f"ports/{port}")
+    commit = commit_all(ports_tree, "libbase alone")
+    daemon = start_daemon(tmp_path, bare, cluster)
+    cluster.worker("w1", daemon, PORTSD_WORKER_FAULT="1")
+    wait_workers(daemon, 1)
+    try:
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        verified = ports_verify(tmp_path, daemon, bare, ports_tree, "libbase")
+        assert verified.returncode == 1, verified.stdout + verified.stderr
+        assert "differs libbase" in verified.stdout
+        answer = ports_verify(tmp_path, daemon, bare, ports_tree, "libbase", "--json")
+        assert answer.returncode == 1
+        (verdict,) = json.loads(answer.stdout)
+        assert verdict["name"] == "libbase" and not verdict["agrees"]
+        assert verdict["files"] and verdict["files"][0].startswith("usr/")
+        assert f"  {verdict['files'][0]}" in verified.stdout
+    finally:
+        daemon.stop()
 
 
 def test_only_workers_with_the_token_upload(tmp_path: Path, bare: Path, cluster: Cluster) -> None:

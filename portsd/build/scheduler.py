@@ -73,7 +73,8 @@ class Scheduler:
 
     def __init__(self, run: Runner, *, jobs: int, reporter: Reporter) -> None:
         self._run = run
-        self._jobs = jobs
+        self._jobs = jobs  # builds at once: at most the pool's threads
+        self._threads = jobs
         self._reporter = reporter
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="build")
         self._lock = threading.Condition()
@@ -122,6 +123,17 @@ class Scheduler:
             }
             self._failed.clear()  # a wanted key that failed is asked for again
             events += self._dispatch()
+            self._lock.notify_all()
+        for event in events:
+            event()
+
+    def limit(self, jobs: int) -> None:
+        """Run at most ``jobs`` builds at once from now on (no more than the pool's
+        threads): a cluster's build slots, as workers come and go. Running builds beyond
+        a lowered limit finish."""
+        with self._lock:
+            self._jobs = min(max(jobs, 0), self._threads)
+            events = [] if self._closed else self._dispatch()
             self._lock.notify_all()
         for event in events:
             event()

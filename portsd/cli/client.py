@@ -8,6 +8,8 @@ command first finishes or rolls back a transaction a crash interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import threading
 
 from rich.console import Console
@@ -33,6 +35,7 @@ from portsd.client.progress import Progress as TransactionProgress
 from portsd.client.session import Sources, add_package_files, install, open_sources, remove
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
+from portsd.client.verify import verify
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.resolve import Action, Mode, Resolution
@@ -91,6 +94,27 @@ def _done(console: Console, result: TransactionResult) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"{result.files} files, {size(result.bytes)}")
+
+
+def verify_command(args: argparse.Namespace, console: Console) -> int:
+    """Exit status 1 when any package differs from the cache's."""
+    settings = settings_from(args)
+    with Display(console) as display:
+        sources = open_sources(settings, _Unrecorded(), display)
+        verdicts = verify(sources, args.names, display)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(v) | {"agrees": v.agrees} for v in verdicts]))
+    for verdict in [] if args.json else verdicts:
+        if verdict.agrees:
+            console.print(f"[green]agrees[/] {verdict.name} (key {verdict.key[:12]})")
+            continue
+        console.print(
+            f"[red]differs[/] {verdict.name} (key {verdict.key[:12]}): the cache serves "
+            f"{verdict.served[:12]}, built here {verdict.built[:12]}"
+        )
+        for path in verdict.files:
+            console.print(f"  {escape(path)}")
+    return 0 if all(verdict.agrees for verdict in verdicts) else 1
 
 
 # -- what is available ---------------------------------------------------------------------

@@ -138,6 +138,15 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _sources(p)
     p.set_defaults(handler="portsd.cli.client:info_command")
 
+    p = commands.add_parser(
+        "verify", help="rebuild packages here by their keys and compare with the cache's"
+    )
+    p.add_argument("names", nargs="+", metavar="NAME")
+    _reading(p)
+    _sources(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler="portsd.cli.client:verify_command")
+
     p = commands.add_parser("search", help="packages whose name or summary contains TEXT")
     p.add_argument("text")
     _reading(p)

@@ -149,6 +149,16 @@ class Cluster:
         workers: dict[str, dict[str, Any]] = self.client.scheduler_info(n_workers=-1)["workers"]
         return workers
 
+    def slots(self) -> int:
+        """Builds the cluster runs at once: the ``build`` resources of its workers. The
+        daemon hands over no more than that, and keeps the rest in its own queue,
+        critical path first: Dask assigns a task with resources to a worker at once, busy
+        or not, so a longer queue there would let a late critical build wait behind
+        others."""
+        return int(
+            sum(info.get("resources", {}).get("build", 0) for info in self._workers().values())
+        )
+
     def workers(self) -> list[WorkerView]:
         """Every worker the scheduler knows, with what it builds for this daemon."""
         processing: dict[str, list[str]] = self.client.processing()

@@ -61,7 +61,8 @@ REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
-IN_FLIGHT = 256  # builds handed to a cluster at once: its scheduler orders them by priority
+IN_FLIGHT = 256  # threads waiting on a cluster's builds: its most build slots
+SLOTS_EVERY = 1.0  # seconds between looks at a cluster's build slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +126,12 @@ class Daemon:
         await asyncio.to_thread(self._recover)
         if self.config.cluster is not None:
             self.cluster = await asyncio.to_thread(Cluster, self.config.cluster)
+            self.scheduler.limit(await asyncio.to_thread(self.cluster.slots))
         watcher = RefWatcher(Path(self.git.gitdir), lambda path: self.trigger("watch"))
         watcher.start()
         evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
         refresh = asyncio.create_task(self._refresh_loop(), name="index refresh")
+        slots = asyncio.create_task(self._slots_loop(), name="cluster slots")
         self.trigger("startup")
         try:
             yield
@@ -140,7 +143,8 @@ class Daemon:
             self._stopping.set()
             self._wake.set()
             refresh.cancel()
-            await asyncio.gather(evaluations, refresh, return_exceptions=True)
+            slots.cancel()
+            await asyncio.gather(evaluations, refresh, slots, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
             if self.cluster is not None:
                 await asyncio.to_thread(self.cluster.close)
@@ -208,6 +212,16 @@ class Daemon:
                 await asyncio.to_thread(self.repo.refresh)
             except PortsdError as error:
                 log.error("index refresh failed: %s", error)
+
+    async def _slots_loop(self) -> None:
+        """In cluster mode, hand over as many builds as the workers have build slots."""
+        cluster = self.cluster
+        while cluster is not None:
+            await asyncio.sleep(SLOTS_EVERY)
+            try:
+                self.scheduler.limit(await asyncio.to_thread(cluster.slots))
+            except OSError as error:
+                log.error("the Dask scheduler does not answer: %s", error)
 
     # -- evaluation (on a worker thread, one at a time) -------------------------------------
 
