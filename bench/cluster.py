@@ -236,7 +236,6 @@ def overhead(reps: int) -> dict[str, Any]:
         }
         worker = [DASK, "worker", address, "--nthreads", "1", "--resources", "build=1"]
         worker += ["--preload", "portsd.cluster.worker", "--no-nanny", "--no-dashboard"]
-        scheduling = [DASK, "scheduler", "--port", str(scheduler), "--no-dashboard"]
         with (
             running(
                 [DASK, "scheduler", "--port", str(scheduler), "--no-dashboard"], work / "s.log"
