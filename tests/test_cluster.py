@@ -46,7 +46,8 @@ class Cluster:
 
     def scheduler(self) -> None:
         argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
-        self._start("scheduler", [*argv, "--no-dashboard"], command_environment())
+        validation = {"DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL": "0.5s"}
+        self._start("scheduler", [*argv, "--no-dashboard"], command_environment() | validation)
 
     def worker(self, name: str, daemon: RunningDaemon, **settings: str) -> None:
         state = self.tmp / f"worker-{name}"
@@ -55,6 +56,8 @@ class Cluster:
             "PORTSD_DAEMON_URL": daemon.url,
             "PORTSD_WORKER_KEY": str(self.state / "keys" / "portsd.pub"),
             "PORTSD_WORKER_TOKEN_FILE": str(self.state / "worker-token"),
+            # a killed worker's build-key lock goes in seconds, not the default 30
+            "DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT": "3s",
         }
         argv = [str(DASK), "worker", self.address, "--name", name, "--nthreads", "1"]
         argv += ["--resources", "build=1", "--preload", "portsd.cluster.worker"]
@@ -258,7 +261,14 @@ def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
             return ""
 
         victim = daemon.wait_for(builder, timeout=60, what="libbase to build on a worker")
-        time.sleep(0.5)
+        (running,) = daemon.builds(port="libbase", state="running")
+        log = bare / "portsd" / "logs" / "libbase" / f"{running['id']}.log"
+        # the worker's log lines reach the daemon's log of the build while it runs
+        daemon.wait_for(
+            lambda: log.is_file() and "$ sleep 4" in log.read_text(),
+            timeout=30,
+            what="the worker's log lines",
+        )
         cluster.kill(victim)
         daemon.wait_idle(commit, timeout=120)
         assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
