@@ -139,11 +139,11 @@ class Cluster:
 
     def _on_log(self, event: tuple[float, dict[str, Any]]) -> None:
         _, message = event
-        with self._lock:
+        with self._lock:  # held while writing: a build's log is not closed under a line
             follow = self._follow.get(str(message.get("task")))
-        if follow is not None:
-            for line in message.get("lines", ()):
-                follow(str(line))
+            if follow is not None:
+                for line in message.get("lines", ()):
+                    follow(str(line))
 
     def _workers(self) -> dict[str, dict[str, Any]]:
         workers: dict[str, dict[str, Any]] = self.client.scheduler_info(n_workers=-1)["workers"]

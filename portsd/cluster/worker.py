@@ -128,9 +128,11 @@ class WorkerBuilder:
         )
         watcher.start()
         try:
-            with distributed.Lock(f"portsd-build-{order.key}"):
+            key_lock = distributed.Lock(f"portsd-build-{order.key}")
+            while not key_lock.acquire(timeout=FLUSH_EVERY * 5):
                 if cancel.is_set():
                     raise PortsdError(f"{order.label}: cancelled")
+            try:
                 with self.lock:  # one build at a time here, whatever the resources say
                     uploaded = self.producer.produce(
                         order,
@@ -140,6 +142,8 @@ class WorkerBuilder:
                         on_line=lines.append,
                     )
                     self.producer.store.prune(self.roots)
+            finally:
+                key_lock.release()
         finally:
             stop.set()
             watcher.join()

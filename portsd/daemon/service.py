@@ -557,10 +557,15 @@ class Daemon:
             return None
         with self._lock:
             disagreements = tuple(self._disagreements.values())
+        try:
+            workers = tuple(cluster.workers())
+        except OSError as error:  # the scheduler is away: the page still shows the rest
+            log.warning("the Dask scheduler does not answer: %s", error)
+            workers = ()
         return ClusterStatus(
             scheduler=cluster.address,
             dashboard=cluster.dashboard,
-            workers=tuple(cluster.workers()),
+            workers=workers,
             disagreements=tuple((str(d), d.workers, d.files) for d in disagreements),
         )
 
