@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -213,9 +212,24 @@ def test_ports_verify_finds_what_a_faulty_worker_published(
         daemon.stop()
 
 
-def test_only_workers_with_the_token_upload(tmp_path: Path, bare: Path, cluster: Cluster) -> None:
+def test_only_workers_with_the_token_upload(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    for port in ALL - {"libbase"}:
+        git(ports_tree, "rm", "-rq", f"ports/{port}")
+    commit = commit_all(ports_tree, "libbase alone")
     daemon = start_daemon(tmp_path, bare, cluster)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not the token\n")
+    cluster.worker("w1", daemon, PORTSD_WORKER_TOKEN_FILE=str(wrong))
+    wait_workers(daemon, 1)
     try:
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        (failed,) = daemon.builds(port="libbase", state="failed")
+        assert "401" in failed["detail"] and "worker token" in failed["detail"]
+        assert packages(bare / "portsd") == {}
+
         token = (bare / "portsd" / "worker-token").read_text().strip()
         body = b"not a package"
         digest = {"X-Portsd-Sha256": hashlib.sha256(body).hexdigest()}
