@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,7 @@ class WorkerBuilder:
     lock: threading.Lock
 
     @classmethod
-    def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerBuilder:
+    def from_environment(cls, environ: Mapping[str, str]) -> WorkerBuilder:
         def need(name: str) -> str:
             value = environ.get(name)
             if not value:
