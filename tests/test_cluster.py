@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -343,5 +344,37 @@ def test_verify_2_publishes_nothing_when_a_worker_disagrees(
         code, page = daemon.raw("/")
         assert code == 200 and b"built different packages" in page
         assert packages(bare / "portsd") == {}
+    finally:
+        daemon.stop()
+
+
+def test_a_superseded_build_stops_on_its_worker(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    for port in ALL - {"libbase"}:
+        git(ports_tree, "rm", "-rq", f"ports/{port}")
+    commit_all(ports_tree, "libbase alone")
+    recipe = ports_tree / "ports" / "libbase" / "port.toml"
+    plain = recipe.read_text()
+    slow(ports_tree, "libbase", 60)
+    daemon = start_daemon(tmp_path, bare, cluster)
+    cluster.worker("w1", daemon)  # one build slot: the newer build waits for the old to stop
+    wait_workers(daemon, 1)
+    try:
+        push(ports_tree)
+        daemon.wait_for(
+            lambda: daemon.builds(port="libbase", state="running"),
+            timeout=60,
+            what="the slow libbase to run",
+        )
+        recipe.write_text(plain + "# quick again\n")
+        commit = commit_all(ports_tree, "libbase: quick")
+        started = time.monotonic()
+        push(ports_tree)
+        daemon.wait_idle(commit, timeout=50)
+        assert time.monotonic() - started < 30  # far less than the 60 s sleep
+        (old,) = daemon.builds(port="libbase", state="cancelled")
+        assert old["detail"] == "superseded by a newer commit"
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
     finally:
         daemon.stop()
