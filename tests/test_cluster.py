@@ -70,12 +70,12 @@ class Cluster:
         process.wait(timeout=30)
 
     def stop(self) -> None:
+        """Workers first, then the scheduler; a process slow to close is killed."""
         for process in reversed(self.processes.values()):
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes.values():
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
