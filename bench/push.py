@@ -44,6 +44,7 @@ from portsd.config import load_config
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index
 from portsd.core.metadata import PackageMeta
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
 from portsd.pkg.sign import SecretKey
 from portsd.tree.loader import TreeLoader
@@ -101,6 +102,7 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
         destdir, PackageMeta("seed", "1", 1, arch, "0" * 64), state_dir, epoch=0
     )
     signature = secret.sign_file(template.path, "seed package")
+    content = content_id(template.info.files)
     entries = []
     for name, key in sorted(keys.items()):
         recipe = graph.recipe(name)
@@ -108,7 +110,7 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
         meta = PackageMeta(
             name, recipe.version, recipe.release, arch, key, recipe.summary, recipe.license
         )
-        entry = IndexEntry(meta, meta.filename, template.size, template.sha256)
+        entry = IndexEntry(meta, meta.filename, template.size, template.sha256, content)
         os.link(template.path, root / "packages" / entry.file)
         (root / "packages" / f"{entry.file}.minisig").write_text(signature)
         (root / "keys" / key).write_bytes(encode_entry(entry))

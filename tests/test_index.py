@@ -32,6 +32,7 @@ from tests.fixtures import Repeated, pack_repeating
 
 KEY = "ab" * 32
 SHA = "cd" * 32
+CONTENT = "ce" * 32
 
 
 def entry(name: str = "zlib", file: str | None = None, **changes: Any) -> IndexEntry:
@@ -50,7 +51,7 @@ def entry(name: str = "zlib", file: str | None = None, **changes: Any) -> IndexE
     }
     facts.update(changes)
     meta = PackageMeta(**facts)
-    return IndexEntry(meta, file or meta.filename, 1234, SHA)
+    return IndexEntry(meta, file or meta.filename, 1234, SHA, CONTENT)
 
 
 def index(*entries: IndexEntry, serial: int = 7) -> Index:
@@ -400,7 +401,7 @@ def test_the_bytes_of_an_entry_and_an_index_are_pinned() -> None:
         5,
         ("libz.so.1",),
     )
-    value = IndexEntry(meta, meta.filename, 1234, SHA)
+    value = IndexEntry(meta, meta.filename, 1234, SHA, CONTENT)
     assert FORMAT == 2
     assert hashlib.sha256(encode_entry(value)).hexdigest() == (
         "28736d9fb6295f58526022f56f1f2eb4286e38330380a7282c10f58f25f3421d"

@@ -33,6 +33,7 @@ from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
 from portsd.errors import RepoError
+from portsd.pkg.archive import content_id
 from portsd.fsio import remove_tree
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
@@ -180,7 +181,12 @@ class Workspace:
             )
             meta = replace(PackageMeta.of(recipe, build.key, self.config.arch), sonames=sonames)
             built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
-            return self.repo.publish(built.path, built.info.meta, commit=revision.commit)
+            return self.repo.publish(
+                built.path,
+                built.info.meta,
+                content=content_id(built.info.files),
+                commit=revision.commit,
+            )
 
     def _provisions(self, revision: Revision, name: str) -> tuple[Path, tuple[str, ...]]:
         """A runtime dependency's unpacked root and the sonames its package provides."""

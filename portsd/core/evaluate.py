@@ -4,8 +4,11 @@ Pure: takes listings (port name -> the id its key covers: its directory's tree i
 a port with ``path`` sources the combined id of ``Tree.inputs()``) and recipes, returns
 values. The first evaluation of a tree builds everything; each next commit's evaluation is
 derived from the previous one and the ports whose ids changed (``Graph.updated``
-re-resolves only what those changes can affect, ``KeySet.compute`` recomputes only their
-reverse closure), and gives exactly the keys a full evaluation would.
+re-resolves only what those changes can affect, ``KeySet.compute`` re-examines only their
+dependents whose inputs differ), and gives exactly the keys a full evaluation would.
+
+Keys contain the content ids of the dependencies' packages (``Contents``), so the same
+commit is advanced again each time packages appear: the ports waiting on them get keys.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from portsd.core.graph import Graph, PortChange
-from portsd.core.keys import KeySet
+from portsd.core.keys import Contents, KeySet
 from portsd.core.recipe import Recipe
 from portsd.errors import RecipeError
 
@@ -39,16 +42,24 @@ class Evaluation:
         ports: Mapping[str, Recipe | RecipeError],
         arch: str,
         toolchain: str,
+        contents: Contents,
     ) -> Evaluation:
         """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse;
-        ``toolchain`` is the content id of what every build stands on (the seed)."""
+        ``toolchain`` is the content id of what every build stands on (the seed);
+        ``contents`` the content ids of the packages built so far, by key."""
         if ports.keys() != listing.keys():
             raise ValueError("every port of the listing needs its recipe or error, and no others")
         graph = Graph.build(ports, arch)
-        return cls(listing, graph, KeySet.compute(graph, listing, toolchain))
+        return cls(listing, graph, KeySet.compute(graph, listing, toolchain, contents))
 
-    def advance(self, listing: Mapping[str, str], changes: Mapping[str, PortChange]) -> Evaluation:
-        """The evaluation of the next commit.
+    def advance(
+        self,
+        listing: Mapping[str, str],
+        changes: Mapping[str, PortChange],
+        contents: Contents,
+    ) -> Evaluation:
+        """The evaluation of the next commit, or of the same one (no ``changes``) now that
+        more packages are built: ``contents`` must hold every content id it held before.
 
         ``changes`` maps every port whose id differs between ``self.listing`` and
         ``listing`` (added, edited or removed) to its new recipe, its ``RecipeError``, or
@@ -62,11 +73,15 @@ class Evaluation:
                 raise ValueError(
                     f"{name}: {state} but {'still' if change is None else 'not'} in the new listing"
                 )
+        keys = self.keys
         if not changes:
-            return Evaluation(listing, self.graph, self.keys)
+            if not any(contents.get(keys.keys[name]) for name in keys.unbuilt):
+                return Evaluation(listing, self.graph, keys)
+            keys = KeySet.compute(self.graph, listing, keys.toolchain, contents, previous=keys)
+            return Evaluation(listing, self.graph, keys)
         graph, affected = self.graph.updated(changes)
         keys = KeySet.compute(
-            graph, listing, self.keys.toolchain, previous=self.keys, affected=affected
+            graph, listing, keys.toolchain, contents, previous=keys, affected=affected
         )
         return Evaluation(listing, graph, keys, frozenset(changes))
 

@@ -252,9 +252,15 @@ class Repository:
     # -- writing ---------------------------------------------------------------------------
 
     def publish(
-        self, package: str | os.PathLike[str], meta: PackageMeta, *, commit: str | None
+        self,
+        package: str | os.PathLike[str],
+        meta: PackageMeta,
+        *,
+        content: str,
+        commit: str | None,
     ) -> IndexEntry:
-        """Move ``package`` into the repository and publish a new index that lists it.
+        """Move ``package`` (of content id ``content``) into the repository and publish a
+        new index that lists it.
 
         The entry replaces any entry of the same name. If the repository already holds a
         package for ``meta.build_key``, that one is published and ``package`` is discarded (the
@@ -277,10 +283,10 @@ class Repository:
         with _os_errors(self.path), self._locked():
             self._recover()
             target = self.packages_path / filename
-            entry = self._stored(meta, target, size, sha256, signature)
+            entry = self._stored(meta, target, size, sha256, content, signature)
             if entry is None:
                 try:
-                    entry = IndexEntry(meta, filename, size, sha256)
+                    entry = IndexEntry(meta, filename, size, sha256, content)
                 except ValueError as error:
                     raise RepoError(str(source), f"cannot be published: {error}") from None
                 self._store(source, entry, signature)
@@ -395,7 +401,7 @@ class Repository:
         return index
 
     def _stored(
-        self, meta: PackageMeta, target: Path, size: int, sha256: str, signature: str
+        self, meta: PackageMeta, target: Path, size: int, sha256: str, content: str, signature: str
     ) -> IndexEntry | None:
         """The entry of the package already stored as ``target``, if there is one."""
         if not _exists(target):
@@ -408,7 +414,7 @@ class Repository:
             raise RepoError(
                 str(target), "a different file is stored under this name; refusing to replace it"
             )
-        entry = IndexEntry(meta, target.name, size, sha256)
+        entry = IndexEntry(meta, target.name, size, sha256, content)
         self._store(None, entry, signature)
         return entry
 
