@@ -170,7 +170,9 @@ def test_an_identical_unrecorded_file_is_adopted(repo: Repository, work: Path) -
 def test_wrong_architecture_is_refused(repo: Repository, work: Path) -> None:
     with pytest.raises(RepoError, match="a package for aarch64 in a x86_64 repository"):
         repo.publish(package(work, "x"), meta("zlib", arch="aarch64"), content=CONTENT, commit=None)
-    entry = repo.publish(package(work, "y"), meta("tzdata", arch="any"), content=CONTENT, commit=None)
+    entry = repo.publish(
+        package(work, "y"), meta("tzdata", arch="any"), content=CONTENT, commit=None
+    )
     assert entry.file.endswith(f"-any-{entry.meta.build_key[:12]}.pkg.tar.zst")
 
 
@@ -239,7 +241,10 @@ def test_restore_refuses_a_damaged_file(repo: Repository, work: Path) -> None:
 
 
 def test_unpublish(tmp_path: Path, repo: Repository, work: Path) -> None:
-    entries = [repo.publish(package(work, n), meta(n), content=CONTENT, commit="c") for n in ("a", "b", "c")]
+    entries = [
+        repo.publish(package(work, n), meta(n), content=CONTENT, commit="c")
+        for n in ("a", "b", "c")
+    ]
     assert repo.unpublish(["b", "zz"], commit="c2") == ("b",)
     index = repo.index()
     assert (index.names(), index.serial, index.commit) == (("a", "c"), 5, "c2")
@@ -377,7 +382,7 @@ CHILD = """
 import sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[5]]
-from test_repo import ARCH, meta, package
+from test_repo import ARCH, CONTENT, meta, package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 
@@ -386,7 +391,8 @@ repo = Repository(root, ARCH, SecretKey.load(key_file))
 print("ready", flush=True)
 for n in range(start, start + 10_000):
     name = f"p{n % 9}"
-    repo.publish(package(work, f"{n}", size=n % 7 * 5000), meta(name, f"1.{n}"), content=CONTENT, commit=f"c{n}")
+    source = package(work, f"{n}", size=n % 7 * 5000)
+    repo.publish(source, meta(name, f"1.{n}"), content=CONTENT, commit=f"c{n}")
     if n % 4 == 0:
         repo.unpublish([f"p{(n + 3) % 9}"], commit=f"u{n}")
     if n % 7 == 0:

@@ -33,10 +33,10 @@ from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
 from portsd.errors import RepoError
-from portsd.pkg.archive import content_id
 from portsd.fsio import remove_tree
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
-from portsd.pkg.repo import Repository
+from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import SecretKey
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Workspace:
     fetcher: Fetcher
     store: Store
     seed: Seed
+    contents: StoredContents  # of the repository's packages: what keys are computed from
     hidden: tuple[Path, ...] = field(default=())
 
     @classmethod
@@ -106,7 +107,7 @@ class Workspace:
             reporter=reporter,
         )
         hidden = (config.state_dir.resolve(), config.secret_key.resolve())
-        return cls(config, repo, fetcher, Store(config.store), seed, hidden)
+        return cls(config, repo, fetcher, Store(config.store), seed, StoredContents(repo), hidden)
 
     def present(self) -> Container[str]:
         """The build keys the repository can serve without building."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -151,10 +152,11 @@ def build(args: argparse.Namespace, console: Console) -> int:
     events = _FetchEvents()
     workspace = Workspace.open(config, reporter=events)
     opened = open_tree(args, config, config.arch)
-    graph, keys = opened.evaluation.graph, opened.evaluation.keys
+    evaluation = opened.evaluation
+    graph = evaluation.graph
     wanted = [known_port(graph, name) for name in args.names] or None
-    plan = make_plan(graph, keys, workspace.present(), wanted)
-    revision = Revision(opened.tree, opened.evaluation, opened.commit)
+    plan = make_plan(graph, evaluation.keys, workspace.present(), wanted)
+    revision = Revision(opened.tree, evaluation, opened.commit)
     restored = _republish(workspace, revision, plan.up_to_date)
     for name in sorted(plan.blocked):
         first, *rest = str(plan.blocked[name]).splitlines()
@@ -162,28 +164,37 @@ def build(args: argparse.Namespace, console: Console) -> int:
         for line in rest:
             console.print(f"  {escape(line)}")
     console.print(
-        f"{len(plan.builds)} to build, {len(plan.up_to_date)} up to date"
+        f"{len(plan.builds)} to build"
+        + (f", at most {len(plan.pending)} more after them" if plan.pending else "")
+        + f", {len(plan.up_to_date)} up to date"
         + (f" ({restored} republished)" if restored else "")
         + (f", {len(plan.blocked)} cannot be built" if plan.blocked else "")
     )
     results: list[Result] = []
-    if plan.builds:
-        started = time.monotonic()
+    started = time.monotonic()
+    waited = set(plan.pending)
+    # Waves: the ports pending on this wave's builds get their keys from its packages
+    # (early cutoff: those whose dependencies came out identical are up to date).
+    while plan.builds:
         with BuildDisplay(console, len(plan.builds)) as display:
             events.display = display
-
-            def run(build: PlannedBuild, cancel: threading.Event) -> None:
-                workspace.build(
-                    revision, build, cancel, on_line=lambda line: display.step(build.name, line)
-                )
-
-            results = run_plan(
+            results += run_plan(
                 plan,
-                run,
+                _runner(workspace, revision, display),
                 jobs=config.jobs,
                 priority=critical_path(plan, {}),
                 reporter=display,
             )
+        if any(r.outcome is not Outcome.BUILT for r in results):
+            break  # what waits on a failure stays pending
+        evaluation = evaluation.advance(evaluation.listing, {}, workspace.contents)
+        revision = Revision(opened.tree, evaluation, opened.commit)
+        plan = make_plan(graph, evaluation.keys, workspace.present(), wanted)
+        _republish(workspace, revision, plan.up_to_date)
+    if results:
+        cut_off = sorted(n for n in waited if n in plan.up_to_date)
+        if cut_off:
+            console.print(f"cut off (rebuilt identical below them): {', '.join(cut_off)}")
         _summary(console, results, time.monotonic() - started)
     if wanted is None:
         gone = [n for n in workspace.repo.index().names() if n not in opened.tree.listing]
@@ -193,7 +204,18 @@ def build(args: argparse.Namespace, console: Console) -> int:
                 f"unpublished {len(gone)} port(s) no longer in the tree: {', '.join(gone)}"
             )
     failed = any(r.outcome is not Outcome.BUILT for r in results)
-    return 1 if failed or plan.blocked else 0
+    return 1 if failed or plan.blocked or plan.pending else 0
+
+
+def _runner(
+    workspace: Workspace, revision: Revision, display: BuildDisplay
+) -> Callable[[PlannedBuild, threading.Event], None]:
+    def run(build: PlannedBuild, cancel: threading.Event) -> None:
+        workspace.build(
+            revision, build, cancel, on_line=lambda line: display.step(build.name, line)
+        )
+
+    return run
 
 
 def _republish(workspace: Workspace, revision: Revision, names: frozenset[str]) -> int:

@@ -165,9 +165,7 @@ class Obtainer:
                 f"with key {package.build_key[:12]} was asked for (from {origin})",
             )
         with self.lock:
-            self.store.repo.publish(
-                path, info.meta, content=content_id(info.files), commit=None
-            )
+            self.store.repo.publish(path, info.meta, content=content_id(info.files), commit=None)
             self.origins[package.build_key] = origin
 
     # -- source builds --------------------------------------------------------------------

@@ -376,8 +376,7 @@ class _EntryReader:
             and type(sha256) is str
             and type(file) is str
             and type(content) is str
-            and _STRINGS_OK(f"{name}\0{version}\0{key}\0{sha256}\0{content}\0{file}")
-            is not None
+            and _STRINGS_OK(f"{name}\0{version}\0{key}\0{sha256}\0{content}\0{file}") is not None
             and type(release) is int
             and 0 <= release <= INT_MAX
             and type(size) is int

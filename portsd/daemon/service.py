@@ -9,6 +9,12 @@ sqlite and hands it to the scheduler, which keeps still-wanted running builds an
 cancels the rest. A build that fails is remembered by key and not retried until its key
 changes or someone asks; its dependents are skipped with the reason.
 
+Keys contain the content ids of the dependencies' packages, so the ports above a planned
+build are pending until it is done: each finished build wakes the loop like a push, and
+the same head is evaluated again with the new package's content id. A rebuild that came
+out identical leaves its dependents' keys as they were, already in the repository, and
+nothing downstream is built (cut off).
+
 Blocking work (git, parsing, sqlite, builds) never runs on the event loop.
 """
 
@@ -58,6 +64,7 @@ REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
+BUILT = "built"  # likewise: a package appeared, the ports waiting on it can be keyed
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,7 @@ class _Evaluated:
     tree: Tree
     triaged: Triage
     wanted: frozenset[str]  # keys handed to the scheduler
+    cut_off: frozenset[str]  # ports of this head once pending, then found up to date
 
 
 class Daemon:
@@ -170,7 +178,8 @@ class Daemon:
                 return
             self._wake.clear()
             sources, self._sources = self._sources, set()
-            forced = REBUILD in sources  # evaluate again even if the head has not moved
+            # evaluate again even if the head has not moved
+            forced = REBUILD in sources or BUILT in sources
             self._evaluating = True
             try:
                 await self.loop.run_in_executor(
@@ -239,7 +248,14 @@ class Daemon:
                 evaluation_id, [], blocked=len(triaged.blocked), error=STOPPED
             )
             return
-        rows = self._hand_over(evaluation_id, revision, tree, triaged, again=lost)
+        cut_off = frozenset(
+            name
+            for name in (previous.triaged.plan.pending if previous is not None else ())
+            if name in triaged.plan.up_to_date
+        )
+        if previous is not None and previous.revision.commit == head:
+            cut_off |= previous.cut_off
+        rows = self._hand_over(evaluation_id, revision, tree, triaged, cut_off, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
         reasons = self._reasons(previous, revision, tree, triaged.wanted, present)
@@ -271,6 +287,7 @@ class Daemon:
         revision: Revision,
         tree: Tree,
         triaged: Triage,
+        cut_off: frozenset[str],
         *,
         again: frozenset[str],
     ) -> list[BuildRow]:
@@ -310,7 +327,7 @@ class Daemon:
                 key: self._revisions[key] for key in running_keys if key in self._revisions
             }
             self._durations = self.state.durations()
-            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep)
+            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep, cut_off)
             self.scheduler.submit(
                 triaged.wanted, critical_path(triaged.wanted, self._durations), again=again
             )
@@ -330,11 +347,17 @@ class Daemon:
         if previous is None:
             tree = self.loader.load(GitSnapshot(self.git, head))
             evaluation = Evaluation.full(
-                tree.inputs(), tree.recipes(), self.config.arch, self.workspace.seed.content_id
+                tree.inputs(),
+                tree.recipes(),
+                self.config.arch,
+                self.workspace.seed.content_id,
+                self.workspace.contents,
             )
         else:
             tree = self.loader.advance(previous.tree, head)
-            evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
+            evaluation = previous.revision.evaluation.advance(
+                tree.inputs(), tree.changed_ports(), self.workspace.contents
+            )
         return tree, evaluation
 
     def _republish(self, revision: Revision, plan: BuildPlan, tree: Tree) -> frozenset[str]:
@@ -447,6 +470,8 @@ class Daemon:
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
         )
+        if result.outcome is Outcome.BUILT:
+            self.trigger(BUILT)  # the ports waiting on this package can be keyed now
 
     # -- views -----------------------------------------------------------------------------
 
@@ -473,6 +498,8 @@ class Daemon:
             eta=self._eta(queued, running),
             blocked=len(latest.triaged.blocked) if latest else 0,
             seed=self.workspace.seed.content_id,
+            pending=len(latest.triaged.plan.pending) if latest else 0,
+            cut_off=tuple(sorted(latest.cut_off)) if latest else (),
         )
 
     def _eta(
@@ -493,7 +520,8 @@ class Daemon:
         graph = latest.revision.graph
         rows = {row.key: row for row in self.state.builds(evaluation=latest.id, limit=100000)}
         planned = {b.name for b in latest.triaged.plan.builds}
-        names = set(planned) | set(latest.triaged.blocked)
+        pending = latest.triaged.plan.pending
+        names = set(planned) | set(latest.triaged.blocked) | set(pending) | latest.cut_off
         for name in list(planned):
             names.update(edge.target for edge in graph.edges(name))
         nodes = []
@@ -505,7 +533,20 @@ class Daemon:
                 active = self.state.build(self._rows[key])
                 state = active.state if active else None
             reason = (row.reason if row else "") or latest.triaged.blocked.get(name, "")
-            nodes.append(PlanNode(port=name, key=key, state=state, reason=reason))
+            if name in pending:
+                reason = f"its key waits for the package of {pending[name]}"
+            elif name in latest.cut_off:
+                reason = "cut off: the build it waited for came out identical"
+            nodes.append(
+                PlanNode(
+                    port=name,
+                    key=key,
+                    state=state,
+                    reason=reason,
+                    pending=pending.get(name),
+                    cut_off=name in latest.cut_off,
+                )
+            )
         edges = tuple(
             (name, edge.target, edge.kind.value)
             for name in sorted(names)

@@ -472,6 +472,27 @@ class Repository:
         os.replace(staged, path)
 
 
+class StoredContents:
+    """The content ids of a repository's stored packages by build key: what keys are
+    computed from (``portsd.core.keys.Contents``). A key's package never changes, so each
+    content id found is remembered; a key not (yet) stored is looked up again."""
+
+    __slots__ = ("_repo", "_known")
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._known: dict[str, str] = {}
+
+    def get(self, key: str, /) -> str | None:
+        found = self._known.get(key)
+        if found is None:
+            entry = self._repo.find_key(key)
+            if entry is None:
+                return None
+            found = self._known[key] = entry.content
+        return found
+
+
 def _stage(source: Path, staged: Path, sha256: str) -> None:
     """Put ``source`` at ``staged`` (same filesystem as the repository), durably."""
     try:
