@@ -77,6 +77,16 @@ def commit_edit(repo: pygit2.Repository, leaf: str, serial: int) -> str:
     return str(commit)
 
 
+class _Same:
+    """Contents where every key's package has one content id."""
+
+    def __init__(self, content: str) -> None:
+        self.content = content
+
+    def get(self, key: str, /) -> str:
+        return self.content
+
+
 def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     """Make the repository hold a package for every port of main, as on a build host that
     has built the whole tree: one small real package, hard-linked under each port's file
@@ -86,10 +96,6 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     nothing depends on, so its rebuild is exactly one build.
     """
     arch = os.uname().machine
-    tree = TreeLoader().load_git(source, "main")
-    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch, TOOLCHAIN)
-    graph, keys = evaluation.graph, evaluation.keys.keys
-    leaf = next(n for n in sorted(keys) if not graph.edges(n) and not graph.dependents(n))
     config = load_config(state_dir)
     secret = SecretKey.load(config.secret_key)
     root = config.repo / arch
@@ -103,6 +109,11 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     )
     signature = secret.sign_file(template.path, "seed package")
     content = content_id(template.info.files)
+    tree = TreeLoader().load_git(source, "main")
+    # every key's package is the template, so every key is computable now
+    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch, TOOLCHAIN, _Same(content))
+    graph, keys = evaluation.graph, evaluation.keys.keys
+    leaf = next(n for n in sorted(keys) if not graph.edges(n) and not graph.dependents(n))
     entries = []
     for name, key in sorted(keys.items()):
         recipe = graph.recipe(name)

@@ -46,6 +46,14 @@ def test_build_key_is_the_documented_encoding() -> None:
 Build = Callable[[str, str], str]  # (port, key) -> the content id its build comes out with
 
 
+class EveryKeyBuilt:
+    """Contents as if every key were built, each to its own content (the key itself):
+    for tests of what goes into keys, where no build happens between evaluations."""
+
+    def get(self, key: str, /) -> str:
+        return key
+
+
 def distinct(name: str, key: str) -> str:
     """Every build comes out different: keys cascade as if they contained keys."""
     return hashlib.sha256(f"content of {key}".encode()).hexdigest()

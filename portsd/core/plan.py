@@ -146,9 +146,12 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
         builds=tuple(b for b in plan.builds if b.name not in dropped),
         blocked=plan.blocked,
         up_to_date=plan.up_to_date,
-        pending=plan.pending,
+        pending={name: dep for name, dep in plan.pending.items() if dep not in dropped},
     )
     blocked = {name: _first_line(str(problem)) for name, problem in plan.blocked.items()}
+    for name, dep in plan.pending.items():
+        if dep in dropped:
+            blocked[name] = f"waits for the package of {dep}, which cannot be built now"
     for name, detail in failures.items():
         blocked[name] = (
             "failed before, not retried until it changes or `portsd rebuild` asks: "

@@ -250,7 +250,7 @@ class Daemon:
             return
         cut_off = frozenset(
             name
-            for name in (previous.triaged.plan.pending if previous is not None else ())
+            for name in (previous.triaged.wanted.pending if previous is not None else ())
             if name in triaged.plan.up_to_date
         )
         if previous is not None and previous.revision.commit == head:
@@ -498,7 +498,7 @@ class Daemon:
             eta=self._eta(queued, running),
             blocked=len(latest.triaged.blocked) if latest else 0,
             seed=self.workspace.seed.content_id,
-            pending=len(latest.triaged.plan.pending) if latest else 0,
+            pending=len(latest.triaged.wanted.pending) if latest else 0,
             cut_off=tuple(sorted(latest.cut_off)) if latest else (),
         )
 
@@ -520,7 +520,7 @@ class Daemon:
         graph = latest.revision.graph
         rows = {row.key: row for row in self.state.builds(evaluation=latest.id, limit=100000)}
         planned = {b.name for b in latest.triaged.plan.builds}
-        pending = latest.triaged.plan.pending
+        pending = latest.triaged.wanted.pending
         names = set(planned) | set(latest.triaged.blocked) | set(pending) | latest.cut_off
         for name in list(planned):
             names.update(edge.target for edge in graph.edges(name))
