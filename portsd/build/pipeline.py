@@ -140,10 +140,15 @@ class Workspace:
             urls = [source for source in recipe.sources if source.url is not None]
             sources = self.fetcher.fetch_sync(build.name, urls, cancel)
             sources.update(revision.ports.export_paths(build.name, workdir / "paths"))
-            layers = [
-                self._unpacked(revision, dep)
-                for dep in revision.keys.build_root(revision.graph, build.name)
+            root = revision.keys.build_root(revision.graph, build.name)
+            # the tree's toolchain (the stage before's packages), unless the port's own
+            # build root has that port already
+            toolchain = [
+                self._unpacked_key(name, key)
+                for name, key, _ in revision.evaluation.stages.current.layer
+                if name not in root
             ]
+            layers = toolchain + [self._unpacked(revision, dep) for dep in root]
             # several packages: one tree per set of keys, composed once and then reused
             if len(layers) > 1:
                 roots: tuple[Path, ...] = (self.store.composed(layers),)
@@ -196,7 +201,10 @@ class Workspace:
 
     def _unpacked(self, revision: Revision, name: str) -> tuple[str, Path]:
         """The build key of dependency ``name`` and its unpacked package."""
-        key = revision.keys.keys[name]
+        return self._unpacked_key(name, revision.keys.keys[name])
+
+    def _unpacked_key(self, name: str, key: str) -> tuple[str, Path]:
+        """``key`` (a package of port ``name``) and its unpacked package."""
         entry = self.repo.find_key(key)
         if entry is None:
             raise RepoError(

@@ -27,7 +27,7 @@ from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import build_settings, config_from, open_tree
-from portsd.core.plan import PlannedBuild, critical_path, make_plan
+from portsd.core.plan import PlannedBuild, critical_path, staged_plan
 
 
 class BuildDisplay:
@@ -155,7 +155,7 @@ def build(args: argparse.Namespace, console: Console) -> int:
     evaluation = opened.evaluation
     graph = evaluation.graph
     wanted = [known_port(graph, name) for name in args.names] or None
-    plan = make_plan(graph, evaluation.keys, workspace.present(), wanted)
+    plan = staged_plan(evaluation, workspace.present(), wanted)
     revision = Revision(opened.tree, evaluation, opened.commit)
     restored = _republish(workspace, revision, plan.up_to_date)
     for name in sorted(plan.blocked):
@@ -174,7 +174,8 @@ def build(args: argparse.Namespace, console: Console) -> int:
     started = time.monotonic()
     waited = set(plan.pending)
     # Waves: the ports pending on this wave's builds get their keys from its packages
-    # (early cutoff: those whose dependencies came out identical are up to date).
+    # (early cutoff: those whose dependencies came out identical are up to date); a
+    # tree's toolchain is built stage by stage first, up to its fixed point.
     while plan.builds:
         with BuildDisplay(console, len(plan.builds)) as display:
             events.display = display
@@ -189,7 +190,7 @@ def build(args: argparse.Namespace, console: Console) -> int:
             break  # what waits on a failure stays pending
         evaluation = evaluation.advance(evaluation.listing, {}, workspace.contents)
         revision = Revision(opened.tree, evaluation, opened.commit)
-        plan = make_plan(graph, evaluation.keys, workspace.present(), wanted)
+        plan = staged_plan(evaluation, workspace.present(), wanted)
         _republish(workspace, revision, plan.up_to_date)
     if results:
         cut_off = sorted(n for n in waited if n in plan.up_to_date)

@@ -69,8 +69,12 @@ def graph(args: argparse.Namespace, console: Console) -> int:
     console.print(needs)
     root = opened.evaluation.keys.build_root(g, name) if recipe else []
     console.print(f"[bold]build root[/] ({len(root)}): {', '.join(root) or '-'}")
-    toolchain = opened.evaluation.keys.toolchain
-    console.print(f"[bold]toolchain[/]: the seed {toolchain[:12]} [dim](ports seed)[/]")
+    stages = opened.evaluation.stages
+    if stages.spec is None:
+        toolchain = opened.evaluation.keys.toolchain
+        console.print(f"[bold]toolchain[/]: the seed {toolchain[:12]} [dim](ports seed)[/]")
+    else:
+        console.print(f"[bold]toolchain[/]: {escape(stages.describe())}")
     direct = sorted(g.dependents(name))
     rest = sorted(g.reverse_closure([name]) - set(direct) - {name})
     kinds = {d: ", ".join(e.kind.value for e in g.edges(d) if e.target == name) for d in direct}
@@ -127,8 +131,9 @@ def why(args: argparse.Namespace, console: Console) -> int:
             old_tree.inputs(),
             old_tree.recipes(),
             config.arch,
-            opened.evaluation.keys.toolchain,
+            opened.evaluation.seed,
             StoredContents(Repository(config.repo, config.arch, None)),
+            old_tree.toolchain(),
         )
         old = Evaluated(since_commit, old_eval.graph, old_eval.keys, old_tree.inputs())
         closure = opened.evaluation.graph.dependency_closure([name])
@@ -142,6 +147,7 @@ def why(args: argparse.Namespace, console: Console) -> int:
     explanation = explain(name, old, new, touches, present)
     for line in explanation.lines():
         console.print(escape(line))
+    console.print(escape(f"  built on {opened.evaluation.stages.describe()}"))
     if (
         opened.commit is None
         and old is not None

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from portsd.core.graph import Graph, PortChange
 from portsd.core.keys import Contents, KeySet
 from portsd.core.recipe import Recipe
+from portsd.core.toolchain import Stages, ToolchainSpec, compute_stages
 from portsd.errors import RecipeError
+
+SAME = "same"  # ``advance``: the toolchain spec did not change
 
 
 @dataclass(frozen=True, slots=True)
 class Evaluation:
-    """One commit's ports tree evaluated for one architecture.
+    """One commit's ports tree evaluated for one architecture: its graph, and the stages of
+    its toolchain with their keys (``keys``: the current stage's; with no toolchain
+    declared, the one stage on the seed).
 
     ``changed`` holds the ports whose ids differ from the evaluation this one was advanced
     from (empty for a full evaluation).
@@ -32,8 +37,13 @@ class Evaluation:
 
     listing: Mapping[str, str]
     graph: Graph
-    keys: KeySet
+    stages: Stages
+    seed: str
     changed: frozenset[str] = frozenset()
+
+    @property
+    def keys(self) -> KeySet:
+        return self.stages.current.keys
 
     @classmethod
     def full(
@@ -41,25 +51,30 @@ class Evaluation:
         listing: Mapping[str, str],
         ports: Mapping[str, Recipe | RecipeError],
         arch: str,
-        toolchain: str,
+        seed: str,
         contents: Contents,
+        toolchain: ToolchainSpec | None = None,
     ) -> Evaluation:
         """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse;
-        ``toolchain`` is the content id of what every build stands on (the seed);
-        ``contents`` the content ids of the packages built so far, by key."""
+        ``seed`` is the content id of the bootstrap seed every build stands on;
+        ``contents`` the content ids of the packages built so far, by key; ``toolchain``
+        what the tree's ``toolchain.toml`` declares (None: no file, the seed alone)."""
         if ports.keys() != listing.keys():
             raise ValueError("every port of the listing needs its recipe or error, and no others")
         graph = Graph.build(ports, arch)
-        return cls(listing, graph, KeySet.compute(graph, listing, toolchain, contents))
+        stages = compute_stages(graph, listing, seed, toolchain, contents)
+        return cls(listing, graph, stages, seed)
 
     def advance(
         self,
         listing: Mapping[str, str],
         changes: Mapping[str, PortChange],
         contents: Contents,
+        toolchain: ToolchainSpec | None | str = SAME,
     ) -> Evaluation:
         """The evaluation of the next commit, or of the same one (no ``changes``) now that
-        more packages are built: ``contents`` must hold every content id it held before.
+        more packages are built: ``contents`` must hold every content id it held before;
+        ``toolchain``: the next commit's spec, if it changed.
 
         ``changes`` maps every port whose id differs between ``self.listing`` and
         ``listing`` (added, edited or removed) to its new recipe, its ``RecipeError``, or
@@ -73,17 +88,18 @@ class Evaluation:
                 raise ValueError(
                     f"{name}: {state} but {'still' if change is None else 'not'} in the new listing"
                 )
-        keys = self.keys
-        if not changes:
-            if not any(contents.get(keys.keys[name]) for name in keys.unbuilt):
-                return Evaluation(listing, self.graph, keys)
-            keys = KeySet.compute(self.graph, listing, keys.toolchain, contents, previous=keys)
-            return Evaluation(listing, self.graph, keys)
+        spec = self.stages.spec if isinstance(toolchain, str) else toolchain
+        previous: Stages | None = self.stages if spec == self.stages.spec else None
+        if not changes and previous is not None:
+            if self.stages.converged and not any(
+                contents.get(self.keys.keys[name]) for name in self.keys.unbuilt
+            ):
+                return Evaluation(listing, self.graph, self.stages, self.seed)
+            stages = compute_stages(self.graph, listing, self.seed, spec, contents, previous)
+            return Evaluation(listing, self.graph, stages, self.seed)
         graph, affected = self.graph.updated(changes)
-        keys = KeySet.compute(
-            graph, listing, keys.toolchain, contents, previous=keys, affected=affected
-        )
-        return Evaluation(listing, graph, keys, frozenset(changes))
+        stages = compute_stages(graph, listing, self.seed, spec, contents, previous, affected)
+        return Evaluation(listing, graph, stages, self.seed, frozenset(changes))
 
 
 def changes_between(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str | None]:

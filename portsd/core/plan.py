@@ -124,6 +124,29 @@ def make_plan(
     )
 
 
+def staged_plan(
+    evaluation: Evaluation, present: Container[str], wanted: Iterable[str] | None
+) -> BuildPlan:
+    """``make_plan`` of the evaluation's current stage: until the tree's toolchain reaches
+    its fixed point, only the toolchain is planned, and every other port (of ``wanted``)
+    waits for it, pending on one of its unbuilt ports."""
+    stages = evaluation.stages
+    graph = evaluation.graph
+    plan = make_plan(graph, evaluation.keys, present, stages.scope(wanted))
+    if stages.converged:
+        return plan
+    building = [b.name for b in plan.builds] or sorted(plan.pending.values())
+    if not building:
+        return plan
+    names = graph.dependency_closure(wanted) if wanted is not None else graph.names()
+    waiting = {
+        name: building[0]
+        for name in names
+        if name not in stages.members and graph.supported(name) and graph.problem(name) is None
+    }
+    return BuildPlan(plan.builds, plan.blocked, plan.up_to_date, {**waiting, **plan.pending})
+
+
 @dataclass(frozen=True, slots=True)
 class Triage:
     """An evaluation sorted for the build host."""
@@ -138,7 +161,7 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
     """Sort the ports of ``evaluation``: ``present`` holds the keys the repository has,
     ``failed`` the remembered failures (build key -> what went wrong). A failed key is not
     built again (it is blocked, its dependents doomed) until it changes or is forgotten."""
-    plan = make_plan(evaluation.graph, evaluation.keys, present)
+    plan = staged_plan(evaluation, present, None)
     failures = {b.name: failed[b.key] for b in plan.builds if b.key in failed}
     doomed = skips(plan, failures)
     dropped = failures.keys() | {skip.build.name for skip in doomed}

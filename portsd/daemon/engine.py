@@ -42,6 +42,7 @@ class EngineStatus:
     seed: str = ""  # content id of the bootstrap seed every build stands on
     pending: int = 0  # ports whose key waits for a planned build's package
     cut_off: tuple[str, ...] = ()  # ports of this head once pending, found up to date
+    toolchain: str = ""  # what the current keys build on: the seed, or a stage of the tree's
 
 
 @dataclass(frozen=True, slots=True)

@@ -352,11 +352,12 @@ class Daemon:
                 self.config.arch,
                 self.workspace.seed.content_id,
                 self.workspace.contents,
+                tree.toolchain(),
             )
         else:
             tree = self.loader.advance(previous.tree, head)
             evaluation = previous.revision.evaluation.advance(
-                tree.inputs(), tree.changed_ports(), self.workspace.contents
+                tree.inputs(), tree.changed_ports(), self.workspace.contents, tree.toolchain()
             )
         return tree, evaluation
 
@@ -500,6 +501,7 @@ class Daemon:
             seed=self.workspace.seed.content_id,
             pending=len(latest.triaged.wanted.pending) if latest else 0,
             cut_off=tuple(sorted(latest.cut_off)) if latest else (),
+            toolchain=latest.revision.evaluation.stages.describe() if latest else "",
         )
 
     def _eta(

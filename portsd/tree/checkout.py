@@ -51,7 +51,7 @@ def open_checkout(
         cache.mkdir(parents=True, exist_ok=True)
         loader.save()
     ports = tree.recipes()
-    evaluation = Evaluation.full(tree.inputs(), ports, arch, toolchain, contents)
+    evaluation = Evaluation.full(tree.inputs(), ports, arch, toolchain, contents, tree.toolchain())
     return Checkout(tree, evaluation, commit, repo)
 
 

@@ -108,6 +108,7 @@ def status_json(status: EngineStatus, counts: dict[BuildState, int]) -> dict[str
         "seed": status.seed,
         "pending": status.pending,
         "cut_off": list(status.cut_off),
+        "toolchain": status.toolchain,
         "counts": {state.value: n for state, n in counts.items()},
     }
 
