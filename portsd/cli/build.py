@@ -192,6 +192,10 @@ def build(args: argparse.Namespace, console: Console) -> int:
         revision = Revision(opened.tree, evaluation, opened.commit)
         plan = staged_plan(evaluation, workspace.present(), wanted)
         _republish(workspace, revision, plan.up_to_date)
+    failed_names = {r.name for r in results if r.outcome is not Outcome.BUILT}
+    for name, dep in sorted(plan.pending.items()):
+        why = "which failed" if dep in failed_names else "which was not built"
+        console.print(f"[yellow]not built[/] {name}: its key needs the package of {dep}, {why}")
     if results:
         cut_off = sorted(n for n in waited if n in plan.up_to_date)
         if cut_off:

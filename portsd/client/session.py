@@ -156,6 +156,7 @@ def _settle(
         waits = sorted({keys.pending[n] for n in closure if n in keys.pending})
         if not waits:
             break
+        obtainer.checkout = checkout  # it builds the keys of this evaluation
         recipes = [(name, graph.recipe(name)) for name in waits]
         obtainer.obtain(
             [
