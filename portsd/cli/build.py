@@ -6,6 +6,7 @@ import argparse
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -186,12 +187,13 @@ def build(args: argparse.Namespace, console: Console) -> int:
                 priority=critical_path(plan, {}),
                 reporter=display,
             )
-        if any(r.outcome is not Outcome.BUILT for r in results):
-            break  # what waits on a failure stays pending
         evaluation = evaluation.advance(evaluation.listing, {}, workspace.contents)
         revision = Revision(opened.tree, evaluation, opened.commit)
         plan = staged_plan(evaluation, workspace.present(), wanted)
         _republish(workspace, revision, plan.up_to_date)
+        # a failed build is not tried again in this run; what waits on it stays pending
+        tried = {r.build.key for r in results}
+        plan = replace(plan, builds=tuple(b for b in plan.builds if b.key not in tried))
     failed_names = {r.name for r in results if r.outcome is not Outcome.BUILT}
     for name, dep in sorted(plan.pending.items()):
         why = "which failed" if dep in failed_names else "which was not built"
