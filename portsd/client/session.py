@@ -130,10 +130,14 @@ class _Contents:
 
 
 def _buildable(checkout: Checkout, arch: str) -> dict[str, PackageMeta]:
-    """The ports of the checkout whose keys are known (no broken or pending ones)."""
+    """The ports of the checkout whose keys are known (no broken or pending ones); while
+    the tree's toolchain is short of its fixed point here, only the toolchain's."""
     graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
+    scope = checkout.evaluation.stages.scope(None)
     available: dict[str, PackageMeta] = {}
     for name, key in keys.items():
+        if scope is not None and name not in scope:
+            continue
         recipe = graph.recipe(name)
         if recipe is not None:
             available[name] = PackageMeta.of(recipe, key, arch)
