@@ -77,6 +77,8 @@ class _Evaluated:
     triaged: Triage
     wanted: frozenset[str]  # keys handed to the scheduler
     cut_off: frozenset[str]  # ports of this head once pending, then found up to date
+    base: tuple[Revision, Tree] | None  # the last evaluation of an earlier commit: what
+    # this head's builds are explained against, in every wave
 
 
 class Daemon:
@@ -253,12 +255,14 @@ class Daemon:
             for name in (previous.triaged.wanted.pending if previous is not None else ())
             if name in triaged.plan.up_to_date
         )
+        base = (previous.revision, previous.tree) if previous is not None else None
         if previous is not None and previous.revision.commit == head:
             cut_off |= previous.cut_off
-        rows = self._hand_over(evaluation_id, revision, tree, triaged, cut_off, again=lost)
+            base = previous.base
+        rows = self._hand_over(evaluation_id, revision, tree, triaged, cut_off, base, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
-        reasons = self._reasons(previous, revision, tree, triaged.wanted, present)
+        reasons = self._reasons(base, revision, tree, triaged.wanted, present)
         self.state.explain({row.id: reasons[row.port] for row in rows if row.port in reasons})
         lap("explain")
         self._save_cache(force=previous is None)
@@ -288,6 +292,7 @@ class Daemon:
         tree: Tree,
         triaged: Triage,
         cut_off: frozenset[str],
+        base: tuple[Revision, Tree] | None,
         *,
         again: frozenset[str],
     ) -> list[BuildRow]:
@@ -327,7 +332,7 @@ class Daemon:
                 key: self._revisions[key] for key in running_keys if key in self._revisions
             }
             self._durations = self.state.durations()
-            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep, cut_off)
+            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep, cut_off, base)
             self.scheduler.submit(
                 triaged.wanted, critical_path(triaged.wanted, self._durations), again=again
             )
@@ -388,7 +393,7 @@ class Daemon:
 
     def _reasons(
         self,
-        previous: _Evaluated | None,
+        base: tuple[Revision, Tree] | None,
         revision: Revision,
         tree: Tree,
         plan: BuildPlan,
@@ -396,14 +401,14 @@ class Daemon:
     ) -> dict[str, str]:
         old = None
         touches: dict[str, list[Touch]] = {}
-        if previous is not None:
-            before = previous.revision
-            old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.inputs())
-            changed = [n for n, t in tree.listing.items() if previous.tree.listing.get(n) != t]
+        if base is not None:
+            before, before_tree = base
+            old = Evaluated(before.commit or "", before.graph, before.keys, before_tree.inputs())
+            changed = [n for n, t in tree.listing.items() if before_tree.listing.get(n) != t]
             if changed and before.commit and revision.commit:
                 known = [
                     (loaded.snapshot.commit, loaded.snapshot.ports())
-                    for loaded in (previous.tree, tree)
+                    for loaded in (before_tree, tree)
                     if isinstance(loaded.snapshot, GitSnapshot)
                 ]
                 history = self.git.history(
