@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph
 from portsd.core.keys import KeySet
+from portsd.core.plan import staged_plan
 from portsd.core.recipe import Recipe
 from portsd.core.toolchain import (
     ToolchainSpec,
@@ -20,7 +22,7 @@ from portsd.core.toolchain import (
     parse_toolchain,
     toolchain_id,
 )
-from portsd.errors import RecipeError, ToolchainError
+from portsd.errors import FileProblem, RecipeError, ToolchainError
 from tests.test_build import build, ports, published, rebuilt
 from tests.test_graph import port
 
@@ -157,3 +159,19 @@ def test_a_tiny_toolchain_reaches_its_fixed_point_and_builds_the_tree(tmp_path: 
     assert again.stdout.count("built tinycc") == 3  # every stage's key covers the recipe
     assert "built hello" not in again.stdout  # the fixed point is the same: nothing below
     assert rebuilt(before, published(state)) == {"tinycc"}
+
+
+def test_a_toolchain_that_cannot_be_built_blocks_the_rest_of_the_tree() -> None:
+    broken = RecipeError("libc", [FileProblem("ports/libc/port.toml", "bad")])
+    ports_ = tree() | {"libc": broken, "tool": port("tool")}
+    ids = {name: f"tree-{name}" for name in ports_}
+    evaluation = Evaluation.full(ids, ports_, "x86_64", SEED, {}, ToolchainSpec(("cc",), 3))
+    plan = staged_plan(evaluation, set(), None)
+    assert plan.builds == () and not plan.pending
+    assert (
+        str(plan.blocked["app"])
+        == "app: dependency libc cannot be built: ports/libc/port.toml: bad"
+    )
+    assert str(plan.blocked["tool"]) == (
+        "tool: dependency cc cannot be built: the tree's toolchain cannot be built"
+    )

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Container, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph, PortProblem
 from portsd.core.keys import KeySet
+from portsd.errors import BrokenDependency
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +137,21 @@ def staged_plan(
     if stages.converged:
         return plan
     building = [b.name for b in plan.builds] or sorted(plan.pending.values())
-    if not building:
-        return plan
     names = graph.dependency_closure(wanted) if wanted is not None else graph.names()
-    waiting = {
-        name: building[0]
+    others = [
+        name
         for name in names
         if name not in stages.members and graph.supported(name) and graph.problem(name) is None
-    }
+    ]
+    if not building:  # the toolchain is stuck: a port of it cannot be built
+        stuck = min(plan.blocked, default="")
+        blocked = {
+            name: evaluation.keys.blocked.get(name)
+            or BrokenDependency(name, stuck, "the tree's toolchain cannot be built")
+            for name in others
+        }
+        return replace(plan, blocked={**blocked, **plan.blocked})
+    waiting = dict.fromkeys(others, building[0])
     return BuildPlan(plan.builds, plan.blocked, plan.up_to_date, {**waiting, **plan.pending})
 
 
