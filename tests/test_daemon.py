@@ -112,7 +112,7 @@ def built_since(daemon: RunningDaemon, known: set[int]) -> list[str]:
 
 
 def test_an_identical_rebuild_is_cut_off_and_a_real_change_rebuilds_its_reverse_closure(
-    daemon: RunningDaemon, bare: Path, ports_tree: Path
+    daemon: RunningDaemon, bare: Path, ports_tree: Path, seed: Seed
 ) -> None:
     push(ports_tree)
     daemon.wait_idle(head(ports_tree))
@@ -126,6 +126,7 @@ def test_an_identical_rebuild_is_cut_off_and_a_real_change_rebuilds_its_reverse_
     assert built_since(daemon, known) == ["libbase"]  # and nothing downstream
     status = daemon.get("/api/v1/status")
     assert status is not None
+    assert status["toolchain"] == f"the seed {seed.content_id[:12]}" and status["pending"] == 0
     assert set(status["cut_off"]) == {
         "libmid",
         "libtop",
