@@ -155,11 +155,13 @@ def _settle(
     graph = checkout.evaluation.graph
     asked = [n for n in (Dependency.parse(r).name for r in requests) if n in graph]
     closure = graph.runtime_closure(graph.dependency_closure(asked))
+    obtained: set[str] = set()
     while True:
         keys = checkout.evaluation.keys
         waits = sorted({keys.pending[n] for n in closure if n in keys.pending})
-        if not waits:
-            break
+        if not waits or obtained.issuperset(keys.keys[n] for n in waits):
+            break  # nothing waits, or on nothing new: resolving says what is missing
+        obtained.update(keys.keys[n] for n in waits)
         obtainer.checkout = checkout  # it builds the keys of this evaluation
         recipes = [(name, graph.recipe(name)) for name in waits]
         obtainer.obtain(
@@ -170,8 +172,6 @@ def _settle(
             ]
         )
         evaluation = checkout.evaluation.advance(checkout.evaluation.listing, {}, contents)
-        if evaluation.keys is keys:
-            break  # nothing new: what is left waits on what could not be obtained
         checkout = replace(checkout, evaluation=evaluation)
     sources.checkout = checkout
     sources.available = _buildable(checkout, graph.arch)
