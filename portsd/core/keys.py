@@ -168,13 +168,16 @@ class KeySet:
             for target in targets:
                 if target in todo and target not in done:
                     visit(target)
-            if name not in seeds and not any(t in changed for t in targets):
-                return
-            before = previous._state(name)
-            self._forget(name)
-            self._evaluate(graph, name, tree_ids[name], contents)
-            if self._state(name) != before or name in seeds:
+            if name in seeds:  # re-examined whatever it depends on, and changed by definition
+                self._forget(name)
+                self._evaluate(graph, name, tree_ids[name], contents)
                 changed.add(name)
+            elif not changed.isdisjoint(targets):
+                before = previous._state(name)
+                self._forget(name)
+                self._evaluate(graph, name, tree_ids[name], contents)
+                if self._state(name) != before:
+                    changed.add(name)
 
         for name in graph.order(todo):
             if name not in done:
