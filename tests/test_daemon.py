@@ -23,6 +23,7 @@ from tests.browser import chromium, mark, same_page, text, until
 from tests.conftest import SourceServer
 from tests.daemon_harness import RunningDaemon, portsd
 from tests.fixtures import commit_all, git
+from tests.test_toolchain import TINYCC
 
 pytestmark = pytest.mark.slow
 
@@ -374,3 +375,22 @@ def test_a_stored_package_removed_by_hand_is_built_again(
     built = [b for b in daemon.builds(port="toptool", state="built") if b["key"] == key]
     assert len(built) == 2  # once at first, once again after its file went
     assert_consistent(bare)
+
+
+def test_a_toolchain_from_the_tree_is_built_in_stages_then_everything_on_it(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    (ports_tree / "ports" / "tinycc").mkdir()
+    (ports_tree / "ports" / "tinycc" / "port.toml").write_text(TINYCC)
+    (ports_tree / "toolchain.toml").write_text('ports = ["tinycc"]\n')
+    commit = commit_all(ports_tree, "a toolchain of our own")
+    push(ports_tree)
+    daemon.wait_idle(commit)
+    status = daemon.get("/api/v1/status")
+    assert status is not None
+    assert status["toolchain"] == (
+        "stage 3 of tinycc (built on stage 2's packages) (its fixed point)"
+    )
+    stages = [b for b in daemon.builds(port="tinycc") if b["state"] == "built"]
+    assert len(stages) == 3  # on the seed, on stage 1, on stage 2 (== stage 2: the fixed point)
+    assert set(served_index(daemon, bare / "portsd")) == ALL | {"tinycc"}
