@@ -143,7 +143,7 @@ def compute_stages(
         before = previous.stages[0].keys if previous is not None and not previous.members else None
         keys = KeySet.compute(graph, tree_ids, seed, contents, before, affected)
         return Stages(None, (Stage(1, keys, ()),), True, frozenset())
-    missing = [name for name in spec.ports if graph.recipe(name) is None]
+    missing = [name for name in spec.ports if name not in graph]  # broken ones are blocked
     if missing:
         raise ToolchainError(
             FileProblem(
