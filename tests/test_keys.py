@@ -309,3 +309,16 @@ def test_plan_of_named_ports_covers_what_they_need() -> None:
     assert plan.names() == ["libc", "checker", "zlib", "png"]
     assert set(plan.blocked) == {"bad", "uses-bad"}
     assert "missing" in str(plan.blocked["uses-bad"])
+
+
+def test_a_port_removed_while_its_build_ran_is_forgotten() -> None:
+    ports = tree()
+    graph = Graph.build(ports, "x86_64")
+    contents: dict[str, str] = {}
+    keys = KeySet.compute(graph, ids(ports), TOOLCHAIN, contents)
+    contents[keys.keys["doc"]] = "d" * 64  # doc's build finished, in the commit removing it
+    graph, affected = graph.updated({"doc": None})
+    tree_ids = ids(ports)
+    del tree_ids["doc"]
+    after = KeySet.compute(graph, tree_ids, TOOLCHAIN, contents, previous=keys, affected=affected)
+    assert "doc" not in after.keys and after.unbuilt == {"libc"}
