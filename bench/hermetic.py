@@ -164,17 +164,19 @@ def trivial_builds(
     write_tree(tree, deps, files)
     config = Config(state_dir=work / "state", arch=ARCH, seed_dir=seed_dir, make_jobs=1)
     workspace = Workspace.open(config, say=lambda line: print(line, file=sys.stderr))
-    checkout = open_checkout(tree, None, None, ARCH, workspace.seed.content_id)
-    revision = Revision(checkout.tree, checkout.evaluation, None)
-    plan = make_plan(revision.graph, revision.keys, workspace.present(), None)
+    checkout = open_checkout(tree, None, None, ARCH, workspace.seed.content_id, workspace.contents)
+    evaluation = checkout.evaluation
     cancel = threading.Event()
     trivial: PlannedBuild | None = None
-    for build in plan.builds:  # dependencies first
-        if build.name == "trivial":
-            trivial = build
-        else:
-            workspace.build(revision, build, cancel)
-    assert trivial is not None
+    while trivial is None:  # the dependencies first, then trivial has its key
+        revision = Revision(checkout.tree, evaluation, None)
+        plan = make_plan(revision.graph, revision.keys, workspace.present(), None)
+        for build in plan.builds:
+            if build.name == "trivial":
+                trivial = build
+            else:
+                workspace.build(revision, build, cancel)
+        evaluation = evaluation.advance(evaluation.listing, {}, workspace.contents)
     first = timed(lambda: workspace.build(revision, trivial, cancel))
     builds = [timed(lambda: workspace.build(revision, trivial, cancel)) for _ in range(reps)]
 

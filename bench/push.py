@@ -44,6 +44,7 @@ from portsd.config import load_config
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import FORMAT, Index, IndexEntry, encode_entry, encode_index
 from portsd.core.metadata import PackageMeta
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
 from portsd.pkg.sign import SecretKey
 from portsd.tree.loader import TreeLoader
@@ -76,6 +77,16 @@ def commit_edit(repo: pygit2.Repository, leaf: str, serial: int) -> str:
     return str(commit)
 
 
+class _Same:
+    """Contents where every key's package has one content id."""
+
+    def __init__(self, content: str) -> None:
+        self.content = content
+
+    def get(self, key: str, /) -> str:
+        return self.content
+
+
 def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     """Make the repository hold a package for every port of main, as on a build host that
     has built the whole tree: one small real package, hard-linked under each port's file
@@ -85,10 +96,6 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
     nothing depends on, so its rebuild is exactly one build.
     """
     arch = os.uname().machine
-    tree = TreeLoader().load_git(source, "main")
-    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch, TOOLCHAIN)
-    graph, keys = evaluation.graph, evaluation.keys.keys
-    leaf = next(n for n in sorted(keys) if not graph.edges(n) and not graph.dependents(n))
     config = load_config(state_dir)
     secret = SecretKey.load(config.secret_key)
     root = config.repo / arch
@@ -101,6 +108,12 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
         destdir, PackageMeta("seed", "1", 1, arch, "0" * 64), state_dir, epoch=0
     )
     signature = secret.sign_file(template.path, "seed package")
+    content = content_id(template.info.files)
+    tree = TreeLoader().load_git(source, "main")
+    # every key's package is the template, so every key is computable now
+    evaluation = Evaluation.full(tree.inputs(), tree.recipes(), arch, TOOLCHAIN, _Same(content))
+    graph, keys = evaluation.graph, evaluation.keys.keys
+    leaf = next(n for n in sorted(keys) if not graph.edges(n) and not graph.dependents(n))
     entries = []
     for name, key in sorted(keys.items()):
         recipe = graph.recipe(name)
@@ -108,7 +121,7 @@ def seed_built_repository(state_dir: Path, source: Path) -> tuple[int, str]:
         meta = PackageMeta(
             name, recipe.version, recipe.release, arch, key, recipe.summary, recipe.license
         )
-        entry = IndexEntry(meta, meta.filename, template.size, template.sha256)
+        entry = IndexEntry(meta, meta.filename, template.size, template.sha256, content)
         os.link(template.path, root / "packages" / entry.file)
         (root / "packages" / f"{entry.file}.minisig").write_text(signature)
         (root / "keys" / key).write_bytes(encode_entry(entry))

@@ -114,6 +114,7 @@ def synthetic_index(count: int, seed: int) -> Index:
                 file=meta.filename,
                 size=rng.randint(2_000, 20_000_000),
                 sha256=hashlib.sha256(key.encode()).hexdigest(),
+                content=hashlib.sha256(meta.filename.encode()).hexdigest(),
             )
         )
     entries.sort(key=lambda entry: entry.meta.name)

@@ -3,6 +3,7 @@
     PortsdError
     ├── ConfigError              a config file or flag is wrong
     ├── RecipeError              one or more problems in one port.toml (file:line: message)
+    ├── ToolchainError           toolchain.toml is wrong, or its toolchain does not converge
     ├── GraphError
     │   ├── DependencyCycle      every port on the cycle, in order
     │   ├── MissingDependency    a dependency no port provides (or none in the wanted version)
@@ -87,6 +88,17 @@ class RecipeError(PortsdError):
 
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
+
+
+class ToolchainError(PortsdError):
+    """A toolchain.toml that cannot be used, or a toolchain that reaches no fixed point."""
+
+    def __init__(self, problem: FileProblem) -> None:
+        self.problem = problem
+        super().__init__(str(problem))
+
+    def __str__(self) -> str:
+        return str(self.problem)
 
 
 class GraphError(PortsdError):

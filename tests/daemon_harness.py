@@ -120,7 +120,8 @@ class RunningDaemon:
         return list(data["builds"] if isinstance(data, dict) else data)
 
     def idle_at(self, commit: str) -> bool:
-        """The newest commit is evaluated and nothing is queued or running."""
+        """The newest commit is evaluated and nothing is queued, running or waiting for a
+        build to know its key (pending)."""
         status = self.get("/api/v1/status")
         return bool(
             status
@@ -128,6 +129,7 @@ class RunningDaemon:
             and not status.get("evaluating")
             and status.get("queued") == 0
             and not status.get("running")
+            and status.get("pending") == 0
         )
 
     def wait_idle(self, commit: str, timeout: float = 180) -> None:

@@ -33,6 +33,7 @@ from portsd.daemon.engine import EngineStatus, PlanGraph, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.state import BuildState, State
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
@@ -130,7 +131,9 @@ def make_world(tmp_path: Path, *, big: int = 0) -> World:
             name, "1.0", 1, ARCH, hashlib.sha256(name.encode()).hexdigest(), summary=name
         )
         built = create_package(destdir, meta, tmp_path / "out", epoch=EPOCH)
-        world.packages[name] = repo.publish(built.path, built.info.meta, commit="c0ffee")
+        world.packages[name] = repo.publish(
+            built.path, built.info.meta, content=content_id(built.info.files), commit="c0ffee"
+        )
     return world
 
 

@@ -78,7 +78,7 @@ def test_builds_the_whole_tree_and_the_programs_work(
 ) -> None:
     state = tmp_path / "state"
     result = build(ports_tree, state)
-    assert "9 to build, 0 up to date" in result.stdout
+    assert "2 to build, at most 7 more after them, 0 up to date" in result.stdout
     assert set(published(state)) == ALL
     assert run_installed(state, "toptool", tmp_path) == "toptool\ntop=1101\n"  # depth-4 chain
     assert run_installed(state, "diamond", tmp_path) == "diamond\na=11\nb=21\n"
@@ -116,19 +116,24 @@ def test_stock_minisign_verifies_index_and_packages(ports_tree: Path, tmp_path: 
 def test_rebuilds_exactly_what_a_change_reaches(ports_tree: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     build(ports_tree, state)
-    steps = [
-        ("toptool", {"toptool"}),  # a leaf
-        ("libmid", {"libmid", "libtop", "toptool"}),  # the middle of the chain
-        ("libbase", ALL - {"hello"}),  # the root library
-    ]
-    for port, expected in steps:
+    # a release bump rebuilds the port, identical: nothing it reaches is rebuilt (cut off)
+    for port, reaches in [("toptool", 0), ("libmid", 2), ("libbase", len(ALL) - 2)]:
         before = published(state)
         recipe = ports_tree / "ports" / port / "port.toml"
         recipe.write_text(recipe.read_text().replace("release = 1", "release = 2"))
         commit_all(ports_tree, f"{port}: release 2")
         result = build(ports_tree, state)
-        assert rebuilt(before, published(state)) == expected, result.stdout
-        assert f"{len(expected)} to build, {len(ALL) - len(expected)} up to date" in result.stdout
+        assert rebuilt(before, published(state)) == {port}, result.stdout
+        more = f", at most {reaches} more after them" if reaches else ""
+        assert f"1 to build{more}, {len(ALL) - 1 - reaches} up to date" in result.stdout
+        assert ("cut off (rebuilt identical below them)" in result.stdout) == bool(reaches)
+    # a real change rebuilds exactly what it reaches
+    before = published(state)
+    source = ports_tree / "ports" / "libmid" / "mid.c"
+    source.write_text(source.read_text().replace("1000", "1001"))
+    commit_all(ports_tree, "libmid: a new value")
+    result = build(ports_tree, state)
+    assert rebuilt(before, published(state)) == {"libmid", "libtop", "toptool"}, result.stdout
 
 
 def test_same_commit_gives_byte_identical_packages(ports_tree: Path, tmp_path: Path) -> None:
@@ -155,7 +160,7 @@ def test_a_failure_skips_its_dependents_and_nothing_else(ports_tree: Path, tmp_p
     result = build(ports_tree, state, check=False)
     assert result.returncode == 1
     assert "liba: build failed (exit 1); log: " in result.stdout
-    assert "skipped diamond: dependency liba failed" in result.stdout
+    assert "not built diamond: its key needs the package of liba, which failed" in result.stdout
     assert set(published(state)) == ALL - {"liba", "diamond"}
     log = next((state / "logs" / "liba").glob("*.log"))
     assert "==> build" in log.read_text()
@@ -212,12 +217,18 @@ def test_why_traces_a_change_through_the_graph(ports_tree: Path, tmp_path: Path)
         '#include <base.h>\n#include "mid.h"\nint mid_value(void) { return 2000 + base_value(); }\n'
     )
     commit = commit_all(ports_tree, "libmid: now 2000")
-    result = ports("why", "toptool", "--tree", ports_tree, "--state", state)
+    result = ports("why", "libmid", "--tree", ports_tree, "--state", state)
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("toptool must be rebuilt: key ")
+    assert lines[0].startswith("libmid must be rebuilt: key ")
     assert "  ports/libmid changed since" in lines[1]
     assert lines[2] == f"    {commit[:10]} libmid: now 2000 (ports/libmid/mid.c)"
-    assert lines[3] == "    reaches toptool through libmid -(depends)-> libtop -(depends)-> toptool"
+    assert lines[3].startswith("  built on the seed ")
+    # what it reaches waits for its package: its key contains libmid's content
+    result = ports("why", "toptool", "--tree", ports_tree, "--state", state)
+    assert result.stdout.splitlines()[0] == (
+        "toptool is pending: its key needs the package of libmid, "
+        "and it is rebuilt only if that comes out different"
+    )
 
 
 def test_graph_shows_both_directions(ports_tree: Path, seed: Seed, tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         push(ports_tree)
         commit = head(ports_tree)
         daemon.wait_idle(commit)
-        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
         built = daemon.builds(state="built")
         assert {b["port"] for b in built} == ALL
         assert {b["detail"].removeprefix("built on ") for b in built} <= {"w1", "w2"}
@@ -199,7 +199,7 @@ def test_ports_verify_finds_what_a_faulty_worker_published(
     try:
         push(ports_tree)
         daemon.wait_idle(commit)
-        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
         verified = ports_verify(tmp_path, daemon, bare, ports_tree, "libbase")
         assert verified.returncode == 1, verified.stdout + verified.stderr
         assert "differs libbase" in verified.stdout
@@ -286,7 +286,7 @@ def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
         )
         cluster.kill(victim)
         daemon.wait_idle(commit, timeout=120)
-        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
         libbase = daemon.builds(port="libbase", state="built")
         survivor = {"w1", "w2"} - {victim}
         assert [b["detail"] for b in libbase] == [f"built on {survivor.pop()}"]
@@ -312,7 +312,7 @@ def test_the_daemon_killed_while_workers_build_publishes_each_key_once(
     daemon.start()
     try:
         daemon.wait_idle(commit, timeout=120)
-        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
     finally:
         daemon.stop()
     assert_consistent(bare)
@@ -375,6 +375,6 @@ def test_a_superseded_build_stops_on_its_worker(
         assert time.monotonic() - started < 30  # far less than the 60 s sleep
         (old,) = daemon.builds(port="libbase", state="cancelled")
         assert old["detail"] == "superseded by a newer commit"
-        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit)
+        assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
     finally:
         daemon.stop()

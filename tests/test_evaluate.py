@@ -61,8 +61,23 @@ def tree_id(port: Recipe | RecipeError, salt: int) -> str:
     return hashlib.sha1(f"{port!r}{salt}".encode()).hexdigest()
 
 
+def settle(evaluation: Evaluation, contents: dict[str, str]) -> Evaluation:
+    """Build what is keyed and unbuilt (content: half of the ports come out the same as
+    whatever was built before, the others differ), advance, until nothing waits."""
+    while evaluation.keys.unbuilt:
+        for name in sorted(evaluation.keys.unbuilt):
+            key = evaluation.keys.keys[name]
+            same = int(hashlib.sha1(name.encode()).hexdigest(), 16) % 2
+            contents[key] = hashlib.sha256((name if same else key).encode()).hexdigest()
+        evaluation = evaluation.advance(evaluation.listing, {}, contents)
+    assert not evaluation.keys.pending
+    return evaluation
+
+
 def assert_same(a: Evaluation, b: Evaluation) -> None:
     assert a.keys.keys == b.keys.keys
+    assert a.keys.contents == b.keys.contents
+    assert a.keys.pending == b.keys.pending
     assert {n: str(p) for n, p in a.keys.blocked.items()} == {
         n: str(p) for n, p in b.keys.blocked.items()
     }
@@ -82,8 +97,9 @@ def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> Non
     for name in rng.sample(names, len(names) // 2):
         ports[name] = random_port(rng, name, names, 0)
         listing[name] = tree_id(ports[name], 0)
-    evaluation = Evaluation.full(listing, ports, ARCH, "0" * 64)
-    assert_same(evaluation, Evaluation.full(listing, ports, ARCH, "0" * 64))
+    contents: dict[str, str] = {}
+    evaluation = settle(Evaluation.full(listing, ports, ARCH, "0" * 64, contents), contents)
+    assert_same(evaluation, Evaluation.full(listing, ports, ARCH, "0" * 64, contents))
     for step in range(1, 60):
         changes: dict[str, PortChange] = {}
         for _ in range(rng.choice((1, 1, 2, 3, 8))):
@@ -99,9 +115,15 @@ def test_advance_equals_a_full_evaluation_after_random_commits(seed: int) -> Non
             name = rng.choice(sorted(ports))
             listing[name] = tree_id(ports[name], -step)
             changes[name] = ports[name]
-        evaluation = evaluation.advance(dict(listing), changes)
+        evaluation = evaluation.advance(dict(listing), changes, contents)
         assert evaluation.changed == frozenset(changes)
-        assert_same(evaluation, Evaluation.full(dict(listing), dict(ports), ARCH, "0" * 64))
+        assert_same(
+            evaluation, Evaluation.full(dict(listing), dict(ports), ARCH, "0" * 64, contents)
+        )
+        evaluation = settle(evaluation, contents)
+        assert_same(
+            evaluation, Evaluation.full(dict(listing), dict(ports), ARCH, "0" * 64, contents)
+        )
 
 
 def test_changes_between_listings() -> None:
@@ -113,9 +135,9 @@ def test_changes_between_listings() -> None:
 
 def test_advance_refuses_changes_that_contradict_the_listing() -> None:
     port = parse_recipe('name = "a"\nversion = "1"\nsummary = "a"\nlicense = "MIT"\n', "p", "a")
-    evaluation = Evaluation.full({"a": "1"}, {"a": port}, ARCH, "0" * 64)
+    evaluation = Evaluation.full({"a": "1"}, {"a": port}, ARCH, "0" * 64, {})
     with pytest.raises(ValueError, match="a: removed but still in the new listing"):
-        evaluation.advance({"a": "2"}, {"a": None})
+        evaluation.advance({"a": "2"}, {"a": None}, {})
     with pytest.raises(ValueError, match="b: given a recipe but not in the new listing"):
-        evaluation.advance({"a": "1"}, {"b": port})
-    assert evaluation.advance({"a": "1"}, {}).keys is evaluation.keys
+        evaluation.advance({"a": "1"}, {"b": port}, {})
+    assert evaluation.advance({"a": "1"}, {}, {}).keys is evaluation.keys

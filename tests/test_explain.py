@@ -8,13 +8,18 @@ from portsd.core.keys import KeySet
 from portsd.core.recipe import Recipe
 from portsd.errors import FileProblem, RecipeError
 from tests.test_graph import port
+from tests.test_keys import Build, build_all, distinct, same_output
 
 
 def evaluated(
-    revision: str, ports: dict[str, Recipe | RecipeError], tree_ids: dict[str, str]
+    revision: str,
+    ports: dict[str, Recipe | RecipeError],
+    tree_ids: dict[str, str],
+    build: Build = distinct,
 ) -> Evaluated:
+    """The revision with everything built (``build`` says what each build comes out as)."""
     graph = Graph.build(ports, "x86_64")
-    return Evaluated(revision, graph, KeySet.compute(graph, tree_ids, "0" * 64), tree_ids)
+    return Evaluated(revision, graph, build_all(graph, tree_ids, {}, build), tree_ids)
 
 
 PORTS: dict[str, Recipe | RecipeError] = {
@@ -83,4 +88,24 @@ def test_blocked_port_says_why() -> None:
     assert explain("tool", None, new, {}, present=set()).lines() == [
         "tool cannot be built: tool: dependency base cannot be built: "
         "ports/base/port.toml: missing required field 'license'"
+    ]
+
+
+def test_a_rebuild_that_came_out_identical_is_where_the_cascade_stopped() -> None:
+    old = evaluated("a" * 40, PORTS, IDS, same_output)
+    new = evaluated("b" * 40, PORTS, IDS | {"base": "t-base-comment"}, same_output)
+    key = new.keys.keys["tool"]
+    assert key == old.keys.keys["tool"]
+    assert explain("tool", old, new, {}, present={key}).lines() == [
+        f"tool is up to date: key {key[:12]} is in the repository",
+        "  cut off: base rebuilt identical",
+    ]
+
+
+def test_a_pending_port_names_the_build_it_waits_for() -> None:
+    graph = Graph.build(PORTS, "x86_64")
+    new = Evaluated("b" * 40, graph, KeySet.compute(graph, IDS, "0" * 64, {}), IDS)
+    assert explain("tool", None, new, {}, present=set()).lines() == [
+        "tool is pending: its key needs the package of base, "
+        "and it is rebuilt only if that comes out different"
     ]

@@ -463,7 +463,7 @@ def test_a_cancelled_build_stops_downloading_and_keeps_only_a_resumable_part(
     config = Config(state_dir=tmp_path / "state", arch=arch)
     reporter = Flowing()
     workspace = Workspace.open(config, reporter=reporter)
-    checkout = open_checkout(tree, None, None, arch, toolchain="")
+    checkout = open_checkout(tree, None, None, arch, toolchain="", contents={})
     plan = make_plan(checkout.evaluation.graph, checkout.evaluation.keys, set(), ["slow"])
     revision = Revision(checkout.tree, checkout.evaluation, checkout.commit)
     cancel = threading.Event()

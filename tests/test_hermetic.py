@@ -137,11 +137,14 @@ def test_different_seeds_give_different_keys_everywhere() -> None:
     ports = {r.name: r for r in (recipe_of("libc"), recipe_of("zlib", depends=("libc",)))}
     graph = Graph.build(ports, "x86_64")
     ids = {name: f"tree-{name}" for name in ports}
-    one = KeySet.compute(graph, ids, "a" * 64)
-    other = KeySet.compute(graph, ids, "b" * 64)
+    # the same package of libc on both: the seed alone tells zlib's keys apart
+    libc = {"a" * 64: "c" * 64, "b" * 64: "c" * 64}
+    contents = {KeySet.compute(graph, ids, seed, {}).keys["libc"]: "c" * 64 for seed in libc}
+    one = KeySet.compute(graph, ids, "a" * 64, contents)
+    other = KeySet.compute(graph, ids, "b" * 64, contents)
     assert set(one.keys) == set(other.keys) == {"libc", "zlib"}
     assert all(one.keys[name] != other.keys[name] for name in ports)
-    assert KeySet.compute(graph, ids, "a" * 64).keys == one.keys
+    assert KeySet.compute(graph, ids, "a" * 64, contents).keys == one.keys
 
 
 def test_a_seed_made_of_fewer_packages_is_another_seed(tmp_path: Path) -> None:

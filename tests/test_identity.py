@@ -41,6 +41,17 @@ FINGERPRINTS: dict[int, dict[str, str]] = {
         "package format": "37503ab804b21f4a3abe719f937a4408d22212c10a3196b54574cae0995027d8",
         "zstd library": "53223466663964767f78a8791a3d33bfd965de3273a94c83f5f6f215615231b4",
     },
+    4: {  # what a build does is as in 3; dependencies enter keys by content id
+        "style scripts": "e86ef65a1d783de78253216b6c8f662088f97ff882ac433660f703e33dca709f",
+        "prepare script": "18d1c9e2d5a944e7617b0d42dcb3644b021fd4e767bac49768b41a3fa1c72c0d",
+        "build environment": "8a0f3f433d486898046c97497c70f32dad4f3628e72dcf5a7a81f9c65a85d4d8",
+        "sandbox /etc": "7b176c58513fdaca5c762b969f0d011ee3c4bf639691ad5119e718f093929600",
+        "sandbox layout": "81d7c7a503aa744ea60fe34afe5fc9620eb00797da132eda64799f5e39a06e01",
+        "sandbox command": "3b50e52285808170aff17c0059b8b2a362aebb147568663df12374b1db5f41e7",
+        "SOURCE_DATE_EPOCH": "ede6480c5caf2c41ce7a03aa722a29a8420328f986d4b1643e5ebec7bb75621b",
+        "package format": "37503ab804b21f4a3abe719f937a4408d22212c10a3196b54574cae0995027d8",
+        "zstd library": "53223466663964767f78a8791a3d33bfd965de3273a94c83f5f6f215615231b4",
+    },
 }
 """The fingerprint's components for each BUILDER_FORMAT; add a row when you bump it."""
 
@@ -83,10 +94,10 @@ def test_a_build_key_is_pinned() -> None:
         ["9a93b2b7dfdac77ceba5a558a580e74667dd6fede4585b91eefb60f03b72df23"],
         "x86_64",
         "c0ffee" * 10 + "c0de",
-        [("zlib", "1" * 64), ("openssl", "2" * 64)],
+        [("zlib", "1" * 64), ("openssl", "2" * 64)],  # their content ids
     )
-    assert BUILDER_FORMAT == 3, "a new BUILDER_FORMAT changes every key: pin the new one here"
-    assert key == "1219c3f35e77bf433425de542d6f47113b8341b80f0d012ac7ff2bb4e23046ca"
+    assert BUILDER_FORMAT == 4, "a new BUILDER_FORMAT changes every key: pin the new one here"
+    assert key == "d41b3dde27638dad0495c68f71aabd9a0e7938e9b463dd4a726293e1608d8d91"
 
 
 def test_a_package_is_pinned(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from tests.fixtures import Repeated, pack_repeating
 
 KEY = "ab" * 32
 SHA = "cd" * 32
+CONTENT = "ce" * 32
 
 
 def entry(name: str = "zlib", file: str | None = None, **changes: Any) -> IndexEntry:
@@ -50,7 +51,7 @@ def entry(name: str = "zlib", file: str | None = None, **changes: Any) -> IndexE
     }
     facts.update(changes)
     meta = PackageMeta(**facts)
-    return IndexEntry(meta, file or meta.filename, 1234, SHA)
+    return IndexEntry(meta, file or meta.filename, 1234, SHA, CONTENT)
 
 
 def index(*entries: IndexEntry, serial: int = 7) -> Index:
@@ -99,7 +100,7 @@ metas = st.builds(
         lambda items: tuple(sorted(set(items)))
     ),
 )
-entries = st.builds(IndexEntry, meta=metas, file=files, size=sizes, sha256=hexes)
+entries = st.builds(IndexEntry, meta=metas, file=files, size=sizes, sha256=hexes, content=hexes)
 indexes = st.builds(
     Index,
     format=st.just(FORMAT),
@@ -400,14 +401,14 @@ def test_the_bytes_of_an_entry_and_an_index_are_pinned() -> None:
         5,
         ("libz.so.1",),
     )
-    value = IndexEntry(meta, meta.filename, 1234, SHA)
-    assert FORMAT == 2
+    value = IndexEntry(meta, meta.filename, 1234, SHA, CONTENT)
+    assert FORMAT == 3
     assert hashlib.sha256(encode_entry(value)).hexdigest() == (
-        "28736d9fb6295f58526022f56f1f2eb4286e38330380a7282c10f58f25f3421d"
+        "e8be8bc7934bf48d3b623019546880eb3d48dd22021f7ecb1233dfa0daf1a43d"
     )
     payload = zstandard.ZstdDecompressor().decompress(encode_index(index(value)))
     assert hashlib.sha256(payload).hexdigest() == (
-        "d9236193434faa1e1c161c5366108fc039b9b913b6cebcb018ba22ddc75cdf84"
+        "63b2d00badab57e50421bd4a5781787bc2211779bf2fb4fb73bb6f85a73168bb"
     )
 
 

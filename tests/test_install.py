@@ -259,7 +259,9 @@ def test_upgrade_replaces_packages_whose_build_key_changed(host: Host, tmp_path:
             p.meta.name: (p.meta.build_key, p.meta.full_version) for p in installed.db.packages()
         }
     changed = {name for name in before if after[name][0] != before[name]}
-    assert changed == {"libmid", "libtop", "toptool"}  # libbase's key does not depend on libmid
+    # libmid is built here (no cache has its new key) and comes out identical, so what
+    # depends on it keeps its key (early cutoff); libbase's never depended on libmid
+    assert changed == {"libmid"}
     assert all(version == "1.0-1" for _, version in after.values())
     assert "(build " in result.stdout  # the same version, said to be another build
     assert run_installed(root, "toptool") == TOPTOOL_SAYS

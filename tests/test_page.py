@@ -27,7 +27,15 @@ from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.server import page
 from portsd.daemon.server.app import create_app, create_runner
-from portsd.daemon.server.graphview import BLOCKED, COLOURS, UP_TO_DATE, GraphView, state_class
+from portsd.daemon.server.graphview import (
+    BLOCKED,
+    COLOURS,
+    CUT_OFF,
+    PENDING,
+    UP_TO_DATE,
+    GraphView,
+    state_class,
+)
 from portsd.daemon.state import BuildState, NewBuild, State
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
@@ -405,8 +413,9 @@ def reason_of(name: str) -> str:
 
 
 def every_state() -> PlanGraph:
-    """A node in each state: the states of builds, blocked (no build, a reason) and up to
-    date (no build, no reason); each named p-<state>."""
+    """A node in each state: the states of builds, blocked (no build, a reason), pending
+    (waiting for a build), cut off (that build came out identical) and up to date (no
+    build, no reason); each named p-<state>."""
     nodes = [
         PlanNode(f"p-{name.replace(' ', '-')}", KEY, state, reason_of(name))
         for name, state in [
@@ -414,6 +423,9 @@ def every_state() -> PlanGraph:
             (BLOCKED, None),
             (UP_TO_DATE, None),
         ]
+    ] + [
+        PlanNode("p-pending", None, None, reason_of(PENDING), pending="p-queued"),
+        PlanNode("p-cut-off", KEY, None, reason_of(CUT_OFF), cut_off=True),
     ]
     edges = (
         ("p-queued", "p-built", "build"),
@@ -428,7 +440,7 @@ def test_graph_nodes_are_coloured_by_state_with_reasons_as_tooltips() -> None:
     drawing = asyncio.run(GraphView().draw(every_state()))
     assert drawing.svg is not None and drawing.svg.startswith('<svg role="img"')
     nodes = drawn_nodes(drawing.svg)
-    assert len(nodes) == len(COLOURS) == 9
+    assert len(nodes) == len(COLOURS) == 11
     for name, colour in COLOURS.items():
         node = nodes[f"p-{name.replace(' ', '-')}"]
         assert node.fill == colour

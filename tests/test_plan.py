@@ -8,6 +8,7 @@ from portsd.core.evaluate import Evaluation
 from portsd.core.plan import BuildPlan, PlannedBuild, Skip, skips, triage
 from portsd.core.recipe import Recipe
 from portsd.errors import RecipeError
+from tests.test_evaluate import settle
 from tests.test_graph import port
 
 
@@ -55,7 +56,10 @@ def test_a_skip_names_the_failed_dependency() -> None:
 
 def evaluation_of(*recipes: Recipe) -> Evaluation:
     ports: dict[str, Recipe | RecipeError] = {recipe.name: recipe for recipe in recipes}
-    return Evaluation.full({name: f"tree-of-{name}" for name in ports}, ports, "x86_64", "0" * 64)
+    evaluation = Evaluation.full(
+        {name: f"tree-of-{name}" for name in ports}, ports, "x86_64", "0" * 64, {}
+    )
+    return settle(evaluation, {})
 
 
 TREE = evaluation_of(

@@ -25,6 +25,7 @@ from portsd.config import Config
 from portsd.core.metadata import PackageMeta
 from portsd.daemon.state import State
 from portsd.errors import ConfigError, DownloadError
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import DEFAULT_EXPIRY, SIG_SUFFIX, Repository
 from portsd.pkg.sign import PublicKey, SecretKey
@@ -72,7 +73,9 @@ def make_site(
         (destdir / "usr/share" / name / "data").write_bytes(os.urandom(40_000))
         meta = PackageMeta(name, version, 1, arch, build_key(name, version), summary=name)
         built = create_package(destdir, meta, root / "out", epoch=EPOCH)
-        world.packages[name] = repo.publish(built.path, built.info.meta, commit="c0ffee")
+        world.packages[name] = repo.publish(
+            built.path, built.info.meta, content=content_id(built.info.files), commit="c0ffee"
+        )
     return Site(world, key)
 
 

@@ -25,6 +25,7 @@ from portsd.pkg.sign import PublicKey, SecretKey
 
 ARCH = "x86_64"
 MINISIGN = shutil.which("minisign")
+CONTENT = "c" * 64  # the content id: these packages are stand-in bytes
 
 
 def build_key(text: str) -> str:
@@ -108,7 +109,7 @@ def test_publish_several(tmp_path: Path, key: SecretKey, repo: Repository, work:
     for n, name in enumerate(["zlib", "musl", "busybox", "zstd"]):
         source = package(work, name)
         data = source.read_bytes()
-        entry = repo.publish(source, meta(name), commit=f"c{n}")
+        entry = repo.publish(source, meta(name), content=CONTENT, commit=f"c{n}")
         assert not source.exists()  # moved in
         stored = repo.package_path(entry)
         assert stored.read_bytes() == data
@@ -128,22 +129,22 @@ def test_publish_several(tmp_path: Path, key: SecretKey, repo: Repository, work:
 
 
 def test_same_name_is_replaced(repo: Repository, work: Path) -> None:
-    repo.publish(package(work, "a"), meta("zlib", "1.0"), commit="c1")
-    newer = repo.publish(package(work, "b"), meta("zlib", "1.1"), commit="c2")
+    repo.publish(package(work, "a"), meta("zlib", "1.0"), content=CONTENT, commit="c1")
+    newer = repo.publish(package(work, "b"), meta("zlib", "1.1"), content=CONTENT, commit="c2")
     assert repo.index().packages == (newer,)
     assert repo.index().serial == 3
 
 
 def test_republishing_the_same_key_keeps_the_first_file(repo: Repository, work: Path) -> None:
-    first = repo.publish(package(work, "one"), meta("zlib"), commit="c1")
+    first = repo.publish(package(work, "one"), meta("zlib"), content=CONTENT, commit="c1")
     before = repo.package_path(first).read_bytes()
     again = package(work, "two")  # same key, different bytes: a non-reproducible rebuild
-    entry = repo.publish(again, meta("zlib"), commit="c1")
+    entry = repo.publish(again, meta("zlib"), content=CONTENT, commit="c1")
     assert entry == first
     assert repo.package_path(first).read_bytes() == before
     assert not again.exists()
     assert repo.index().serial == 2  # nothing changed, so no new index
-    repo.publish(package(work, "three"), meta("zlib"), commit="c2")
+    repo.publish(package(work, "three"), meta("zlib"), content=CONTENT, commit="c2")
     assert (repo.index().serial, repo.index().commit) == (3, "c2")
 
 
@@ -152,7 +153,7 @@ def test_a_foreign_file_under_the_name_is_never_replaced(repo: Repository, work:
     target.write_bytes(b"someone else's bytes")
     source = package(work, "zlib")
     with pytest.raises(RepoError, match="different file is stored under this name") as info:
-        repo.publish(source, meta("zlib"), commit="c1")
+        repo.publish(source, meta("zlib"), content=CONTENT, commit="c1")
     assert str(target) in str(info.value)
     assert source.exists() and target.read_bytes() == b"someone else's bytes"
     assert repo.index().serial == 1
@@ -161,15 +162,17 @@ def test_a_foreign_file_under_the_name_is_never_replaced(repo: Repository, work:
 def test_an_identical_unrecorded_file_is_adopted(repo: Repository, work: Path) -> None:
     source = package(work, "zlib")
     (repo.packages_path / meta("zlib").filename).write_bytes(source.read_bytes())
-    entry = repo.publish(source, meta("zlib"), commit="c1")
+    entry = repo.publish(source, meta("zlib"), content=CONTENT, commit="c1")
     assert repo.find_key(entry.meta.build_key) == entry
     assert repo.check() == ()
 
 
 def test_wrong_architecture_is_refused(repo: Repository, work: Path) -> None:
     with pytest.raises(RepoError, match="a package for aarch64 in a x86_64 repository"):
-        repo.publish(package(work, "x"), meta("zlib", arch="aarch64"), commit=None)
-    entry = repo.publish(package(work, "y"), meta("tzdata", arch="any"), commit=None)
+        repo.publish(package(work, "x"), meta("zlib", arch="aarch64"), content=CONTENT, commit=None)
+    entry = repo.publish(
+        package(work, "y"), meta("tzdata", arch="any"), content=CONTENT, commit=None
+    )
     assert entry.file.endswith(f"-any-{entry.meta.build_key[:12]}.pkg.tar.zst")
 
 
@@ -180,13 +183,13 @@ def test_unusable_names_are_refused(
         Repository(tmp_path / "repo", "../escape", key)
     source = package(work, "long")
     with pytest.raises(RepoError, match="cannot be published: file: not a plain file name"):
-        repo.publish(source, meta("a" * 250), commit=None)
+        repo.publish(source, meta("a" * 250), content=CONTENT, commit=None)
     assert source.exists() and repo.index().serial == 1
 
 
 def test_a_missing_source_names_it(repo: Repository, work: Path) -> None:
     with pytest.raises(RepoError, match="No such file") as info:
-        repo.publish(work / "absent", meta("zlib"), commit=None)
+        repo.publish(work / "absent", meta("zlib"), content=CONTENT, commit=None)
     assert "absent" in str(info.value)
 
 
@@ -196,7 +199,7 @@ def test_copy_across_filesystems(repo: Repository) -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
         source = package(Path(other), "zlib", size=3 << 20)
         data = source.read_bytes()
-        entry = repo.publish(source, meta("zlib"), commit="c1")
+        entry = repo.publish(source, meta("zlib"), content=CONTENT, commit="c1")
         assert not source.exists()
     assert repo.package_path(entry).read_bytes() == data
     assert repo.check() == ()
@@ -206,8 +209,8 @@ def test_copy_across_filesystems(repo: Repository) -> None:
 
 
 def test_find_key_finds_superseded_packages(repo: Repository, work: Path) -> None:
-    old = repo.publish(package(work, "old"), meta("zlib", "1.0"), commit="c1")
-    new = repo.publish(package(work, "new"), meta("zlib", "1.1"), commit="c2")
+    old = repo.publish(package(work, "old"), meta("zlib", "1.0"), content=CONTENT, commit="c1")
+    new = repo.publish(package(work, "new"), meta("zlib", "1.1"), content=CONTENT, commit="c2")
     assert repo.index().by_key(old.meta.build_key) is None
     assert repo.find_key(old.meta.build_key) == old
     assert repo.find_key(new.meta.build_key) == new
@@ -228,8 +231,8 @@ def test_find_key_of_unknown_or_malformed_keys(repo: Repository) -> None:
 
 
 def test_restore_refuses_a_damaged_file(repo: Repository, work: Path) -> None:
-    old = repo.publish(package(work, "old"), meta("zlib", "1.0"), commit="c1")
-    repo.publish(package(work, "new"), meta("zlib", "1.1"), commit="c2")
+    old = repo.publish(package(work, "old"), meta("zlib", "1.0"), content=CONTENT, commit="c1")
+    repo.publish(package(work, "new"), meta("zlib", "1.1"), content=CONTENT, commit="c2")
     path = repo.package_path(old)
     path.write_bytes(b"x" * old.size)  # same size, other bytes
     with pytest.raises(RepoError, match="does not match its record"):
@@ -238,7 +241,10 @@ def test_restore_refuses_a_damaged_file(repo: Repository, work: Path) -> None:
 
 
 def test_unpublish(tmp_path: Path, repo: Repository, work: Path) -> None:
-    entries = [repo.publish(package(work, n), meta(n), commit="c") for n in ("a", "b", "c")]
+    entries = [
+        repo.publish(package(work, n), meta(n), content=CONTENT, commit="c")
+        for n in ("a", "b", "c")
+    ]
     assert repo.unpublish(["b", "zz"], commit="c2") == ("b",)
     index = repo.index()
     assert (index.names(), index.serial, index.commit) == (("a", "c"), 5, "c2")
@@ -252,7 +258,7 @@ def test_unpublish(tmp_path: Path, repo: Repository, work: Path) -> None:
 def test_refresh_resigns_with_new_expiry(tmp_path: Path, key: SecretKey, work: Path) -> None:
     now = [5_000_000.0]
     repo = Repository(tmp_path / "repo", ARCH, key, expires_in=3600, clock=lambda: now[0])
-    repo.publish(package(work, "a"), meta("a"), commit="c1")
+    repo.publish(package(work, "a"), meta("a"), content=CONTENT, commit="c1")
     before = repo.index()
     assert before.expires == 5_003_600
     now[0] += 1800
@@ -271,7 +277,7 @@ def test_refresh_resigns_with_new_expiry(tmp_path: Path, key: SecretKey, work: P
 
 
 def test_reader_trusts_only_its_keys(tmp_path: Path, repo: Repository, work: Path) -> None:
-    repo.publish(package(work, "a"), meta("a"), commit="c1")
+    repo.publish(package(work, "a"), meta("a"), content=CONTENT, commit="c1")
     root = tmp_path / "repo"
     other = SecretKey.generate().public_key
     with pytest.raises(BadSignature, match="unknown key"):
@@ -279,7 +285,7 @@ def test_reader_trusts_only_its_keys(tmp_path: Path, repo: Repository, work: Pat
     reader = Repository.reader(root, ARCH, [other, repo_public(tmp_path)])
     assert reader.index().names() == ("a",)
     with pytest.raises(RepoError, match="read-only"):
-        reader.publish(package(work, "b"), meta("b"), commit=None)
+        reader.publish(package(work, "b"), meta("b"), content=CONTENT, commit=None)
     with pytest.raises(RepoError, match="no index"):
         Repository.reader(tmp_path / "elsewhere", ARCH, [other]).index()
 
@@ -289,7 +295,7 @@ def repo_public(tmp_path: Path) -> PublicKey:
 
 
 def test_tampering_is_caught(tmp_path: Path, repo: Repository, work: Path) -> None:
-    entry = repo.publish(package(work, "a"), meta("a"), commit="c1")
+    entry = repo.publish(package(work, "a"), meta("a"), content=CONTENT, commit="c1")
     reader = Repository.reader(tmp_path / "repo", ARCH, [repo_public(tmp_path)])
     stored = repo.package_path(entry)
     stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
@@ -311,7 +317,7 @@ def publish_many(root: str, key_file: str, work: str, prefix: str, count: int) -
     repo = Repository(root, ARCH, SecretKey.load(key_file))
     for n in range(count):
         name = f"{prefix}{n}"
-        repo.publish(package(Path(work), name), meta(name), commit=name)
+        repo.publish(package(Path(work), name), meta(name), content=CONTENT, commit=name)
 
 
 def test_two_processes_publishing_lose_nothing(tmp_path: Path, key: SecretKey, work: Path) -> None:
@@ -353,7 +359,7 @@ def test_threads_publishing_lose_nothing(tmp_path: Path, key: SecretKey, work: P
         try:
             for n in range(10):
                 name = f"{prefix}{n}"
-                repo.publish(package(work, name), meta(name), commit=name)
+                repo.publish(package(work, name), meta(name), content=CONTENT, commit=name)
         except BaseException as error:  # surfaced by the assertion below
             errors.append(error)
 
@@ -376,7 +382,7 @@ CHILD = """
 import sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[5]]
-from test_repo import ARCH, meta, package
+from test_repo import ARCH, CONTENT, meta, package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 
@@ -385,7 +391,8 @@ repo = Repository(root, ARCH, SecretKey.load(key_file))
 print("ready", flush=True)
 for n in range(start, start + 10_000):
     name = f"p{n % 9}"
-    repo.publish(package(work, f"{n}", size=n % 7 * 5000), meta(name, f"1.{n}"), commit=f"c{n}")
+    source = package(work, f"{n}", size=n % 7 * 5000)
+    repo.publish(source, meta(name, f"1.{n}"), content=CONTENT, commit=f"c{n}")
     if n % 4 == 0:
         repo.unpublish([f"p{(n + 3) % 9}"], commit=f"u{n}")
     if n % 7 == 0:
@@ -461,9 +468,9 @@ def minisign_verifies_with(public: Path, path: Path, signature: Path) -> bool:
 def test_kill_between_the_two_renames_is_rolled_forward(
     tmp_path: Path, key: SecretKey, repo: Repository, work: Path, repair: str
 ) -> None:
-    repo.publish(package(work, "a"), meta("a"), commit="c1")
+    repo.publish(package(work, "a"), meta("a"), content=CONTENT, commit="c1")
     old_signature = repo.signature_path.read_bytes()
-    repo.publish(package(work, "b"), meta("b"), commit="c2")
+    repo.publish(package(work, "b"), meta("b"), content=CONTENT, commit="c2")
     new_signature = repo.signature_path.read_bytes()
     # the state a writer leaves when killed after renaming the index, before the signature
     repo.signature_path.write_bytes(old_signature)
@@ -484,9 +491,9 @@ def test_kill_between_the_two_renames_is_rolled_forward(
 def test_kill_before_the_index_rename_keeps_the_old_pair(
     tmp_path: Path, key: SecretKey, repo: Repository, work: Path
 ) -> None:
-    repo.publish(package(work, "a"), meta("a"), commit="c1")
+    repo.publish(package(work, "a"), meta("a"), content=CONTENT, commit="c1")
     old_index, old_signature = repo.index_path.read_bytes(), repo.signature_path.read_bytes()
-    repo.publish(package(work, "b"), meta("b"), commit="c2")
+    repo.publish(package(work, "b"), meta("b"), content=CONTENT, commit="c2")
     tmp = repo.path / ".tmp"
     (tmp / INDEX_NAME).write_bytes(repo.index_path.read_bytes())
     (tmp / "pending-index.minisig").write_bytes(repo.signature_path.read_bytes())
@@ -497,6 +504,6 @@ def test_kill_before_the_index_rename_keeps_the_old_pair(
     again = Repository(tmp_path / "repo", ARCH, key)
     assert list(tmp.iterdir()) == []
     assert again.index().names() == ("a",) and again.index().serial == 2
-    again.publish(package(work, "c"), meta("c"), commit="c3")
+    again.publish(package(work, "c"), meta("c"), content=CONTENT, commit="c3")
     assert again.index().names() == ("a", "c")
     assert assert_consistent(tmp_path / "repo", key.public_key, tmp_path / "repo.pub") == 3

@@ -24,8 +24,10 @@ from portsd.tree.gitrepo import (
     tree_object,
 )
 from portsd.tree.loader import CACHE_FILE, Tree, TreeLoader, combined_id
+from tests.test_keys import EveryKeyBuilt
 
 SHA = "0" * 64
+BUILT = EveryKeyBuilt()  # these tests look at what goes into keys, not at builds
 
 
 def git(repo: Path, *args: str) -> str:
@@ -508,7 +510,7 @@ def test_advancing_through_real_commits_equals_loading_each_from_scratch(repo: P
     pool = [f"p{n}" for n in range(12)]
     loader = TreeLoader()
     tree = loader.load_git(repo)
-    evaluation = Evaluation.full(tree.listing, tree.ports, "x86_64", "0" * 64)
+    evaluation = Evaluation.full(tree.listing, tree.ports, "x86_64", "0" * 64, BUILT)
     for step in range(12):
         for _ in range(rng.randrange(1, 4)):
             name = rng.choice(pool)
@@ -519,9 +521,9 @@ def test_advancing_through_real_commits_equals_loading_each_from_scratch(repo: P
                 write_port(repo, name, version=f"1.{step}", depends=deps)
         commit_all(repo, f"step {step}")
         tree = loader.advance(tree, "HEAD")
-        evaluation = evaluation.advance(tree.listing, tree.changed_ports())
+        evaluation = evaluation.advance(tree.listing, tree.changed_ports(), BUILT)
         scratch = TreeLoader().load_git(repo)
-        expected = Evaluation.full(scratch.listing, scratch.ports, "x86_64", "0" * 64)
+        expected = Evaluation.full(scratch.listing, scratch.ports, "x86_64", "0" * 64, BUILT)
         assert evaluation.keys.keys == expected.keys.keys
         assert {n: str(p) for n, p in evaluation.keys.blocked.items()} == {
             n: str(p) for n, p in expected.keys.blocked.items()
@@ -559,7 +561,7 @@ def self_hosting(repo: Path) -> Path:
 
 
 def full_evaluation(tree: Tree) -> Evaluation:
-    return Evaluation.full(tree.inputs(), tree.recipes(), "x86_64", "0" * 64)
+    return Evaluation.full(tree.inputs(), tree.recipes(), "x86_64", "0" * 64, BUILT)
 
 
 def same_evaluation(got: Evaluation, expected: Evaluation) -> None:
@@ -599,7 +601,7 @@ def test_a_port_with_path_sources_is_keyed_on_the_content_at_those_paths(
         commit_all(repo, message)
         old = tree
         tree = loader.advance(tree, "HEAD")
-        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports(), BUILT)
         same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
         assert tree.changed_inputs(old) == tree.changed_ports()
         keys = evaluation.keys.keys
@@ -647,7 +649,7 @@ def test_a_missing_path_fails_that_port_only_and_names_the_source(self_hosting: 
         )
         assert all(isinstance(loaded.ports[n], Recipe) for n in ("zlib", "curl", "tool"))
     tree = loader.advance(tree, "HEAD")
-    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports(), BUILT)
     same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
     assert set(evaluation.keys.keys) == {"zlib", "curl"}
     assert str(evaluation.keys.blocked["tool"]).startswith("tool: dependency app cannot be built")
@@ -669,7 +671,7 @@ def test_a_missing_path_fails_that_port_only_and_names_the_source(self_hosting: 
     write_port(repo, "app", path_recipe("app", ("src/lib", "README")))
     commit_all(repo, "README is back")
     tree = loader.advance(tree, "HEAD")
-    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+    evaluation = evaluation.advance(tree.inputs(), tree.changed_ports(), BUILT)
     same_evaluation(evaluation, full_evaluation(TreeLoader().load_git(repo)))
     assert {"app", "tool"} <= evaluation.keys.keys.keys()
 
@@ -802,7 +804,7 @@ def test_advance_with_path_sources_equals_a_full_evaluation_after_random_commits
         commit_all(repo, f"step {step}")
         previous = tree
         tree = loader.advance(tree, "HEAD")
-        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports())
+        evaluation = evaluation.advance(tree.inputs(), tree.changed_ports(), BUILT)
         scratch = TreeLoader().load_git(repo)
         same_evaluation(evaluation, full_evaluation(scratch))
         assert dict(tree.inputs()) == dict(scratch.inputs())

@@ -35,8 +35,9 @@ from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
 from portsd.errors import PackageError, RepoError
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import PackageReader
-from portsd.pkg.repo import Repository
+from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import SecretKey
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Workspace:
     fetcher: Fetcher
     store: Store
     seed: Seed
+    contents: StoredContents  # of the repository's packages: what keys are computed from
     hidden: tuple[Path, ...] = field(default=())
 
     @classmethod
@@ -106,7 +108,7 @@ class Workspace:
             reporter=reporter,
         )
         hidden = (config.state_dir.resolve(), config.secret_key.resolve())
-        return cls(config, repo, fetcher, Store(config.store), seed, hidden)
+        return cls(config, repo, fetcher, Store(config.store), seed, StoredContents(repo), hidden)
 
     def present(self) -> Container[str]:
         """The build keys the repository can serve without building."""
@@ -149,10 +151,7 @@ class Workspace:
             paths=tuple(
                 (name, path.relative_to(scratch).as_posix()) for name, path in paths.items()
             ),
-            root=tuple(
-                self._layer(revision, dep)
-                for dep in revision.keys.build_root(revision.graph, build.name)
-            ),
+            root=self._root(revision, build.name),
             runtime=tuple(self._layer(revision, dep) for dep in sorted(runtime)),
             seed=self.seed.content_id,
             builder=BUILDER_FORMAT,
@@ -177,7 +176,9 @@ class Workspace:
         return self.producer().produce(
             order,
             cancel,
-            lambda path, meta: self.repo.publish(path, meta, commit=revision.commit),
+            lambda path, meta, content: self.repo.publish(
+                path, meta, content=content, commit=revision.commit
+            ),
             log=log or self.log_path(build),
             on_line=on_line,
         )
@@ -186,12 +187,27 @@ class Workspace:
         """Publish a package another builder made of ``order``, after checking every
         member (``PackageReader``: manifest, paths, types, sizes, sha256s, no bombs) and
         that it says it is what the order asked for. Raises PackageError otherwise."""
-        meta = check_package(package, order)
-        return self.repo.publish(package, meta, commit=commit)
+        meta, content = check_package(package, order)
+        return self.repo.publish(package, meta, content=content, commit=commit)
+
+    def _root(self, revision: Revision, name: str) -> tuple[Layer, ...]:
+        """The layers of ``name``'s build root: the tree's toolchain (the stage before's
+        packages), unless the port's own build root has that port already, then the
+        port's build root."""
+        root = revision.keys.build_root(revision.graph, name)
+        toolchain = [
+            self._layer_of(tool, key)
+            for tool, key, _ in revision.evaluation.stages.current.layer
+            if tool not in root
+        ]
+        return (*toolchain, *(self._layer(revision, dep) for dep in root))
 
     def _layer(self, revision: Revision, name: str) -> Layer:
         """Dependency ``name``'s package, by its build key."""
-        key = revision.keys.keys[name]
+        return self._layer_of(name, revision.keys.keys[name])
+
+    def _layer_of(self, name: str, key: str) -> Layer:
+        """``key`` (a package of port ``name``) as a layer."""
         entry = self.repo.find_key(key)
         if entry is None:
             raise RepoError(
@@ -200,17 +216,19 @@ class Workspace:
         return Layer(name, key, entry.file, entry.size, entry.sha256, entry.meta.sonames)
 
 
-def check_package(package: Path, order: BuildOrder) -> PackageMeta:
-    """The checked manifest of a package built elsewhere from ``order``: every archive
-    rule holds and its facts are the order's (only size and sonames are the builder's)."""
+def check_package(package: Path, order: BuildOrder) -> tuple[PackageMeta, str]:
+    """The checked manifest and content id of a package built elsewhere from ``order``:
+    every archive rule holds and its facts are the order's (only size and sonames are the
+    builder's). The content id is computed here, never taken from the builder."""
     with PackageReader(package) as reader:
         for _ in reader.members():
             pass  # reading a member checks it
         meta = reader.info.meta
+        content = content_id(reader.info.files)
     expected = PackageMeta.of(order.recipe, order.key, order.arch)
     if replace(meta, installed_size=0, sonames=()) != expected:
         raise PackageError(str(package), f"is not the package {order.label} asked for")
-    return meta
+    return meta, content
 
 
 @dataclass(frozen=True, slots=True)

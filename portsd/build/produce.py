@@ -27,11 +27,12 @@ from portsd.build.store import Store
 from portsd.core.keys import BUILDER_FORMAT
 from portsd.core.metadata import PackageMeta
 from portsd.fsio import remove_tree
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import create_package
 
 T = TypeVar("T")
 
-Deliver = Callable[[Path, PackageMeta], T]
+Deliver = Callable[[Path, PackageMeta, str], T]  # the package, its facts, its content id
 """What becomes of the built package file (it is removed afterwards unless moved)."""
 
 
@@ -113,7 +114,7 @@ class Producer:
                 self.alter(result.destdir)
             meta = replace(PackageMeta.of(recipe, order.key, order.arch), sonames=sonames)
             built = create_package(result.destdir, meta, workdir, epoch=SOURCE_DATE_EPOCH)
-            return deliver(built.path, built.info.meta)
+            return deliver(built.path, built.info.meta, content_id(built.info.files))
 
     def _unpacked(self, layers: Sequence[Layer], cancel: threading.Event) -> dict[str, Path]:
         """Each layer unpacked in the store, by build key; fetched only when missing."""

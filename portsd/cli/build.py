@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -26,7 +28,7 @@ from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import build_settings, config_from, open_tree
-from portsd.core.plan import PlannedBuild, critical_path, make_plan
+from portsd.core.plan import PlannedBuild, critical_path, staged_plan
 
 
 class BuildDisplay:
@@ -151,10 +153,11 @@ def build(args: argparse.Namespace, console: Console) -> int:
     events = _FetchEvents()
     workspace = Workspace.open(config, reporter=events)
     opened = open_tree(args, config, config.arch)
-    graph, keys = opened.evaluation.graph, opened.evaluation.keys
+    evaluation = opened.evaluation
+    graph = evaluation.graph
     wanted = [known_port(graph, name) for name in args.names] or None
-    plan = make_plan(graph, keys, workspace.present(), wanted)
-    revision = Revision(opened.tree, opened.evaluation, opened.commit)
+    plan = staged_plan(evaluation, workspace.present(), wanted)
+    revision = Revision(opened.tree, evaluation, opened.commit)
     restored = _republish(workspace, revision, plan.up_to_date)
     for name in sorted(plan.blocked):
         first, *rest = str(plan.blocked[name]).splitlines()
@@ -162,28 +165,43 @@ def build(args: argparse.Namespace, console: Console) -> int:
         for line in rest:
             console.print(f"  {escape(line)}")
     console.print(
-        f"{len(plan.builds)} to build, {len(plan.up_to_date)} up to date"
+        f"{len(plan.builds)} to build"
+        + (f", at most {len(plan.pending)} more after them" if plan.pending else "")
+        + f", {len(plan.up_to_date)} up to date"
         + (f" ({restored} republished)" if restored else "")
         + (f", {len(plan.blocked)} cannot be built" if plan.blocked else "")
     )
     results: list[Result] = []
-    if plan.builds:
-        started = time.monotonic()
+    started = time.monotonic()
+    waited = set(plan.pending)
+    # Waves: the ports pending on this wave's builds get their keys from its packages
+    # (early cutoff: those whose dependencies came out identical are up to date); a
+    # tree's toolchain is built stage by stage first, up to its fixed point.
+    while plan.builds:
         with BuildDisplay(console, len(plan.builds)) as display:
             events.display = display
-
-            def run(build: PlannedBuild, cancel: threading.Event) -> None:
-                workspace.build(
-                    revision, build, cancel, on_line=lambda line: display.step(build.name, line)
-                )
-
-            results = run_plan(
+            results += run_plan(
                 plan,
-                run,
+                _runner(workspace, revision, display),
                 jobs=config.jobs,
                 priority=critical_path(plan, {}),
                 reporter=display,
             )
+        evaluation = evaluation.advance(evaluation.listing, {}, workspace.contents)
+        revision = Revision(opened.tree, evaluation, opened.commit)
+        plan = staged_plan(evaluation, workspace.present(), wanted)
+        _republish(workspace, revision, plan.up_to_date)
+        # a failed build is not tried again in this run; what waits on it stays pending
+        tried = {r.build.key for r in results}
+        plan = replace(plan, builds=tuple(b for b in plan.builds if b.key not in tried))
+    failed_names = {r.name for r in results if r.outcome is not Outcome.BUILT}
+    for name, dep in sorted(plan.pending.items()):
+        why = "which failed" if dep in failed_names else "which was not built"
+        console.print(f"[yellow]not built[/] {name}: its key needs the package of {dep}, {why}")
+    if results:
+        cut_off = sorted(n for n in waited if n in plan.up_to_date)
+        if cut_off:
+            console.print(f"cut off (rebuilt identical below them): {', '.join(cut_off)}")
         _summary(console, results, time.monotonic() - started)
     if wanted is None:
         gone = [n for n in workspace.repo.index().names() if n not in opened.tree.listing]
@@ -193,7 +211,18 @@ def build(args: argparse.Namespace, console: Console) -> int:
                 f"unpublished {len(gone)} port(s) no longer in the tree: {', '.join(gone)}"
             )
     failed = any(r.outcome is not Outcome.BUILT for r in results)
-    return 1 if failed or plan.blocked else 0
+    return 1 if failed or plan.blocked or plan.pending else 0
+
+
+def _runner(
+    workspace: Workspace, revision: Revision, display: BuildDisplay
+) -> Callable[[PlannedBuild, threading.Event], None]:
+    def run(build: PlannedBuild, cancel: threading.Event) -> None:
+        workspace.build(
+            revision, build, cancel, on_line=lambda line: display.step(build.name, line)
+        )
+
+    return run
 
 
 def _republish(workspace: Workspace, revision: Revision, names: frozenset[str]) -> int:

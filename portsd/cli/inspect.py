@@ -16,7 +16,7 @@ from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.graph import Graph
 from portsd.errors import ConfigError, GitError, RecipeError, RepoError
-from portsd.pkg.repo import Repository
+from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import PublicKey
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
 from portsd.tree.loader import TreeLoader
@@ -58,6 +58,9 @@ def graph(args: argparse.Namespace, console: Console) -> int:
     key = opened.evaluation.keys.key(name)
     version = recipe.full_version if recipe else "?"
     console.print(f"[bold]{name}[/] {version}" + (f"  [dim]key {key[:12]}[/]" if key else ""))
+    waits = opened.evaluation.keys.pending.get(name)
+    if waits is not None:
+        console.print(f"[yellow]pending:[/] its key needs the package of {waits} (build it first)")
     problem = g.problem(name) or opened.evaluation.keys.blocked.get(name)
     if problem is not None:
         console.print(f"[red]cannot be built:[/] {escape(str(problem).splitlines()[0])}")
@@ -66,8 +69,12 @@ def graph(args: argparse.Namespace, console: Console) -> int:
     console.print(needs)
     root = opened.evaluation.keys.build_root(g, name) if recipe else []
     console.print(f"[bold]build root[/] ({len(root)}): {', '.join(root) or '-'}")
-    toolchain = opened.evaluation.keys.toolchain
-    console.print(f"[bold]toolchain[/]: the seed {toolchain[:12]} [dim](ports seed)[/]")
+    stages = opened.evaluation.stages
+    if stages.spec is None:
+        toolchain = opened.evaluation.keys.toolchain
+        console.print(f"[bold]toolchain[/]: the seed {toolchain[:12]} [dim](ports seed)[/]")
+    else:
+        console.print(f"[bold]toolchain[/]: {escape(stages.describe())}")
     direct = sorted(g.dependents(name))
     rest = sorted(g.reverse_closure([name]) - set(direct) - {name})
     kinds = {d: ", ".join(e.kind.value for e in g.edges(d) if e.target == name) for d in direct}
@@ -121,7 +128,12 @@ def why(args: argparse.Namespace, console: Console) -> int:
         since_commit = repo.commit(since)
         old_tree = TreeLoader(config.cache).load(GitSnapshot(repo, since_commit))
         old_eval = Evaluation.full(
-            old_tree.inputs(), old_tree.recipes(), config.arch, opened.evaluation.keys.toolchain
+            old_tree.inputs(),
+            old_tree.recipes(),
+            config.arch,
+            opened.evaluation.seed,
+            StoredContents(Repository(config.repo, config.arch, None)),
+            old_tree.toolchain(),
         )
         old = Evaluated(since_commit, old_eval.graph, old_eval.keys, old_tree.inputs())
         closure = opened.evaluation.graph.dependency_closure([name])
@@ -135,6 +147,7 @@ def why(args: argparse.Namespace, console: Console) -> int:
     explanation = explain(name, old, new, touches, present)
     for line in explanation.lines():
         console.print(escape(line))
+    console.print(escape(f"  built on {opened.evaluation.stages.describe()}"))
     if (
         opened.commit is None
         and old is not None

@@ -10,6 +10,7 @@ from pathlib import Path
 from portsd.build.pipeline import seed_of
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
+from portsd.pkg.repo import Repository, StoredContents
 from portsd.tree.checkout import Checkout, open_checkout
 
 
@@ -38,6 +39,7 @@ def open_tree(args: argparse.Namespace, config: Config | None, arch: str) -> Che
     cache, and keys on the seed its builds stand on (made on first use, said on stderr);
     without (``ports lint``): no cache, and keys that name no seed."""
     if config is None:
-        return open_checkout(args.tree, args.rev, None, arch, toolchain="")
+        return open_checkout(args.tree, args.rev, None, arch, toolchain="", contents={})
     seed = seed_of(config, say=lambda line: print(line, file=sys.stderr))
-    return open_checkout(args.tree, args.rev, config.cache, arch, seed.content_id)
+    contents = StoredContents(Repository(config.repo, arch, None))
+    return open_checkout(args.tree, args.rev, config.cache, arch, seed.content_id, contents)

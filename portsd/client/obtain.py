@@ -36,6 +36,7 @@ from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild, critical_path, make_plan
 from portsd.errors import PackageError, PortsdError, Unobtainable
+from portsd.pkg.archive import content_id
 from portsd.pkg.package import PortInfo, read_portinfo
 from portsd.tree.checkout import Checkout
 
@@ -164,7 +165,7 @@ class Obtainer:
                 f"with key {package.build_key[:12]} was asked for (from {origin})",
             )
         with self.lock:
-            self.store.repo.publish(path, info.meta, commit=None)
+            self.store.repo.publish(path, info.meta, content=content_id(info.files), commit=None)
             self.origins[package.build_key] = origin
 
     # -- source builds --------------------------------------------------------------------

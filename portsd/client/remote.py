@@ -126,6 +126,12 @@ class Caches:
         """The first cache that lists ``name``, and its entry."""
         return self._names.get(name)
 
+    def get(self, key: str, /) -> str | None:
+        """The content id of the package of ``key`` a verified index lists (a
+        ``portsd.core.keys.Contents``: what a checkout's keys are computed from)."""
+        found = self._keys.get(key)
+        return found[1].content if found is not None else None
+
     def by_key(self, key: str) -> Substitute | None:
         """A package built with ``key`` from a verified index (first cache first), or None."""
         found = self._keys.get(key)

@@ -10,6 +10,11 @@ which packages exist and which build key each would have, and every key is then 
 (``portsd.client.obtain``): from a cache that has that very key, else by building it. With
 no checkout, the caches' verified indexes are the catalogue. ``source = always`` ignores
 the caches; ``never`` forbids builds.
+
+A key contains the content ids of its dependencies' packages, which the caches' indexes
+and the local store give. A port whose dependency neither has is pending: before
+resolving, the dependencies the request waits for are obtained (downloaded by key, or
+built here when every cache is down), wave by wave, until every key it needs is known.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -31,12 +36,14 @@ from portsd.client.remote import Caches, SerialBook, open_caches
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import Config, load_config
+from portsd.core.keys import Contents
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
 from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
 from portsd.pkg.discover import browse, trusted_caches
 from portsd.pkg.package import read_portinfo
+from portsd.pkg.repo import StoredContents
 from portsd.pkg.sign import verify_file
 from portsd.tree.checkout import Checkout, open_checkout
 
@@ -84,15 +91,16 @@ def open_sources(
     checkout = None
     if settings.tree is not None:
         seed = seed_of(store_config(settings), reporter.warn)
+        contents = _Contents(caches, store_of(settings).contents)
         checkout = open_checkout(
-            settings.tree, None, settings.cache / "recipes", settings.arch, seed.content_id
+            settings.tree,
+            None,
+            settings.cache / "recipes",
+            settings.arch,
+            seed.content_id,
+            contents,
         )
-        graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
-        available: dict[str, PackageMeta] = {}
-        for name, key in keys.items():  # the ports this machine can build (no broken ones)
-            recipe = graph.recipe(name)
-            if recipe is not None:
-                available[name] = PackageMeta.of(recipe, key, settings.arch)
+        available = _buildable(checkout, settings.arch)
         origin = f"the ports tree {settings.tree}"
     elif settings.source is SourcePolicy.ALWAYS:
         raise ConfigError("source = always needs a ports tree to build from (tree, or --tree)")
@@ -108,6 +116,65 @@ def open_sources(
         problems = "".join(f"\n{url}: {problem}" for url, problem in caches.problems)
         sources.failure = f"no cache can be used, and no ports tree is configured{problems}"
     return sources
+
+
+class _Contents:
+    """Content ids by key: the caches' verified indexes, then the local store."""
+
+    def __init__(self, caches: Caches, store: StoredContents) -> None:
+        self.caches = caches
+        self.store = store
+
+    def get(self, key: str, /) -> str | None:
+        return self.caches.get(key) or self.store.get(key)
+
+
+def _buildable(checkout: Checkout, arch: str) -> dict[str, PackageMeta]:
+    """The ports of the checkout whose keys are known (no broken or pending ones); while
+    the tree's toolchain is short of its fixed point here, only the toolchain's."""
+    graph, keys = checkout.evaluation.graph, checkout.evaluation.keys.keys
+    scope = checkout.evaluation.stages.scope(None)
+    available: dict[str, PackageMeta] = {}
+    for name, key in keys.items():
+        if scope is not None and name not in scope:
+            continue
+        recipe = graph.recipe(name)
+        if recipe is not None:
+            available[name] = PackageMeta.of(recipe, key, arch)
+    return available
+
+
+def _settle(
+    sources: Sources, requests: Sequence[str], obtainer: Obtainer, contents: Contents
+) -> None:
+    """Obtain what the ports ``requests`` name (and what they need) wait for, wave by wave,
+    until none of them is pending: then their keys are known and they can be resolved."""
+    checkout = sources.checkout
+    if checkout is None:
+        return
+    graph = checkout.evaluation.graph
+    asked = [n for n in (Dependency.parse(r).name for r in requests) if n in graph]
+    closure = graph.runtime_closure(graph.dependency_closure(asked))
+    obtained: set[str] = set()
+    while True:
+        keys = checkout.evaluation.keys
+        waits = sorted({keys.pending[n] for n in closure if n in keys.pending})
+        if not waits or obtained.issuperset(keys.keys[n] for n in waits):
+            break  # nothing waits, or on nothing new: resolving says what is missing
+        obtained.update(keys.keys[n] for n in waits)
+        obtainer.checkout = checkout  # it builds the keys of this evaluation
+        recipes = [(name, graph.recipe(name)) for name in waits]
+        obtainer.obtain(
+            [
+                PackageMeta.of(recipe, keys.keys[name], graph.arch)
+                for name, recipe in recipes
+                if recipe is not None
+            ]
+        )
+        evaluation = checkout.evaluation.advance(checkout.evaluation.listing, {}, contents)
+        checkout = replace(checkout, evaluation=evaluation)
+    sources.checkout = checkout
+    sources.available = _buildable(checkout, graph.arch)
 
 
 async def _open_caches(
@@ -181,6 +248,11 @@ def install(
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
     current = {p.meta.name: p.meta for p in installed.db.packages()}
+    obtainer = None
+    if sources.checkout is not None and sources.checkout.evaluation.keys.pending:
+        obtainer = _obtainer(sources, reporter)
+        _settle(sources, requests, obtainer, _Contents(sources.caches, obtainer.store.contents))
+        obtainer.checkout = sources.checkout
     try:
         resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
     except ResolutionError:
@@ -193,14 +265,7 @@ def install(
     if sources.failure and not sources.files:
         raise InstallError(sources.failure)
     reporter.resolved(resolution)
-    obtainer = Obtainer(
-        sources.settings,
-        store_of(sources.settings),
-        sources.caches,
-        sources.checkout,
-        reporter,
-        sources.files,
-    )
+    obtainer = obtainer or _obtainer(sources, reporter)
     packages = obtainer.obtain([step.package for step in resolution])
     tx = installed.transaction()
     for step in resolution:
@@ -213,6 +278,17 @@ def install(
     result = tx.commit(reporter.transaction(), force=force)
     _mark_explicit(installed, requests)
     return result
+
+
+def _obtainer(sources: Sources, reporter: ClientReporter) -> Obtainer:
+    return Obtainer(
+        sources.settings,
+        store_of(sources.settings),
+        sources.caches,
+        sources.checkout,
+        reporter,
+        sources.files,
+    )
 
 
 def _mark_explicit(installed: Installed, requests: Sequence[str]) -> None:

@@ -92,7 +92,7 @@ def verify(sources: Sources, names: Sequence[str], reporter: ObtainReporter) -> 
     return verdicts
 
 
-def _keep(package: Path, meta: PackageMeta, *, into: Path) -> Path:
+def _keep(package: Path, meta: PackageMeta, content: str, *, into: Path) -> Path:
     """The package built here, kept beyond its build directory."""
     return Path(shutil.move(package, into / package.name))
 

@@ -4,8 +4,11 @@ Pure: takes listings (port name -> the id its key covers: its directory's tree i
 a port with ``path`` sources the combined id of ``Tree.inputs()``) and recipes, returns
 values. The first evaluation of a tree builds everything; each next commit's evaluation is
 derived from the previous one and the ports whose ids changed (``Graph.updated``
-re-resolves only what those changes can affect, ``KeySet.compute`` recomputes only their
-reverse closure), and gives exactly the keys a full evaluation would.
+re-resolves only what those changes can affect, ``KeySet.compute`` re-examines only their
+dependents whose inputs differ), and gives exactly the keys a full evaluation would.
+
+Keys contain the content ids of the dependencies' packages (``Contents``), so the same
+commit is advanced again each time packages appear: the ports waiting on them get keys.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from portsd.core.graph import Graph, PortChange
-from portsd.core.keys import KeySet
+from portsd.core.keys import Contents, KeySet
 from portsd.core.recipe import Recipe
+from portsd.core.toolchain import Stages, ToolchainSpec, compute_stages
 from portsd.errors import RecipeError
+
+SAME = "same"  # ``advance``: the toolchain spec did not change
 
 
 @dataclass(frozen=True, slots=True)
 class Evaluation:
-    """One commit's ports tree evaluated for one architecture.
+    """One commit's ports tree evaluated for one architecture: its graph, and the stages of
+    its toolchain with their keys (``keys``: the current stage's; with no toolchain
+    declared, the one stage on the seed).
 
     ``changed`` holds the ports whose ids differ from the evaluation this one was advanced
     from (empty for a full evaluation).
@@ -29,8 +37,13 @@ class Evaluation:
 
     listing: Mapping[str, str]
     graph: Graph
-    keys: KeySet
+    stages: Stages
+    seed: str
     changed: frozenset[str] = frozenset()
+
+    @property
+    def keys(self) -> KeySet:
+        return self.stages.current.keys
 
     @classmethod
     def full(
@@ -38,17 +51,30 @@ class Evaluation:
         listing: Mapping[str, str],
         ports: Mapping[str, Recipe | RecipeError],
         arch: str,
-        toolchain: str,
+        seed: str,
+        contents: Contents,
+        toolchain: ToolchainSpec | None = None,
     ) -> Evaluation:
         """Evaluate a whole tree: ``ports`` maps every name of ``listing`` to its parse;
-        ``toolchain`` is the content id of what every build stands on (the seed)."""
+        ``seed`` is the content id of the bootstrap seed every build stands on;
+        ``contents`` the content ids of the packages built so far, by key; ``toolchain``
+        what the tree's ``toolchain.toml`` declares (None: no file, the seed alone)."""
         if ports.keys() != listing.keys():
             raise ValueError("every port of the listing needs its recipe or error, and no others")
         graph = Graph.build(ports, arch)
-        return cls(listing, graph, KeySet.compute(graph, listing, toolchain))
+        stages = compute_stages(graph, listing, seed, toolchain, contents)
+        return cls(listing, graph, stages, seed)
 
-    def advance(self, listing: Mapping[str, str], changes: Mapping[str, PortChange]) -> Evaluation:
-        """The evaluation of the next commit.
+    def advance(
+        self,
+        listing: Mapping[str, str],
+        changes: Mapping[str, PortChange],
+        contents: Contents,
+        toolchain: ToolchainSpec | None | str = SAME,
+    ) -> Evaluation:
+        """The evaluation of the next commit, or of the same one (no ``changes``) now that
+        more packages are built: ``contents`` must hold every content id it held before;
+        ``toolchain``: the next commit's spec, if it changed.
 
         ``changes`` maps every port whose id differs between ``self.listing`` and
         ``listing`` (added, edited or removed) to its new recipe, its ``RecipeError``, or
@@ -62,13 +88,18 @@ class Evaluation:
                 raise ValueError(
                     f"{name}: {state} but {'still' if change is None else 'not'} in the new listing"
                 )
-        if not changes:
-            return Evaluation(listing, self.graph, self.keys)
+        spec = self.stages.spec if isinstance(toolchain, str) else toolchain
+        previous: Stages | None = self.stages if spec == self.stages.spec else None
+        if not changes and previous is not None:
+            if self.stages.converged and not any(
+                contents.get(self.keys.keys[name]) for name in self.keys.unbuilt
+            ):
+                return Evaluation(listing, self.graph, self.stages, self.seed)
+            stages = compute_stages(self.graph, listing, self.seed, spec, contents, previous)
+            return Evaluation(listing, self.graph, stages, self.seed)
         graph, affected = self.graph.updated(changes)
-        keys = KeySet.compute(
-            graph, listing, self.keys.toolchain, previous=self.keys, affected=affected
-        )
-        return Evaluation(listing, graph, keys, frozenset(changes))
+        stages = compute_stages(graph, listing, self.seed, spec, contents, previous, affected)
+        return Evaluation(listing, graph, stages, self.seed, frozenset(changes))
 
 
 def changes_between(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str | None]:

@@ -3,9 +3,11 @@
 Pure: it compares two evaluations of the tree (an earlier revision and the current one)
 and is told, for each port, the commits that touched its directory in between. A port's
 key changes exactly when its own directory changed, when one of its dependencies now
-resolves to another port, or when the key of something in its build root changed; the
+resolves to another port, or when the content of something in its build root changed; the
 explanation names each root cause and the dependency edges through which it reaches the
-port.
+port. A dependency rebuilt with a new key but identical content changes nothing above it:
+the explanation says where such a cascade was cut off. A port whose key waits for a
+dependency's package says which.
 """
 
 from __future__ import annotations
@@ -56,12 +58,20 @@ class Explanation:
     causes: tuple[Cause, ...]
     blocked: str | None = None
     compared: bool = True  # False: no earlier revision to compare with
+    waits_for: str | None = None  # pending: the build whose package its key needs
+    cut_off: tuple[str, ...] = ()  # dependencies rebuilt identical: the cascade stopped
 
     def lines(self) -> list[str]:
         """Human-readable lines, the first a verdict."""
         if self.blocked is not None:
             return [f"{self.port} cannot be built: {self.blocked}"]
+        if self.waits_for is not None:
+            return [
+                f"{self.port} is pending: its key needs the package of {self.waits_for}, "
+                f"and it is rebuilt only if that comes out different"
+            ]
         assert self.key is not None
+        cut = [f"  cut off: {name} rebuilt identical" for name in self.cut_off]
         short = self.key[:12]
         if self.present:
             lines = [f"{self.port} is up to date: key {short} is in the repository"]
@@ -76,6 +86,7 @@ class Explanation:
             ]
         else:
             lines = [f"{self.port} must be rebuilt: key {self.old_key[:12]} -> {short}"]
+        lines += cut
         for cause in self.causes:
             lines.append(f"  {cause.what}")
             for touch in cause.touches:
@@ -98,15 +109,37 @@ def explain(
     old_key = old.keys.key(port) if old else None
     blocked = new.keys.blocked.get(port)
     if key is None:
+        waits = new.keys.pending.get(port)
+        if waits is not None:
+            return Explanation(port, None, old_key, False, (), waits_for=waits)
         reason = str(blocked).splitlines()[0] if blocked else "it is not available for this arch"
         return Explanation(port, None, old_key, False, (), blocked=reason)
     causes: list[Cause] = []
-    if old is not None and old_key != key:
-        for origin, path in _paths_down(new.graph, port).items():
-            what = _own_change(origin, old, new)
-            if what is not None:
-                causes.append(Cause(origin, what, tuple(touches.get(origin, ())), path))
-    return Explanation(port, key, old_key, key in present, tuple(causes), compared=old is not None)
+    cut_off: list[str] = []
+    if old is not None:
+        paths = _paths_down(new.graph, port)
+        if old_key != key:
+            for origin, path in paths.items():
+                what = _own_change(origin, old, new)
+                if what is not None:
+                    causes.append(Cause(origin, what, tuple(touches.get(origin, ())), path))
+        cut_off = [name for name in sorted(paths) if name != port and _identical(name, old, new)]
+    return Explanation(
+        port,
+        key,
+        old_key,
+        key in present,
+        tuple(causes),
+        compared=old is not None,
+        cut_off=tuple(cut_off),
+    )
+
+
+def _identical(name: str, old: Evaluated, new: Evaluated) -> bool:
+    """Whether ``name`` was rebuilt (a new key) and came out with the content it had."""
+    before, after = old.keys.key(name), new.keys.key(name)
+    content = new.keys.contents.get(name)
+    return before != after and content is not None and old.keys.contents.get(name) == content
 
 
 def _own_change(name: str, old: Evaluated, new: Evaluated) -> str | None:

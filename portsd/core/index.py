@@ -6,9 +6,11 @@ On the wire an index is a zstd frame (with checksum) holding one msgpack map::
 
     {format, arch, serial, generated, expires, commit, packages: [entry, ...]}
 
-and each entry a map ``{name, version, release, arch, key, file, size, sha256, summary,
-license, depends, provides, conflicts, installed_size, sonames}``: the package's facts
-(``portsd.core.metadata``, the build key under ``key``) and the file holding it. Maps are
+and each entry a map ``{name, version, release, arch, key, file, size, sha256, content,
+summary, license, depends, provides, conflicts, installed_size, sonames}``: the package's
+facts (``portsd.core.metadata``, the build key under ``key``), the file holding it, and
+its content id (``content``: the digest of its file manifest, what its dependents' keys
+contain, so a client computes keys from a ports checkout and an index). Maps are
 written with their keys in that fixed order and packages sorted by name, so equal indexes
 encode to equal bytes. The same map is an entry's record in a repository's key store and
 the substituter's JSON answer.
@@ -50,9 +52,9 @@ from portsd.core.recipe import NAME_PATTERN
 from portsd.core.version import VERSION_PATTERN
 from portsd.errors import IndexExpired, RepoError, RollbackDetected
 
-FORMAT = 2
+FORMAT = 3
 """The index format this module writes and reads; bumped on an incompatible change
-(2: ``sonames``)."""
+(2: ``sonames``; 3: ``content``)."""
 
 MAX_INDEX_BYTES = 256 << 20
 """Refuse to inflate an index past this: a tiny hostile frame must not exhaust memory."""
@@ -71,12 +73,14 @@ def _check_file(field: str, value: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
-    """One package of an index: its facts and the file holding it (in ``packages/``)."""
+    """One package of an index: its facts, the file holding it (in ``packages/``) and
+    its content id (``portsd.pkg.archive.content_id`` of its files)."""
 
     meta: PackageMeta
     file: str
     size: int
     sha256: str
+    content: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.meta, PackageMeta):
@@ -84,6 +88,7 @@ class IndexEntry:
         _check_file("file", self.file)
         check_int("size", self.size)
         check_str("sha256", self.sha256, HEX64)
+        check_str("content", self.content, HEX64)
 
 
 ENTRY_LAYOUT = MetaLayout(
@@ -96,6 +101,7 @@ ENTRY_LAYOUT = MetaLayout(
         "file",
         "size",
         "sha256",
+        "content",
         "summary",
         "license",
         "depends",
@@ -225,7 +231,7 @@ def check_fresh(index: Index, *, last_serial: int | None, now: int, label: str) 
 
 def entry_map(entry: IndexEntry) -> dict[str, Any]:
     """``entry`` as the map an index holds (tuples for lists: msgpack and json take both)."""
-    return ENTRY_LAYOUT.encode(entry.meta, (entry.file, entry.size, entry.sha256))
+    return ENTRY_LAYOUT.encode(entry.meta, (entry.file, entry.size, entry.sha256, entry.content))
 
 
 def entry_from_map(raw: object) -> IndexEntry:
@@ -324,11 +330,11 @@ class _UnfrozenEntry:
 
 _STRINGS_OK = re.compile(
     f"(?:{NAME_PATTERN.pattern})\0(?:{VERSION_PATTERN.pattern})\0"
-    f"(?:{HEX64.pattern})\0(?:{HEX64.pattern})\0"
+    f"(?:{HEX64.pattern})\0(?:{HEX64.pattern})\0(?:{HEX64.pattern})\0"
     r"[^./\0][^/\0]{0,254}"  # _check_file: not empty or hidden, no '/' or NUL, <= 255
 ).fullmatch
-"""name, version, key, sha256 and file joined by NULs, which none of them may hold: one
-match instead of five (a call costs more than the characters it reads)."""
+"""name, version, key, sha256, content and file joined by NULs, which none of them may hold:
+one match instead of six (a call costs more than the characters it reads)."""
 _arch_ok = ARCH_PATTERN.fullmatch
 _soname_ok = SONAME_PATTERN.fullmatch
 
@@ -361,15 +367,16 @@ class _EntryReader:
 
     def valid(self, values: tuple[Any, ...]) -> bool:
         """Whether the entry of ``values`` would be accepted (False: it may or may not)."""
-        (name, version, release, arch, key, file, size, sha256, summary, license_) = values[:10]
-        depends, provides, conflicts, installed_size, sonames = values[10:]
+        (name, version, release, arch, key, file, size, sha256, content) = values[:9]
+        summary, license_, depends, provides, conflicts, installed_size, sonames = values[9:]
         return (
             type(name) is str
             and type(version) is str
             and type(key) is str
             and type(sha256) is str
             and type(file) is str
-            and _STRINGS_OK(f"{name}\0{version}\0{key}\0{sha256}\0{file}") is not None
+            and type(content) is str
+            and _STRINGS_OK(f"{name}\0{version}\0{key}\0{sha256}\0{content}\0{file}") is not None
             and type(release) is int
             and 0 <= release <= INT_MAX
             and type(size) is int
@@ -429,6 +436,7 @@ def _trusted_entry(values: tuple[Any, ...]) -> IndexEntry:
         entry.file,
         entry.size,
         entry.sha256,
+        entry.content,
         meta.summary,
         meta.license,
         meta.depends,
@@ -453,7 +461,7 @@ def _entry_from_map(raw: object, where: str) -> IndexEntry:
         prefix = f"{where}({name})."
     try:
         meta = ENTRY_LAYOUT.decode(raw)
-        own = {key: _field(raw, key, "") for key in ("file", "size", "sha256")}
+        own = {key: _field(raw, key, "") for key in ("file", "size", "sha256", "content")}
         return IndexEntry(meta, **own)
     except InvalidField as error:
         raise InvalidField(prefix + error.field, error.message) from None

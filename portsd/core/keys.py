@@ -5,20 +5,29 @@ A port's key is the sha256 of a canonical msgpack encoding of
     ["portsd-build-key", BUILDER_FORMAT, arch, tree id of ports/<name>,
      [sha256 of each url source, in recipe order],
      content id of the toolchain every build stands on (the bootstrap seed),
-     [[name, key] of every port in its build root, sorted by name]]
+     [[name, content id] of every port in its build root, sorted by name]]
 
 where the build root is the port's runtime, build and check dependencies plus their
-runtime dependencies, transitively. Keys nest, so a change anywhere below a port changes
-its key; identical inputs give identical keys on every machine.
+runtime dependencies, transitively, and a dependency's content id is the digest of its
+package's files (``portsd.pkg.archive.content_id``), not of its own key or metadata. So a
+rebuild that comes out identical (a comment, a bumped ``release``) changes no key above
+it: the cascade is cut off there (early cutoff).
 
-``KeySet.compute`` evaluates a whole tree; given the previous commit's ``KeySet`` and the
-ports whose graph facts changed, it recomputes only those and their reverse closure.
+The price: a port's key is known only once every port of its build root has a package.
+Until then it is **pending** on the dependency it waits for, and a plan is "at most these":
+the pending ports may or may not need a build, which only the dependency's content tells.
+
+``KeySet.compute`` evaluates a whole tree; given the previous ``KeySet`` and the ports
+whose graph facts changed, it re-examines only those, the ports waiting on a dependency
+whose content has become known, and, from there, only the dependents whose inputs came
+out different.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import msgpack
 
@@ -26,8 +35,15 @@ from portsd.core.graph import Graph, PortProblem
 from portsd.core.recipe import DepKind
 from portsd.errors import BrokenDependency
 
-BUILDER_FORMAT = 3
-"""Bumped whenever the builder changes how the same inputs turn into a package."""
+BUILDER_FORMAT = 4
+"""Bumped whenever the builder changes how the same inputs turn into a package
+(4: dependencies enter keys by content id)."""
+
+
+class Contents(Protocol):
+    """Content ids of built packages by build key: a repository's records, an index."""
+
+    def get(self, key: str, /) -> str | None: ...
 
 
 def build_key(
@@ -37,7 +53,7 @@ def build_key(
     toolchain: str,
     build_root: Iterable[tuple[str, str]],
 ) -> str:
-    """The key of one port from its inputs; ``build_root`` pairs are (name, build key)."""
+    """The key of one port from its inputs; ``build_root`` pairs are (name, content id)."""
     return _key(msgpack.packb, tree_id, list(sources), arch, toolchain, sorted(build_root))
 
 
@@ -55,14 +71,31 @@ def _key(
 
 
 class KeySet:
-    """The build key of every buildable port of a tree, and why the others have none."""
+    """The build key of every port whose inputs are known, what the others wait for (or
+    why they cannot be built), and the content ids the keys were computed from."""
 
-    __slots__ = ("keys", "blocked", "toolchain", "_closures", "_pack")
+    __slots__ = (
+        "keys",
+        "blocked",
+        "pending",
+        "contents",
+        "unbuilt",
+        "toolchain",
+        "_closures",
+        "_pack",
+    )
 
     def __init__(self, toolchain: str) -> None:
         self.toolchain = toolchain
         self.keys: dict[str, str] = {}
         self.blocked: dict[str, PortProblem] = {}
+        self.pending: dict[str, str] = {}
+        """port -> the keyed, unbuilt port whose package it waits for (its own dependency,
+        or the one a dependency waits for)"""
+        self.contents: dict[str, str] = {}
+        """port -> content id of the package of its key, for the keyed ports built"""
+        self.unbuilt: set[str] = set()
+        """keyed ports without a package (yet): what pending ports wait for"""
         # runtime closures, memoised per evaluation: many ports share deep dependencies
         self._closures: dict[str, frozenset[str]] = {}
         self._pack = msgpack.Packer().pack  # one packer for all keys: packb makes one per call
@@ -73,50 +106,129 @@ class KeySet:
         graph: Graph,
         tree_ids: Mapping[str, str],
         toolchain: str,
+        contents: Contents,
         previous: KeySet | None = None,
         affected: Iterable[str] = (),
     ) -> KeySet:
-        """Keys for every port of ``graph``, built on the toolchain of content id ``toolchain``.
+        """Keys for every port of ``graph`` whose build root is built, on the toolchain
+        of content id ``toolchain``; ``contents`` gives the content id of a built key.
 
         With ``previous`` (of the same toolchain), only ``affected`` ports (those whose tree
-        id or graph facts changed, removed ports included) and everything depending on them
-        are recomputed; the rest is carried over.
+        id or graph facts changed, removed ports included), the ports whose package has
+        appeared since (``previous.unbuilt`` now in ``contents``) and the dependents whose
+        inputs differ in turn are re-examined; the rest is carried over. ``contents`` must
+        only grow between the two: a package, once built, keeps its content id.
         """
         result = cls(toolchain)
         if previous is None or previous.toolchain != toolchain:
-            todo = set(graph.names())
-        else:
-            affected = set(affected)
-            todo = graph.reverse_closure(name for name in affected if name in graph)
-            # Copy everything and drop what is stale: copying a dict is a memcpy, where
-            # filtering 30,000 names in Python took longer than the rest of a small commit.
-            result.keys = dict(previous.keys)
-            result.blocked = dict(previous.blocked)
-            result._closures = dict(previous._closures)
-            for name in todo | affected:
-                result.keys.pop(name, None)
-                result.blocked.pop(name, None)
-                result._closures.pop(name, None)
-        for name in graph.order(todo):
-            result._evaluate(graph, name, tree_ids[name])
+            names = set(graph.names())
+            result._propagate(graph, tree_ids, contents, names, names, cls(toolchain))
+            return result
+        affected = set(affected)
+        removed = {name for name in affected if name not in graph}
+        affected -= removed
+        built = {name for name in previous.unbuilt - removed if contents.get(previous.keys[name])}
+        # Copy everything and mend what is stale: copying a dict is a memcpy, where
+        # filtering 30,000 names in Python took longer than the rest of a small commit.
+        result.keys = dict(previous.keys)
+        result.blocked = dict(previous.blocked)
+        result.pending = dict(previous.pending)
+        result.contents = dict(previous.contents)
+        result.unbuilt = set(previous.unbuilt)
+        result._closures = dict(previous._closures)
+        for name in graph.reverse_closure(affected) if affected else ():
+            result._closures.pop(name, None)  # runtime closures follow the graph's edges
+        for name in removed:
+            result._forget(name)
+        seeds = affected | built
+        todo = graph.reverse_closure(seeds)
+        result._propagate(graph, tree_ids, contents, seeds, todo, previous)
         return result
 
-    def _evaluate(self, graph: Graph, name: str, tree_id: str) -> None:
+    def _propagate(
+        self,
+        graph: Graph,
+        tree_ids: Mapping[str, str],
+        contents: Contents,
+        seeds: set[str],
+        todo: set[str],
+        previous: KeySet,
+    ) -> None:
+        """Re-examine ``seeds``, then, dependencies first, each port of ``todo`` depending
+        on a port whose state came out different: where a state is unchanged, the cascade
+        stops."""
+        changed: set[str] = set()
+        done: set[str] = set()
+
+        def visit(name: str) -> None:
+            done.add(name)
+            targets = [e.target for e in graph.edges(name)]
+            # ``order`` puts the dependents of a cycle after it, in name order: a
+            # dependency not yet seen is examined first, so no stale state is read
+            for target in targets:
+                if target in todo and target not in done:
+                    visit(target)
+            if name in seeds:  # re-examined whatever it depends on, and changed by definition
+                self._forget(name)
+                self._evaluate(graph, name, tree_ids[name], contents)
+                changed.add(name)
+            elif not changed.isdisjoint(targets):
+                before = previous._state(name)
+                self._forget(name)
+                self._evaluate(graph, name, tree_ids[name], contents)
+                if self._state(name) != before:
+                    changed.add(name)
+
+        for name in graph.order(todo):
+            if name not in done:
+                visit(name)
+
+    def _state(self, name: str) -> tuple[str | None, str | None, str | None, str | None]:
+        problem = self.blocked.get(name)
+        return (
+            self.keys.get(name),
+            self.contents.get(name),
+            self.pending.get(name),
+            None if problem is None else str(problem),
+        )
+
+    def _forget(self, name: str) -> None:
+        self.keys.pop(name, None)
+        self.blocked.pop(name, None)
+        self.pending.pop(name, None)
+        self.contents.pop(name, None)
+        self.unbuilt.discard(name)
+
+    def _evaluate(self, graph: Graph, name: str, tree_id: str, contents: Contents) -> None:
         problem = graph.problem(name)
         recipe = graph.recipe(name)
         if recipe is None or problem is not None:
             if problem is not None:
                 self.blocked[name] = problem
             return
-        build_root = self.build_root(graph, name)
-        keys = self.keys
-        for dep in build_root:
-            if dep not in keys:
+        # Every dependency's own build root is in this one, so the direct dependencies
+        # decide: one blocked blocks this port, one without a package makes it wait.
+        waits = None
+        targets = sorted({edge.target for edge in graph.edges(name)})
+        for dep in targets:
+            if dep in self.blocked or (dep not in self.keys and dep not in self.pending):
                 self.blocked[name] = self._blocked_by(name, dep)
                 return
+            if waits is None and dep not in self.contents:
+                waits = self.pending.get(dep, dep)
+        if waits is not None:
+            self.pending[name] = waits
+            return
+        build_root = self.build_root(graph, name)
         sources = [s.sha256 for s in recipe.sources if s.url is not None and s.sha256]
-        pairs = [(dep, keys[dep]) for dep in build_root]  # sorted: build_root is
-        keys[name] = _key(self._pack, tree_id, sources, graph.arch, self.toolchain, pairs)
+        pairs = [(dep, self.contents[dep]) for dep in build_root]  # sorted: build_root is
+        key = _key(self._pack, tree_id, sources, graph.arch, self.toolchain, pairs)
+        self.keys[name] = key
+        content = contents.get(key)
+        if content is None:
+            self.unbuilt.add(name)
+        else:
+            self.contents[name] = content
 
     def _blocked_by(self, name: str, dep: str) -> BrokenDependency:
         cause = self.blocked.get(dep)

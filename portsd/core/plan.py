@@ -2,7 +2,9 @@
 
 A plan covers the wanted ports and, transitively, whatever they need to build. A port is
 planned exactly when it has a key and that key is not yet in the repository; a port
-without a key is reported as blocked with the reason, and everything else goes ahead.
+waiting for a dependency's package to know its key is **pending** (it is built after
+that dependency only if the dependency's content changed: a plan is "at most these"); a
+port that cannot be built is reported as blocked with the reason.
 
 A failed build skips the planned builds that need it, directly or not, and nothing else
 (``skips``): the one rule for a failure seen during a run and for one remembered from an
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Container, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph, PortProblem
 from portsd.core.keys import KeySet
+from portsd.errors import BrokenDependency
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +35,13 @@ class PlannedBuild:
 
 @dataclass(frozen=True, slots=True)
 class BuildPlan:
-    """Builds in dependency order, plus the ports that cannot be built and why."""
+    """Builds in dependency order, the ports that may need a build once those are done
+    (``pending``: port -> the planned build it waits for), and those that cannot be built."""
 
     builds: tuple[PlannedBuild, ...]
     blocked: Mapping[str, PortProblem] = field(default_factory=dict)
     up_to_date: frozenset[str] = frozenset()
+    pending: Mapping[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.builds)
@@ -84,20 +89,24 @@ def make_plan(
     missing: set[str]
     blocked: dict[str, PortProblem]
     up_to_date: set[str]
+    waiting: list[str]
     if wanted is None:
         # The whole tree: ``keys`` already covers it (edges only lead to supported ports),
         # and set operations beat walking 30,000 names on every push.
         missing = {name for name, key in keys.keys.items() if key not in present}
         up_to_date = keys.keys.keys() - missing
         blocked = dict(keys.blocked)
+        waiting = list(keys.pending)  # copied below: plans outlive the next evaluation
     else:
-        missing, blocked, up_to_date = set(), {}, set()
+        missing, blocked, up_to_date, waiting = set(), {}, set(), []
         for name in graph.dependency_closure(n for n in wanted if graph.supported(n)):
             key = keys.keys.get(name)
             if key is None:
                 problem = keys.blocked.get(name)
                 if problem is not None:
                     blocked[name] = problem
+                elif name in keys.pending:
+                    waiting.append(name)
             elif key in present:
                 up_to_date.add(name)
             else:
@@ -110,7 +119,40 @@ def make_plan(
         PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
         for name in _order(needs)
     )
-    return BuildPlan(builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date))
+    pending = {name: keys.pending[name] for name in waiting}
+    return BuildPlan(
+        builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date), pending=pending
+    )
+
+
+def staged_plan(
+    evaluation: Evaluation, present: Container[str], wanted: Iterable[str] | None
+) -> BuildPlan:
+    """``make_plan`` of the evaluation's current stage: until the tree's toolchain reaches
+    its fixed point, only the toolchain is planned, and every other port (of ``wanted``)
+    waits for it, pending on one of its unbuilt ports."""
+    stages = evaluation.stages
+    graph = evaluation.graph
+    plan = make_plan(graph, evaluation.keys, present, stages.scope(wanted))
+    if stages.converged:
+        return plan
+    building = [b.name for b in plan.builds] or sorted(plan.pending.values())
+    names = graph.dependency_closure(wanted) if wanted is not None else graph.names()
+    others = [
+        name
+        for name in names
+        if name not in stages.members and graph.supported(name) and graph.problem(name) is None
+    ]
+    if not building:  # the toolchain is stuck: a port of it cannot be built
+        stuck = min(plan.blocked, default="")
+        blocked = {
+            name: evaluation.keys.blocked.get(name)
+            or BrokenDependency(name, stuck, "the tree's toolchain cannot be built")
+            for name in others
+        }
+        return replace(plan, blocked={**blocked, **plan.blocked})
+    waiting = dict.fromkeys(others, building[0])
+    return BuildPlan(plan.builds, plan.blocked, plan.up_to_date, {**waiting, **plan.pending})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +169,7 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
     """Sort the ports of ``evaluation``: ``present`` holds the keys the repository has,
     ``failed`` the remembered failures (build key -> what went wrong). A failed key is not
     built again (it is blocked, its dependents doomed) until it changes or is forgotten."""
-    plan = make_plan(evaluation.graph, evaluation.keys, present)
+    plan = staged_plan(evaluation, present, None)
     failures = {b.name: failed[b.key] for b in plan.builds if b.key in failed}
     doomed = skips(plan, failures)
     dropped = failures.keys() | {skip.build.name for skip in doomed}
@@ -135,8 +177,12 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
         builds=tuple(b for b in plan.builds if b.name not in dropped),
         blocked=plan.blocked,
         up_to_date=plan.up_to_date,
+        pending={name: dep for name, dep in plan.pending.items() if dep not in dropped},
     )
     blocked = {name: _first_line(str(problem)) for name, problem in plan.blocked.items()}
+    for name, dep in plan.pending.items():
+        if dep in dropped:
+            blocked[name] = f"waits for the package of {dep}, which cannot be built now"
     for name, detail in failures.items():
         blocked[name] = (
             "failed before, not retried until it changes or `portsd rebuild` asks: "

@@ -55,6 +55,9 @@ class EngineStatus:
     blocked: int = 0  # ports of the evaluated commit that cannot be built
     seed: str = ""  # content id of the bootstrap seed every build stands on
     cluster: ClusterStatus | None = None  # None: builds run on the daemon's machine
+    pending: int = 0  # ports whose key waits for a planned build's package
+    cut_off: tuple[str, ...] = ()  # ports of this head once pending, found up to date
+    toolchain: str = ""  # what the current keys build on: the seed, or a stage of the tree's
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class PlanNode:
     key: str | None
     state: BuildState | None  # None: up to date (nothing to do)
     reason: str = ""  # why it is planned, or why it cannot be built
+    pending: str | None = None  # the planned build whose package its key waits for
+    cut_off: bool = False  # was pending, and its dependency's rebuild came out identical
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,12 @@ sqlite and hands it to the scheduler, which keeps still-wanted running builds an
 cancels the rest. A build that fails is remembered by key and not retried until its key
 changes or someone asks; its dependents are skipped with the reason.
 
+Keys contain the content ids of the dependencies' packages, so the ports above a planned
+build are pending until it is done: each finished build wakes the loop like a push, and
+the same head is evaluated again with the new package's content id. A rebuild that came
+out identical leaves its dependents' keys as they were, already in the repository, and
+nothing downstream is built (cut off).
+
 Blocking work (git, parsing, sqlite, builds) never runs on the event loop.
 """
 
@@ -63,6 +69,7 @@ STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's 
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
 IN_FLIGHT = 256  # threads waiting on a cluster's builds: its most build slots
 SLOTS_EVERY = 1.0  # seconds between looks at a cluster's build slots
+BUILT = "built"  # likewise: a package appeared, the ports waiting on it can be keyed
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,9 @@ class _Evaluated:
     tree: Tree
     triaged: Triage
     wanted: frozenset[str]  # keys handed to the scheduler
+    cut_off: frozenset[str]  # ports of this head once pending, then found up to date
+    base: tuple[Revision, Tree] | None  # the last evaluation of an earlier commit: what
+    # this head's builds are explained against, in every wave
 
 
 class Daemon:
@@ -190,7 +200,8 @@ class Daemon:
                 return
             self._wake.clear()
             sources, self._sources = self._sources, set()
-            forced = REBUILD in sources  # evaluate again even if the head has not moved
+            # evaluate again even if the head has not moved
+            forced = REBUILD in sources or BUILT in sources
             self._evaluating = True
             try:
                 await self.loop.run_in_executor(
@@ -269,10 +280,19 @@ class Daemon:
                 evaluation_id, [], blocked=len(triaged.blocked), error=STOPPED
             )
             return
-        rows = self._hand_over(evaluation_id, revision, tree, triaged, again=lost)
+        cut_off = frozenset(
+            name
+            for name in (previous.triaged.wanted.pending if previous is not None else ())
+            if name in triaged.plan.up_to_date
+        )
+        base = (previous.revision, previous.tree) if previous is not None else None
+        if previous is not None and previous.revision.commit == head:
+            cut_off |= previous.cut_off
+            base = previous.base
+        rows = self._hand_over(evaluation_id, revision, tree, triaged, cut_off, base, again=lost)
         lap("record")
         # Off the critical path: builds are already starting.
-        reasons = self._reasons(previous, revision, tree, triaged.wanted, present)
+        reasons = self._reasons(base, revision, tree, triaged.wanted, present)
         self.state.explain({row.id: reasons[row.port] for row in rows if row.port in reasons})
         lap("explain")
         self._save_cache(force=previous is None)
@@ -301,6 +321,8 @@ class Daemon:
         revision: Revision,
         tree: Tree,
         triaged: Triage,
+        cut_off: frozenset[str],
+        base: tuple[Revision, Tree] | None,
         *,
         again: frozenset[str],
     ) -> list[BuildRow]:
@@ -340,7 +362,7 @@ class Daemon:
                 key: self._revisions[key] for key in running_keys if key in self._revisions
             }
             self._durations = self.state.durations()
-            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep)
+            self._latest = _Evaluated(evaluation_id, revision, tree, triaged, keep, cut_off, base)
             self._priority = critical_path(triaged.wanted, self._durations)
             self.scheduler.submit(triaged.wanted, self._priority, again=again)
         return rows
@@ -359,11 +381,18 @@ class Daemon:
         if previous is None:
             tree = self.loader.load(GitSnapshot(self.git, head))
             evaluation = Evaluation.full(
-                tree.inputs(), tree.recipes(), self.config.arch, self.workspace.seed.content_id
+                tree.inputs(),
+                tree.recipes(),
+                self.config.arch,
+                self.workspace.seed.content_id,
+                self.workspace.contents,
+                tree.toolchain(),
             )
         else:
             tree = self.loader.advance(previous.tree, head)
-            evaluation = previous.revision.evaluation.advance(tree.inputs(), tree.changed_ports())
+            evaluation = previous.revision.evaluation.advance(
+                tree.inputs(), tree.changed_ports(), self.workspace.contents, tree.toolchain()
+            )
         return tree, evaluation
 
     def _republish(self, revision: Revision, plan: BuildPlan, tree: Tree) -> frozenset[str]:
@@ -393,7 +422,7 @@ class Daemon:
 
     def _reasons(
         self,
-        previous: _Evaluated | None,
+        base: tuple[Revision, Tree] | None,
         revision: Revision,
         tree: Tree,
         plan: BuildPlan,
@@ -401,14 +430,14 @@ class Daemon:
     ) -> dict[str, str]:
         old = None
         touches: dict[str, list[Touch]] = {}
-        if previous is not None:
-            before = previous.revision
-            old = Evaluated(before.commit or "", before.graph, before.keys, previous.tree.inputs())
-            changed = [n for n, t in tree.listing.items() if previous.tree.listing.get(n) != t]
+        if base is not None:
+            before, before_tree = base
+            old = Evaluated(before.commit or "", before.graph, before.keys, before_tree.inputs())
+            changed = [n for n, t in tree.listing.items() if before_tree.listing.get(n) != t]
             if changed and before.commit and revision.commit:
                 known = [
                     (loaded.snapshot.commit, loaded.snapshot.ports())
-                    for loaded in (previous.tree, tree)
+                    for loaded in (before_tree, tree)
                     if isinstance(loaded.snapshot, GitSnapshot)
                 ]
                 history = self.git.history(
@@ -522,6 +551,8 @@ class Daemon:
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
         )
+        if result.outcome is Outcome.BUILT:
+            self.trigger(BUILT)  # the ports waiting on this package can be keyed now
 
     # -- views -----------------------------------------------------------------------------
 
@@ -548,6 +579,9 @@ class Daemon:
             eta=self._eta(queued, running),
             blocked=len(latest.triaged.blocked) if latest else 0,
             seed=self.workspace.seed.content_id,
+            pending=len(latest.triaged.wanted.pending) if latest else 0,
+            cut_off=tuple(sorted(latest.cut_off)) if latest else (),
+            toolchain=latest.revision.evaluation.stages.describe() if latest else "",
             cluster=self._cluster_status(),
         )
 
@@ -587,7 +621,8 @@ class Daemon:
         graph = latest.revision.graph
         rows = {row.key: row for row in self.state.builds(evaluation=latest.id, limit=100000)}
         planned = {b.name for b in latest.triaged.plan.builds}
-        names = set(planned) | set(latest.triaged.blocked)
+        pending = latest.triaged.wanted.pending
+        names = set(planned) | set(latest.triaged.blocked) | set(pending) | latest.cut_off
         for name in list(planned):
             names.update(edge.target for edge in graph.edges(name))
         nodes = []
@@ -599,7 +634,20 @@ class Daemon:
                 active = self.state.build(self._rows[key])
                 state = active.state if active else None
             reason = (row.reason if row else "") or latest.triaged.blocked.get(name, "")
-            nodes.append(PlanNode(port=name, key=key, state=state, reason=reason))
+            if name in pending:
+                reason = f"its key waits for the package of {pending[name]}"
+            elif name in latest.cut_off:
+                reason = "cut off: the build it waited for came out identical"
+            nodes.append(
+                PlanNode(
+                    port=name,
+                    key=key,
+                    state=state,
+                    reason=reason,
+                    pending=pending.get(name),
+                    cut_off=name in latest.cut_off,
+                )
+            )
         edges = tuple(
             (name, edge.target, edge.kind.value)
             for name in sorted(names)

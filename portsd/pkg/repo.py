@@ -252,9 +252,15 @@ class Repository:
     # -- writing ---------------------------------------------------------------------------
 
     def publish(
-        self, package: str | os.PathLike[str], meta: PackageMeta, *, commit: str | None
+        self,
+        package: str | os.PathLike[str],
+        meta: PackageMeta,
+        *,
+        content: str,
+        commit: str | None,
     ) -> IndexEntry:
-        """Move ``package`` into the repository and publish a new index that lists it.
+        """Move ``package`` (of content id ``content``) into the repository and publish a
+        new index that lists it.
 
         The entry replaces any entry of the same name. If the repository already holds a
         package for ``meta.build_key``, that one is published and ``package`` is discarded (the
@@ -277,10 +283,10 @@ class Repository:
         with _os_errors(self.path), self._locked():
             self._recover()
             target = self.packages_path / filename
-            entry = self._stored(meta, target, size, sha256, signature)
+            entry = self._stored(meta, target, size, sha256, content, signature)
             if entry is None:
                 try:
-                    entry = IndexEntry(meta, filename, size, sha256)
+                    entry = IndexEntry(meta, filename, size, sha256, content)
                 except ValueError as error:
                     raise RepoError(str(source), f"cannot be published: {error}") from None
                 self._store(source, entry, signature)
@@ -395,7 +401,7 @@ class Repository:
         return index
 
     def _stored(
-        self, meta: PackageMeta, target: Path, size: int, sha256: str, signature: str
+        self, meta: PackageMeta, target: Path, size: int, sha256: str, content: str, signature: str
     ) -> IndexEntry | None:
         """The entry of the package already stored as ``target``, if there is one."""
         if not _exists(target):
@@ -408,7 +414,7 @@ class Repository:
             raise RepoError(
                 str(target), "a different file is stored under this name; refusing to replace it"
             )
-        entry = IndexEntry(meta, target.name, size, sha256)
+        entry = IndexEntry(meta, target.name, size, sha256, content)
         self._store(None, entry, signature)
         return entry
 
@@ -464,6 +470,27 @@ class Repository:
         staged = self._tmp / f"file-{secrets.token_hex(8)}"
         write_synced(staged, data)
         os.replace(staged, path)
+
+
+class StoredContents:
+    """The content ids of a repository's stored packages by build key: what keys are
+    computed from (``portsd.core.keys.Contents``). A key's package never changes, so each
+    content id found is remembered; a key not (yet) stored is looked up again."""
+
+    __slots__ = ("_repo", "_known")
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._known: dict[str, str] = {}
+
+    def get(self, key: str, /) -> str | None:
+        found = self._known.get(key)
+        if found is None:
+            entry = self._repo.find_key(key)
+            if entry is None:
+                return None
+            found = self._known[key] = entry.content
+        return found
 
 
 def _stage(source: Path, staged: Path, sha256: str) -> None:

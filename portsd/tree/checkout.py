@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portsd.core.evaluate import Evaluation
+from portsd.core.keys import Contents
 from portsd.errors import ConfigError, GitError
 from portsd.tree.gitrepo import DirSnapshot, GitRepo, GitSnapshot
 from portsd.tree.loader import Tree, TreeLoader
@@ -26,12 +27,13 @@ class Checkout:
 
 
 def open_checkout(
-    path: Path, rev: str | None, cache: Path | None, arch: str, toolchain: str
+    path: Path, rev: str | None, cache: Path | None, arch: str, toolchain: str, contents: Contents
 ) -> Checkout:
     """Load and evaluate the ports tree at ``path``: a git repository at ``rev`` (bare
     repositories default to HEAD), else the directory as it is. ``cache``: where parsed
     recipes are kept between runs (by git tree id), None for none; ``toolchain``: the
-    content id builds stand on (the seed's)."""
+    content id builds stand on (the seed's); ``contents``: the content ids of the packages
+    built so far (a repository's, an index's), which the keys of their dependents contain."""
     loader = TreeLoader(cache)
     repo = _git_repo(path)
     if rev is not None or (repo is not None and repo.workdir is None):
@@ -49,7 +51,8 @@ def open_checkout(
         cache.mkdir(parents=True, exist_ok=True)
         loader.save()
     ports = tree.recipes()
-    return Checkout(tree, Evaluation.full(tree.inputs(), ports, arch, toolchain), commit, repo)
+    evaluation = Evaluation.full(tree.inputs(), ports, arch, toolchain, contents, tree.toolchain())
+    return Checkout(tree, evaluation, commit, repo)
 
 
 def _not_a_tree(path: Path) -> ConfigError:

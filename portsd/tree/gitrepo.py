@@ -566,6 +566,10 @@ class TreeSnapshot(Protocol):
         exactly the content ``path_entry`` identifies, or ``GitError``."""
         ...
 
+    def read_file(self, path: str) -> bytes | None:
+        """The regular file at ``path`` (outside ports/), or None if there is none."""
+        ...
+
 
 def _missing_recipe(name: str, why: str) -> RecipeError:
     return RecipeError(name, [FileProblem(f"{PORTS_DIR}/{name}/{RECIPE_FILE}", why)])
@@ -630,6 +634,12 @@ class GitSnapshot:
 
     def path_entry(self, path: str) -> PathEntry | None:
         return self.repo.entry(self.commit, path)
+
+    def read_file(self, path: str) -> bytes | None:
+        entry = self.path_entry(path)
+        if entry is None or entry.mode not in (FileMode.REGULAR, FileMode.EXECUTABLE):
+            return None
+        return self.repo.read_blob(entry.id)
 
     def export_path(self, path: str, dest: Path) -> None:
         entry = self.path_entry(path)
@@ -721,6 +731,12 @@ class DirSnapshot:
 
     def path_entry(self, path: str) -> PathEntry | None:
         return self._path(path).entry
+
+    def read_file(self, path: str) -> bytes | None:
+        entry = self.path_entry(path)
+        if entry is None or entry.mode not in (FileMode.REGULAR, FileMode.EXECUTABLE):
+            return None
+        return (self.root / path).read_bytes()
 
     def export_path(self, path: str, dest: Path) -> None:
         hashed = self._path(path)

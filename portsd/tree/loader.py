@@ -47,7 +47,8 @@ from portsd.core.recipe import (
     parse_recipe,
     source_line,
 )
-from portsd.errors import FileProblem, GitError, RecipeError
+from portsd.core.toolchain import TOOLCHAIN_FILE, ToolchainSpec, parse_toolchain
+from portsd.errors import FileProblem, GitError, RecipeError, ToolchainError
 from portsd.fsio import write_atomic
 from portsd.gcpause import paused_gc
 from portsd.tree.gitrepo import (
@@ -396,6 +397,18 @@ class Tree:
         ``TreeLoader.advance`` has them at hand in ``changed_ports``."""
         changes = changes_between(previous.inputs(), self.inputs())
         return {n: self.ports[n] if t is not None else None for n, t in changes.items()}
+
+    def toolchain(self) -> ToolchainSpec | None:
+        """What ``toolchain.toml`` declares (None: no such file); ``ToolchainError`` if it
+        is wrong."""
+        data = self.snapshot.read_file(TOOLCHAIN_FILE)
+        if data is None:
+            return None
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise ToolchainError(FileProblem(TOOLCHAIN_FILE, "not UTF-8 text")) from None
+        return parse_toolchain(text)
 
     def export_port(self, name: str, dest: Path) -> None:
         """Write the files of ``ports/<name>/`` into ``dest`` for a build."""

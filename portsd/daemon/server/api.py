@@ -106,6 +106,9 @@ def status_json(status: EngineStatus, counts: dict[BuildState, int]) -> dict[str
         "eta": status.eta,
         "blocked": status.blocked,
         "seed": status.seed,
+        "pending": status.pending,
+        "cut_off": list(status.cut_off),
+        "toolchain": status.toolchain,
         "counts": {state.value: n for state, n in counts.items()},
         "cluster": cluster_json(status.cluster),
     }

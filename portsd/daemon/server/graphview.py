@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 UP_TO_DATE = "up to date"
 BLOCKED = "blocked"
+PENDING = "pending"  # its key waits for a planned build's package
+CUT_OFF = "cut off"  # was pending; the build it waited for came out identical
 
 COLOURS: dict[str, str] = {
     BuildState.QUEUED.value: "#cfdcf0",
@@ -41,6 +43,8 @@ COLOURS: dict[str, str] = {
     BuildState.CANCELLED.value: "#d0d0d0",
     BuildState.INTERRUPTED.value: "#d6c4f0",
     BLOCKED: "#eeb0d8",
+    PENDING: "#e8eef8",
+    CUT_OFF: "#e0f2e0",
     UP_TO_DATE: "#ffffff",
 }
 """Fill colour of each state of a node, on the graph and (page.css) in the legend and badges."""
@@ -51,9 +55,15 @@ _EDGE_STYLES = {"build": "dashed", "check": "dotted"}
 
 def node_state(node: PlanNode) -> str:
     """The state of a plan node in words: its build's state, or, without a build,
-    ``blocked`` when it has a reason (why it cannot be built), else ``up to date``."""
+    ``pending`` while its key waits for a build, ``cut off`` when that build came out
+    identical, ``blocked`` when it has a reason (why it cannot be built), else
+    ``up to date``."""
     if node.state is not None:
         return node.state.value
+    if node.pending is not None:
+        return PENDING
+    if node.cut_off:
+        return CUT_OFF
     return BLOCKED if node.reason.strip() else UP_TO_DATE
 
 

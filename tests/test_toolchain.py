@@ -1,0 +1,177 @@
+"""A toolchain declared by the tree (toolchain.toml): parsed strictly, built in stages up
+to its fixed point, everything else built on the final stage; a non-converging one stops
+with one line. The real build uses the smallest toolchain that exercises the same paths:
+``tinycc``, a compiler wrapper around the seed's cc whose package says what built it, so
+stage 1 (built by the seed) differs from stage 2 (built by tinycc) and stage 3 == stage 2."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from portsd.core.evaluate import Evaluation
+from portsd.core.graph import Graph
+from portsd.core.keys import KeySet
+from portsd.core.plan import staged_plan
+from portsd.core.recipe import Recipe
+from portsd.core.toolchain import (
+    ToolchainSpec,
+    compute_stages,
+    parse_toolchain,
+    toolchain_id,
+)
+from portsd.errors import FileProblem, RecipeError, ToolchainError
+from tests.test_build import build, ports, published, rebuilt
+from tests.test_graph import port
+
+SEED = "5" * 64
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('ports = ["cc"]\nstage = 2\n', "toolchain.toml:2: unknown key 'stage'"),
+        ("ports = []\n", "toolchain.toml:1: 'ports' must be a non-empty list of port names"),
+        ('ports = ["cc", "cc"]\n', "toolchain.toml:1: a port is listed twice in 'ports'"),
+        ('ports = ["cc"]\nstages = 1\n', "toolchain.toml:2: 'stages' must be a whole number"),
+        ("ports = [\n", "toolchain.toml: invalid TOML"),
+    ],
+)
+def test_a_wrong_toolchain_file_names_the_file_and_line(text: str, message: str) -> None:
+    with pytest.raises(ToolchainError) as raised:
+        parse_toolchain(text)
+    assert str(raised.value).startswith(message)
+
+
+def test_a_toolchain_file_is_its_ports_and_a_cap() -> None:
+    assert parse_toolchain('ports = ["make", "cc"]\n') == ToolchainSpec(("cc", "make"), 3)
+    assert parse_toolchain('ports = ["cc"]\nstages = 5\n').stages == 5
+
+
+def tree() -> dict[str, Recipe | RecipeError]:
+    recipes = [port("cc", depends=("libc",)), port("libc"), port("app", depends=("libc",))]
+    return {recipe.name: recipe for recipe in recipes}
+
+
+def test_stages_run_to_the_fixed_point_and_then_everything_builds_on_it() -> None:
+    """Simulated builds: a toolchain port's content depends on the stage that built it
+    until stage 2, then repeats; stage 3 == stage 2 is the fixed point."""
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    spec = ToolchainSpec(("cc",), 3)
+    contents: dict[str, str] = {}
+    stages = compute_stages(graph, ids, SEED, spec, contents)
+    assert stages.current.keys.toolchain == SEED and not stages.converged  # stage 1: the seed
+    assert stages.scope(None) == ["cc", "libc"]
+    while not stages.converged:
+        number = stages.current.number
+        for name in stages.current.keys.unbuilt & stages.members:
+            key = stages.current.keys.keys[name]
+            contents[key] = hashlib.sha256(f"{name} of stage {min(number, 2)}".encode()).hexdigest()
+        stages = compute_stages(graph, ids, SEED, spec, contents, stages)
+    assert stages.current.number == 3 and stages.scope(None) is None
+    final = stages.current
+    assert final.keys.toolchain == toolchain_id(SEED, final.layer) != SEED
+    assert [name for name, _, _ in final.layer] == ["cc", "libc"]  # its runtime closure too
+    assert "app" in final.keys.keys  # every port builds on the final stage
+    assert stages.describe() == "stage 3 of cc (built on stage 2's packages) (its fixed point)"
+
+
+def test_a_toolchain_that_never_repeats_itself_stops_at_the_cap() -> None:
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    spec = ToolchainSpec(("cc",), 2)
+
+    class Drifting:  # every build differs: no fixed point
+        def get(self, key: str, /) -> str:
+            return hashlib.sha256(key.encode()).hexdigest()
+
+    with pytest.raises(ToolchainError) as raised:
+        compute_stages(graph, ids, SEED, spec, Drifting())
+    assert str(raised.value) == (
+        "toolchain.toml: the toolchain reached no fixed point in 2 stages: cc, libc still "
+        "differ between stages 1 and 2 (raise 'stages', or make the build reproducible)"
+    )
+
+
+def test_no_toolchain_file_is_the_seed_alone_with_the_keys_of_before() -> None:
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    stages = compute_stages(graph, ids, SEED, None, {})
+    assert stages.converged and len(stages.stages) == 1
+    assert stages.current.keys.keys == KeySet.compute(graph, ids, SEED, {}).keys
+    assert stages.describe() == f"the seed {SEED[:12]}"
+
+
+TINYCC = """\
+name = "tinycc"
+version = "1.0"
+summary = "A compiler wrapper: the smallest toolchain that builds itself"
+license = "MIT"
+
+[build]
+style = "custom"
+package = '''
+mkdir -p "$DESTDIR/usr/bin" "$DESTDIR/usr/share/tinycc"
+printf '#!/bin/sh\\nexec cc "$@"\\n' > "$DESTDIR/usr/bin/tcc"
+chmod 755 "$DESTDIR/usr/bin/tcc"
+if command -v tcc >/dev/null; then by=tinycc; else by=seed; fi
+echo "built by $by" > "$DESTDIR/usr/share/tinycc/built-by"
+'''
+"""
+
+HELLO = """\
+name = "hello"
+version = "1.0"
+summary = "Compiled with the tree's toolchain"
+license = "MIT"
+
+[build]
+style = "custom"
+build = 'printf "int main(void) { return 0; }\\\\n" > m.c && tcc -o m m.c'
+package = 'mkdir -p "$DESTDIR/usr/bin" && cp m "$DESTDIR/usr/bin/hello"'
+"""
+
+
+def test_a_tiny_toolchain_reaches_its_fixed_point_and_builds_the_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for name, text in (("tinycc", TINYCC), ("hello", HELLO)):
+        (tree / "ports" / name).mkdir(parents=True)
+        (tree / "ports" / name / "port.toml").write_text(text)
+    (tree / "toolchain.toml").write_text('ports = ["tinycc"]\nstages = 3\n')
+    state = tmp_path / "state"
+    first = build(tree, state)
+    assert "built tinycc" in first.stdout and "built hello" in first.stdout
+    graph = ports("graph", "hello", "--tree", tree, "--state", state).stdout
+    assert "toolchain: stage 3 of tinycc (built on stage 2's packages) (its fixed point)" in graph
+    # stage 1 (by the seed), 2 (by stage 1) and 3 (by stage 2, identical to 2): three builds
+    assert first.stdout.count("built tinycc") == 3
+
+    before = published(state)
+    recipe = tree / "ports" / "tinycc" / "port.toml"
+    recipe.write_text(recipe.read_text() + "# a comment: the same toolchain\n")
+    again = build(tree, state)
+    assert again.stdout.count("built tinycc") == 3  # every stage's key covers the recipe
+    assert "built hello" not in again.stdout  # the fixed point is the same: nothing below
+    assert rebuilt(before, published(state)) == {"tinycc"}
+
+
+def test_a_toolchain_that_cannot_be_built_blocks_the_rest_of_the_tree() -> None:
+    broken = RecipeError("libc", [FileProblem("ports/libc/port.toml", "bad")])
+    ports_ = tree() | {"libc": broken, "tool": port("tool")}
+    ids = {name: f"tree-{name}" for name in ports_}
+    evaluation = Evaluation.full(ids, ports_, "x86_64", SEED, {}, ToolchainSpec(("cc",), 3))
+    plan = staged_plan(evaluation, set(), None)
+    assert plan.builds == () and not plan.pending
+    assert (
+        str(plan.blocked["app"])
+        == "app: dependency libc cannot be built: ports/libc/port.toml: bad"
+    )
+    assert str(plan.blocked["tool"]) == (
+        "tool: dependency cc cannot be built: the tree's toolchain cannot be built"
+    )
