@@ -22,6 +22,7 @@ from portsd.build.pipeline import ensure_signing_key
 from portsd.cli import run_main
 from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
+from portsd.daemon.binding import bind_state, default_state
 from portsd.daemon.initrepo import init_repository, state_of
 from portsd.daemon.instance import InstanceLock, running_daemon
 from portsd.daemon.server.app import create_app, create_runner
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="the port to listen on (default: 8470)")
     p.add_argument("-j", "--jobs", type=int, help="builds at once (default: config)")
     p.add_argument("--advertise", action="store_true", help="announce the cache on the LAN (mDNS)")
+    p.add_argument(
+        "--force", action="store_true", help="adopt a state directory that belongs to another tree"
+    )
     p.set_defaults(handler=serve)
 
     p = commands.add_parser("status", help="what the daemon is doing")
@@ -73,7 +77,12 @@ def _where(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--repo", type=Path, help="a repository made by `portsd init` (its state inside)"
     )
-    group.add_argument("--state", type=Path, help=f"the state directory (default: {DEFAULT_STATE})")
+    group.add_argument(
+        "--state",
+        type=Path,
+        help=f"the state directory (default: the tree's own, {DEFAULT_STATE}; the tree is "
+        "--tree, else the current directory)",
+    )
     parser.add_argument("--config", type=Path, help="a config file (default: <state>/portsd.toml)")
 
 
@@ -86,7 +95,8 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config:
             )
         overrides.setdefault("tree_dir", args.repo.absolute())
     else:
-        state = (args.state or DEFAULT_STATE.expanduser()).absolute()
+        tree = getattr(args, "tree", None) or Path(".")
+        state = (args.state or default_state(tree)).absolute()
     return load_config(state, args.config, overrides)
 
 
@@ -115,6 +125,8 @@ def serve(args: argparse.Namespace, console: Console) -> int:
     # before anything touches the state: a second daemon would recover the first's builds
     lock = InstanceLock.acquire(config.state_dir, _url(config))
     try:
+        if config.tree_dir is not None:
+            bind_state(config.state_dir, config.tree_dir, force=args.force)
         if not config.token_file.exists():
             write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
         asyncio.run(_serve(config, advertise=args.advertise))

@@ -17,6 +17,7 @@ import pygit2
 
 from portsd.build.pipeline import ensure_signing_key
 from portsd.config import CONFIG_NAME, Config, load_config
+from portsd.daemon.binding import bind_state
 from portsd.daemon.instance import LOCK_NAME
 from portsd.errors import ConfigError
 from portsd.fsio import write_atomic
@@ -78,6 +79,7 @@ def init_repository(directory: Path, *, port: int = 8470) -> Initialised:
     state.mkdir(mode=0o700)
     (state / CONFIG_NAME).write_text(CONFIG_TEMPLATE.format(port=port))
     config = load_config(state)
+    bind_state(state, directory)
     write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
     key = ensure_signing_key(config)
     hook = directory / "hooks" / "post-receive"
