@@ -25,9 +25,17 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from portsd.config import Config
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems, find_problems
 from portsd.daemon.server import page
 from portsd.daemon.server.app import create_app, create_runner
-from portsd.daemon.server.graphview import BLOCKED, COLOURS, UP_TO_DATE, GraphView, state_class
+from portsd.daemon.server.graphview import (
+    BLOCKED,
+    COLOURS,
+    UP_TO_DATE,
+    GraphView,
+    node_state,
+    state_class,
+)
 from portsd.daemon.state import BuildState, NewBuild, State
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
@@ -81,6 +89,12 @@ class TableEngine:
             eta=90.0 * (queued + len(running)) if queued or running else None,
             blocked=done.blocked if done else 0,
         )
+
+    def problems(self) -> Problems:
+        """The daemon's own computation, with the newest build of each port as its key."""
+        keys = {b.port: b.key for b in reversed(self.state.builds(limit=100_000))}
+        blocked = {n.port: n.reason for n in self.more_nodes if node_state(n) == BLOCKED}
+        return find_problems(self.state, keys, blocked, self.repo.stored_keys())
 
     def plan_graph(self) -> PlanGraph:
         latest = self.state.latest_evaluation()

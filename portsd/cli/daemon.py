@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from portsd.build.pipeline import ensure_signing_key
 from portsd.cli import run_main
@@ -24,8 +24,9 @@ from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.daemon.binding import bind_state, default_state
 from portsd.daemon.initrepo import init_repository, state_of
-from portsd.daemon.instance import InstanceLock, running_daemon
+from portsd.daemon.instance import Holder, InstanceLock, running_daemon
 from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.server.page import duration
 from portsd.daemon.service import Daemon
 from portsd.errors import ConfigError, PortsdError
 from portsd.fsio import write_atomic
@@ -57,8 +58,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=serve)
 
-    p = commands.add_parser("status", help="what the daemon is doing")
+    p = commands.add_parser(
+        "status",
+        help="what the daemon is doing and what fails (exit 1: something fails, 3: not running)",
+    )
     _where(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=status)
 
     p = commands.add_parser("rebuild", help="retry ports whose builds failed")
@@ -225,17 +230,79 @@ def _host(listen: str) -> str:
     return "127.0.0.1" if listen in ("0.0.0.0", "") else ("[::1]" if listen == "::" else listen)
 
 
+EXIT_FAILING = 1
+EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
+
+
 def status(args: argparse.Namespace, console: Console) -> int:
-    data = _api(_config(args), "/api/v1/status")
-    table = Table(show_header=False, show_edge=False)
-    for name in ("branch", "head", "evaluated", "queued", "eta"):
-        value = data.get(name)
-        table.add_row(name, "-" if value is None else str(value))
-    console.print(table)
-    for running in data.get("running", []):
-        build = running.get("build", running)
-        console.print(f"running: {build.get('port')} ({running.get('step', '?')})")
-    return 0
+    config = _config(args)
+    holder = running_daemon(config.state_dir)
+    if holder is None:
+        if args.json:
+            print(json.dumps({"running": False, "state": str(config.state_dir)}))
+        else:
+            console.print(f"portsd is [bold]not running[/] (state {config.state_dir})")
+        return EXIT_NOT_RUNNING
+    data = _api(config, "/api/v1/status")
+    problems = _api(config, "/api/v1/problems")
+    failing = bool(problems["failed"] or problems["skipped"] or problems["blocked"])
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "running": True,
+                    "pid": holder.pid,
+                    "url": holder.url,
+                    "state": str(config.state_dir),
+                    "failing": failing,
+                    "status": data,
+                    "problems": problems,
+                }
+            )
+        )
+        return EXIT_FAILING if failing else 0
+    _print_status(console, holder, data, problems, _rebuild_command(args))
+    return EXIT_FAILING if failing else 0
+
+
+def _print_status(console: Console, holder: Holder, data: Any, problems: Any, rebuild: str) -> None:
+    console.print(f"portsd is [bold green]running[/]: pid {holder.pid}, {holder.url}/")
+    evaluated = data.get("evaluated")
+    console.print(
+        f"branch {data['branch']} at {(data.get('head') or 'nothing pushed yet')[:12]}"
+        + (f", evaluated {evaluated[:12]} (#{data['evaluation']})" if evaluated else "")
+        + (" (evaluating)" if data.get("evaluating") else "")
+    )
+    console.print(
+        f"ports {problems['ports']}: {problems['published']} published, "
+        f"{len(problems['failed'])} failed, {len(problems['skipped'])} skipped, "
+        f"{len(problems['blocked'])} blocked; "
+        f"{data['queued']} queued, {len(data['running'])} running"
+    )
+    for running in data["running"]:
+        build = running["build"]
+        console.print(f"  building {build['port']} {build['version']} ({running['step']})")
+    if data["queued"] or data["running"]:
+        eta = data.get("eta")
+        console.print(f"ETA: {'unknown' if eta is None else 'about ' + duration(eta)}")
+    for kind in ("failed", "skipped", "blocked"):
+        if problems[kind]:
+            console.print(f"[bold red]{kind}:[/]")
+        for problem in problems[kind]:
+            build = problem.get("build") or {}
+            log = f" (log: {holder.url}{build['log']})" if build.get("log") else ""
+            new = " [new]" if problem.get("newly") else ""
+            console.print(f"  {problem['port']}: {escape(problem['reason'])}{log}{new}")
+            if kind == "failed":
+                console.print(f"    [dim]retry: {rebuild} {problem['port']}[/]")
+
+
+def _rebuild_command(args: argparse.Namespace) -> str:
+    """`portsd rebuild` with the arguments that found this state."""
+    where = (
+        [f"--repo {args.repo}"] if args.repo else [f"--state {args.state}"] if args.state else []
+    )
+    return " ".join(["portsd rebuild", *where])
 
 
 def rebuild(args: argparse.Namespace, console: Console) -> int:

@@ -37,6 +37,7 @@ from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.plan import BuildPlan, PlannedBuild, Triage, critical_path, triage
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems, find_problems
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
@@ -443,6 +444,8 @@ class Daemon:
         detail = (
             "superseded by a newer commit" if result.outcome is Outcome.CANCELLED else result.reason
         )
+        if detail is not None:  # the row links its log: no host path for visitors to see
+            detail = detail.replace(f"; log: {self._log_path(result.name, row)}", "")
         self.state.finish_build(row, state, detail)
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
@@ -485,6 +488,15 @@ class Daemon:
         now = time.monotonic()
         work += sum(max(self._durations.get(b.name, guess) - (now - t), 1.0) for b, t in running)
         return work / max(self.config.jobs, 1)
+
+    def problems(self) -> Problems:
+        latest = self._latest
+        if latest is None:
+            return Problems(ports=0, published=0)
+        blocked = {name: str(problem) for name, problem in latest.triaged.plan.blocked.items()}
+        return find_problems(
+            self.state, latest.revision.keys.keys, blocked, self.repo.stored_keys()
+        )
 
     def plan_graph(self) -> PlanGraph:
         latest = self._latest

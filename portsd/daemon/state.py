@@ -341,6 +341,25 @@ class State:
         )
         return [_build(row) for row in rows]
 
+    def latest_by_key(self) -> dict[str, BuildRow]:
+        """Each key's newest build that was not cancelled or interrupted: how its last
+        attempt went (or that one is queued or running now)."""
+        rows = self._query(
+            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE id IN (SELECT MAX(id) FROM builds "
+            "WHERE state NOT IN ('cancelled', 'interrupted') GROUP BY key)"
+        )
+        return {str(row[4]): _build(row) for row in rows}
+
+    def recent_outcomes(self, limit: int = 2000) -> list[BuildRow]:
+        """The newest ``limit`` builds that ended built or failed, newest first: the
+        history that says whether a port's failure is new, continued or fixed."""
+        rows = self._query(
+            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE state IN ('built', 'failed') "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_build(row) for row in rows]
+
     def counts(self) -> dict[BuildState, int]:
         """How many builds are in each state (every state present, zero or not)."""
         found: dict[str, int] = dict(

@@ -36,6 +36,7 @@ def routes(files: RepoFiles, api: Api, metrics: MetricsView) -> list[web.RouteDe
     return [
         web.get("/repo/{arch}/{name:.+}", files.get, name="repo"),
         web.get(f"{v1}/status", api.status, name="api-status"),
+        web.get(f"{v1}/problems", api.problems, name="api-problems"),
         web.get(f"{v1}/builds", api.builds, name="api-builds"),
         web.get(f"{v1}/builds/{{id}}", api.build, name="api-build"),
         web.get(f"{v1}/builds/{{id}}/log", api.build_log, name="api-build-log"),

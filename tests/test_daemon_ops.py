@@ -1,0 +1,111 @@
+"""Running the daemon for real, as an operator sees it: `portsd status`, the daemon's log,
+a full disk, retention, key rotation. Real daemons, real `git push`, real builds."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import RunningDaemon, command_environment, portsd
+from tests.fixtures import commit_all, git
+from tests.test_daemon import head, push, slow_down
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bare(tmp_path: Path, ports_tree: Path) -> Path:
+    repo = tmp_path / "build.git"
+    portsd("init", repo)
+    git(ports_tree, "remote", "add", "build", str(repo))
+    return repo
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, bare: Path) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    yield running
+    running.stop()
+
+
+def run_portsd(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`portsd ARGS`, whatever its exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "portsd.cli.daemon", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=command_environment(),
+    )
+
+
+def break_port(tree: Path, port: str) -> str:
+    recipe = tree / "ports" / port / "port.toml"
+    recipe.write_text(
+        recipe.read_text().split("\n[build]")[0] + '\n[build]\nstyle = "make"\nbuild = "false"\n'
+    )
+    return commit_all(tree, f"{port}: broken")
+
+
+def test_status_says_whether_it_runs_what_fails_and_exits_accordingly(
+    tmp_path: Path, bare: Path, ports_tree: Path
+) -> None:
+    stopped = run_portsd("status", "--repo", bare)
+    assert stopped.returncode == 3
+    assert "not running" in stopped.stdout and str(bare / "portsd") in stopped.stdout
+    assert json.loads(run_portsd("status", "--repo", bare, "--json").stdout)["running"] is False
+
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    try:
+        broken = break_port(ports_tree, "liba")
+        push(ports_tree)
+        daemon.wait_idle(broken)
+        said = run_portsd("status", "--repo", bare)
+        assert said.returncode == 1, said.stdout + said.stderr
+        assert daemon.process is not None
+        assert f"running: pid {daemon.process.pid}, {daemon.url}/" in said.stdout
+        assert "ports 9: 7 published, 1 failed, 1 skipped, 0 blocked; 0 queued, 0 running" in (
+            said.stdout
+        )
+        failed = re.search(r"^  liba: (.*)$", said.stdout, re.M)
+        assert failed is not None and "liba:" not in failed.group(1)
+        assert failed.group(1).startswith("build failed (exit 1) (log: ")
+        assert f"(log: {daemon.url}/api/v1/builds/" in said.stdout and str(bare) not in failed[0]
+        assert f"retry: portsd rebuild --repo {bare} liba" in said.stdout
+        assert "  diamond: dependency liba failed" in said.stdout
+
+        data = json.loads(run_portsd("status", "--repo", bare, "--json").stdout)
+        assert data["running"] and data["failing"] and data["pid"] == daemon.process.pid
+        assert [p["port"] for p in data["problems"]["failed"]] == ["liba"]
+        assert data["problems"]["failed"][0]["newly"] is True
+        assert [p["port"] for p in data["problems"]["skipped"]] == ["diamond"]
+
+        slow = slow_down(ports_tree, "hello", "sleep 4", "hello: slow")
+        push(ports_tree)
+        daemon.wait_for(
+            lambda: any(b["port"] == "hello" and b["state"] == "running" for b in daemon.builds()),
+            timeout=60,
+            what="hello to be building",
+        )
+        busy = run_portsd("status", "--repo", bare).stdout
+        assert re.search(r"^ETA: about \d+ s$", busy, re.M), busy
+        assert "building hello" in busy
+        daemon.wait_idle(slow)
+
+        git(ports_tree, "revert", "--no-edit", broken)
+        push(ports_tree)
+        daemon.wait_idle(head(ports_tree))
+        fixed = run_portsd("status", "--repo", bare, "--json")
+        assert fixed.returncode == 0
+        problems = json.loads(fixed.stdout)["problems"]
+        assert problems["failed"] == [] and problems["skipped"] == []
+        assert "liba" in {build["port"] for build in problems["fixed"]}
+    finally:
+        daemon.stop()
+    assert run_portsd("status", "--repo", bare).returncode == 3
