@@ -109,3 +109,31 @@ def test_status_says_whether_it_runs_what_fails_and_exits_accordingly(
     finally:
         daemon.stop()
     assert run_portsd("status", "--repo", bare).returncode == 3
+
+
+def test_the_log_has_one_line_per_build_outcome_and_no_access_lines(
+    daemon: RunningDaemon, ports_tree: Path
+) -> None:
+    broken = break_port(ports_tree, "liba")
+    push(ports_tree)
+    daemon.wait_idle(broken)
+    failed = next(b for b in daemon.builds(port="liba") if b["state"] == "failed")
+    lines = daemon.log.read_text().splitlines()
+
+    def about(build: str) -> list[str]:
+        return [line.split(" ", 3)[-1] for line in lines if f"build #{build} " in line]
+
+    hello = next(b for b in daemon.builds(port="hello") if b["state"] == "built")
+    said = about(str(hello["id"]))
+    assert said[0] == f"build #{hello['id']} started: hello (key {hello['key'][:12]})"
+    assert said[1].startswith(f"build #{hello['id']} published: hello-")
+    assert re.fullmatch(rf"build #{hello['id']} built: hello \S+ in \d+\.\d\d s", said[2])
+    assert len(said) == 3
+    (failure,) = [line for line in about(str(failed["id"])) if " failed: " in line]
+    assert re.match(
+        rf"build #{failed['id']} failed: liba \S+: build failed \(exit 1\) \(after ", failure
+    )
+    assert failure.endswith(f"log: {daemon.url}/api/v1/builds/{failed['id']}/log")
+    assert any(re.search(r"skipped: diamond \S+: dependency liba failed$", line) for line in lines)
+    assert not [line for line in lines if '"GET /' in line]  # polled often: DEBUG only
+    assert "Traceback" not in daemon.log.read_text()

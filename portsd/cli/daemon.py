@@ -24,7 +24,7 @@ from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
 from portsd.daemon.binding import bind_state, default_state
 from portsd.daemon.initrepo import init_repository, state_of
-from portsd.daemon.instance import Holder, InstanceLock, running_daemon
+from portsd.daemon.instance import Holder, InstanceLock, local_url, running_daemon
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.server.page import duration
 from portsd.daemon.service import Daemon
@@ -128,7 +128,7 @@ def serve(args: argparse.Namespace, console: Console) -> int:
     )
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # before anything touches the state: a second daemon would recover the first's builds
-    lock = InstanceLock.acquire(config.state_dir, _url(config))
+    lock = InstanceLock.acquire(config.state_dir, local_url(config))
     try:
         if config.tree_dir is not None:
             bind_state(config.state_dir, config.tree_dir, force=args.force)
@@ -201,7 +201,7 @@ async def _advertise(config: Config) -> Advertiser | None:
 
 def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
     holder = running_daemon(config.state_dir)
-    url = (holder.url if holder is not None else _url(config)) + path
+    url = (holder.url if holder is not None else local_url(config)) + path
     headers = {"Content-Type": "application/json"}
     if body is not None:
         headers["Authorization"] = f"Bearer {config.token_file.read_text().strip()}"
@@ -219,15 +219,6 @@ def _api(config: Config, path: str, body: dict[str, Any] | None = None) -> Any:
         failure = PortsdError(f"cannot reach the daemon at {url}: {error}")
         failure.hint = "is `portsd serve` running with this state directory?"
         raise failure from None
-
-
-def _url(config: Config) -> str:
-    """Where a daemon with ``config`` can be reached from this host."""
-    return f"http://{_host(config.listen)}:{config.port}"
-
-
-def _host(listen: str) -> str:
-    return "127.0.0.1" if listen in ("0.0.0.0", "") else ("[::1]" if listen == "::" else listen)
 
 
 EXIT_FAILING = 1

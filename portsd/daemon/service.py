@@ -37,7 +37,8 @@ from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.plan import BuildPlan, PlannedBuild, Triage, critical_path, triage
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
-from portsd.daemon.problems import Problems, find_problems
+from portsd.daemon.instance import local_url
+from portsd.daemon.problems import Problems, find_problems, one_line
 from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
@@ -304,7 +305,8 @@ class Daemon:
             skipped = {skip.build.key: skip.reason for skip in triaged.doomed}
             for row in rows:
                 if row.key in skipped:
-                    self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
+                    done = self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
+                    self._log_outcome(done)
                 else:
                     self._rows[row.key] = row.id
             self._revisions = {key: revision for key in keep} | {
@@ -358,9 +360,11 @@ class Daemon:
                 lost.add(keys[name])
                 continue
             self.repo.restore(keys[name], commit=revision.commit)
+            log.info("republished: %s (key %s, built before)", name, keys[name][:12])
         gone = [name for name in listed if name not in tree.listing]
         if gone:
             self.repo.unpublish(gone, commit=revision.commit)
+            log.info("unpublished (no longer in the tree): %s", ", ".join(gone))
         return frozenset(lost)
 
     def _reasons(
@@ -402,13 +406,14 @@ class Daemon:
         with self._lock:
             row = self._rows[build.key]
             revision = self._revisions[build.key]
-        self.workspace.build(
+        entry = self.workspace.build(
             revision,
             build,
             cancel,
             log=self._log_path(build.name, row),
             on_line=lambda line: self._line(row, line),
         )
+        log.info("build #%d published: %s", row, entry.file)
 
     def _log_path(self, port: str, row: int) -> Path:
         return self.config.logs / port / f"{row}.log"
@@ -425,6 +430,7 @@ class Daemon:
             row = self._rows[build.key]
             self._steps[row] = "starting"
         self.state.start_build(row, str(self._log_path(build.name, row)))
+        log.info("build #%d started: %s (key %s)", row, build.name, build.key[:12])
         self.events.publish(
             "build", id=row, port=build.name, key=build.key, state=BuildState.RUNNING.value
         )
@@ -446,10 +452,23 @@ class Daemon:
         )
         if detail is not None:  # the row links its log: no host path for visitors to see
             detail = detail.replace(f"; log: {self._log_path(result.name, row)}", "")
-        self.state.finish_build(row, state, detail)
+        finished = self.state.finish_build(row, state, detail)
+        self._log_outcome(finished)
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
         )
+
+    def _log_outcome(self, row: BuildRow) -> None:
+        """One line per finished build, for the journal: what, how long, why, the log."""
+        what = f"build #{row.id} {row.state.value}: {row.port} {row.version}"
+        if row.state is BuildState.BUILT:
+            log.info("%s in %s", what, _seconds(row.duration))
+        elif row.state is BuildState.FAILED:
+            url = f"{local_url(self.config)}/api/v1/builds/{row.id}/log"
+            reason = one_line(row.port, row.detail)
+            log.warning("%s: %s (after %s); log: %s", what, reason, _seconds(row.duration), url)
+        else:
+            log.info("%s: %s", what, one_line(row.port, row.detail))
 
     # -- views -----------------------------------------------------------------------------
 
@@ -536,6 +555,10 @@ def _return_memory(*, full: bool) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: the memory is reused by later allocations anyway
+
+
+def _seconds(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def _version(revision: Revision, name: str) -> str:

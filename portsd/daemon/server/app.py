@@ -73,13 +73,14 @@ def create_app(config: Config, engine: Engine) -> web.Application:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """aiohttp's access log without the successful repository downloads, which a LAN of
-    clients makes by the thousand (their bytes are in ``/metrics``)."""
+    """aiohttp's access log, at DEBUG (the journal at INFO holds one line per build, not one
+    per request), without the successful repository downloads, which a LAN of clients
+    makes by the thousand (their bytes are in ``/metrics``)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if response.status < 400 and request.path.startswith("/repo/"):
             return
-        self.logger.info(
+        self.logger.debug(
             '%s "%s %s" %d %.3fs',
             request.remote,
             request.method,
@@ -90,7 +91,7 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return self.logger.isEnabledFor(logging.DEBUG)
 
 
 def create_runner(app: web.Application) -> web.AppRunner:
