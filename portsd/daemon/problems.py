@@ -9,6 +9,7 @@ is history, not a current failure, so a fix never leaves its old failure listed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
@@ -42,10 +43,14 @@ class Problems:
         return bool(self.failed or self.skipped or self.blocked)
 
 
+_HOST_LOG = re.compile(r";? log: /\S*")
+
+
 def one_line(port: str, text: str | None) -> str:
     """The first line of a reason, without the port's name in front (the reader sees the
-    name beside it already: never ``nodep: nodep: ...``)."""
-    line = (text or "").strip().split("\n", 1)[0]
+    name beside it already: never ``nodep: nodep: ...``) and without a log path of the
+    build host (older rows carried one; every build's log has its URL)."""
+    line = _HOST_LOG.sub("", (text or "").strip().split("\n", 1)[0]).strip()
     prefix = f"{port}: "
     while line.startswith(prefix):
         line = line[len(prefix) :]

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS builds (
 CREATE INDEX IF NOT EXISTS builds_by_state ON builds(state);
 CREATE INDEX IF NOT EXISTS builds_by_key ON builds(key);
 CREATE INDEX IF NOT EXISTS builds_by_port ON builds(port, finished);
+CREATE INDEX IF NOT EXISTS builds_by_evaluation ON builds(evaluation, state);
 CREATE TABLE IF NOT EXISTS failures (
     key TEXT PRIMARY KEY,
     port TEXT NOT NULL,
@@ -340,6 +341,26 @@ class State:
             (*parameters, limit),
         )
         return [_build(row) for row in rows]
+
+    def evaluation_outcomes(self, evaluations: Sequence[int]) -> dict[int, dict[BuildState, int]]:
+        """For each of ``evaluations``, how many of the builds it queued are in each state
+        (only the states present)."""
+        if not evaluations:
+            return {}
+        rows = self._query(
+            "SELECT evaluation, state, COUNT(*) FROM builds WHERE evaluation IN "
+            f"({', '.join('?' * len(evaluations))}) GROUP BY evaluation, state",
+            list(evaluations),
+        )
+        found: dict[int, dict[BuildState, int]] = {}
+        for evaluation, state, count in rows:
+            found.setdefault(int(evaluation), {})[BuildState(state)] = int(count)
+        return found
+
+    def last_finished(self, evaluation: int) -> float | None:
+        """When the last build ``evaluation`` queued ended (None: none has)."""
+        rows = self._query("SELECT MAX(finished) FROM builds WHERE evaluation = ?", (evaluation,))
+        return None if rows[0][0] is None else float(rows[0][0])
 
     def latest_by_key(self) -> dict[str, BuildRow]:
         """Each key's newest build that was not cancelled or interrupted: how its last
