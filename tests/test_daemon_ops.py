@@ -3,20 +3,29 @@ a full disk, retention, key rotation. Real daemons, real `git push`, real builds
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import platform
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from portsd.daemon.service import RETRY_EVERY
 from tests.daemon_harness import RunningDaemon, command_environment, portsd
 from tests.fixtures import commit_all, git
-from tests.test_daemon import head, push, slow_down
+from tests.test_daemon import head, keys_at, push, slow_down
 
 pytestmark = pytest.mark.slow
+
+ARCH = platform.machine()
 
 
 @pytest.fixture
@@ -137,3 +146,88 @@ def test_the_log_has_one_line_per_build_outcome_and_no_access_lines(
     assert any(re.search(r"skipped: diamond \S+: dependency liba failed$", line) for line in lines)
     assert not [line for line in lines if '"GET /' in line]  # polled often: DEBUG only
     assert "Traceback" not in daemon.log.read_text()
+
+
+@contextmanager
+def small_filesystem(directory: Path, megabytes: int) -> Iterator[Path]:
+    """``directory`` (its files kept) on a tmpfs of ``megabytes``: a disk that fills."""
+    aside = directory.with_name(directory.name + ".aside")
+    directory.rename(aside)
+    directory.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700", "tmpfs", str(directory)],
+        check=True,
+    )
+    try:
+        shutil.copytree(aside, directory, dirs_exist_ok=True, symlinks=True)
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system (bounded by its size)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):  # then the last partial blocks
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_fails_builds_clearly_and_leaves_nothing_running(
+    tmp_path: Path, bare: Path, ports_tree: Path
+) -> None:
+    """What was seen: a traceback, and builds "running" for ever, even once rebuilt."""
+    with small_filesystem(bare / "portsd", 48) as state:
+        daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+        try:
+            push(ports_tree)
+            daemon.wait_idle(head(ports_tree))
+            served = daemon.raw(f"/repo/{ARCH}/index.msgpack.zst")
+            full = slow_down(ports_tree, "libbase", "sleep 2", "libbase: built on a full disk")
+            push(ports_tree)
+            daemon.wait_for(
+                lambda: any(b["state"] == "running" for b in daemon.builds(port="libbase")),
+                timeout=60,
+                what="libbase to be building",
+            )
+            filler = fill(state)  # the disk fills up under the build
+            daemon.wait_for(
+                lambda: (
+                    (s := daemon.get("/api/v1/status")) and not s["running"] and not s["queued"]
+                ),
+                timeout=120,
+                what="the builds on the full disk to end",
+            )
+            assert daemon.raw(f"/repo/{ARCH}/index.msgpack.zst") == served  # still served
+            time.sleep(2 * RETRY_EVERY)  # retries wait for room: none is made meanwhile
+            log = daemon.log.read_text()
+            assert "Traceback" not in log
+            assert re.search(r"build #\d+ interrupted: libbase \S+: the disk of \S+ is full", log)
+            assert f"the disk of {state}" in log
+
+            filler.unlink()  # room again: what was interrupted is built, nothing left running
+            daemon.wait_idle(full, timeout=120)
+            daemon.wait_for(
+                lambda: not [b for b in daemon.builds() if b["state"] in ("running", "queued")],
+                timeout=30,
+                what="every build to be recorded",
+            )
+            libbase = daemon.builds(port="libbase")
+            assert (
+                libbase[0]["state"] == "built"
+                and libbase[0]["key"] == keys_at(ports_tree, full)["libbase"]
+            )
+            assert "interrupted" in {b["state"] for b in libbase}
+            assert "failed" not in {b["state"] for b in daemon.builds()}  # nothing remembered
+            assert "Traceback" not in daemon.log.read_text()
+        finally:
+            daemon.stop()

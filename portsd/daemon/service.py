@@ -39,7 +39,8 @@ from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
 from portsd.daemon.instance import local_url
 from portsd.daemon.problems import Problems, find_problems, one_line
-from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
+from portsd.daemon.space import disk_full
+from portsd.daemon.state import BuildRow, BuildState, NewBuild, State, StateError
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
 from portsd.fsio import remove_tree
@@ -60,6 +61,8 @@ REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
+RETRY = "retry"  # the trigger that re-evaluates after a failure of the host (a full disk)
+RETRY_EVERY = 5.0  # seconds between looks at whether the disk has room again
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,10 @@ class Daemon:
         self._parses_saved = 0
         self._saved_at = 0.0
         self._index_keys: tuple[int, dict[str, str]] = (-1, {})  # serial -> name -> key
+        # A full disk: outcomes sqlite could not record, and whether to evaluate again
+        # (an evaluation failed, builds were interrupted) once there is room.
+        self._unrecorded: list[tuple[int, BuildState, str | None]] = []
+        self._retry = False
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -118,6 +125,7 @@ class Daemon:
         watcher.start()
         evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
         refresh = asyncio.create_task(self._refresh_loop(), name="index refresh")
+        retry = asyncio.create_task(self._retry_loop(), name="retry")
         self.trigger("startup")
         try:
             yield
@@ -129,7 +137,8 @@ class Daemon:
             self._stopping.set()
             self._wake.set()
             refresh.cancel()
-            await asyncio.gather(evaluations, refresh, return_exceptions=True)
+            retry.cancel()
+            await asyncio.gather(evaluations, refresh, retry, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
             await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
             self._evaluator.shutdown()
@@ -172,7 +181,7 @@ class Daemon:
                 return
             self._wake.clear()
             sources, self._sources = self._sources, set()
-            forced = REBUILD in sources  # evaluate again even if the head has not moved
+            forced = bool(sources & {REBUILD, RETRY})  # even if the head has not moved
             self._evaluating = True
             try:
                 await self.loop.run_in_executor(
@@ -181,6 +190,7 @@ class Daemon:
             except PortsdError as error:
                 log.error("evaluation failed: %s", error)
                 self.events.publish("evaluation", error=str(error))
+                self._retry = True  # a host's failure passes (a full disk); a tree's recurs
             except Exception:
                 log.exception("evaluation crashed")
             finally:
@@ -194,6 +204,34 @@ class Daemon:
                 await asyncio.to_thread(self.repo.refresh)
             except PortsdError as error:
                 log.error("index refresh failed: %s", error)
+
+    async def _retry_loop(self) -> None:
+        """Once the disk has room again: record what could not be, and evaluate again."""
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            if not self._retry or self._full() is not None:
+                continue
+            self._retry = False
+            await asyncio.to_thread(self._record_unrecorded)
+            self.trigger(RETRY)
+
+    def _full(self) -> str | None:
+        return disk_full(self.config.state_dir, self.config.work)
+
+    def _record_unrecorded(self) -> None:
+        with self._lock:
+            pending, self._unrecorded = self._unrecorded, []
+        for index, (row, state, detail) in enumerate(pending):
+            try:
+                self._log_outcome(self.state.finish_build(row, state, detail))
+            except StateError as error:
+                log.error("still cannot record build #%d: %s", row, error)
+                with self._lock:
+                    self._unrecorded[:0] = pending[index:]
+                self._retry = True
+                return
+        if pending:
+            self.events.publish("status")
 
     # -- evaluation (on a worker thread, one at a time) -------------------------------------
 
@@ -429,7 +467,10 @@ class Daemon:
         with self._lock:
             row = self._rows[build.key]
             self._steps[row] = "starting"
-        self.state.start_build(row, str(self._log_path(build.name, row)))
+        try:
+            self.state.start_build(row, str(self._log_path(build.name, row)))
+        except StateError as error:  # the build runs all the same; its end is recorded
+            log.error("build #%d: cannot record its start: %s", row, error)
         log.info("build #%d started: %s (key %s)", row, build.name, build.key[:12])
         self.events.publish(
             "build", id=row, port=build.name, key=build.key, state=BuildState.RUNNING.value
@@ -452,8 +493,19 @@ class Daemon:
         )
         if detail is not None:  # the row links its log: no host path for visitors to see
             detail = detail.replace(f"; log: {self._log_path(result.name, row)}", "")
-        finished = self.state.finish_build(row, state, detail)
-        self._log_outcome(finished)
+        full = self._full() if state is BuildState.FAILED else None
+        if full is not None:  # not the port's fault: not remembered, built again later
+            state, detail = BuildState.INTERRUPTED, f"{full}; built again once it has room"
+            self._retry = True
+        try:
+            finished = self.state.finish_build(row, state, detail)
+        except StateError as error:
+            log.error("build #%d %s, but cannot be recorded yet: %s", row, state.value, error)
+            with self._lock:
+                self._unrecorded.append((row, state, detail))
+            self._retry = True
+        else:
+            self._log_outcome(finished)
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
         )
@@ -463,7 +515,7 @@ class Daemon:
         what = f"build #{row.id} {row.state.value}: {row.port} {row.version}"
         if row.state is BuildState.BUILT:
             log.info("%s in %s", what, _seconds(row.duration))
-        elif row.state is BuildState.FAILED:
+        elif row.state in (BuildState.FAILED, BuildState.INTERRUPTED):
             url = f"{local_url(self.config)}/api/v1/builds/{row.id}/log"
             reason = one_line(row.port, row.detail)
             log.warning("%s: %s (after %s); log: %s", what, reason, _seconds(row.duration), url)
