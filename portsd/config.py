@@ -46,6 +46,9 @@ class Config:
     mirrors: tuple[str, ...] = ()  # distfiles mirrors, holding files by name
     named_mirrors: NamedMirrors = ()  # mirror://NAME/... -> where NAME's files are
     index_expiry_days: float = 7.0
+    keep_per_port: int = 2  # retention: newest unlisted packages kept per port
+    keep_days: float = 0.0  # retention: and whatever was stored within this many days
+    keep_unlisted_minutes: float = 60.0  # retention: a package that left the index stays
     repo_dir: Path | None = None
     distfiles_dir: Path | None = None
     seed_dir: Path | None = None  # where the bootstrap seed is kept
@@ -115,7 +118,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "mirror": ("named_mirrors", dict),
         "distfiles": ("distfiles_dir", str),
     },
-    "repository": {"path": ("repo_dir", str), "expires-days": ("index_expiry_days", float)},
+    "repository": {
+        "path": ("repo_dir", str),
+        "expires-days": ("index_expiry_days", float),
+        "keep": ("keep_per_port", int),
+        "keep-days": ("keep_days", float),
+        "keep-unlisted-minutes": ("keep_unlisted_minutes", float),
+    },
     "server": {
         "tree": ("tree_dir", str),
         "branch": ("branch", str),

@@ -4,6 +4,7 @@ a full disk, retention, key rotation. Real daemons, real `git push`, real builds
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -13,15 +14,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from portsd.core.index import decode_index
 from portsd.daemon.service import RETRY_EVERY
 from tests.daemon_harness import RunningDaemon, command_environment, portsd
 from tests.fixtures import commit_all, git
-from tests.test_daemon import head, keys_at, push, slow_down
+from tests.test_daemon import assert_consistent, edit, head, keys_at, push, slow_down
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +234,68 @@ def test_a_full_disk_fails_builds_clearly_and_leaves_nothing_running(
             assert "Traceback" not in daemon.log.read_text()
         finally:
             daemon.stop()
+
+
+def download_all(daemon: RunningDaemon, grace: float, until: float) -> list[str]:
+    """A client, again and again until ``until``: fetch the index, then every package it
+    lists, checking each sha256. Returns the packages that failed within ``grace`` seconds
+    of their index being fetched (none may: a recent serial's packages stay)."""
+    failures = []
+    while time.monotonic() < until:
+        fetched = time.monotonic()
+        status, data = daemon.raw(f"/repo/{ARCH}/index.msgpack.zst")
+        assert status == 200
+        for entry in decode_index(data, "index"):
+            status, body = daemon.raw(f"/repo/{ARCH}/packages/{entry.file}")
+            ok = status == 200 and hashlib.sha256(body).hexdigest() == entry.sha256
+            if not ok and time.monotonic() - fetched < grace:
+                failures.append(f"{entry.file}: HTTP {status}")
+    return failures
+
+
+def test_prune_keeps_the_index_recent_serials_and_the_newest_few_under_downloads(
+    daemon: RunningDaemon, bare: Path, ports_tree: Path
+) -> None:
+    push(ports_tree)
+    daemon.wait_idle(head(ports_tree))
+    hellos = []
+    for n in range(4):  # four more builds of hello: four old packages
+        commit = edit(ports_tree, "hello", f"hello: build {n}")
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        hellos.append(keys_at(ports_tree, commit)["hello"])
+    packages = bare / "portsd" / "repo" / ARCH / "packages"
+    stored = sorted(p.name for p in packages.glob("hello-*.pkg.tar.zst"))
+    assert len(stored) == 5
+
+    planned = run_portsd("prune", "--repo", bare, "--dry-run", "--json", "--keep", "1")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["removed"] == []  # left the index a moment ago: kept
+    grace = 4.0
+    time.sleep(grace)
+    prune = ("prune", "--repo", bare, "--keep", "1", "--keep-unlisted-minutes", str(grace / 60))
+    planned = run_portsd(*prune, "--dry-run", "--json")
+    would = {item["file"] for item in json.loads(planned.stdout)["removed"]}
+    assert len(would) == 3 and all(f.startswith("hello-") for f in would)
+    assert {p.name for p in packages.glob("hello-*.pkg.tar.zst")} == set(stored)  # dry
+
+    # Now under downloads, while pushes replace hello and prune runs again and again.
+    until = time.monotonic() + 12
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(download_all, daemon, grace, until) for _ in range(4)]
+        n = 4
+        while time.monotonic() < until - 2:
+            commit = edit(ports_tree, "hello", f"hello: build {n}")
+            push(ports_tree)
+            daemon.wait_idle(commit)
+            n += 1
+            assert run_portsd(*prune).returncode == 0
+        failures = [failure for client in clients for failure in client.result()]
+    assert failures == []
+    time.sleep(grace)
+    said = run_portsd(*prune)
+    assert said.returncode == 0 and "removed" in said.stdout
+    left = sorted(p.name for p in packages.glob("hello-*.pkg.tar.zst"))
+    assert len(left) == 2  # the published one and the newest other
+    assert_consistent(bare)  # every package the index lists is whole
+    assert hellos[-1] not in {k.name for k in (bare / "portsd" / "repo" / ARCH / "keys").iterdir()}

@@ -31,6 +31,9 @@ from portsd.daemon.service import Daemon
 from portsd.errors import ConfigError, PortsdError
 from portsd.fsio import write_atomic
 from portsd.pkg.discover import Advertiser, announcement_for
+from portsd.pkg.repo import Repository
+from portsd.pkg.retention import policy_of, prune
+from portsd.pkg.sign import SecretKey
 
 log = logging.getLogger("portsd")
 
@@ -70,6 +73,22 @@ def parser() -> argparse.ArgumentParser:
     _where(p)
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(handler=rebuild)
+
+    p = commands.add_parser(
+        "prune", help="remove old packages: all but the published, recent and newest few"
+    )
+    _where(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--keep", type=int, help="unlisted packages kept per port (default: config, 2)")
+    p.add_argument("--keep-days", type=float, help="keep what was built within D days")
+    p.add_argument(
+        "--keep-unlisted-minutes",
+        type=float,
+        help="keep a package that left the index this long, for clients about to fetch it "
+        "(default: config, 60)",
+    )
+    p.set_defaults(handler=prune_packages)
 
     p = commands.add_parser("keygen", help="create the repository signing key (once)")
     _where(p)
@@ -301,6 +320,30 @@ def rebuild(args: argparse.Namespace, console: Console) -> int:
     accepted = data.get("accepted", data.get("ports", []))
     console.print(f"will retry: {', '.join(accepted) or 'nothing (no such ports)'}")
     return 0 if accepted else 1
+
+
+def prune_packages(args: argparse.Namespace, console: Console) -> int:
+    config = _config(
+        args,
+        keep_per_port=args.keep,
+        keep_days=args.keep_days,
+        keep_unlisted_minutes=args.keep_unlisted_minutes,
+    )
+    repo = Repository(config.repo, config.arch, SecretKey.load(config.secret_key))
+    removed = prune(repo, policy_of(config), dry_run=args.dry_run)
+    size = sum(entry.size for entry in removed)
+    if args.json:
+        files = [
+            {"name": e.meta.name, "version": e.meta.full_version, "file": e.file, "size": e.size}
+            for e in removed
+        ]
+        print(json.dumps({"dry_run": args.dry_run, "removed": files, "bytes": size}))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in removed:
+        console.print(f"{verb} {entry.file} ({entry.size} bytes)")
+    console.print(f"{verb} {len(removed)} package(s), {size} bytes")
+    return 0
 
 
 def keygen(args: argparse.Namespace, console: Console) -> int:

@@ -51,6 +51,9 @@ port = {port}
 [repository]
 # path = "repo"               # the signed binary repository
 # expires-days = 7            # clients refuse an older index; the daemon re-signs daily
+# keep = 2                    # old packages kept per port besides the published one
+# keep-days = 0               # and whatever was built within this many days
+# keep-unlisted-minutes = 60  # a package that left the index stays downloadable this long
 """
 
 

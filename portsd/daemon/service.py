@@ -45,6 +45,7 @@ from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
 from portsd.fsio import remove_tree
 from portsd.pkg.repo import Repository
+from portsd.pkg.retention import policy_of, prune
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
 from portsd.tree.loader import Tree, TreeLoader
 
@@ -61,6 +62,7 @@ REFRESH_EVERY = 86400.0  # re-sign the index daily, well before it expires
 SAVE_EVERY = 300.0  # seconds between recipe-cache writes (and one at shutdown)
 STOPPED = "the daemon stopped before its builds were queued"  # an evaluation's error
 REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures were forgotten)
+PRUNE_EVERY = 3600.0  # seconds between removals of old packages (portsd.pkg.retention)
 RETRY = "retry"  # the trigger that re-evaluates after a failure of the host (a full disk)
 RETRY_EVERY = 5.0  # seconds between looks at whether the disk has room again
 
@@ -126,6 +128,7 @@ class Daemon:
         evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
         refresh = asyncio.create_task(self._refresh_loop(), name="index refresh")
         retry = asyncio.create_task(self._retry_loop(), name="retry")
+        pruning = asyncio.create_task(self._prune_loop(), name="prune")
         self.trigger("startup")
         try:
             yield
@@ -138,7 +141,8 @@ class Daemon:
             self._wake.set()
             refresh.cancel()
             retry.cancel()
-            await asyncio.gather(evaluations, refresh, retry, return_exceptions=True)
+            pruning.cancel()
+            await asyncio.gather(evaluations, refresh, retry, pruning, return_exceptions=True)
             await asyncio.to_thread(self.scheduler.close)
             await self.loop.run_in_executor(self._evaluator, partial(self._save_cache, force=True))
             self._evaluator.shutdown()
@@ -204,6 +208,22 @@ class Daemon:
                 await asyncio.to_thread(self.repo.refresh)
             except PortsdError as error:
                 log.error("index refresh failed: %s", error)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            try:
+                removed = await asyncio.to_thread(prune, self.repo, policy_of(self.config))
+            except PortsdError as error:
+                log.error("removing old packages failed: %s", error)
+                continue
+            if removed:
+                log.info(
+                    "removed %d old package(s), %d bytes: %s",
+                    len(removed),
+                    sum(entry.size for entry in removed),
+                    ", ".join(entry.file for entry in removed),
+                )
 
     async def _retry_loop(self) -> None:
         """Once the disk has room again: record what could not be, and evaluate again."""

@@ -51,6 +51,7 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from portsd.core.index import (
@@ -79,6 +80,14 @@ _PENDING_SIG = "pending-index.minisig"
 _CHUNK = 1 << 20
 
 _FileId = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A package the repository holds, listed in the index or not."""
+
+    entry: IndexEntry
+    stored_at: float  # when its record was written (time.time())
 
 
 class Repository:
@@ -328,6 +337,46 @@ class Repository:
             self._recover()
             index = self._current()
             return self._write_index(index, index.commit, force=True, expires_in=expires_in)
+
+    def prune(
+        self,
+        choose: Callable[[Index, Sequence[Stored]], Collection[str]],
+        *,
+        dry_run: bool = False,
+    ) -> tuple[IndexEntry, ...]:
+        """Remove the stored packages whose build keys ``choose`` names, given the current
+        index and everything stored; returns them. Under the writers' lock (nothing is
+        published meanwhile), and never a package the current index lists. Each goes record
+        first (``stored_keys`` and ``find_key`` stop offering it), then its signature and
+        file; a download already under way keeps reading the file it opened."""
+        with _os_errors(self.path), self._locked():
+            if self._secret is not None:
+                self._recover()
+            index = self._current()
+            listed = {entry.meta.build_key for entry in index}
+            stored = self._all_stored()
+            chosen = set(choose(index, stored)) - listed
+            doomed = tuple(s.entry for s in stored if s.entry.meta.build_key in chosen)
+            if dry_run or not doomed:
+                return doomed
+            for entry in doomed:
+                (self._keys / entry.meta.build_key).unlink(missing_ok=True)
+            fsync_dir(self._keys)
+            for entry in doomed:
+                path = self.package_path(entry)
+                path.with_name(entry.file + SIG_SUFFIX).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            fsync_dir(self.packages_path)
+        return doomed
+
+    def _all_stored(self) -> list[Stored]:
+        found = []
+        for item in os.scandir(self._keys):
+            if len(item.name) != 64:
+                continue
+            entry = decode_entry(Path(item.path).read_bytes(), item.path)
+            found.append(Stored(entry, item.stat().st_mtime))
+        return found
 
     # -- internals -------------------------------------------------------------------------
 
