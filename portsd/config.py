@@ -5,7 +5,8 @@ All state lives under one directory (``state_dir``) unless a setting moves a par
     <state>/portsd.toml        this file (optional; defaults everywhere)
     <state>/repo/<arch>/...    the signed binary repository
     <state>/distfiles/         downloaded sources, by sha256
-    <state>/keys/              the signing key pair (secret key mode 0600)
+    <state>/keys/              the signing key pair (secret key mode 0600); next.key and
+                               next.pub during a key rotation
     <state>/work/              build directories (removed after each build)
     <state>/store/             unpacked packages, the layers of build roots
     <state>/logs/              one log per build
@@ -77,6 +78,15 @@ class Config:
     @property
     def public_key(self) -> Path:
         return self.state_dir / "keys" / "portsd.pub"
+
+    @property
+    def next_secret_key(self) -> Path:
+        """During a key rotation, the next signing key (it signs beside the current one)."""
+        return self.state_dir / "keys" / "next.key"
+
+    @property
+    def next_public_key(self) -> Path:
+        return self.state_dir / "keys" / "next.pub"
 
     @property
     def token_file(self) -> Path:

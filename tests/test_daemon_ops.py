@@ -22,6 +22,9 @@ import pytest
 
 from portsd.core.index import decode_index
 from portsd.daemon.service import RETRY_EVERY
+from portsd.errors import BadSignature
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import PublicKey
 from tests.daemon_harness import RunningDaemon, command_environment, portsd
 from tests.fixtures import commit_all, git
 from tests.test_daemon import assert_consistent, edit, head, keys_at, push, slow_down
@@ -299,3 +302,89 @@ def test_prune_keeps_the_index_recent_serials_and_the_newest_few_under_downloads
     assert len(left) == 2  # the published one and the newest other
     assert_consistent(bare)  # every package the index lists is whole
     assert hellos[-1] not in {k.name for k in (bare / "portsd" / "repo" / ARCH / "keys").iterdir()}
+
+
+def install(root: Path, url: str, *keys: Path) -> subprocess.CompletedProcess[str]:
+    """`ports install hello` into a fresh ``root`` from the cache at ``url``."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    trusted = [part for key in keys for part in ("--key", str(key))]
+    return subprocess.run(
+        [sys.executable, "-m", "portsd.cli.ports", "install", "hello", "--root", str(root)]
+        + ["--cache", url, *trusted],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=command_environment(),
+    )
+
+
+def test_key_rotation_signs_with_both_then_the_new_key_alone(
+    tmp_path: Path, bare: Path, ports_tree: Path
+) -> None:
+    state = bare / "portsd"
+    keys = state / "keys"
+    old = tmp_path / "old.pub"
+    shutil.copyfile(keys / "portsd.pub", old)
+    repo = state / "repo" / ARCH
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    try:
+        push(ports_tree)
+        daemon.wait_idle(head(ports_tree))
+        busy = run_portsd("key", "rotate", "--repo", bare)
+        assert busy.returncode == 1 and "is in use by portsd pid" in busy.stderr
+    finally:
+        daemon.stop()
+    serials = [decode_index((repo / "index.msgpack.zst").read_bytes(), "index").serial]
+
+    rotated = run_portsd("key", "rotate", "--repo", bare, "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    done = json.loads(rotated.stdout)
+    assert done["current"] == PublicKey.load(old).key_id and done["signed"] == 9
+    new = tmp_path / "new.pub"
+    shutil.copyfile(keys / "next.pub", new)
+    assert PublicKey.load(new).key_id == done["next"]
+    assert run_portsd("key", "rotate", "--repo", bare).returncode == 1  # one at a time
+
+    daemon.start()  # it signs with both keys now
+    try:
+        commit = edit(ports_tree, "hello", "hello: built during the rotation")
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        serials.append(decode_index((repo / "index.msgpack.zst").read_bytes(), "index").serial)
+        for trusted in ([old], [new]):  # either key verifies the index and every package
+            reader = Repository.reader(state / "repo", ARCH, [PublicKey.load(k) for k in trusted])
+            assert reader.check() == ()
+        assert minisign_verifies(old, repo / "index.msgpack.zst")  # stock: the first one
+        assert install(tmp_path / "root", daemon.url, old).returncode == 0
+        assert install(tmp_path / "root", daemon.url, new).returncode == 0
+    finally:
+        daemon.stop()
+
+    retired = run_portsd("key", "retire", "--repo", bare)
+    assert retired.returncode == 0, retired.stderr
+    assert f"signing with key {done['next']} alone; key {done['current']} retired" in (
+        retired.stdout
+    )
+    assert (keys / f"retired-{done['current']}.pub").exists() and not (keys / "next.key").exists()
+    serials.append(decode_index((repo / "index.msgpack.zst").read_bytes(), "index").serial)
+    assert serials == sorted(set(serials))  # rollback protection carries on across the keys
+    assert Repository.reader(state / "repo", ARCH, [PublicKey.load(new)]).check() == ()
+    assert minisign_verifies(new, repo / "index.msgpack.zst")
+    with pytest.raises(BadSignature, match="signed by unknown key"):
+        Repository.reader(state / "repo", ARCH, [PublicKey.load(old)]).index()
+    daemon.start()
+    try:
+        refused = install(tmp_path / "root", daemon.url, old)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert done["next"] in refused.stderr  # names the key it does not trust
+        assert install(tmp_path / "root", daemon.url, old, new).returncode == 0
+    finally:
+        daemon.stop()
+
+
+def minisign_verifies(public: Path, path: Path) -> bool:
+    checked = subprocess.run(
+        ["minisign", "-V", "-p", str(public), "-m", str(path)], capture_output=True, text=True
+    )
+    return checked.returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -25,6 +26,7 @@ from portsd.config import Config, load_config
 from portsd.daemon.binding import bind_state, default_state
 from portsd.daemon.initrepo import init_repository, state_of
 from portsd.daemon.instance import Holder, InstanceLock, local_url, running_daemon
+from portsd.daemon.keyrotation import retire, rotate
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.server.page import duration
 from portsd.daemon.service import Daemon
@@ -90,7 +92,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=prune_packages)
 
-    p = commands.add_parser("keygen", help="create the repository signing key (once)")
+    p = commands.add_parser(
+        "key", help="rotate the signing key: `rotate` (sign with both), then `retire` the old"
+    )
+    _where(p)
+    p.add_argument("action", choices=("rotate", "retire"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=key)
+
+    p = commands.add_parser(
+        "keygen", help="create the repository signing key (once; `portsd key rotate` replaces it)"
+    )
     _where(p)
     p.set_defaults(handler=keygen)
     return top
@@ -343,6 +355,29 @@ def prune_packages(args: argparse.Namespace, console: Console) -> int:
     for entry in removed:
         console.print(f"{verb} {entry.file} ({entry.size} bytes)")
     console.print(f"{verb} {len(removed)} package(s), {size} bytes")
+    return 0
+
+
+def key(args: argparse.Namespace, console: Console) -> int:
+    config = _config(args)
+    # the daemon signs with the keys it read at its start: it must not run meanwhile
+    lock = InstanceLock.acquire(config.state_dir, "")
+    try:
+        done = rotate(config) if args.action == "rotate" else retire(config)
+    finally:
+        lock.release()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(done)))
+        return 0
+    if done.next is not None:
+        console.print(f"signing with key {done.current} and the next key {done.next}")
+        console.print(f"  {done.signed} package(s) and the index signed again by both")
+        console.print(f"give clients the next public key: {config.next_public_key}")
+        console.print("  (clients trust both: `--key` twice, or both in trusted-keys)")
+        console.print("then, once every client has it: portsd key retire")
+    else:
+        console.print(f"signing with key {done.current} alone; key {done.retired} retired")
+        console.print(f"  {done.signed} package(s) and the index signed again")
     return 0
 
 
