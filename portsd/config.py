@@ -58,6 +58,9 @@ class Config:
     listen: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8470
     max_request_bytes: int = 1 << 20
+    idle_timeout: float = 15.0  # seconds a connection may take to send a request head
+    max_connections: int = 1000  # at once; more get a 503 at once
+    max_connections_per_address: int = 256  # behind a proxy, all come from its address
 
     @property
     def repo(self) -> Path:
@@ -141,6 +144,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "listen": ("listen", str),
         "port": ("port", int),
         "max-request-bytes": ("max_request_bytes", int),
+        "idle-timeout": ("idle_timeout", float),
+        "max-connections": ("max_connections", int),
+        "max-connections-per-address": ("max_connections_per_address", int),
     },
 }
 

@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -388,3 +389,60 @@ def minisign_verifies(public: Path, path: Path) -> bool:
         ["minisign", "-V", "-p", str(public), "-m", str(path)], capture_output=True, text=True
     )
     return checked.returncode == 0
+
+
+def test_slow_clients_are_cut_off_capped_and_never_flood_the_log(
+    tmp_path: Path, bare: Path
+) -> None:
+    """What was seen: connections trickling one header byte at a time made every request
+    time out, and the accept loop logged hundreds of thousands of tracebacks."""
+    config = bare / "portsd" / "portsd.toml"
+    config.write_text(
+        config.read_text().replace(
+            "[server]\n",
+            "[server]\nidle-timeout = 2\nmax-connections = 300\n"
+            "max-connections-per-address = 100\n",
+        )
+    )
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(400):  # from 127.0.0.2: another address than the good client's
+            sock = socket.create_connection(
+                ("127.0.0.1", daemon.port), source_address=("127.0.0.2", 0)
+            )
+            sock.setblocking(False)
+            slow.append(sock)
+        answered, cut, refused = [], 0, 0
+        until = time.monotonic() + 6
+        while time.monotonic() < until:
+            for sock in slow:  # one header byte each, again and again
+                try:
+                    sock.send(b"G")
+                except OSError:
+                    pass
+            started = time.monotonic()
+            assert daemon.get("/api/v1/status") is not None  # the good client is served
+            answered.append(time.monotonic() - started)
+            time.sleep(0.3)
+        for sock in slow:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue  # still open: only possible for one that was never served
+            except OSError:
+                data = b""
+            if data.startswith(b"HTTP/1.1 503"):
+                refused += 1
+            else:
+                cut += 1
+        assert max(answered) < 1.0, answered
+        assert refused >= 300  # 100 from that address at most
+        assert cut == 100  # those served were closed after 2 s without a request head
+        assert daemon.process is not None and daemon.process.poll() is None
+    finally:
+        for sock in slow:
+            sock.close()
+        daemon.stop()
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and len(log.splitlines()) < 50

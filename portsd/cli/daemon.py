@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import logging
+import resource
 import secrets
 import signal
 import urllib.error
@@ -15,7 +16,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from rich.console import Console
 from rich.markup import escape
 
@@ -27,7 +27,7 @@ from portsd.daemon.binding import bind_state, default_state
 from portsd.daemon.initrepo import init_repository, state_of
 from portsd.daemon.instance import Holder, InstanceLock, local_url, running_daemon
 from portsd.daemon.keyrotation import retire, rotate
-from portsd.daemon.server.app import create_app, create_runner
+from portsd.daemon.server.app import CappedSite, create_app, create_runner
 from portsd.daemon.server.page import duration
 from portsd.daemon.service import Daemon
 from portsd.errors import ConfigError, PortsdError
@@ -176,9 +176,16 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
     daemon = Daemon(config, loop)
     app = create_app(config, daemon)
     app.cleanup_ctx.append(daemon.lifetime)
-    runner = create_runner(app)
+    runner = create_runner(app, idle_timeout=config.idle_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen, config.port, reuse_address=True)
+    _more_descriptors(config.max_connections)
+    site = CappedSite(
+        runner,
+        config.listen,
+        config.port,
+        max_connections=config.max_connections,
+        per_address=config.max_connections_per_address,
+    )
     try:
         await site.start()
     except OSError as error:
@@ -204,6 +211,22 @@ async def _serve(config: Config, *, advertise: bool = False) -> None:
         if advertiser is not None:
             await advertiser.stop()  # goodbyes first: clients stop choosing a cache going away
         await runner.cleanup()
+
+
+def _more_descriptors(connections: int) -> None:
+    """Raise the soft limit on open files to the hard one: each connection is one, and
+    builds, the repository and sqlite need theirs beside them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < connections + 256:
+        log.warning(
+            "portsd: %d connections at once need more than the %d open files allowed;"
+            " lower [server] max-connections or raise the limit",
+            connections,
+            soft,
+        )
 
 
 def _cannot_listen(config: Config, error: OSError) -> PortsdError:

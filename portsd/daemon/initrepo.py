@@ -37,6 +37,9 @@ tree = ".."                   # the git repository to follow (this bare reposito
 # branch = "main"             # default: the branch HEAD names
 # listen = "127.0.0.1"        # loopback by default; "0.0.0.0" or an address to serve the LAN
 port = {port}
+# idle-timeout = 15            # seconds a connection may take to send a request head
+# max-connections = 1000       # at once; more get a 503
+# max-connections-per-address = 256   # raise it behind a proxy
 
 [build]
 # jobs = 2                    # builds at once
