@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from portsd.config import Config
 from portsd.daemon.engine import EngineStatus, PlanGraph
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems
 from portsd.daemon.state import BuildState, State
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
@@ -115,6 +116,9 @@ class ServingEngine:
 
     def plan_graph(self) -> PlanGraph:
         return PlanGraph(revision=None)
+
+    def problems(self) -> Problems:
+        return Problems(ports=0, published=0)
 
 
 def serve(state_dir: Path, port: int) -> None:

@@ -5,7 +5,8 @@ All state lives under one directory (``state_dir``) unless a setting moves a par
     <state>/portsd.toml        this file (optional; defaults everywhere)
     <state>/repo/<arch>/...    the signed binary repository
     <state>/distfiles/         downloaded sources, by sha256
-    <state>/keys/              the signing key pair (secret key mode 0600)
+    <state>/keys/              the signing key pair (secret key mode 0600); next.key and
+                               next.pub during a key rotation
     <state>/work/              build directories (removed after each build)
     <state>/store/             unpacked packages, the layers of build roots
     <state>/logs/              one log per build
@@ -48,6 +49,9 @@ class Config:
     mirrors: tuple[str, ...] = ()  # distfiles mirrors, holding files by name
     named_mirrors: NamedMirrors = ()  # mirror://NAME/... -> where NAME's files are
     index_expiry_days: float = 7.0
+    keep_per_port: int = 2  # retention: newest unlisted packages kept per port
+    keep_days: float = 0.0  # retention: and whatever was stored within this many days
+    keep_unlisted_minutes: float = 60.0  # retention: a package that left the index stays
     repo_dir: Path | None = None
     distfiles_dir: Path | None = None
     seed_dir: Path | None = None  # where the bootstrap seed is kept
@@ -58,6 +62,9 @@ class Config:
     max_request_bytes: int = 1 << 20
     cluster: str | None = None  # a Dask scheduler (tcp://host:8786): build there, not here
     verify: int = 1  # identical builds on different workers before a package is published
+    idle_timeout: float = 15.0  # seconds a connection may take to send a request head
+    max_connections: int = 1000  # at once; more get a 503 at once
+    max_connections_per_address: int = 256  # behind a proxy, all come from its address
 
     @property
     def repo(self) -> Path:
@@ -78,6 +85,15 @@ class Config:
     @property
     def public_key(self) -> Path:
         return self.state_dir / "keys" / "portsd.pub"
+
+    @property
+    def next_secret_key(self) -> Path:
+        """During a key rotation, the next signing key (it signs beside the current one)."""
+        return self.state_dir / "keys" / "next.key"
+
+    @property
+    def next_public_key(self) -> Path:
+        return self.state_dir / "keys" / "next.pub"
 
     @property
     def token_file(self) -> Path:
@@ -130,13 +146,22 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "mirror": ("named_mirrors", dict),
         "distfiles": ("distfiles_dir", str),
     },
-    "repository": {"path": ("repo_dir", str), "expires-days": ("index_expiry_days", float)},
+    "repository": {
+        "path": ("repo_dir", str),
+        "expires-days": ("index_expiry_days", float),
+        "keep": ("keep_per_port", int),
+        "keep-days": ("keep_days", float),
+        "keep-unlisted-minutes": ("keep_unlisted_minutes", float),
+    },
     "server": {
         "tree": ("tree_dir", str),
         "branch": ("branch", str),
         "listen": ("listen", str),
         "port": ("port", int),
         "max-request-bytes": ("max_request_bytes", int),
+        "idle-timeout": ("idle_timeout", float),
+        "max-connections": ("max_connections", int),
+        "max-connections-per-address": ("max_connections_per_address", int),
     },
 }
 

@@ -31,6 +31,7 @@ from portsd.core.index import IndexEntry
 from portsd.core.metadata import PackageMeta
 from portsd.daemon.engine import EngineStatus, PlanGraph, Running
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.state import BuildState, State
 from portsd.pkg.archive import content_id
@@ -82,6 +83,9 @@ class TinyEngine:
 
     def plan_graph(self) -> PlanGraph:
         return PlanGraph(revision=None)
+
+    def problems(self) -> Problems:
+        return Problems(ports=0, published=0)
 
 
 class BrokenEngine(TinyEngine):

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,8 +340,14 @@ def test_a_failure_is_remembered_until_its_key_changes_or_rebuild_asks(
         timeout=60,
         what="liba to be retried",
     )
-    status = portsd("status", "--repo", bare).stdout
-    assert "branch" in status and "main" in status
+    status = subprocess.run(
+        [sys.executable, "-m", "portsd.cli.daemon", "status", "--repo", str(bare)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 1  # liba fails: a script sees it
+    assert "branch main" in status.stdout and "  liba: " in status.stdout
 
     fixed = broken.read_text().replace('build = "false"\n', "")
     broken.write_text(fixed)

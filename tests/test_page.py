@@ -5,8 +5,11 @@ Chromium (selenium + Debian's chromedriver)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import re
+import subprocess
 import threading
 import time
 import urllib.error
@@ -25,6 +28,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from portsd.config import Config
 from portsd.daemon.engine import EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems, find_problems
 from portsd.daemon.server import page
 from portsd.daemon.server.app import create_app, create_runner
 from portsd.daemon.server.graphview import (
@@ -34,12 +38,13 @@ from portsd.daemon.server.graphview import (
     PENDING,
     UP_TO_DATE,
     GraphView,
+    node_state,
     state_class,
 )
 from portsd.daemon.state import BuildState, NewBuild, State
 from portsd.pkg.repo import Repository
-from portsd.pkg.sign import SecretKey
-from tests.browser import chromium, mark, same_page, text, until
+from portsd.pkg.sign import PublicKey, SecretKey
+from tests.browser import CHROMIUM_FLAGS, chromium, mark, same_page, text, until
 
 ARCH = "x86_64"
 HEAD = "a1b2c3d4e5f6" + "0" * 28
@@ -89,6 +94,12 @@ class TableEngine:
             eta=90.0 * (queued + len(running)) if queued or running else None,
             blocked=done.blocked if done else 0,
         )
+
+    def problems(self) -> Problems:
+        """The daemon's own computation, with the newest build of each port as its key."""
+        keys = {b.port: b.key for b in reversed(self.state.builds(limit=100_000))}
+        blocked = {n.port: n.reason for n in self.more_nodes if node_state(n) == BLOCKED}
+        return find_problems(self.state, keys, blocked, self.repo.stored_keys())
 
     def plan_graph(self) -> PlanGraph:
         latest = self.state.latest_evaluation()
@@ -196,7 +207,8 @@ def section(html: str, name: str) -> str:
 
 
 def new(port: str, reason: str = "", version: str = "1.0-1") -> NewBuild:
-    return NewBuild(port, version, KEY, reason or f"{port} must be built: it is new")
+    key = hashlib.sha256(f"{port} {version}".encode()).hexdigest()  # a key per port, as built
+    return NewBuild(port, version, key, reason or f"{port} must be built: it is new")
 
 
 # -- the page over a real State ---------------------------------------------------------
@@ -241,7 +253,8 @@ def test_page_shows_branch_plan_running_failures_and_history(served: Served) -> 
     assert f'data-follow="/api/v1/builds/{busybox}/log?follow=1"' in running
 
     failures = section(html, "failures")
-    assert "make: check failed: exit 2" in failures
+    assert '<p class="detail">check failed: exit 2</p>' in failures  # its name said once
+    assert "Newly failing" in failures and "<code>portsd rebuild make</code>" in failures
     assert "make line 100" in failures and "make line 61" in failures
     assert "make line 60\n" not in failures
     assert f'href="/api/v1/builds/{make}/log"' in failures
@@ -290,7 +303,7 @@ def test_history_and_queue_stay_short_with_1300_builds(served: Served) -> None:
     html = served.html()
     elapsed = time.perf_counter() - started
     history = section(html, "history")
-    rows = re.findall(r'<td class="port">(port\d+)</td>', history)
+    rows = re.findall(r'<td class="port"><a href="/port/port\d+">(port\d+)</a></td>', history)
     assert rows == [f"port{n:04d}" for n in range(999, 949, -1)]  # newest 50
     assert 'href="/?history=50#history"' in history and 'rel="prev"' not in history
     plan = section(html, "plan")
@@ -300,7 +313,7 @@ def test_history_and_queue_stay_short_with_1300_builds(served: Served) -> None:
     assert graph.count('<li><span class="badge') == 200
 
     older = section(served.html("/?history=50"), "history")
-    rows = re.findall(r'<td class="port">(port\d+)</td>', older)
+    rows = re.findall(r'<td class="port"><a href="/port/port\d+">(port\d+)</a></td>', older)
     assert rows == [f"port{n:04d}" for n in range(949, 899, -1)]
     assert 'href="/?history=0#history"' in older and 'href="/?history=100#history"' in older
     last = section(served.html("/?history=950"), "history")
@@ -348,7 +361,8 @@ def assert_inert(html: str) -> None:
 def test_hostile_names_reasons_and_logs_are_escaped(served: Served) -> None:
     served.engine.branch = HOSTILE["branch"]
     evil = NewBuild(HOSTILE["port"], HOSTILE["version"], KEY, HOSTILE["reason"])
-    running, failed, queued = served.evaluate(HEAD, [evil, evil, evil])
+    other = dataclasses.replace(evil, key="e" * 64)  # the failure is of another key
+    running, queued, failed = served.evaluate(HEAD, [evil, evil, other])
     served.start(running, [HOSTILE["log"]] * 3, step=HOSTILE["step"])
     served.start(failed, [HOSTILE["log"]])
     served.state.finish_build(failed, BuildState.FAILED, HOSTILE["detail"])
@@ -663,3 +677,90 @@ def test_browser_reconnects_and_catches_up_after_losing_the_event_stream(
     until(driver, lambda: "zlib" in text(driver, f"#plan li#build-{build}"), "caught up")
     assert live(driver) == "1"
     assert same_page(driver)
+
+
+def test_headless_chromium_with_a_virtual_time_budget_loads_the_page(
+    served: Served, tmp_path: Path
+) -> None:
+    """`chromium --headless --virtual-time-budget` (how screenshots and crawlers load a
+    page) waits for `load`: an event stream opened before it kept the page loading."""
+    zlib, _ = served.evaluate(HEAD, [new("zlib"), new("musl")])
+    served.start(zlib, ["compiling zlib"])  # its log is followed: another endless request
+    started = time.monotonic()
+    dumped = subprocess.run(
+        ["/usr/bin/chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+        + ["--virtual-time-budget=3000", "--dump-dom", served.url + "/"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    assert 'id="status"' in dumped.stdout and "compiling zlib" in dumped.stdout
+    assert time.monotonic() - started < 60
+
+
+def test_page_says_what_fails_now_what_was_fixed_and_how_to_use_the_repository(
+    served: Served,
+) -> None:
+    secret = SecretKey.generate()
+    served.config.public_key.parent.mkdir(parents=True)
+    secret.public_key.save(served.config.public_key)
+    first = served.evaluate(HEAD, [new("liba"), new("libb"), new("hello")])
+    outcomes = (BuildState.FAILED, BuildState.FAILED, BuildState.BUILT)
+    for build, state in zip(first, outcomes, strict=True):
+        served.start(build, [f"log of build {build}"])
+        served.state.finish_build(build, state, "exit 2" if state is BuildState.FAILED else None)
+    second = "b" * 40
+    liba, libb, nodep = served.evaluate(
+        second, [new("liba", version="2.0-1"), new("libb", version="2.0-1"), new("nodep")]
+    )
+    for build in (liba, libb, nodep):
+        served.start(build, ["compiling", "the end of the log"])
+    served.state.finish_build(liba, BuildState.BUILT)
+    served.state.finish_build(libb, BuildState.FAILED, "libb: check failed (exit 1)")
+    host_log = served.config.logs / "nodep" / f"{nodep}.log"
+    served.state.finish_build(
+        nodep, BuildState.FAILED, f"nodep: build failed (exit 2); log: {host_log}"
+    )
+
+    html = served.html()
+    assert str(served.config.state_dir) not in html  # no path of the build host
+    failures = section(html, "failures")
+    newly, still = failures.split("Still failing")
+    assert "Newly failing" in newly and 'href="/port/nodep"' in newly and "libb" not in newly
+    assert '<p class="detail">build failed (exit 2)</p>' in newly  # "nodep: " said once
+    assert 'href="/port/libb"' in still and '<p class="detail">check failed (exit 1)</p>' in still
+    assert "<code>portsd rebuild libb</code>" in still
+    fixed = failures.split('id="fixed-heading"')[1]
+    assert 'href="/port/liba"' in fixed and f"by build #{liba}" in fixed
+    assert 'id="failure-' + str(first[0]) not in failures  # liba's old failure is history
+    assert "4 ports: 0 published, 2 failing, 0 skipped" in failures
+
+    top = section(html, "status")
+    for name, count in (("queued", 3), ("built", 1), ("failed", 2), ("skipped", 0)):
+        assert f'data-count="{name}">{count}</span>' in top
+    assert 'data-count="remaining">0</span>' in top
+    assert re.search(r'data-count="elapsed">\d\.\d\d s</span>', top)  # not "0 s"
+
+    evaluations = section(html, "history").split('<table id="builds">')[0]
+    assert "done with failures: 2 failed" in evaluations and ">done<" not in evaluations
+
+    use = html.split('<aside id="use"')[1].split("</aside>")[0]
+    assert f"<code>{served.url}</code>" in use and f"<code>{secret.key_id}</code>" in use
+    assert f"curl -o /etc/ports/build.pub {served.url}/key.pub" in use
+    status, _, key = served.get("/key.pub")
+    assert status == 200 and PublicKey.parse(key).key_id == secret.key_id
+
+    port = served.html("/port/libb")
+    assert "check failed (exit 1)" in port and "<code>portsd rebuild libb</code>" in port
+    assert port.count('<td><span class="badge state-failed">failed</span></td>') == 2
+    assert "the end of the log" in port
+    assert served.get("/port/nope")[0] == 404 and served.get("/port/..evil")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.29, "0.29 s"), (0.004, "0.00 s"), (4.06, "4.1 s"), (12.4, "12 s"), (185, "3 min 05 s")],
+)
+def test_durations_keep_their_fractions_below_ten_seconds(seconds: float, shown: str) -> None:
+    assert page.duration(seconds) == shown

@@ -282,3 +282,17 @@ def test_crlf_signature_file_verifies(key: SecretKey) -> None:
 def test_unsignable_trusted_comments(key: SecretKey, comment: str) -> None:
     with pytest.raises(ValueError):
         key.sign(b"data", comment)
+
+
+def test_a_signature_file_may_hold_several_signatures_during_a_key_rotation() -> None:
+    old, new, stranger = SecretKey.generate(), SecretKey.generate(), SecretKey.generate()
+    data = b"an index"
+    both = old.sign(data, "serial:7") + new.sign(data, "serial:7")
+    assert verify(data, both, [old.public_key]) == "serial:7"
+    assert verify(data, both, [new.public_key]) == "serial:7"
+    assert verify(data + b"\n", old.sign(data + b"\n", "c") + "trailing words\n", [old.public_key])
+    with pytest.raises(BadSignature, match=f"unknown key {old.key_id}, {new.key_id}"):
+        verify(data, both, [stranger.public_key])
+    forged = old.sign(data, "serial:7") + new.sign(b"something else", "serial:7")
+    with pytest.raises(BadSignature):
+        verify(data, forged, [new.public_key])  # the trusted key's own signature must hold

@@ -99,7 +99,11 @@ class Workspace:
         seed = seed_of(config, say)
         key = ensure_signing_key(config)
         repo = Repository(
-            config.repo, config.arch, key, expires_in=int(config.index_expiry_days * 86400)
+            config.repo,
+            config.arch,
+            key,
+            expires_in=int(config.index_expiry_days * 86400),
+            cosigners=next_signing_keys(config),
         )
         fetcher = Fetcher(
             config.distfiles,
@@ -245,6 +249,13 @@ def seed_of(config: Config, say: Callable[[str], None] = log.info) -> Seed:
     """The bootstrap seed builds of ``config`` stand on, made from this host on first use."""
     config.work.mkdir(parents=True, exist_ok=True)
     return ensure_seed(config.seed, config.work, config.arch, say)
+
+
+def next_signing_keys(config: Config) -> tuple[SecretKey, ...]:
+    """The key that signs beside the current one while it is rotated (`portsd key`)."""
+    if config.next_secret_key.exists():
+        return (SecretKey.load(config.next_secret_key),)
+    return ()
 
 
 def ensure_signing_key(config: Config) -> SecretKey:

@@ -28,7 +28,10 @@ from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import build_settings, config_from, open_tree
+from portsd.config import Config
 from portsd.core.plan import PlannedBuild, critical_path, staged_plan
+from portsd.daemon.binding import bind_state
+from portsd.daemon.instance import InstanceLock
 
 
 class BuildDisplay:
@@ -150,6 +153,17 @@ class _FetchEvents:
 
 def build(args: argparse.Namespace, console: Console) -> int:
     config = config_from(args, **build_settings(args))
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    # one writer per state: not beside its daemon, and only for the tree it belongs to
+    lock = InstanceLock.acquire(config.state_dir, "")
+    try:
+        bind_state(config.state_dir, args.tree, force=args.force)
+        return _build(args, console, config)
+    finally:
+        lock.release()
+
+
+def _build(args: argparse.Namespace, console: Console, config: Config) -> int:
     events = _FetchEvents()
     workspace = Workspace.open(config, reporter=events)
     opened = open_tree(args, config, config.arch)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rich.console import Console
 
-DEFAULT_STATE = Path("~/.local/share/portsd")
+DEFAULT_STATE = "~/.local/share/portsd/<tree>-<digest>"
+"""Where a tree's state lives unless named (portsd.daemon.binding.default_state)."""
 
 Handler = Callable[[argparse.Namespace, "Console"], int]
 """What a subcommand runs: its arguments and the console in, the exit status out."""
@@ -47,7 +48,7 @@ def add_state_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="the state directory: repository, sources, logs (default: $PORTSD_STATE or "
-        f"{DEFAULT_STATE})",
+        f"the tree's own, {DEFAULT_STATE})",
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="a config file (default: <state>/portsd.toml)"

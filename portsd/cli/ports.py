@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
     add_tree_options(p)
     add_state_options(p)
     add_build_settings(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="adopt a state directory that belongs to another tree",
+    )
     p.set_defaults(handler="portsd.cli.build:build")
 
     p = commands.add_parser(

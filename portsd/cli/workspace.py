@@ -8,14 +8,18 @@ import sys
 from pathlib import Path
 
 from portsd.build.pipeline import seed_of
-from portsd.cli.options import DEFAULT_STATE
 from portsd.config import Config, load_config
+from portsd.daemon.binding import default_state
 from portsd.pkg.repo import Repository, StoredContents
 from portsd.tree.checkout import Checkout, open_checkout
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> Config:
-    state = args.state or Path(os.environ.get("PORTSD_STATE", DEFAULT_STATE)).expanduser()
+    """The config of the state the arguments name: ``--state``, $PORTSD_STATE, or the
+    tree's own state (``--tree``, default the current directory)."""
+    named = args.state or os.environ.get("PORTSD_STATE")
+    tree = getattr(args, "tree", None) or Path(".")
+    state = Path(named).expanduser() if named else default_state(tree)
     return load_config(state.absolute(), args.config, {"arch": args.arch, **overrides})
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from portsd.config import Config
 from portsd.daemon.events import EventBus
+from portsd.daemon.problems import Problems
 from portsd.daemon.state import BuildRow, BuildState, State
 from portsd.pkg.repo import Repository
 
@@ -97,3 +98,7 @@ class Engine(Protocol):
     def status(self) -> EngineStatus: ...
 
     def plan_graph(self) -> PlanGraph: ...
+
+    def problems(self) -> Problems:
+        """The evaluated tree's failing, skipped and blocked ports, and recent fixes."""
+        ...

@@ -17,6 +17,7 @@ import pygit2
 
 from portsd.build.pipeline import ensure_signing_key
 from portsd.config import CONFIG_NAME, Config, load_config
+from portsd.daemon.binding import bind_state
 from portsd.daemon.instance import LOCK_NAME
 from portsd.errors import ConfigError
 from portsd.fsio import write_atomic
@@ -36,6 +37,9 @@ tree = ".."                   # the git repository to follow (this bare reposito
 # branch = "main"             # default: the branch HEAD names
 # listen = "127.0.0.1"        # loopback by default; "0.0.0.0" or an address to serve the LAN
 port = {port}
+# idle-timeout = 15            # seconds a connection may take to send a request head
+# max-connections = 1000       # at once; more get a 503
+# max-connections-per-address = 256   # raise it behind a proxy
 
 [build]
 # jobs = 2                    # builds at once
@@ -50,6 +54,9 @@ port = {port}
 [repository]
 # path = "repo"               # the signed binary repository
 # expires-days = 7            # clients refuse an older index; the daemon re-signs daily
+# keep = 2                    # old packages kept per port besides the published one
+# keep-days = 0               # and whatever was built within this many days
+# keep-unlisted-minutes = 60  # a package that left the index stays downloadable this long
 """
 
 
@@ -78,6 +85,7 @@ def init_repository(directory: Path, *, port: int = 8470) -> Initialised:
     state.mkdir(mode=0o700)
     (state / CONFIG_NAME).write_text(CONFIG_TEMPLATE.format(port=port))
     config = load_config(state)
+    bind_state(state, directory)
     write_atomic(config.token_file, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
     key = ensure_signing_key(config)
     hook = directory / "hooks" / "post-receive"

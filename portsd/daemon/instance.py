@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from portsd.config import Config
 from portsd.errors import StateInUse
 
 LOCK_NAME = "daemon.lock"
@@ -68,6 +69,13 @@ class InstanceLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # the only descriptor: closing it releases the flock
             self._fd = -1
+
+
+def local_url(config: Config) -> str:
+    """Where a daemon with ``config`` can be reached from this host."""
+    host = config.listen
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    return f"http://{host}:{config.port}"
 
 
 def running_daemon(state_dir: Path) -> Holder | None:

@@ -43,14 +43,19 @@ from portsd.cluster.dispatch import Cluster
 from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
+from portsd.core.index import IndexEntry
 from portsd.core.plan import BuildPlan, PlannedBuild, Triage, critical_path, triage
 from portsd.daemon.engine import ClusterStatus, EngineStatus, PlanGraph, PlanNode, Running
 from portsd.daemon.events import EventBus
-from portsd.daemon.state import BuildRow, BuildState, NewBuild, State
+from portsd.daemon.instance import local_url
+from portsd.daemon.problems import Problems, find_problems, one_line
+from portsd.daemon.space import disk_full
+from portsd.daemon.state import BuildRow, BuildState, NewBuild, State, StateError
 from portsd.daemon.watch import RefWatcher
 from portsd.errors import GitError, PortsdError
 from portsd.fsio import remove_tree, write_atomic
 from portsd.pkg.repo import Repository
+from portsd.pkg.retention import policy_of, prune
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
 from portsd.tree.loader import Tree, TreeLoader
 
@@ -70,6 +75,9 @@ REBUILD = "rebuild"  # the trigger that re-evaluates an unmoved head (failures w
 IN_FLIGHT = 256  # threads waiting on a cluster's builds: its most build slots
 SLOTS_EVERY = 1.0  # seconds between looks at a cluster's build slots
 BUILT = "built"  # likewise: a package appeared, the ports waiting on it can be keyed
+PRUNE_EVERY = 3600.0  # seconds between removals of old packages (portsd.pkg.retention)
+RETRY = "retry"  # the trigger that re-evaluates after a failure of the host (a full disk)
+RETRY_EVERY = 5.0  # seconds between looks at whether the disk has room again
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +136,10 @@ class Daemon:
         self._parses_saved = 0
         self._saved_at = 0.0
         self._index_keys: tuple[int, dict[str, str]] = (-1, {})  # serial -> name -> key
+        # A full disk: outcomes sqlite could not record, and whether to evaluate again
+        # (an evaluation failed, builds were interrupted) once there is room.
+        self._unrecorded: list[tuple[int, BuildState, str | None]] = []
+        self._retry = False
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -142,6 +154,8 @@ class Daemon:
         evaluations = asyncio.create_task(self._evaluation_loop(), name="evaluations")
         refresh = asyncio.create_task(self._refresh_loop(), name="index refresh")
         slots = asyncio.create_task(self._slots_loop(), name="cluster slots")
+        retry = asyncio.create_task(self._retry_loop(), name="retry")
+        pruning = asyncio.create_task(self._prune_loop(), name="prune")
         self.trigger("startup")
         try:
             yield
@@ -154,7 +168,11 @@ class Daemon:
             self._wake.set()
             refresh.cancel()
             slots.cancel()
-            await asyncio.gather(evaluations, refresh, slots, return_exceptions=True)
+            retry.cancel()
+            pruning.cancel()
+            await asyncio.gather(
+                evaluations, refresh, slots, retry, pruning, return_exceptions=True
+            )
             await asyncio.to_thread(self.scheduler.close)
             if self.cluster is not None:
                 await asyncio.to_thread(self.cluster.close)
@@ -200,8 +218,7 @@ class Daemon:
                 return
             self._wake.clear()
             sources, self._sources = self._sources, set()
-            # evaluate again even if the head has not moved
-            forced = REBUILD in sources or BUILT in sources
+            forced = bool(sources & {REBUILD, BUILT, RETRY})  # even if the head has not moved
             self._evaluating = True
             try:
                 await self.loop.run_in_executor(
@@ -210,6 +227,7 @@ class Daemon:
             except PortsdError as error:
                 log.error("evaluation failed: %s", error)
                 self.events.publish("evaluation", error=str(error))
+                self._retry = True  # a host's failure passes (a full disk); a tree's recurs
             except Exception:
                 log.exception("evaluation crashed")
             finally:
@@ -233,6 +251,50 @@ class Daemon:
                 self.scheduler.limit(await asyncio.to_thread(cluster.slots))
             except OSError as error:
                 log.error("the Dask scheduler does not answer: %s", error)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            try:
+                removed = await asyncio.to_thread(prune, self.repo, policy_of(self.config))
+            except PortsdError as error:
+                log.error("removing old packages failed: %s", error)
+                continue
+            if removed:
+                log.info(
+                    "removed %d old package(s), %d bytes: %s",
+                    len(removed),
+                    sum(entry.size for entry in removed),
+                    ", ".join(entry.file for entry in removed),
+                )
+
+    async def _retry_loop(self) -> None:
+        """Once the disk has room again: record what could not be, and evaluate again."""
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            if not self._retry or self._full() is not None:
+                continue
+            self._retry = False
+            await asyncio.to_thread(self._record_unrecorded)
+            self.trigger(RETRY)
+
+    def _full(self) -> str | None:
+        return disk_full(self.config.state_dir, self.config.work)
+
+    def _record_unrecorded(self) -> None:
+        with self._lock:
+            pending, self._unrecorded = self._unrecorded, []
+        for index, (row, state, detail) in enumerate(pending):
+            try:
+                self._log_outcome(self.state.finish_build(row, state, detail))
+            except StateError as error:
+                log.error("still cannot record build #%d: %s", row, error)
+                with self._lock:
+                    self._unrecorded[:0] = pending[index:]
+                self._retry = True
+                return
+        if pending:
+            self.events.publish("status")
 
     # -- evaluation (on a worker thread, one at a time) -------------------------------------
 
@@ -355,7 +417,8 @@ class Daemon:
             skipped = {skip.build.key: skip.reason for skip in triaged.doomed}
             for row in rows:
                 if row.key in skipped:
-                    self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
+                    done = self.state.finish_build(row.id, BuildState.SKIPPED, skipped[row.key])
+                    self._log_outcome(done)
                 else:
                     self._rows[row.key] = row.id
             self._revisions = {key: revision for key in keep} | {
@@ -415,9 +478,11 @@ class Daemon:
                 lost.add(keys[name])
                 continue
             self.repo.restore(keys[name], commit=revision.commit)
+            log.info("republished: %s (key %s, built before)", name, keys[name][:12])
         gone = [name for name in listed if name not in tree.listing]
         if gone:
             self.repo.unpublish(gone, commit=revision.commit)
+            log.info("unpublished (no longer in the tree): %s", ", ".join(gone))
         return frozenset(lost)
 
     def _reasons(
@@ -460,15 +525,16 @@ class Daemon:
             row = self._rows[build.key]
             revision = self._revisions[build.key]
         if self.cluster is not None:
-            self._build_on(self.cluster, revision, build, row, cancel)
-            return
-        self.workspace.build(
-            revision,
-            build,
-            cancel,
-            log=self._log_path(build.name, row),
-            on_line=lambda line: self._line(row, line),
-        )
+            entry = self._build_on(self.cluster, revision, build, row, cancel)
+        else:
+            entry = self.workspace.build(
+                revision,
+                build,
+                cancel,
+                log=self._log_path(build.name, row),
+                on_line=lambda line: self._line(row, line),
+            )
+        log.info("build #%d published: %s", row, entry.file)
 
     def _build_on(
         self,
@@ -477,7 +543,7 @@ class Daemon:
         build: PlannedBuild,
         row: int,
         cancel: threading.Event,
-    ) -> None:
+    ) -> IndexEntry:
         """Build on the cluster (``verify`` times), its log lines streamed into the build's
         log here; publish what the builds agree on."""
         order = self.workspace.order(revision, build, cancel)
@@ -501,13 +567,14 @@ class Daemon:
         with self._lock:
             self._workers[row] = workers
         try:
-            settle(self.workspace, order, builds, commit=revision.commit)
+            entry = settle(self.workspace, order, builds, commit=revision.commit)
         except Disagreement as disagreement:
             with self._lock:
                 self._disagreements[build.key] = disagreement
             raise
         with self._lock:
             self._disagreements.pop(build.key, None)
+        return entry
 
     def _log_path(self, port: str, row: int) -> Path:
         return self.config.logs / port / f"{row}.log"
@@ -523,7 +590,11 @@ class Daemon:
         with self._lock:
             row = self._rows[build.key]
             self._steps[row] = "starting"
-        self.state.start_build(row, str(self._log_path(build.name, row)))
+        try:
+            self.state.start_build(row, str(self._log_path(build.name, row)))
+        except StateError as error:  # the build runs all the same; its end is recorded
+            log.error("build #%d: cannot record its start: %s", row, error)
+        log.info("build #%d started: %s (key %s)", row, build.name, build.key[:12])
         self.events.publish(
             "build", id=row, port=build.name, key=build.key, state=BuildState.RUNNING.value
         )
@@ -547,12 +618,38 @@ class Daemon:
             worker = self._workers.pop(row, None)
         if worker is not None and result.outcome is Outcome.BUILT:
             detail = f"built on {worker}"
-        self.state.finish_build(row, state, detail)
+        if detail is not None:  # the row links its log: no host path for visitors to see
+            detail = detail.replace(f"; log: {self._log_path(result.name, row)}", "")
+        full = self._full() if state is BuildState.FAILED else None
+        if full is not None:  # not the port's fault: not remembered, built again later
+            state, detail = BuildState.INTERRUPTED, f"{full}; built again once it has room"
+            self._retry = True
+        try:
+            finished = self.state.finish_build(row, state, detail)
+        except StateError as error:
+            log.error("build #%d %s, but cannot be recorded yet: %s", row, state.value, error)
+            with self._lock:
+                self._unrecorded.append((row, state, detail))
+            self._retry = True
+        else:
+            self._log_outcome(finished)
         self.events.publish(
             "build", id=row, port=result.name, key=result.build.key, state=state.value
         )
         if result.outcome is Outcome.BUILT:
             self.trigger(BUILT)  # the ports waiting on this package can be keyed now
+
+    def _log_outcome(self, row: BuildRow) -> None:
+        """One line per finished build, for the journal: what, how long, why, the log."""
+        what = f"build #{row.id} {row.state.value}: {row.port} {row.version}"
+        if row.state is BuildState.BUILT:
+            log.info("%s in %s", what, _seconds(row.duration))
+        elif row.state in (BuildState.FAILED, BuildState.INTERRUPTED):
+            url = f"{local_url(self.config)}/api/v1/builds/{row.id}/log"
+            reason = one_line(row.port, row.detail)
+            log.warning("%s: %s (after %s); log: %s", what, reason, _seconds(row.duration), url)
+        else:
+            log.info("%s: %s", what, one_line(row.port, row.detail))
 
     # -- views -----------------------------------------------------------------------------
 
@@ -614,6 +711,15 @@ class Daemon:
         work += sum(max(self._durations.get(b.name, guess) - (now - t), 1.0) for b, t in running)
         return work / max(self.config.jobs, 1)
 
+    def problems(self) -> Problems:
+        latest = self._latest
+        if latest is None:
+            return Problems(ports=0, published=0)
+        blocked = {name: str(problem) for name, problem in latest.triaged.plan.blocked.items()}
+        return find_problems(
+            self.state, latest.revision.keys.keys, blocked, self.repo.stored_keys()
+        )
+
     def plan_graph(self) -> PlanGraph:
         latest = self._latest
         if latest is None:
@@ -666,6 +772,10 @@ def _return_memory(*, full: bool) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: the memory is reused by later allocations anyway
+
+
+def _seconds(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def _version(revision: Revision, name: str) -> str:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS builds (
 CREATE INDEX IF NOT EXISTS builds_by_state ON builds(state);
 CREATE INDEX IF NOT EXISTS builds_by_key ON builds(key);
 CREATE INDEX IF NOT EXISTS builds_by_port ON builds(port, finished);
+CREATE INDEX IF NOT EXISTS builds_by_evaluation ON builds(evaluation, state);
 CREATE TABLE IF NOT EXISTS failures (
     key TEXT PRIMARY KEY,
     port TEXT NOT NULL,
@@ -177,18 +178,30 @@ class State:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failure of sqlite (a full disk, say) is a StateError."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # sqlite rolls back by itself on the next BEGIN
+                raise StateError(str(self.path), f"cannot write: {error}") from None
 
     def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._db.execute(sql, parameters).fetchall()
+            try:
+                return self._db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as error:
+                raise StateError(str(self.path), f"cannot read: {error}") from None
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -338,6 +351,45 @@ class State:
         rows = self._query(
             f"SELECT {_BUILD_COLUMNS} FROM builds {clause} ORDER BY id DESC LIMIT ?",
             (*parameters, limit),
+        )
+        return [_build(row) for row in rows]
+
+    def evaluation_outcomes(self, evaluations: Sequence[int]) -> dict[int, dict[BuildState, int]]:
+        """For each of ``evaluations``, how many of the builds it queued are in each state
+        (only the states present)."""
+        if not evaluations:
+            return {}
+        rows = self._query(
+            "SELECT evaluation, state, COUNT(*) FROM builds WHERE evaluation IN "
+            f"({', '.join('?' * len(evaluations))}) GROUP BY evaluation, state",
+            list(evaluations),
+        )
+        found: dict[int, dict[BuildState, int]] = {}
+        for evaluation, state, count in rows:
+            found.setdefault(int(evaluation), {})[BuildState(state)] = int(count)
+        return found
+
+    def last_finished(self, evaluation: int) -> float | None:
+        """When the last build ``evaluation`` queued ended (None: none has)."""
+        rows = self._query("SELECT MAX(finished) FROM builds WHERE evaluation = ?", (evaluation,))
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def latest_by_key(self) -> dict[str, BuildRow]:
+        """Each key's newest build that was not cancelled or interrupted: how its last
+        attempt went (or that one is queued or running now)."""
+        rows = self._query(
+            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE id IN (SELECT MAX(id) FROM builds "
+            "WHERE state NOT IN ('cancelled', 'interrupted') GROUP BY key)"
+        )
+        return {str(row[4]): _build(row) for row in rows}
+
+    def recent_outcomes(self, limit: int = 2000) -> list[BuildRow]:
+        """The newest ``limit`` builds that ended built or failed, newest first: the
+        history that says whether a port's failure is new, continued or fixed."""
+        rows = self._query(
+            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE state IN ('built', 'failed') "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
         )
         return [_build(row) for row in rows]
 

@@ -51,6 +51,7 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from portsd.core.index import (
@@ -81,6 +82,14 @@ _CHUNK = 1 << 20
 _FileId = tuple[int, int, int, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A package the repository holds, listed in the index or not."""
+
+    entry: IndexEntry
+    stored_at: float  # when its record was written (time.time())
+
+
 class Repository:
     """One architecture of a signed repository.
 
@@ -90,7 +99,16 @@ class Repository:
     between threads; any number of processes may publish into one repository at once.
     """
 
-    __slots__ = ("arch", "path", "_secret", "_trusted", "_expires_in", "_clock", "_cache")
+    __slots__ = (
+        "arch",
+        "path",
+        "_secret",
+        "_cosigners",
+        "_trusted",
+        "_expires_in",
+        "_clock",
+        "_cache",
+    )
 
     def __init__(
         self,
@@ -101,13 +119,16 @@ class Repository:
         trusted: Sequence[PublicKey] = (),
         expires_in: int = DEFAULT_EXPIRY,
         clock: Callable[[], float] = time.time,
+        cosigners: Sequence[SecretKey] = (),
     ) -> None:
         if not ARCH_PATTERN.fullmatch(arch):
             raise ValueError(f"not an architecture: {arch!r}")
         self.arch = arch
         self.path = Path(root) / arch
         self._secret = secret_key
-        own = (secret_key.public_key,) if secret_key is not None else ()
+        # keys that sign beside it, after it (a rotation: the next key; see _sign)
+        self._cosigners = tuple(cosigners) if secret_key is not None else ()
+        own = tuple(k.public_key for k in (secret_key, *self._cosigners) if k is not None)
         self._trusted = (*own, *trusted)
         self._expires_in = expires_in
         self._clock = clock
@@ -269,7 +290,7 @@ class Repository:
         ``package`` is on the repository's filesystem (a hard link); otherwise it is copied
         while the lock is held.
         """
-        secret = self._writable()
+        self._writable()
         if meta.arch not in (self.arch, "any"):
             raise RepoError(str(package), f"a package for {meta.arch} in a {self.arch} repository")
         source = Path(package)
@@ -277,9 +298,7 @@ class Repository:
         with _os_errors(source):
             # the expensive reads happen before taking the lock
             size, sha256 = _hash_file(source)
-            signature = secret.sign_file(
-                source, f"timestamp:{self._now()}\tfile:{filename}\tkey:{meta.build_key}"
-            )
+            signature = self._sign_file(source, filename, meta.build_key)
         with _os_errors(self.path), self._locked():
             self._recover()
             target = self.packages_path / filename
@@ -335,6 +354,73 @@ class Repository:
             index = self._current()
             return self._write_index(index, index.commit, force=True, expires_in=expires_in)
 
+    def prune(
+        self,
+        choose: Callable[[Index, Sequence[Stored]], Collection[str]],
+        *,
+        dry_run: bool = False,
+    ) -> tuple[IndexEntry, ...]:
+        """Remove the stored packages whose build keys ``choose`` names, given the current
+        index and everything stored; returns them. Under the writers' lock (nothing is
+        published meanwhile), and never a package the current index lists. Each goes record
+        first (``stored_keys`` and ``find_key`` stop offering it), then its signature and
+        file; a download already under way keeps reading the file it opened."""
+        with _os_errors(self.path), self._locked():
+            if self._secret is not None:
+                self._recover()
+            index = self._current()
+            listed = {entry.meta.build_key for entry in index}
+            stored = self._all_stored()
+            chosen = set(choose(index, stored)) - listed
+            doomed = tuple(s.entry for s in stored if s.entry.meta.build_key in chosen)
+            if dry_run or not doomed:
+                return doomed
+            for entry in doomed:
+                (self._keys / entry.meta.build_key).unlink(missing_ok=True)
+            fsync_dir(self._keys)
+            for entry in doomed:
+                path = self.package_path(entry)
+                path.with_name(entry.file + SIG_SUFFIX).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            fsync_dir(self.packages_path)
+        return doomed
+
+    def resign(self) -> int:
+        """Sign every stored package and the index again with this repository's keys (a
+        key rotation: both keys, then the new one); the index gets a new serial. Returns
+        how many packages were signed."""
+        self._writable()
+        with _os_errors(self.path), self._locked():
+            self._recover()
+            stored = self._all_stored()
+            for item in stored:
+                entry = item.entry
+                path = self.package_path(entry)
+                signature = self._sign_file(path, entry.file, entry.meta.build_key)
+                self._write_file(path.with_name(entry.file + SIG_SUFFIX), signature.encode())
+            fsync_dir(self.packages_path)
+            index = self._current()
+            self._write_index(index, index.commit, force=True, expires_in=None)
+        return len(stored)
+
+    def _signers(self) -> tuple[SecretKey, ...]:
+        """The keys that sign, the current one first: stock minisign reads only the first
+        signature of a file, and clients not yet given the next key trust the current."""
+        return (self._writable(), *self._cosigners)
+
+    def _sign_file(self, path: Path, filename: str, build_key: str) -> str:
+        comment = f"timestamp:{self._now()}\tfile:{filename}\tkey:{build_key}"
+        return "".join(key.sign_file(path, comment) for key in self._signers())
+
+    def _all_stored(self) -> list[Stored]:
+        found = []
+        for item in os.scandir(self._keys):
+            if len(item.name) != 64:
+                continue
+            entry = decode_entry(Path(item.path).read_bytes(), item.path)
+            found.append(Stored(entry, item.stat().st_mtime))
+        return found
+
     # -- internals -------------------------------------------------------------------------
 
     def _writable(self) -> SecretKey:
@@ -380,7 +466,7 @@ class Repository:
                 verify(
                     self.index_path.read_bytes(),
                     pending.read_text(encoding="utf-8", errors="replace"),
-                    [self._secret.public_key],
+                    [key.public_key for key in self._signers()],
                 )
             except BadSignature:
                 pass  # killed before the index was renamed in: the old pair stands
@@ -451,11 +537,9 @@ class Repository:
 
     def _write_signed(self, index: Index) -> None:
         """Swap in ``index`` and its signature (order: see the module docstring)."""
-        assert self._secret is not None
         data = encode_index(index)
-        signature = self._secret.sign(
-            data, f"timestamp:{index.generated}\tfile:{INDEX_NAME}\tserial:{index.serial}"
-        )
+        comment = f"timestamp:{index.generated}\tfile:{INDEX_NAME}\tserial:{index.serial}"
+        signature = "".join(key.sign(data, comment) for key in self._signers())
         staged_index = self._tmp / INDEX_NAME
         staged_sig = self._tmp / _PENDING_SIG
         write_synced(staged_index, data)

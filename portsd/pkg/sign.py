@@ -240,8 +240,7 @@ def verify(
     was made by a key not in ``keys``, does not match the data, or its trusted comment was
     altered (bad global signature).
     """
-    sig = _parse_signature(signature_text, label)
-    key = _signer(sig, keys, label)
+    sig, key = _trusted_signature(signature_text, keys, label)
     message = _prehash(data) if sig.algorithm == _ALG_HASHED else data
     return _check(sig, key, message, label)
 
@@ -251,8 +250,7 @@ def verify_file(
 ) -> str:
     """``verify`` for a file, hashed in chunks; errors name the file."""
     label = str(path)
-    sig = _parse_signature(signature_text, label)
-    key = _signer(sig, keys, label)
+    sig, key = _trusted_signature(signature_text, keys, label)
     try:
         message = _prehash_file(path) if sig.algorithm == _ALG_HASHED else Path(path).read_bytes()
     except OSError as error:
@@ -289,14 +287,30 @@ def _parse_signature(text: str, label: str) -> _Signature:
     )
 
 
-def _signer(sig: _Signature, keys: Sequence[PublicKey], label: str) -> PublicKey:
-    for key in keys:
-        if key.keynum == sig.keynum:
-            return key
+def _trusted_signature(
+    text: str, keys: Sequence[PublicKey], label: str
+) -> tuple[_Signature, PublicKey]:
+    """The first signature of ``text`` made by one of ``keys``, and that key.
+
+    A ``.minisig`` may hold several signatures, four lines each, one after the other: while
+    a repository's key is rotated it signs with the old key and the new one. Stock
+    minisign reads the first four lines, so the old key's signature comes first. Lines
+    after the first signature that do not make another one are ignored, as minisign does.
+    """
+    lines = text.split("\n")
+    signatures = [_parse_signature(text, label)]
+    for start in range(4, len(lines) - 3, 4):
+        try:
+            signatures.append(_parse_signature("\n".join(lines[start : start + 4]), label))
+        except BadSignature:
+            break
+    for sig in signatures:
+        for key in keys:
+            if key.keynum == sig.keynum:
+                return sig, key
+    signers = ", ".join(_key_id(sig.keynum) for sig in signatures)
     trusted = ", ".join(key.key_id for key in keys) or "none"
-    raise BadSignature(
-        label, f"signed by unknown key {_key_id(sig.keynum)} (trusted keys: {trusted})"
-    )
+    raise BadSignature(label, f"signed by unknown key {signers} (trusted keys: {trusted})")
 
 
 def _check(sig: _Signature, key: PublicKey, message: bytes, label: str) -> str:

@@ -2,6 +2,7 @@
 query, and the two authenticated triggers.
 
     GET  /api/v1/status                  engine status and build counts by state
+    GET  /api/v1/problems                failing, skipped and blocked ports; recent fixes
     GET  /api/v1/builds                  ?state=S[,S]&port=P&evaluation=N&limit=N, newest first
     GET  /api/v1/builds/{id}             one build and its evaluation
     GET  /api/v1/builds/{id}/log         text/plain; ?follow=1 streams until the build ends
@@ -37,6 +38,7 @@ from portsd.config import Config
 from portsd.core.index import IndexEntry, entry_map
 from portsd.core.recipe import NAME_PATTERN
 from portsd.daemon.engine import ClusterStatus, Engine, EngineStatus
+from portsd.daemon.problems import Problem, Problems
 from portsd.daemon.server.streams import EVENT_HEADERS, TEXT_HEADERS, Streams, send_events, send_log
 from portsd.daemon.state import BuildRow, BuildState, EvaluationRow
 from portsd.errors import RepoError
@@ -138,6 +140,26 @@ def cluster_json(cluster: ClusterStatus | None) -> dict[str, Any] | None:
     }
 
 
+def problem_json(problem: Problem) -> dict[str, Any]:
+    return {
+        "port": problem.port,
+        "reason": problem.reason,
+        "newly": problem.newly,
+        "build": build_json(problem.build) if problem.build is not None else None,
+    }
+
+
+def problems_json(problems: Problems) -> dict[str, Any]:
+    return {
+        "ports": problems.ports,
+        "published": problems.published,
+        "failed": [problem_json(p) for p in problems.failed],
+        "skipped": [problem_json(p) for p in problems.skipped],
+        "blocked": [problem_json(p) for p in problems.blocked],
+        "fixed": [build_json(row) for row in problems.fixed],
+    }
+
+
 def entry_json(entry: IndexEntry) -> dict[str, Any]:
     return entry_map(entry)  # the index's own map: one encoding of an entry
 
@@ -214,6 +236,10 @@ class Api:
             lambda: (self.engine.status(), self.engine.state.counts())
         )
         return json_response(status_json(status, counts))
+
+    async def problems(self, _request: web.Request) -> web.Response:
+        problems = await asyncio.to_thread(self.engine.problems)
+        return json_response(problems_json(problems))
 
     async def builds(self, request: web.Request) -> web.Response:
         query = request.query

@@ -13,6 +13,8 @@ Routes (added by ``setup``):
     GET /static/{file}         page.css, page.js (URLs carry a content hash)
     GET /ui/fragments          ?sections=status,plan,... -> {"status": "<section ...>", ...}
     GET /ui/graph.svg          the plan's dependency graph alone (404 when it is a list)
+    GET /port/{name}           one port: its current problem, its builds, how to retry
+    GET /key.pub               the repository's public signing key
 
 Every engine view (the daemon's ``status()`` and ``plan_graph()`` read its database), log
 read and template rendering runs in a worker thread; the event loop only routes.
@@ -32,7 +34,9 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from portsd.config import Config
+from portsd.core.recipe import NAME_PATTERN
 from portsd.daemon.engine import Engine, EngineStatus, PlanGraph, Running
+from portsd.daemon.problems import Problem, Problems, one_line
 from portsd.daemon.server.appkeys import CONFIG, ENGINE
 from portsd.daemon.server.graphview import (
     BLOCKED,
@@ -42,8 +46,10 @@ from portsd.daemon.server.graphview import (
     node_state,
     state_class,
 )
-from portsd.daemon.state import BuildRow, BuildState
+from portsd.daemon.state import BuildRow, BuildState, EvaluationRow, State
+from portsd.errors import PortsdError
 from portsd.fsio import file_sha256
+from portsd.pkg.sign import PublicKey
 
 _HERE = Path(__file__).parent
 TEMPLATES = _HERE / "templates"
@@ -113,8 +119,33 @@ class RunningView:
 
 @dataclass(frozen=True, slots=True)
 class FailureView:
-    build: BuildRow
+    problem: Problem
     tail: LogTail
+
+    @property
+    def build(self) -> BuildRow:
+        assert self.problem.build is not None
+        return self.problem.build
+
+
+@dataclass(frozen=True, slots=True)
+class RunBar:
+    """poudriere's top line, for the builds the latest evaluation queued."""
+
+    queued: int
+    built: int
+    failed: int
+    skipped: int
+    remaining: int  # queued or running now
+    elapsed: float  # since the evaluation began, until the last build ended
+
+
+@dataclass(frozen=True, slots=True)
+class UseBox:
+    """How a client machine uses this repository: its URL and the key that signs it."""
+
+    url: str
+    key_id: str | None  # None: no signing key yet
 
 
 def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> LogTail:
@@ -136,9 +167,14 @@ def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) 
 
 
 def duration(seconds: float | None) -> str:
-    """``12 s``, ``3 min 05 s``, ``2 h 03 min``; an em dash for unknown."""
+    """``0.29 s``, ``4.1 s``, ``12 s``, ``3 min 05 s``, ``2 h 03 min``; an em dash for
+    unknown. Below ten seconds the fractions matter: most builds of a small port take one."""
     if seconds is None:
         return "—"
+    if seconds < 0.995:
+        return f"{max(seconds, 0.0):.2f} s"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
     whole = max(0, round(seconds))
     if whole < 60:
         return f"{whole} s"
@@ -159,6 +195,28 @@ def _iso(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _result(evaluation: EvaluationRow, outcomes: dict[BuildState, int]) -> tuple[str, str]:
+    """An evaluation's result and its badge's state: done only when every build it queued
+    was built (or nothing was queued)."""
+    if evaluation.error:
+        return "error", "failed"
+    if evaluation.finished is None:
+        return "evaluating", "running"
+    active = outcomes.get(BuildState.QUEUED, 0) + outcomes.get(BuildState.RUNNING, 0)
+    failed = outcomes.get(BuildState.FAILED, 0)
+    skipped = outcomes.get(BuildState.SKIPPED, 0)
+    parts = [
+        f"{n} {state.value}"
+        for state in (BuildState.FAILED, BuildState.SKIPPED, BuildState.CANCELLED)
+        if (n := outcomes.get(state, 0))
+    ]
+    if active:
+        return f"building ({active} to go)", "running"
+    if failed or skipped:
+        return "done with failures: " + ", ".join(parts), "failed"
+    return "done", "built"
 
 
 def _short(commit: str | None) -> str:
@@ -210,6 +268,7 @@ class Page:
             short=_short,
             duration=duration,
             first_line=_first_line,
+            reason=lambda text, port: one_line(port, text),
             node_state=node_state,
             state_class=state_class,
         )
@@ -220,8 +279,31 @@ class Page:
     async def index(self, request: web.Request) -> web.Response:
         offset = _history_offset(request)
         status, graph, drawing = await self._views(SECTIONS)
-        html = await asyncio.to_thread(self._render_page, status, graph, drawing, offset)
+        use = await asyncio.to_thread(self._use_box, f"{request.scheme}://{request.host}")
+        html = await asyncio.to_thread(self._render_page, status, graph, drawing, offset, use)
         return web.Response(text=html, content_type="text/html", headers=_HTML_HEADERS)
+
+    async def port(self, request: web.Request) -> web.Response:
+        """``/port/NAME``: one port's current problem, its builds, the end of its last failed
+        build's log, and how to retry it."""
+        name = request.match_info["name"]
+        if not NAME_PATTERN.fullmatch(name):
+            raise web.HTTPNotFound(text=f"not a port name: {name!r}")
+        html = await asyncio.to_thread(self._render_port, name)
+        if html is None:
+            raise web.HTTPNotFound(text=f"no builds of {name} and no such port")
+        return web.Response(text=html, content_type="text/html", headers=_HTML_HEADERS)
+
+    async def public_key(self, _request: web.Request) -> web.Response:
+        """``/key.pub``: the public key that signs the repository, for clients to trust
+        (after comparing its id with the one the build host's operator gives them)."""
+        try:
+            text = await asyncio.to_thread(self.config.public_key.read_text)
+        except FileNotFoundError:
+            raise web.HTTPNotFound(text="no signing key yet") from None
+        return web.Response(
+            text=text, content_type="text/plain", headers={"Cache-Control": "no-cache"}
+        )
 
     async def fragments(self, request: web.Request) -> web.Response:
         wanted = [name for name in request.query.get("sections", "").split(",") if name]
@@ -269,9 +351,39 @@ class Page:
         graph: PlanGraph | None,
         drawing: Drawing | None,
         offset: int,
+        use: UseBox,
     ) -> str:
         context = self._context(SECTIONS, status, graph, drawing, offset)
+        context["use"] = use
         return self._templates.get_template("page.html").render(context)
+
+    def _use_box(self, url: str) -> UseBox:
+        try:
+            key_id: str | None = PublicKey.load(self.config.public_key).key_id
+        except (OSError, PortsdError):
+            key_id = None
+        return UseBox(url, key_id)
+
+    def _render_port(self, name: str) -> str | None:
+        builds = self.engine.state.builds(port=name, limit=HISTORY_PAGE)
+        problems = self.engine.problems()
+        problem = next(
+            (p for kind in (problems.failed, problems.skipped, problems.blocked) for p in kind
+             if p.port == name),
+            None,
+        )  # fmt: skip
+        if not builds and problem is None:
+            return None
+        failed = next((b for b in builds if b.state is BuildState.FAILED), None)
+        return self._templates.get_template("port.html").render(
+            name=name,
+            builds=builds,
+            problem=problem,
+            failing=problem is not None and problem in problems.failed,
+            failed=failed,
+            tail=self._tail(failed) if failed is not None else None,
+            links=self.links,
+        )
 
     def _render_sections(
         self,
@@ -305,6 +417,8 @@ class Page:
         }
         if wanted & {"status", "plan"}:
             context["latest"] = state.latest_evaluation()
+        if "status" in wanted:
+            context["bar"] = _bar(state, status, context["latest"])
         if "running" in wanted:
             context["running"] = [self._running(item) for item in status.running]
         if "plan" in wanted:
@@ -315,11 +429,20 @@ class Page:
         if "graph" in wanted:
             context["drawing"] = drawing
         if "failures" in wanted:
-            failed = state.builds(states=[BuildState.FAILED], limit=FAILURE_LIMIT)
-            context["failures"] = [FailureView(row, self._tail(row)) for row in failed]
+            problems: Problems = self.engine.problems()
+            views = [
+                FailureView(p, self._tail(p.build) if n < FAILURE_LIMIT else LogTail(missing=True))
+                for n, p in enumerate(problems.failed)
+                if p.build is not None
+            ]
+            context["problems"] = problems
+            context["newly"] = [view for view in views if view.problem.newly]
+            context["still"] = [view for view in views if not view.problem.newly]
         if "history" in wanted:
             rows = state.builds(states=FINISHED, limit=offset + HISTORY_PAGE + 1)
-            context["evaluations"] = state.evaluations(limit=HISTORY_EVALUATIONS)
+            evaluations = state.evaluations(limit=HISTORY_EVALUATIONS)
+            outcomes = state.evaluation_outcomes([e.id for e in evaluations])
+            context["evaluations"] = [(e, _result(e, outcomes.get(e.id, {}))) for e in evaluations]
             context["history"] = rows[offset : offset + HISTORY_PAGE]
             context["offset"] = offset
             context["newer"] = max(0, offset - HISTORY_PAGE) if offset else None
@@ -339,6 +462,24 @@ class Page:
         assert build.log is not None
         path = Path(build.log)
         return path if path.is_absolute() else self.config.logs / path
+
+
+def _bar(state: State, status: EngineStatus, latest: EvaluationRow | None) -> RunBar | None:
+    if latest is None:
+        return None
+    counts = state.evaluation_outcomes([latest.id]).get(latest.id, {})
+    remaining = status.queued + len(status.running)
+    end = time.time()
+    if not remaining and latest.finished is not None:
+        end = state.last_finished(latest.id) or latest.finished
+    return RunBar(
+        queued=sum(counts.values()),
+        built=counts.get(BuildState.BUILT, 0),
+        failed=counts.get(BuildState.FAILED, 0),
+        skipped=counts.get(BuildState.SKIPPED, 0),
+        remaining=remaining,
+        elapsed=max(0.0, end - latest.created),
+    )
 
 
 def _history_offset(request: web.Request) -> int:
@@ -363,3 +504,5 @@ def setup(app: web.Application) -> None:
     app.router.add_static("/static/", STATIC, name="page-static")
     app.router.add_get("/ui/fragments", page.fragments, name="page-fragments")
     app.router.add_get("/ui/graph.svg", page.graph_svg, name="page-graph")
+    app.router.add_get("/port/{name}", page.port, name="page-port")
+    app.router.add_get("/key.pub", page.public_key, name="page-key")

@@ -6,7 +6,8 @@
 //   them in, keeping open <details>, focus and the live logs;
 // - it follows the log of each running build (pre[data-follow], a streamed text/plain body)
 //   into its <pre>, a few at a time (a browser allows only 6 connections to a host);
-// - it reconnects by itself, and refreshes everything after a reconnect (events were missed).
+// - it reconnects by itself, and refreshes everything after a reconnect (events were missed);
+// - both streams are read by a worker (static/events.js), started once the page has loaded.
 "use strict";
 
 (() => {
@@ -32,7 +33,7 @@
   const LOG_LIMIT = 200000; // characters kept in a followed log's <pre>
   const ANSI = /\x1b\[[0-9;?]*[ -/]*[@-~]/g;
 
-  const streams = new Map(); // build id -> {pre, controller, size}
+  const streams = new Map(); // build id -> {pre, size, first}
   window.portsd = { refreshes: 0, connected: false };
 
   // -- sections ------------------------------------------------------------------------
@@ -161,11 +162,13 @@
   // -- live logs -----------------------------------------------------------------------
 
   function followLogs() {
+    if (worker === null) return; // not loaded yet: start() follows them
     const pres = [...document.querySelectorAll("#running pre[data-follow]")];
     const shown = new Set(pres.map((pre) => pre.dataset.build));
     for (const [id, stream] of streams) {
       if (!shown.has(id)) {
-        stream.controller.abort();
+        worker.postMessage({ stop: id });
+        stream.pre.removeAttribute("aria-busy");
         streams.delete(id);
       }
     }
@@ -181,37 +184,27 @@
 
   function follow(pre) {
     const id = pre.dataset.build;
-    const stream = { pre, controller: new AbortController(), size: 0 };
-    streams.set(id, stream);
+    streams.set(id, { pre, size: 0, first: true });
     pre.setAttribute("aria-busy", "true");
-    (async () => {
-      const response = await fetch(pre.dataset.follow, {
-        signal: stream.controller.signal,
-        cache: "no-store",
-      });
-      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let first = true;
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        const text = decoder.decode(value, { stream: true });
-        if (first) {
-          pre.textContent = ""; // the stream starts at the beginning of the log
-          first = false;
-        }
-        append(stream, text);
-      }
-      append(stream, decoder.decode());
-    })()
-      .catch((error) => {
-        if (error.name !== "AbortError") pre.title = `The live log stopped: ${error.message}`;
-      })
-      .finally(() => {
-        pre.removeAttribute("aria-busy");
-        if (streams.get(id) === stream) streams.delete(id);
-      });
+    worker.postMessage({ follow: id, url: new URL(pre.dataset.follow, document.baseURI).href });
+  }
+
+  function logText(id, text) {
+    const stream = streams.get(id);
+    if (!stream) return;
+    if (stream.first && text) {
+      stream.pre.textContent = ""; // the stream starts at the beginning of the log
+      stream.first = false;
+    }
+    append(stream, text);
+  }
+
+  function logEnd(id, error) {
+    const stream = streams.get(id);
+    if (!stream) return;
+    stream.pre.removeAttribute("aria-busy");
+    if (error) stream.pre.title = `The live log stopped: ${error}`;
+    streams.delete(id);
   }
 
   function append(stream, text) {
@@ -246,31 +239,36 @@
     live.textContent = text;
   }
 
-  let retry = 1000;
-  function connect() {
-    const source = new EventSource(eventsUrl);
-    source.addEventListener("open", () => {
-      retry = 1000;
+  // The event stream and the live logs are read by a worker (static/events.js): see there
+  // why. It starts once the page has loaded.
+  let worker = null;
+  function onWorker(event) {
+    const message = event.data;
+    if (message.type === "open") {
       showLive(true, "Live");
       schedule(ALL); // whatever happened while we were not listening
-    });
-    for (const [kind, effect] of Object.entries(EFFECTS)) {
-      source.addEventListener(kind, (event) => schedule(effect(parse(event.data))));
-    }
-    source.addEventListener("message", () => schedule(ALL)); // events of an unknown kind
-    source.addEventListener("error", () => {
+    } else if (message.type === "error") {
       showLive(false, "Reconnecting…");
-      if (source.readyState === EventSource.CLOSED) {
-        // the browser gave up (an HTTP error): try again, more slowly each time
-        source.close();
-        setTimeout(connect, retry);
-        retry = Math.min(retry * 2, 30000);
-      }
-    });
+    } else if (message.type === "log") {
+      logText(message.id, message.text);
+    } else if (message.type === "log-end") {
+      logEnd(message.id, message.error);
+    } else if (Object.hasOwn(EFFECTS, message.kind)) {
+      schedule(EFFECTS[message.kind](parse(message.data)));
+    } else {
+      schedule(ALL); // events of an unknown kind
+    }
   }
 
   enhanceHistory(document.getElementById("history"));
   toEnd(document);
-  followLogs();
-  connect();
+  const start = () => {
+    worker = new Worker(body.dataset.worker);
+    worker.addEventListener("message", onWorker);
+    const events = new URL(eventsUrl, document.baseURI).href;
+    worker.postMessage({ events, kinds: Object.keys(EFFECTS) });
+    followLogs();
+  };
+  if (document.readyState === "complete") start();
+  else window.addEventListener("load", start, { once: true });
 })();
