@@ -26,10 +26,12 @@ from rich.table import Table
 
 from portsd.build.builder import step_of
 from portsd.build.scheduler import Outcome, Result
+from portsd.cli import err_console
 from portsd.cli.query import open_root, read_root, settings_from, size
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
+from portsd.client.rootconf import remember
 from portsd.client.session import Sources, add_package_files, install, open_sources, remove
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
@@ -37,8 +39,10 @@ from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.resolve import Action, Mode, Resolution
 from portsd.core.version import full_version
-from portsd.errors import InstallError
+from portsd.errors import ConfigError, InstallError
 from portsd.pkg.package import PortInfo
+
+NO_CACHES = "--cache URL --key KEY once (the root remembers them), or caches in /etc/ports.toml"
 
 # -- changing the root ---------------------------------------------------------------------
 
@@ -59,6 +63,12 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
             sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
         )
         result = install(installed, sources, names, display, mode=mode, force=args.force)
+        if args.cache or args.key:  # the root remembers where it came from
+            remember(
+                settings.root,
+                settings.caches if args.cache else None,
+                settings.trusted_keys if args.key else (),
+            )
     if result is None:
         console.print(
             "nothing to do: "
@@ -105,6 +115,10 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
         _catalogue(settings, console).available.get(args.name) if _has_sources(settings) else None
     )
     if mine is None and available is None:
+        if not _has_sources(settings):
+            error = ConfigError(f"{args.name} is not installed, and no caches are configured")
+            error.hint = NO_CACHES
+            raise error
         raise InstallError(f"no package named {args.name} is installed or available")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -148,6 +162,11 @@ def search_command(args: argparse.Namespace, console: Console) -> int:
         mine = {p.meta.name: p for p in installed.db.search(args.text)}
         everything = {p.meta.name: p for p in installed.db.packages()}
     found: dict[str, PackageMeta] = {}
+    if not args.installed and not _has_sources(settings):
+        err_console().print(
+            "[yellow]note:[/] no caches configured: searching installed packages only"
+            f" ({NO_CACHES})"
+        )
     if not args.installed and _has_sources(settings):
         needle = args.text.lower()
         for name, candidate in _catalogue(settings, console).available.items():

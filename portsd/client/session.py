@@ -101,7 +101,8 @@ def open_sources(
         origin = "the cache" if len(caches.usable) <= 1 else "the caches"
         if not urls:
             raise ConfigError(
-                "no cache and no ports tree: nothing to install from (caches, tree; or --cache)"
+                "no caches configured, and no ports tree: nothing to install from "
+                "(--cache URL --key KEY, which the root remembers; or caches, tree in the config)"
             )
     sources = Sources(settings, caches, checkout, available, origin)
     if checkout is None and not caches.usable:  # fail closed: nothing of a bad cache is used

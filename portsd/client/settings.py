@@ -1,7 +1,8 @@
 """The client's settings: which caches, which keys to trust, which root, which ports tree.
 
 One TOML file (``--config``, else ``$PORTS_CONFIG``, else ``/etc/ports.toml`` if it
-exists), every setting also a flag (flags win):
+exists), every setting also a flag (flags win). Between the two, the caches and keys the
+root records (``portsd.client.rootconf``) replace the file's:
 
     caches = ["http://build.lan:8470"]       # tried in order; a silent one is skipped after 1 s
     trusted-keys = ["/etc/ports/build.pub"]  # minisign public key files (or the base64 itself)
@@ -20,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from portsd.client.rootconf import CACHES, remembered
 from portsd.errors import ConfigError
 from portsd.pkg.sign import PublicKey
 from portsd.tomlfile import TomlFile
@@ -70,11 +72,22 @@ def load_settings(path: Path | None, **flags: Any) -> ClientSettings:
     values: dict[str, Any] = {}
     if file is not None or DEFAULT_FILE.is_file():
         values = _read(file or DEFAULT_FILE)
-    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
     settings = ClientSettings()
     label = str(file or "flags")
-    if "root" in values:
-        settings = replace(settings, root=Path(values["root"]).absolute())
+    root = given.get("root", values.get("root"))
+    if root is not None:
+        settings = replace(settings, root=Path(root).absolute())
+    # what the root records beats the config file; a flag beats both
+    memory = remembered(settings.root)
+    if memory.caches:
+        values.pop("caches", None)
+        where = str(settings.root / CACHES)
+        settings = replace(settings, caches=tuple(_url(u, where) for u in memory.caches))
+    if memory.keys:
+        values.pop("trusted_keys", None)
+        settings = replace(settings, trusted_keys=memory.keys)
+    values.update(given)
     if "caches" in values:
         settings = replace(settings, caches=tuple(_url(u, label) for u in values["caches"]))
     if "trusted_keys" in values:
@@ -125,4 +138,6 @@ def _key(text: object, label: str) -> PublicKey:
         raise ConfigError(f"a trusted key must be a file or a base64 key, not {text!r}", path=label)
     if os.path.exists(text):
         return PublicKey.load(text)
+    if "/" in text or text.endswith(".pub"):  # meant as a file: base64 has no dots
+        raise ConfigError(f"trusted key {text}: no such file", path=label)
     return PublicKey.parse(text, label)

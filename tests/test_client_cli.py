@@ -1,0 +1,139 @@
+"""The client's command line as a user and a script meet it: a real signed repository served
+over HTTP on 127.0.0.1, the real ``ports`` command in a subprocess, real roots on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.package import create_package
+from portsd.pkg.repo import Repository
+from portsd.pkg.sign import SecretKey
+from tests.conftest import serving
+
+ARCH = platform.machine()
+EPOCH = 1_700_000_000
+HELLO = b"#!/bin/sh\necho hello\n"
+
+
+@dataclass
+class Cache:
+    url: str
+    key: Path  # the public key file
+    repo: Repository
+
+
+PACKAGES: dict[str, tuple[tuple[str, ...], dict[str, bytes]]] = {
+    "libgreet": ((), {"usr/lib/libgreet.a": b"greet" * 100}),
+    "hello": (("libgreet",), {"usr/bin/hello": HELLO}),
+    "extra": ((), {"usr/share/extra/README": b"extra\n"}),
+}
+
+
+def publish(repo: Repository, base: Path, name: str, release: int = 1) -> None:
+    depends, files = PACKAGES[name]
+    destdir = base / "destdir" / f"{name}-{release}"
+    for relative, data in files.items():
+        path = destdir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o755 if relative.startswith("usr/bin/") else 0o644)
+    key = hashlib.sha256(f"{name}-{release}".encode()).hexdigest()
+    meta = PackageMeta(
+        name,
+        "1.0",
+        release,
+        ARCH,
+        key,
+        summary=f"the {name} package",
+        license="MIT",
+        depends=depends,
+    )
+    built = create_package(destdir, meta, base / "out", epoch=EPOCH)
+    repo.publish(built.path, built.info.meta, commit="c0ffee")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cache]:
+    base = tmp_path_factory.mktemp("cache")
+    secret = SecretKey.generate()
+    repo = Repository(base / "repo", ARCH, secret)
+    for name in PACKAGES:
+        publish(repo, base, name)
+    key = base / "cache.pub"
+    secret.public_key.save(key)
+    app = web.Application()
+    app.router.add_static("/repo/", base / "repo")
+    with serving(app) as url:
+        yield Cache(url, key, repo)
+
+
+def ports(*args: str | Path, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``ports ARGS`` (as ``user`` if given, via setpriv); never raises on failure."""
+    command = [sys.executable, "-m", "portsd.cli.ports", *map(str, args)]
+    if user is not None:
+        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+        env={k: v for k, v in os.environ.items() if k != "PORTS_CONFIG"}
+        | {"COLUMNS": "200", "HOME": "/nonexistent"},
+    )
+
+
+def ok(*args: str | Path) -> str:
+    result = ports(*args)
+    assert result.returncode == 0, f"ports {' '.join(map(str, args))}:\n{result.stderr}"
+    return result.stdout
+
+
+def from_cache(cache: Cache) -> list[str | Path]:
+    return ["--cache", cache.url, "--key", cache.key]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+# -- 11: a root remembers its caches and keys ----------------------------------------------
+
+
+def test_a_root_remembers_its_caches_and_keys(cache: Cache, root: Path) -> None:
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    assert (root / "usr/bin/hello").read_bytes() == HELLO
+    assert (root / "etc/ports/caches").read_text().splitlines()[-1] == cache.url
+    assert len(list((root / "etc/ports/keys").glob("*.pub"))) == 1
+
+    searched = ok("search", "hello", "--root", root)  # no flags: the root's caches
+    assert "hello" in searched and "installed" in searched
+    assert "the extra package" in ok("search", "extra", "--root", root)
+    assert "available" in ok("info", "extra", "--root", root)
+    ok("install", "extra", "--root", root)
+    assert (root / "usr/share/extra/README").exists()
+    assert "up to date" in ok("upgrade", "--root", root)
+
+
+def test_no_caches_configured_is_said_as_such(root: Path) -> None:
+    searched = ports("search", "hello", "--root", root)
+    assert searched.returncode == 1
+    assert "no caches configured" in searched.stderr
+    info = ports("info", "hello", "--root", root)
+    assert info.returncode == 1 and "no caches are configured" in info.stderr
+    upgrade = ports("upgrade", "--root", root)
+    assert upgrade.returncode == 1 and "no caches configured" in upgrade.stderr
