@@ -4,6 +4,7 @@ over HTTP on 127.0.0.1, the real ``ports`` command in a subprocess, real roots o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -137,3 +138,88 @@ def test_no_caches_configured_is_said_as_such(root: Path) -> None:
     assert info.returncode == 1 and "no caches are configured" in info.stderr
     upgrade = ports("upgrade", "--root", root)
     assert upgrade.returncode == 1 and "no caches configured" in upgrade.stderr
+
+
+# -- 12: scripting -------------------------------------------------------------------------
+
+BOX = set("─━│┃┏┓┗┛┡┩╇╈┼╋╍╌")
+
+
+def test_queries_print_json_names_only_and_no_box_lines_when_piped(
+    cache: Cache, root: Path
+) -> None:
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    listed = json.loads(ok("list", "--root", root, "--json"))
+    assert {(p["name"], p["reason"]) for p in listed} == {
+        ("hello", "explicit"),
+        ("libgreet", "dependency"),
+    }
+    assert ok("list", "--root", root, "-q").splitlines() == ["hello", "libgreet"]
+    table = ok("list", "--root", root)
+    assert "hello" in table and not BOX & set(table)
+    files = json.loads(ok("files", "hello", "--root", root, "--json"))
+    assert {"path": "/usr/bin/hello", "mode": 0o755}.items() <= files[-1].items()
+    assert "/usr/bin/hello" in ok("files", "hello", "--root", root, "-q").splitlines()
+    owner = json.loads(ok("owner", "/usr/bin/hello", "--root", root, "--json"))
+    assert owner == {"path": "/usr/bin/hello", "owners": [{"name": "hello", "version": "1.0-1"}]}
+    assert ok("owner", "/usr/bin/hello", "--root", root, "-q") == "hello\n"
+    assert json.loads(ok("check", "--root", root, "--json")) == {"hello": [], "libgreet": []}
+    found = json.loads(ok("search", "e", "--root", root, "--json"))
+    assert {(p["name"], p["status"]) for p in found} == {
+        ("hello", "installed"),
+        ("libgreet", "installed"),
+        ("extra", "available"),
+    }
+    assert ok("search", "extra", "--root", root, "-q") == "extra\n"
+    searched = ok("search", "e", "--root", root)
+    assert "extra" in searched and not BOX & set(searched)
+    info = json.loads(ok("info", "extra", "--root", root, "--json"))
+    assert info["installed"] is None and info["available"]["license"] == "MIT"
+
+
+def test_version_global_flags_after_the_verb_and_did_you_mean(root: Path) -> None:
+    assert ok("--version").startswith("ports ")
+    assert ok("list", "--root", root, "-v", "-q") == ""
+    misspelt = ports("instal", "hello")
+    assert misspelt.returncode == 2
+    assert "did you mean install?" in misspelt.stderr
+
+
+def tree_of(root: Path) -> list[str]:
+    """Every path in ``root`` (but sqlite's -wal and -shm, which a reader may leave)."""
+    paths = (str(p.relative_to(root)) for p in root.rglob("*"))
+    return sorted(p for p in paths if not p.endswith(("-wal", "-shm")))
+
+
+def test_a_dry_run_prints_the_plan_and_changes_nothing(cache: Cache, root: Path) -> None:
+    planned = ok("install", "hello", "-s", "--root", root, *from_cache(cache))
+    assert "libgreet" in planned and "dry run: nothing changed" in planned
+    assert tree_of(root) == []
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    before = tree_of(root), (root / "var/lib/ports/installed.sqlite").read_bytes()
+    assert "would remove hello" in ok("remove", "--dry-run", "hello", "--root", root)
+    refused = ports("remove", "--dry-run", "libgreet", "--root", root)
+    assert refused.returncode == 1 and "hello needs 'libgreet'" in refused.stderr
+    assert "nothing to do" in ok("upgrade", "-s", "--root", root)
+    assert (tree_of(root), (root / "var/lib/ports/installed.sqlite").read_bytes()) == before
+
+
+def complete(script: str, *words: str) -> list[str]:
+    """What bash completes for the command line ``words`` (the last one being typed)."""
+    line = " ".join(f"'{w}'" for w in words)
+    program = f"""{script}
+COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _ports; printf '%s\\n' "${{COMPREPLY[@]}}"
+"""
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_bash_completion_is_generated_from_the_parser() -> None:
+    script = ok("completion", "bash")
+    assert complete(script, "ports", "inst") == ["install"]
+    assert complete(script, "ports", "-v", "zzz") == []
+    assert "--dry-run" in complete(script, "ports", "install", "--dr")
+    assert "--json" in complete(script, "ports", "list", "--")
+    assert complete(script, "ports", "search", "--cache", "") == []  # a URL: nothing to offer
+    assert complete(script, "ports", "list", "--root", "tes") == ["tests"]

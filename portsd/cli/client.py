@@ -27,12 +27,21 @@ from rich.table import Table
 from portsd.build.builder import step_of
 from portsd.build.scheduler import Outcome, Result
 from portsd.cli import err_console
-from portsd.cli.query import open_root, read_root, settings_from, size
+from portsd.cli.output import emit_json, emit_lines, table
+from portsd.cli.query import open_root, package_json, read_root, settings_from, size
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
 from portsd.client.rootconf import remember
-from portsd.client.session import Sources, add_package_files, install, open_sources, remove
+from portsd.client.session import (
+    Sources,
+    add_package_files,
+    install,
+    open_sources,
+    plan,
+    removal,
+    remove,
+)
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
 from portsd.core.metadata import PackageMeta
@@ -57,6 +66,16 @@ def upgrade_command(args: argparse.Namespace, console: Console) -> int:
 
 def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
     settings = settings_from(args)
+    if args.dry_run:  # no lock, no serials recorded, nothing written
+        with read_root(settings, console) as installed, Display(console) as display:
+            sources = open_sources(settings, _Unrecorded(), display)
+            names = add_package_files(
+                sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
+            )
+            resolution = plan(installed, sources, names, mode)
+            display.resolved(resolution)
+        console.print("dry run: nothing changed" if resolution.steps else "nothing to do")
+        return 0
     with open_root(settings, args.wait, console) as installed, Display(console) as display:
         sources = open_sources(settings, installed.db, display)
         names = add_package_files(
@@ -81,6 +100,12 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
 
 def remove_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
+    if args.dry_run:
+        with read_root(settings, console) as installed:
+            for package in removal(installed, args.names, force=args.force):
+                console.print(f"would remove {package.meta.name} {package.meta.full_version}")
+        console.print("dry run: nothing changed")
+        return 0
     with open_root(settings, args.wait, console) as installed, Display(console) as display:
         result = remove(installed, args.names, display, force=args.force)
     _done(console, result)
@@ -120,29 +145,40 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
             error.hint = NO_CACHES
             raise error
         raise InstallError(f"no package named {args.name} is installed or available")
+    if args.json:
+        emit_json(
+            console,
+            {
+                "name": args.name,
+                "installed": None if mine is None else package_json(mine) | {"files": files},
+                "available": None if available is None else _meta_json(available),
+            },
+        )
+        return 0
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
+    meta = mine.meta if mine is not None else available
+    assert meta is not None  # one of the two, said above
+    grid.add_row("name", meta.name)
     if mine is not None:
-        meta = mine.meta
-        grid.add_row("name", meta.name)
         grid.add_row(
             "installed",
             f"{meta.full_version} ({mine.reason}, {files} files, {size(meta.installed_size)})",
         )
-        grid.add_row("summary", escape(meta.summary))
-        grid.add_row("license", escape(meta.license))
-        grid.add_row("build key", meta.build_key)
+    grid.add_row("summary", escape(meta.summary or "-"))
+    grid.add_row("license", escape(meta.license or "-"))
+    if mine is None and meta.installed_size:
+        grid.add_row("size", size(meta.installed_size) + " installed")
+    grid.add_row("build key", meta.build_key)
+    if mine is not None:
         grid.add_row("from", escape(mine.origin))
-        grid.add_row("depends", escape(", ".join(meta.depends) or "-"))
-        if meta.provides:
-            grid.add_row("provides", escape(", ".join(meta.provides)))
-        if meta.conflicts:
-            grid.add_row("conflicts", escape(", ".join(meta.conflicts)))
+    grid.add_row("depends", escape(", ".join(meta.depends) or "-"))
+    if meta.provides:
+        grid.add_row("provides", escape(", ".join(meta.provides)))
+    if meta.conflicts:
+        grid.add_row("conflicts", escape(", ".join(meta.conflicts)))
     if available is not None:
-        if mine is None:
-            grid.add_row("name", available.name)
-            grid.add_row("depends", escape(", ".join(available.depends) or "-"))
         state = (
             ""
             if mine is None
@@ -154,6 +190,20 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(grid)
     return 0
+
+
+def _meta_json(meta: PackageMeta) -> dict[str, object]:
+    return {
+        "name": meta.name,
+        "version": meta.full_version,
+        "build_key": meta.build_key,
+        "summary": meta.summary,
+        "license": meta.license,
+        "depends": list(meta.depends),
+        "provides": list(meta.provides),
+        "conflicts": list(meta.conflicts),
+        "installed_size": meta.installed_size,
+    }
 
 
 def search_command(args: argparse.Namespace, console: Console) -> int:
@@ -172,26 +222,34 @@ def search_command(args: argparse.Namespace, console: Console) -> int:
         for name, candidate in _catalogue(settings, console).available.items():
             if needle in name.lower() or needle in candidate.summary.lower():
                 found[name] = candidate
-    table = Table(show_edge=False)
-    for column in ("name", "version", "status", "summary"):
-        table.add_column(column)
+    rows: list[tuple[str, str, str, str]] = []
     for name in sorted(mine.keys() | found.keys()):
         have = mine.get(name) or everything.get(name)
         package = found.get(name)
         if package is None:
             assert have is not None  # the name came from one of the two
-            table.add_row(name, have.meta.full_version, "installed", escape(have.meta.summary))
+            rows.append((name, have.meta.full_version, "installed", have.meta.summary))
             continue
         status = "available"
         if have is not None:
             status = "installed" if have.meta.build_key == package.build_key else "upgradable"
         summary = package.summary or (have.meta.summary if have else "")
-        table.add_row(name, package.full_version, status, escape(summary))
-    if not table.row_count:
-        console.print(f"no package matches {args.text!r}")
-        return 1
-    console.print(table)
-    return 0
+        rows.append((name, package.full_version, status, summary))
+    if args.json:
+        emit_json(
+            console,
+            [{"name": n, "version": v, "status": st, "summary": su} for n, v, st, su in rows],
+        )
+    elif args.quiet:
+        emit_lines(console, [row[0] for row in rows])
+    elif rows:
+        grid = table(console, "name", "version", "status", "summary")
+        for name, version, status, summary in rows:
+            grid.add_row(name, version, status, escape(summary))
+        console.print(grid)
+    else:
+        err_console().print(f"no package matches {args.text!r}")
+    return 0 if rows else 1
 
 
 def _has_sources(settings: ClientSettings) -> bool:
@@ -254,20 +312,25 @@ class Display:
     def resolved(self, resolution: Resolution) -> None:
         if not resolution.steps:
             return
-        table = Table(show_edge=False, title=f"{len(resolution)} package(s)")
-        for column in ("action", "package", "version", "why"):
-            table.add_column(column)
+        grid = table(
+            self.console,
+            "action",
+            "package",
+            "version",
+            "why",
+            title=f"{len(resolution)} package(s)",
+        )
         for step in resolution:
             version = full_version(step.package.version, step.package.release)
             if step.replaces is not None:
                 old = full_version(step.replaces.version, step.replaces.release)
                 version = f"{old} -> {version}" if old != version else f"{version} (rebuilt)"
             colour = "green" if step.action is Action.INSTALL else "cyan"
-            table.add_row(
+            grid.add_row(
                 f"[{colour}]{step.action}[/]", step.package.name, version, escape(step.why)
             )
         self.print("")
-        self.print(table)
+        self.print(grid)
 
     def transaction(self) -> TransactionProgress:
         return _TransactionBar(self)

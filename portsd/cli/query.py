@@ -10,8 +10,9 @@ import argparse
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from portsd.cli.output import emit_json, emit_lines, table
+from portsd.client.db import InstalledPackage
 from portsd.client.journal import DB_DIR
 from portsd.client.settings import ClientSettings, load_settings
 from portsd.client.transaction import JOURNAL_NAME, Installed
@@ -56,20 +57,42 @@ def list_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
     with read_root(settings, console) as installed:
         packages = installed.db.packages()
-    table = Table(show_edge=False)
-    for column in ("name", "version", "size", "reason", "from"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+    if args.json:
+        emit_json(console, [package_json(p) for p in packages])
+        return 0
+    if args.quiet:
+        emit_lines(console, [p.meta.name for p in packages])
+        return 0
+    grid = table(console, "name", "version", "size", "reason", "from", right=("size",))
     for p in packages:
-        table.add_row(
+        grid.add_row(
             p.meta.name,
             p.meta.full_version,
             size(p.meta.installed_size),
             str(p.reason),
             escape(p.origin),
         )
-    console.print(table)
+    console.print(grid)
     console.print(f"{len(packages)} packages installed in {settings.root}")
     return 0
+
+
+def package_json(package: InstalledPackage) -> dict[str, object]:
+    """An installed package for ``--json``: its manifest's facts and why it is here."""
+    meta = package.meta
+    return {
+        "name": meta.name,
+        "version": meta.full_version,
+        "build_key": meta.build_key,
+        "summary": meta.summary,
+        "license": meta.license,
+        "depends": list(meta.depends),
+        "provides": list(meta.provides),
+        "installed_size": meta.installed_size,
+        "reason": str(package.reason),
+        "origin": package.origin,
+        "installed_at": package.installed_at,
+    }
 
 
 def files_command(args: argparse.Namespace, console: Console) -> int:
@@ -78,28 +101,54 @@ def files_command(args: argparse.Namespace, console: Console) -> int:
         if installed.db.installed(args.name) is None:
             raise InstallError(f"{args.name} is not installed in {settings.root}")
         files = installed.db.files(args.name)
-    table = Table(show_edge=False)
-    for column in ("path", "type", "mode", "size"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+    if args.json:
+        emit_json(
+            console,
+            [
+                {
+                    "path": "/" + f.path,
+                    "type": str(f.type),
+                    "mode": f.mode,
+                    "size": f.size,
+                    "sha256": f.sha256,
+                    "target": f.target,
+                }
+                for f in files
+            ],
+        )
+        return 0
+    if args.quiet:
+        emit_lines(console, ["/" + f.path for f in files])
+        return 0
+    grid = table(console, "path", "type", "mode", "size", right=("size",))
     for f in files:
         path = "/" + f.path + (f" -> {f.target}" if f.target else "")
-        table.add_row(escape(path), str(f.type), f"{f.mode:04o}", size(f.size) if f.size else "")
-    console.print(table)
+        grid.add_row(escape(path), str(f.type), f"{f.mode:04o}", size(f.size) if f.size else "")
+    console.print(grid)
     return 0
 
 
 def owner_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
+    path = args.path
     with read_root(settings, console) as installed:
-        owners = installed.owners(args.path)
+        owners = installed.owners(path)
         packages = {o.package: installed.db.installed(o.package) for o in owners}
-    if not owners:
-        console.print(f"/{args.path.lstrip('/')} is not owned by any package")
-        return 1
-    for name, package in sorted(packages.items()):
-        version = package.meta.full_version if package else "?"
-        console.print(f"/{owners[0].path} is owned by {name} {version}")
-    return 0
+    shown = "/" + (owners[0].path if owners else path.lstrip("/"))
+    found = [
+        (name, package.meta.full_version if package else "?")
+        for name, package in sorted(packages.items())
+    ]
+    if args.json:
+        emit_json(console, {"path": shown, "owners": [{"name": n, "version": v} for n, v in found]})
+    elif args.quiet:
+        emit_lines(console, [name for name, _ in found])
+    elif not owners:
+        console.print(f"{shown} is not owned by any package")
+    else:
+        for name, version in found:
+            console.print(f"{shown} is owned by {name} {version}")
+    return 0 if owners else 1
 
 
 def check_command(args: argparse.Namespace, console: Console) -> int:
@@ -113,11 +162,18 @@ def check_command(args: argparse.Namespace, console: Console) -> int:
             if installed.db.installed(name) is None:
                 raise InstallError(f"{name} is not installed in {settings.root}")
             problems[name] = installed.verify(name)
+    broken = sum(bool(found) for found in problems.values())
+    if args.json:
+        emit_json(console, problems)
+        return 1 if broken else 0
     for name, found in problems.items():
         for problem in found:
+            if args.quiet:
+                emit_lines(console, [name])
+                break
             console.print(f"[red]{escape(name)}[/]: {escape(problem)}")
-    broken = sum(bool(found) for found in problems.values())
-    console.print(f"{len(problems)} package(s) checked, {broken} with differences")
+    if not args.quiet:
+        console.print(f"{len(problems)} package(s) checked, {broken} with differences")
     return 1 if broken else 0
 
 

@@ -24,9 +24,10 @@ from typing import Protocol
 import aiohttp
 
 from portsd.build.pipeline import Workspace, seed_of
-from portsd.client.db import InstallReason
+from portsd.client.db import InstalledPackage, InstallReason
 from portsd.client.obtain import Obtainer, ObtainReporter
 from portsd.client.progress import Progress
+from portsd.client.relations import check_relations
 from portsd.client.remote import Caches, SerialBook, open_caches
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
@@ -34,7 +35,13 @@ from portsd.config import Config, load_config
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
-from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
+from portsd.errors import (
+    ConfigError,
+    InstallError,
+    InvalidTransaction,
+    PackageError,
+    ResolutionError,
+)
 from portsd.pkg.discover import browse, trusted_caches
 from portsd.pkg.package import read_portinfo
 from portsd.pkg.sign import verify_file
@@ -181,13 +188,7 @@ def install(
 ) -> TransactionResult | None:
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
-    current = {p.meta.name: p.meta for p in installed.db.packages()}
-    try:
-        resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
-    except ResolutionError:
-        if sources.failure:
-            raise InstallError(sources.failure) from None
-        raise
+    resolution = plan(installed, sources, requests, mode)
     if not resolution.steps:
         _mark_explicit(installed, requests)
         return None
@@ -214,6 +215,33 @@ def install(
     result = tx.commit(reporter.transaction(), force=force)
     _mark_explicit(installed, requests)
     return result
+
+
+def plan(installed: Installed, sources: Sources, requests: Sequence[str], mode: Mode) -> Resolution:
+    """What installing (or upgrading) ``requests`` would do; changes nothing (a dry run)."""
+    current = {p.meta.name: p.meta for p in installed.db.packages()}
+    try:
+        return resolve(sources.available, current, requests, mode, origin=sources.origin)
+    except ResolutionError:
+        if sources.failure:
+            raise InstallError(sources.failure) from None
+        raise
+
+
+def removal(installed: Installed, names: Sequence[str], *, force: bool) -> list[InstalledPackage]:
+    """What removing ``names`` would remove, refused as ``remove`` would refuse it; changes
+    nothing (a dry run)."""
+    if not names:
+        raise InstallError("name at least one package to remove")
+    packages = []
+    for name in names:
+        package = installed.db.installed(name)
+        if package is None:
+            raise InvalidTransaction(name, "is not installed")
+        packages.append(package)
+    if not force:
+        check_relations(installed.db.packages(), [], packages)
+    return packages
 
 
 def _mark_explicit(installed: Installed, requests: Sequence[str]) -> None:
