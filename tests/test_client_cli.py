@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from aiohttp import web
 from portsd.core.metadata import PackageMeta
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
-from portsd.pkg.sign import SecretKey
+from portsd.pkg.sign import PublicKey, SecretKey
 from tests.conftest import serving
 
 ARCH = platform.machine()
@@ -83,7 +85,7 @@ def ports(*args: str | Path, user: str | None = None) -> subprocess.CompletedPro
     """``ports ARGS`` (as ``user`` if given, via setpriv); never raises on failure."""
     command = [sys.executable, "-m", "portsd.cli.ports", *map(str, args)]
     if user is not None:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+        command = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *command]
     return subprocess.run(
         command,
         capture_output=True,
@@ -223,3 +225,48 @@ def test_bash_completion_is_generated_from_the_parser() -> None:
     assert "--json" in complete(script, "ports", "list", "--")
     assert complete(script, "ports", "search", "--cache", "") == []  # a URL: nothing to offer
     assert complete(script, "ports", "list", "--root", "tes") == ["tests"]
+
+
+# -- 13: permissions -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory of root's that others may enter (pytest's own are closed to them)."""
+    path = Path(tempfile.mkdtemp(prefix="portsd-client-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_without_permission_changes_are_one_line_and_queries_work(
+    cache: Cache, open_dir: Path
+) -> None:
+    root = open_dir / "root"
+    root.mkdir()
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    fresh = open_dir / "fresh"
+    fresh.mkdir()
+    for target in (root, fresh):
+        key = PublicKey.load(cache.key).base64()  # nobody cannot read pytest's directories
+        refused = ports(
+            "install", "extra", "--root", target, "--cache", cache.url, "--key", key, user="nobody"
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"error: {target}"), refused.stderr
+        assert refused.stderr.endswith("Permission denied\n"), refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    assert list(fresh.iterdir()) == []
+    for query in (
+        ["list", "-q"],
+        ["info", "hello"],
+        ["files", "hello", "-q"],
+        ["owner", "/usr/bin/hello", "-q"],
+        ["check", "hello", "--json"],
+        ["search", "hello", "-q"],
+    ):
+        result = ports(*query, "--root", root, user="nobody")
+        assert result.returncode == 0, f"{query}: {result.stderr}"
+        assert "hello" in result.stdout, query
+    assert not (root / "usr/share/extra").exists()

@@ -76,7 +76,11 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
             display.resolved(resolution)
         console.print("dry run: nothing changed" if resolution.steps else "nothing to do")
         return 0
-    with open_root(settings, args.wait, console) as installed, Display(console) as display:
+    initdb = getattr(args, "initdb", False)  # install only
+    with (
+        open_root(settings, args.wait, console, initdb=initdb) as installed,
+        Display(console) as display,
+    ):
         sources = open_sources(settings, installed.db, display)
         names = add_package_files(
             sources, args.names, unsigned=getattr(args, "allow_untrusted", False)

@@ -115,6 +115,9 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _changing(p)
     _sources(p)
     p.add_argument(
+        "--initdb", action="store_true", help="create the root directory if it does not exist"
+    )
+    p.add_argument(
         "--allow-untrusted",
         action="store_true",
         help="install package files without a trusted signature",

@@ -7,6 +7,7 @@ interrupted, unless another client is at work (which recovers it itself).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,7 +17,7 @@ from portsd.client.db import InstalledPackage
 from portsd.client.journal import DB_DIR
 from portsd.client.settings import ClientSettings, load_settings
 from portsd.client.transaction import JOURNAL_NAME, Installed
-from portsd.errors import InstallError, RootLocked
+from portsd.errors import InstallError, RootError, RootLocked
 
 
 def settings_from(args: argparse.Namespace) -> ClientSettings:
@@ -33,9 +34,11 @@ def settings_from(args: argparse.Namespace) -> ClientSettings:
     )
 
 
-def open_root(settings: ClientSettings, wait: float, console: Console) -> Installed:
-    if not settings.root.is_dir():
-        raise InstallError(f"{settings.root}: the root is not a directory")
+def open_root(
+    settings: ClientSettings, wait: float, console: Console, *, initdb: bool = False
+) -> Installed:
+    """The root for changing; ``initdb`` creates a missing root directory (apk's --initdb)."""
+    check_root(settings.root, create=initdb)
     installed = Installed.open(settings.root, wait=wait)
     if installed.recovered is not None:
         console.print(f"[yellow]recovered an interrupted transaction:[/] {installed.recovered}")
@@ -45,12 +48,28 @@ def open_root(settings: ClientSettings, wait: float, console: Console) -> Instal
 def read_root(settings: ClientSettings, console: Console) -> Installed:
     """The root for reading; an interrupted transaction is first recovered if no other
     client is at work (that one recovers it itself)."""
+    check_root(settings.root, create=False)
     if (settings.root / DB_DIR / JOURNAL_NAME).exists():
         try:
             open_root(settings, 0.0, console).close()
-        except RootLocked:
+        except (RootLocked, RootError):  # at work, or not ours to recover: read as it is
             pass
     return Installed.open(settings.root, readonly=True)
+
+
+def check_root(root: Path, *, create: bool) -> None:
+    """An existing directory (made if ``create``), or an error that says which it is not."""
+    if create and not root.exists():
+        try:
+            root.mkdir(parents=True)
+        except OSError as error:
+            raise InstallError(f"{root}: cannot create the root: {error.strerror}") from None
+    if not root.exists():
+        error = InstallError(f"{root}: the root does not exist")
+        error.hint = "create it, or give --initdb to have it created"
+        raise error
+    if not root.is_dir():
+        raise InstallError(f"{root}: the root is not a directory")
 
 
 def list_command(args: argparse.Namespace, console: Console) -> int:

@@ -19,6 +19,7 @@ path its package used. A directory may be owned by many packages; anything else 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -150,7 +151,8 @@ class DbChange:
 class PackageDb:
     """The database of one root. Not thread-safe: one connection, one thread.
 
-    ``readonly`` opens an existing file for queries only (a missing one reads as empty);
+    ``readonly`` opens an existing file for queries only (a missing one reads as empty;
+    one in a directory this user cannot write, as immutable);
     otherwise the file and its schema are created as needed. Every sqlite failure is
     raised as PackageDbError naming the file.
     """
@@ -163,7 +165,11 @@ class PackageDb:
                 self._db = sqlite3.connect(":memory:", isolation_level=None)
                 self._db.executescript(_SCHEMA)
             elif readonly:
-                uri = f"file:{path}?mode=ro"
+                # sqlite's WAL needs a -shm file beside the database: where this user may
+                # not create one, read the file as immutable (what the last writer left;
+                # every ports command checkpoints the WAL into the file when it closes)
+                immutable = not os.access(path.parent, os.W_OK)
+                uri = f"file:{path}?mode=ro" + ("&immutable=1" if immutable else "")
                 self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
             else:
                 self._db = sqlite3.connect(path, isolation_level=None, timeout=30)

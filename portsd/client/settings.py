@@ -138,6 +138,9 @@ def _key(text: object, label: str) -> PublicKey:
         raise ConfigError(f"a trusted key must be a file or a base64 key, not {text!r}", path=label)
     if os.path.exists(text):
         return PublicKey.load(text)
-    if "/" in text or text.endswith(".pub"):  # meant as a file: base64 has no dots
-        raise ConfigError(f"trusted key {text}: no such file", path=label)
-    return PublicKey.parse(text, label)
+    try:
+        return PublicKey.parse(text, label)
+    except ConfigError:
+        if "\n" in text:  # a key file's text: its own problem is the one to say
+            raise
+        raise ConfigError(f"trusted key {text}: no such file", path=label) from None
