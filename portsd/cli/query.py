@@ -62,12 +62,12 @@ def check_root(root: Path, *, create: bool) -> None:
     if create and not root.exists():
         try:
             root.mkdir(parents=True)
-        except OSError as error:
-            raise InstallError(f"{root}: cannot create the root: {error.strerror}") from None
+        except OSError as exc:
+            raise InstallError(f"{root}: cannot create the root: {exc.strerror}") from None
     if not root.exists():
-        error = InstallError(f"{root}: the root does not exist")
-        error.hint = "create it, or give --initdb to have it created"
-        raise error
+        missing = InstallError(f"{root}: the root does not exist")
+        missing.hint = "create it, or give --initdb to have it created"
+        raise missing
     if not root.is_dir():
         raise InstallError(f"{root}: the root is not a directory")
 
