@@ -270,3 +270,33 @@ def test_without_permission_changes_are_one_line_and_queries_work(
         assert result.returncode == 0, f"{query}: {result.stderr}"
         assert "hello" in result.stdout, query
     assert not (root / "usr/share/extra").exists()
+
+
+# -- 14: repair and orphans ----------------------------------------------------------------
+
+
+def test_a_damaged_package_is_repaired(cache: Cache, root: Path) -> None:
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    hello = root / "usr/bin/hello"
+    hello.unlink()
+    damaged = ports("check", "--root", root)
+    assert damaged.returncode == 1 and "/usr/bin/hello: missing" in damaged.stdout
+    assert "already installed" in ok("install", "hello", "--root", root)
+    assert "reinstalled hello" in ok("install", "--reinstall", "hello", "--root", root)
+    assert hello.read_bytes() == HELLO and hello.stat().st_mode & 0o777 == 0o755
+    hello.write_bytes(b"#!/bin/sh\necho pwned\n")
+    repaired = ok("check", "--repair", "--root", root)
+    assert "content changed" in repaired and "reinstalled hello" in repaired
+    assert hello.read_bytes() == HELLO
+    assert json.loads(ok("check", "--root", root, "--json")) == {"hello": [], "libgreet": []}
+
+
+def test_autoremove_removes_dependencies_nothing_needs(cache: Cache, root: Path) -> None:
+    ok("install", "hello", "extra", "--root", root, *from_cache(cache))
+    assert "nothing to do" in ok("autoremove", "--root", root)
+    ok("remove", "hello", "--root", root)
+    assert "would remove libgreet" in ok("autoremove", "-s", "--root", root)
+    assert ok("list", "-q", "--root", root).split() == ["extra", "libgreet"]
+    assert "removed libgreet" in ok("autoremove", "--root", root)
+    assert ok("list", "-q", "--root", root).split() == ["extra"]
+    assert not (root / "usr/lib/libgreet.a").exists()

@@ -32,6 +32,7 @@ from portsd.cli.query import open_root, package_json, read_root, settings_from, 
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
+from portsd.client.relations import orphans
 from portsd.client.rootconf import remember
 from portsd.client.session import (
     Sources,
@@ -39,6 +40,7 @@ from portsd.client.session import (
     install,
     open_sources,
     plan,
+    reinstall,
     removal,
     remove,
 )
@@ -85,7 +87,10 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
         names = add_package_files(
             sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
         )
-        result = install(installed, sources, names, display, mode=mode, force=args.force)
+        if getattr(args, "reinstall", False):  # install only
+            result: TransactionResult | None = reinstall(installed, sources, names, display)
+        else:
+            result = install(installed, sources, names, display, mode=mode, force=args.force)
         if args.cache or args.key:  # the root remembers where it came from
             remember(
                 settings.root,
@@ -116,12 +121,44 @@ def remove_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def autoremove_command(args: argparse.Namespace, console: Console) -> int:
+    """Remove the packages installed as dependencies that nothing needs any more."""
+    settings = settings_from(args)
+    if args.dry_run:
+        with read_root(settings, console) as installed:
+            for package in orphans(installed.db.packages()):
+                console.print(f"would remove {package.meta.name} {package.meta.full_version}")
+        console.print("dry run: nothing changed")
+        return 0
+    with open_root(settings, args.wait, console) as installed, Display(console) as display:
+        names = [package.meta.name for package in orphans(installed.db.packages())]
+        if not names:
+            console.print("nothing to do: every installed package is needed")
+            return 0
+        result = remove(installed, names, display)
+    _done(console, result)
+    return 0
+
+
+def repair(args: argparse.Namespace, console: Console, names: list[str]) -> int:
+    """``ports check --repair``: install the damaged packages ``names`` again."""
+    settings = settings_from(args)
+    with open_root(settings, 0.0, console) as installed, Display(console) as display:
+        sources = open_sources(settings, installed.db, display)
+        result = reinstall(installed, sources, names, display)
+    _done(console, result)
+    return 0
+
+
 def _done(console: Console, result: TransactionResult) -> None:
     for package in result.installed:
         console.print(f"[green]installed[/] {package.meta.name} {package.meta.full_version}")
     for old_row, new_row in result.upgraded:
         old, new = old_row.meta, new_row.meta
         change = f"{old.full_version} -> {new.full_version}"
+        if old.build_key == new.build_key:
+            console.print(f"[green]reinstalled[/] {new.name} {new.full_version}")
+            continue
         if old.full_version == new.full_version:
             change = f"{old.full_version} (build {old.build_key[:12]} -> {new.build_key[:12]})"
         console.print(f"[green]upgraded[/] {new.name} {change}")

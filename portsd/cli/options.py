@@ -115,6 +115,11 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _changing(p)
     _sources(p)
     p.add_argument(
+        "--reinstall",
+        action="store_true",
+        help="install installed packages again, every file rewritten (repairs damage)",
+    )
+    p.add_argument(
         "--initdb", action="store_true", help="create the root directory if it does not exist"
     )
     p.add_argument(
@@ -129,6 +134,12 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _changing(p)
     _sources(p)
     p.set_defaults(handler="portsd.cli.client:upgrade_command")
+
+    p = commands.add_parser(
+        "autoremove", help="remove dependencies that no installed package needs any more"
+    )
+    _changing(p)
+    p.set_defaults(handler="portsd.cli.client:autoremove_command")
 
     p = commands.add_parser("remove", help="remove packages (only the files they own)")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -165,6 +176,10 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("names", nargs="*", metavar="NAME", help="default: every installed package")
     _reading(p)
     _output(p)
+    p.add_argument(
+        "--repair", action="store_true", help="install the damaged packages again (from a cache)"
+    )
+    _sources(p)
     p.set_defaults(handler="portsd.cli.query:check_command")
 
     p = commands.add_parser("owner", help="which installed package owns a path")

@@ -172,7 +172,8 @@ def owner_command(args: argparse.Namespace, console: Console) -> int:
 
 def check_command(args: argparse.Namespace, console: Console) -> int:
     """Every installed file as the database has it (type, mode, content, link target):
-    what a disk error, a hand edit or an intruder changed. Exit 1 if anything differs."""
+    what a disk error, a hand edit or an intruder changed. Exit 1 if anything differs,
+    unless ``--repair`` installed the damaged packages again."""
     settings = settings_from(args)
     with read_root(settings, console) as installed:
         names = args.names or [p.meta.name for p in installed.db.packages()]
@@ -182,6 +183,13 @@ def check_command(args: argparse.Namespace, console: Console) -> int:
                 raise InstallError(f"{name} is not installed in {settings.root}")
             problems[name] = installed.verify(name)
     broken = sum(bool(found) for found in problems.values())
+    if args.repair and broken:
+        from portsd.cli.client import repair  # the caches, only when a repair needs them
+
+        for name, found in problems.items():
+            for problem in found:
+                console.print(f"[red]{escape(name)}[/]: {escape(problem)}")
+        return repair(args, console, [name for name, found in problems.items() if found])
     if args.json:
         emit_json(console, problems)
         return 1 if broken else 0

@@ -273,16 +273,23 @@ class Transaction:
         self._requests.append(Request(path, info, reason, origin, sha256))
 
     def upgrade(
-        self, path: Path, info: PortInfo, *, origin: str = "", sha256: str | None = None
+        self,
+        path: Path,
+        info: PortInfo,
+        *,
+        origin: str = "",
+        sha256: str | None = None,
+        reinstall: bool = False,
     ) -> None:
         """Replace the installed package of the same name by this build (any version, a
-        different build key); it keeps being explicit or a dependency as before."""
+        different build key, or with ``reinstall`` the same one: every file written again);
+        it keeps being explicit or a dependency as before."""
         info.check(str(path))
         self._check_name(info.meta.name)
         current = self._installed.db.installed(info.meta.name)
         if current is None:
             raise InvalidTransaction(info.meta.name, "is not installed")
-        if current.meta.build_key == info.meta.build_key:
+        if current.meta.build_key == info.meta.build_key and not reinstall:
             raise InvalidTransaction(
                 info.meta.name, f"build {info.meta.build_key[:12]} is installed already"
             )
