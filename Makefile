@@ -16,7 +16,12 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check portsd tests bench
 	$(BIN)/mypy
 
-test: lint
+# what only the tests need (a browser for the status page), never installed by `make run`
+$(VENV)/.test-tools: $(VENV)/.installed
+	PORTSD_TEST=1 tools/bootstrap
+	touch $@
+
+test: lint $(VENV)/.test-tools
 	$(BIN)/pytest -n 2 -q
 
 bench: $(VENV)/.installed

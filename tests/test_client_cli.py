@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -300,3 +301,92 @@ def test_autoremove_removes_dependencies_nothing_needs(cache: Cache, root: Path)
     assert "removed libgreet" in ok("autoremove", "--root", root)
     assert ok("list", "-q", "--root", root).split() == ["extra"]
     assert not (root / "usr/lib/libgreet.a").exists()
+
+
+# -- 15: the smaller ones ------------------------------------------------------------------
+
+
+def test_missing_key_file_and_missing_root_are_said_as_such(cache: Cache, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    no_key = ports("install", "hello", "--root", root, "--cache", cache.url, "--key", "/no/k.pub")
+    assert no_key.returncode == 1 and "trusted key /no/k.pub: no such file" in no_key.stderr
+    no_root = ports("install", "hello", "--root", root, *from_cache(cache))
+    assert no_root.returncode == 1 and f"{root}: the root does not exist" in no_root.stderr
+    assert "--initdb" in no_root.stderr and not root.exists()
+    ok("install", "hello", "--initdb", "--root", root, *from_cache(cache))
+    assert (root / "usr/bin/hello").read_bytes() == HELLO
+
+
+def test_remove_says_what_went_and_hints_at_the_dependents(cache: Cache, root: Path) -> None:
+    ok("install", "hello", "extra", "--root", root, *from_cache(cache))
+    refused = ports("remove", "libgreet", "--root", root)
+    assert refused.returncode == 1 and "hello needs 'libgreet'" in refused.stderr
+    assert "hint: remove hello too, or give --force" in refused.stderr
+    removed = ok("remove", "extra", "--root", root)
+    assert "removed extra 1.0-1" in removed and "0 files" not in removed
+    assert "1 package(s) removed, 6 B freed" in removed
+
+
+def test_info_of_an_available_package_and_owner_of_a_path_into_the_root(
+    cache: Cache, root: Path
+) -> None:
+    ok("install", "hello", "--root", root, *from_cache(cache))
+    info = ok("info", "extra", "--root", root)
+    assert "the extra package" in info and "MIT" in info and "6 B installed" in info
+    assert ok("owner", root / "usr/bin/hello", "--root", root) == (
+        "/usr/bin/hello is owned by hello 1.0-1\n"
+    )
+
+
+def test_a_package_file_installs_alone_and_a_refusal_leaves_a_fresh_root_empty(
+    cache: Cache, root: Path, tmp_path: Path
+) -> None:
+    refused = ports("install", "nosuchthing", "--root", root, *from_cache(cache))
+    assert refused.returncode == 1 and list(root.iterdir()) == []
+    given = tmp_path / "given"
+    given.mkdir()
+    for name in ("libgreet", "extra"):
+        (package,) = cache.repo.packages_path.glob(f"{name}-*.pkg.tar.zst")
+        shutil.copyfile(package, given / package.name)
+        shutil.copyfile(f"{package}.minisig", given / f"{package.name}.minisig")
+    files = sorted(given.glob("*.pkg.tar.zst"))
+    ok("install", *files, "--root", root, "--key", cache.key)
+    assert ok("list", "-q", "--root", root).split() == ["extra", "libgreet"]
+
+
+def test_lint_says_where_and_a_cycle_once(ports_tree: Path) -> None:
+    mid = ports_tree / "ports" / "libmid" / "port.toml"  # libtop needs libmid: now a cycle
+    mid.write_text(mid.read_text().replace('depends = ["libbase"]', 'depends = ["libtop"]'))
+    liba = ports_tree / "ports" / "liba" / "port.toml"
+    liba.write_text(
+        liba.read_text().replace('depends = ["libbase"]', 'depends = ["libbase", "nope"]')
+    )
+    result = ports("lint", "--tree", ports_tree)
+    assert result.returncode == 1
+    cycles = [line for line in result.stdout.splitlines() if "dependency cycle" in line]
+    assert len(cycles) == 1, result.stdout
+    assert re.match(r"ports/(libmid|libtop)/port\.toml:\d+: dependency cycle: ", cycles[0])
+    missing = "depends 'nope' is not provided by any port"
+    assert re.search(rf"ports/liba/port\.toml:\d+: liba: {missing}", result.stdout)
+
+
+def test_make_run_installs_no_browser() -> None:
+    repository = Path(__file__).parent.parent
+    run = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "run"],
+        cwd=repository,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tools/bootstrap" in run and "PORTSD_TEST" not in run
+    test = subprocess.run(
+        ["make", "-n", "-W", "tools/bootstrap", "test"],
+        cwd=repository,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "PORTSD_TEST=1 tools/bootstrap" in test
+    bootstrap = (repository / "tools/bootstrap").read_text()
+    assert bootstrap.index("chromium:chromium") > bootstrap.index('"${PORTSD_TEST:-}" == 1')

@@ -28,7 +28,14 @@ from portsd.build.builder import step_of
 from portsd.build.scheduler import Outcome, Result
 from portsd.cli import err_console
 from portsd.cli.output import emit_json, emit_lines, table
-from portsd.cli.query import open_root, package_json, read_root, settings_from, size
+from portsd.cli.query import (
+    fresh_root_undone,
+    open_root,
+    package_json,
+    read_root,
+    settings_from,
+    size,
+)
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
@@ -46,7 +53,7 @@ from portsd.client.session import (
 )
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
-from portsd.core.metadata import PackageMeta
+from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.resolve import Action, Mode, Resolution
 from portsd.core.version import full_version
@@ -79,18 +86,20 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
         console.print("dry run: nothing changed" if resolution.steps else "nothing to do")
         return 0
     initdb = getattr(args, "initdb", False)  # install only
-    with (
-        open_root(settings, args.wait, console, initdb=initdb) as installed,
-        Display(console) as display,
-    ):
-        sources = open_sources(settings, installed.db, display)
-        names = add_package_files(
-            sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
-        )
-        if getattr(args, "reinstall", False):  # install only
-            result: TransactionResult | None = reinstall(installed, sources, names, display)
-        else:
-            result = install(installed, sources, names, display, mode=mode, force=args.force)
+    files = any(name.endswith(PACKAGE_SUFFIX) for name in args.names)
+    with fresh_root_undone(settings.root):
+        with (
+            open_root(settings, args.wait, console, initdb=initdb) as installed,
+            Display(console) as display,
+        ):
+            sources = open_sources(settings, installed.db, display, files_given=files)
+            names = add_package_files(
+                sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
+            )
+            if getattr(args, "reinstall", False):  # install only
+                result: TransactionResult | None = reinstall(installed, sources, names, display)
+            else:
+                result = install(installed, sources, names, display, mode=mode, force=args.force)
         if args.cache or args.key:  # the root remembers where it came from
             remember(
                 settings.root,
@@ -166,7 +175,11 @@ def _done(console: Console, result: TransactionResult) -> None:
         console.print(f"[green]removed[/] {package.meta.name} {package.meta.full_version}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(f"{result.files} files, {size(result.bytes)}")
+    if result.installed or result.upgraded:
+        console.print(f"{result.files} files, {size(result.bytes)}")
+    else:  # nothing unpacked: say what went
+        freed = sum(package.meta.installed_size for package in result.removed)
+        console.print(f"{len(result.removed)} package(s) removed, {size(freed)} freed")
 
 
 # -- what is available ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ interrupted, unless another client is at work (which recovers it itself).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +20,7 @@ from portsd.client.journal import DB_DIR
 from portsd.client.settings import ClientSettings, load_settings
 from portsd.client.transaction import JOURNAL_NAME, Installed
 from portsd.errors import InstallError, RootError, RootLocked
+from portsd.fsio import remove_tree
 
 
 def settings_from(args: argparse.Namespace) -> ClientSettings:
@@ -55,6 +58,30 @@ def read_root(settings: ClientSettings, console: Console) -> Installed:
         except (RootLocked, RootError):  # at work, or not ours to recover: read as it is
             pass
     return Installed.open(settings.root, readonly=True)
+
+
+@contextmanager
+def fresh_root_undone(root: Path) -> Iterator[None]:
+    """On failure, remove what a command that committed nothing made in a root that had
+    no database yet (its database, lock, download store): a refused install into a fresh
+    root leaves it as it was."""
+    made = [root / DB_DIR, root / "var/cache/ports", root / "var/lib", root / "var/cache"]
+    made = [path for path in [*made, root / "var"] if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if made and (root / DB_DIR) in made and not _committed(root):
+            for path in made:  # deepest first; the parents only when left empty
+                if path.is_dir() and (path.name == "ports" or not any(path.iterdir())):
+                    remove_tree(path)
+        raise
+
+
+def _committed(root: Path) -> bool:
+    if not (root / DB_DIR).is_dir():
+        return False
+    with Installed.open(root, readonly=True) as installed:
+        return bool(installed.db.history(1))
 
 
 def check_root(root: Path, *, create: bool) -> None:
@@ -150,6 +177,9 @@ def files_command(args: argparse.Namespace, console: Console) -> int:
 def owner_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
     path = args.path
+    inside = Path(path).absolute()
+    if inside.is_relative_to(settings.root) and settings.root != Path("/"):
+        path = "/" + inside.relative_to(settings.root).as_posix()  # a path into the root
     with read_root(settings, console) as installed:
         owners = installed.owners(path)
         packages = {o.package: installed.db.installed(o.package) for o in owners}

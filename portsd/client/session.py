@@ -36,6 +36,7 @@ from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
 from portsd.errors import (
+    BrokenDependencies,
     ConfigError,
     InstallError,
     InvalidTransaction,
@@ -74,9 +75,14 @@ class Sources:
 
 
 def open_sources(
-    settings: ClientSettings, serials: SerialBook, reporter: ClientReporter
+    settings: ClientSettings,
+    serials: SerialBook,
+    reporter: ClientReporter,
+    *,
+    files_given: bool = False,
 ) -> Sources:
-    """Open the caches (unless every package is built here) and the ports checkout."""
+    """Open the caches (unless every package is built here) and the ports checkout.
+    ``files_given``: package files are asked for, which need neither."""
     urls = list(settings.caches)
     if settings.discover and settings.source is not SourcePolicy.ALWAYS:
         urls += _discovered(settings, urls)
@@ -106,7 +112,7 @@ def open_sources(
     else:
         available = {entry.meta.name: entry.meta for entry in caches.entries()}
         origin = "the cache" if len(caches.usable) <= 1 else "the caches"
-        if not urls:
+        if not urls and not files_given:
             raise ConfigError(
                 "no caches configured, and no ports tree: nothing to install from "
                 "(--cache URL --key KEY, which the root remembers; or caches, tree in the config)"
@@ -270,7 +276,10 @@ def removal(installed: Installed, names: Sequence[str], *, force: bool) -> list[
             raise InvalidTransaction(name, "is not installed")
         packages.append(package)
     if not force:
-        check_relations(installed.db.packages(), [], packages)
+        try:
+            check_relations(installed.db.packages(), [], packages)
+        except BrokenDependencies as error:
+            raise _removal_hint(error) from None
     return packages
 
 
@@ -293,4 +302,14 @@ def remove(
     tx = installed.transaction()
     for name in names:
         tx.remove(name)
-    return tx.commit(reporter.transaction(), force=force)
+    try:
+        return tx.commit(reporter.transaction(), force=force)
+    except BrokenDependencies as error:
+        raise _removal_hint(error) from None
+
+
+def _removal_hint(error: BrokenDependencies) -> BrokenDependencies:
+    """A removal that breaks dependents is fixed by removing them too (or forcing it)."""
+    dependents = sorted({package for package, _ in error.unmet})
+    error.hint = f"remove {', '.join(dependents)} too, or give --force to break them"
+    return error
