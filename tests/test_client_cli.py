@@ -3,6 +3,7 @@ over HTTP on 127.0.0.1, the real ``ports`` command in a subprocess, real roots o
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ class Cache:
     url: str
     key: Path  # the public key file
     repo: Repository
+    secret: SecretKey
 
 
 PACKAGES: dict[str, tuple[tuple[str, ...], dict[str, bytes]]] = {
@@ -79,7 +83,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cache]:
     app = web.Application()
     app.router.add_static("/repo/", base / "repo")
     with serving(app) as url:
-        yield Cache(url, key, repo)
+        yield Cache(url, key, repo, secret)
 
 
 def ports(*args: str | Path, user: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -390,3 +394,99 @@ def test_make_run_installs_no_browser() -> None:
     assert "PORTSD_TEST=1 tools/bootstrap" in test
     bootstrap = (repository / "tools/bootstrap").read_text()
     assert bootstrap.index("chromium:chromium") > bootstrap.index('"${PORTSD_TEST:-}" == 1')
+
+
+# -- 17: slow caches -----------------------------------------------------------------------
+
+
+@contextmanager
+def trickling(cache: Cache) -> Iterator[str]:
+    """The cache's repository, but its index sent at 1 byte a second (60 at most)."""
+    index = cache.repo.index_path.read_bytes()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(index))})
+        await response.prepare(request)
+        for offset in range(min(len(index), 60)):
+            if request.transport is None or request.transport.is_closing():
+                break
+            await response.write(index[offset : offset + 1])
+            await asyncio.sleep(1)
+        return response
+
+    app = web.Application()
+    app.router.add_get(f"/repo/{ARCH}/index.msgpack.zst", trickle)
+    app.router.add_static("/repo/", cache.repo.path.parent)
+    with serving(app) as url:
+        yield url
+
+
+def test_a_slow_cache_is_cut_off_and_holds_up_no_other(
+    cache: Cache, root: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "ports.toml"
+    config.write_text("index-timeout = 3\n")
+    with trickling(cache) as slow:
+        started = time.monotonic()
+        alone = ports(
+            "install",
+            "hello",
+            "--root",
+            root,
+            "--config",
+            config,
+            "--cache",
+            slow,
+            "--key",
+            cache.key,
+        )
+        took = time.monotonic() - started
+        assert alone.returncode == 1 and "index not read in time (3 s)" in alone.stderr
+        assert took < 3 + 10, took
+        started = time.monotonic()  # the slow one first: still the fast one is used at once
+        both = ports(
+            "install",
+            "hello",
+            "--root",
+            root,
+            "--cache",
+            slow,
+            "--cache",
+            cache.url,
+            "--key",
+            cache.key,
+        )
+        took = time.monotonic() - started
+    assert both.returncode == 0, both.stderr
+    assert f"not using {slow}: index not read in time, while another cache" in both.stdout
+    assert took < 15, took  # the default deadline alone is 20 s
+    assert (root / "usr/bin/hello").read_bytes() == HELLO
+
+
+# -- 18: one serial, one content -----------------------------------------------------------
+
+
+def test_an_index_with_a_seen_serial_and_other_content_is_refused(
+    cache: Cache, root: Path, tmp_path: Path
+) -> None:
+    forks = []
+    for fork, name in (("a", "extra"), ("b", "hello")):
+        shutil.copytree(cache.repo.path.parent, tmp_path / fork)
+        repo = Repository(tmp_path / fork, ARCH, cache.secret)
+        publish(repo, tmp_path / f"{fork}-build", name, release=2)
+        forks.append(repo)
+    assert forks[0].index().serial == forks[1].index().serial
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    with ExitStack() as stack:
+        urls = []
+        for directory in ("a", "b", "a-copy"):
+            app = web.Application()
+            app.router.add_static("/repo/", tmp_path / directory)
+            urls.append(stack.enter_context(serving(app)))
+        ok("install", "extra", "--root", root, "--cache", urls[0], "--key", cache.key)
+        forked = ports("install", "hello", "--root", root, "--cache", urls[1])
+        assert forked.returncode == 1
+        assert "was seen before with other content (a fork)" in forked.stdout + forked.stderr
+        assert not (root / "usr/bin/hello").exists()
+        ok("install", "hello", "--root", root, "--cache", urls[2])  # the same bytes: fine
+    assert (root / "usr/bin/hello").read_bytes() == HELLO

@@ -325,6 +325,12 @@ class _Unrecorded:
     def record_serial(self, key_id: str, serial: int) -> int:
         return serial
 
+    def serial_digest(self, key_id: str, serial: int) -> str | None:
+        return None
+
+    def record_digest(self, key_id: str, serial: int, sha256: str) -> None:
+        pass
+
 
 # -- the display ---------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ be on disk when ``commit()`` returns.
 What it holds: every installed package (its manifest's metadata, when and why it was
 installed, where it came from), every path it owns (type, mode, size, sha256, link
 target, mtime), the history of transactions, and a small key-value ``meta`` table (the
-highest index serial seen per signing key: rollback protection for the client).
+highest index serial seen per signing key, and the sha256 of the index accepted at it:
+rollback and fork protection for the client).
 
 Paths are root-relative and *canonical*: the installer resolves a package's paths through
 the symlinks other packages own (``bin -> usr/bin``), so a file has one path here whatever
@@ -84,6 +85,7 @@ CREATE TABLE IF NOT EXISTS transactions (
 _PACKAGE_COLUMNS = ", ".join((*FACTS, "installed_at", "reason", "origin"))
 _FILE_COLUMNS = "path, package, type, mode, size, sha256, target, mtime, adopted"
 _SERIAL = "serial:"
+_DIGEST = "index-sha256:"
 
 
 class InstallReason(StrEnum):
@@ -390,6 +392,22 @@ class PackageDb:
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_SERIAL + key_id, str(highest))
             )
         return highest
+
+    def serial_digest(self, key_id: str, serial: int) -> str | None:
+        """The sha256 of the index accepted at ``serial`` for ``key_id``, if recorded."""
+        row = self._one("SELECT value FROM meta WHERE name = ?", (_DIGEST + key_id,))
+        if row is None:
+            return None
+        recorded, _, sha256 = str(row[0]).partition(":")
+        return sha256 if int(recorded) == serial else None
+
+    def record_digest(self, key_id: str, serial: int, sha256: str) -> None:
+        """Remember which index content was accepted at ``serial`` (the highest seen)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                (_DIGEST + key_id, f"{serial}:{sha256}"),
+            )
 
 
 def _meta_row(meta: PackageMeta) -> tuple[object, ...]:

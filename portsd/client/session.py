@@ -135,6 +135,7 @@ async def _open_caches(
             settings.trusted_keys,
             serials,
             now=int(time.time()),
+            read_within=settings.index_timeout,
         )
 
 

@@ -11,6 +11,7 @@ root records (``portsd.client.rootconf``) replace the file's:
     source = "auto"                          # auto: build when no cache has it; always; never
     cache-dir = "/var/cache/ports"           # downloads and source builds (default: in root)
     discover = false                         # also use trusted caches found on the LAN (mDNS)
+    index-timeout = 20                       # seconds to read a cache's whole index
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from portsd.pkg.sign import PublicKey
 from portsd.tomlfile import TomlFile
 
 DEFAULT_FILE = Path("/etc/ports.toml")
+INDEX_TIMEOUT = 20.0
+"""Seconds within which a cache's whole index must be read (a 1 byte/s cache is cut off)."""
 
 
 class SourcePolicy(StrEnum):
@@ -47,6 +50,7 @@ class ClientSettings:
     cache_dir: Path | None = None
     discover: bool = False
     arch: str = os.uname().machine
+    index_timeout: float = INDEX_TIMEOUT
 
     @property
     def cache(self) -> Path:
@@ -54,7 +58,7 @@ class ClientSettings:
         return self.cache_dir or self.root / "var" / "cache" / "ports"
 
 
-_KEYS = {
+_KEYS: dict[str, type | tuple[type, ...]] = {
     "caches": list,
     "trusted-keys": list,
     "root": str,
@@ -63,6 +67,7 @@ _KEYS = {
     "cache-dir": str,
     "discover": bool,
     "arch": str,
+    "index-timeout": (int, float),
 }
 
 
@@ -109,6 +114,10 @@ def load_settings(path: Path | None, **flags: Any) -> ClientSettings:
         settings = replace(settings, discover=bool(values["discover"]))
     if "arch" in values:
         settings = replace(settings, arch=str(values["arch"]))
+    if "index_timeout" in values:
+        if values["index_timeout"] <= 0:
+            raise ConfigError("index-timeout must be a positive number of seconds", path=label)
+        settings = replace(settings, index_timeout=float(values["index_timeout"]))
     return settings
 
 
@@ -119,8 +128,8 @@ def _read(path: Path) -> dict[str, Any]:
         kind = _KEYS.get(key)
         if kind is None:
             raise file.error(f"unknown setting '{key}'", key)
-        if not isinstance(value, kind):
-            raise file.error(f"'{key}' must be {kind.__name__}", key)
+        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+            raise file.error(f"'{key}' must be {getattr(kind, '__name__', 'a number')}", key)
         if key in ("root", "tree", "cache-dir"):
             value = str(path.parent / str(value))  # relative to the file; absolute stays
         values[key.replace("-", "_")] = value
