@@ -26,7 +26,7 @@ from portsd.core.metadata import PackageMeta
 from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey, SecretKey
-from tests.conftest import serving
+from tests.conftest import SourceServer, serving
 
 ARCH = platform.machine()
 EPOCH = 1_700_000_000
@@ -490,3 +490,25 @@ def test_an_index_with_a_seen_serial_and_other_content_is_refused(
         assert not (root / "usr/bin/hello").exists()
         ok("install", "hello", "--root", root, "--cache", urls[2])  # the same bytes: fine
     assert (root / "usr/bin/hello").read_bytes() == HELLO
+
+
+# -- 24: ports checksum --------------------------------------------------------------------
+
+
+def test_checksum_writes_the_sha256_of_each_url_source(
+    ports_tree: Path, source_server: SourceServer
+) -> None:
+    recipe = ports_tree / "ports" / "libbase" / "port.toml"
+    before = recipe.read_text()
+    (tarball,) = [name for name in source_server.files if name.startswith("libbase")]
+    source_server.files[tarball] += b"\0" * 512  # upstream re-rolled the tarball
+    new = hashlib.sha256(source_server.files[tarball]).hexdigest()
+    said = ok("checksum", "libbase", "--tree", ports_tree, "--state", ports_tree / "state")
+    assert f"{new} (changed)" in said
+    after = recipe.read_text()
+    old = re.search(r'sha256 = "([0-9a-f]{64})"', before)
+    assert old is not None and after == before.replace(old[1], new)
+    recipe.write_text(after.replace(f'sha256 = "{new}"\n', ""))  # a new recipe: no sum yet
+    assert f"{new} (added)" in ok("checksum", "libbase", "--tree", ports_tree)
+    assert recipe.read_text() == after
+    assert "libbase" not in ok("lint", "--tree", ports_tree)

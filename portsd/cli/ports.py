@@ -7,6 +7,7 @@ import difflib
 import logging
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 from rich.console import Console
 
@@ -73,6 +74,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_state_options(p)
     p.set_defaults(handler="portsd.cli.seed:seed")
+
+    p = commands.add_parser(
+        "checksum", help="download a port's url sources and write their sha256s into port.toml"
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--tree", type=Path, default=Path("."), help="the ports tree's working directory"
+    )
+    add_state_options(p)
+    p.set_defaults(handler="portsd.cli.checksum:checksum")
 
     add_client_commands(commands)
     p = commands.add_parser("discover", help="find portsd caches on the LAN (mDNS)")
