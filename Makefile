@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE ?= .portsd
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench man
 $(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
 	tools/bootstrap
 
@@ -23,6 +23,10 @@ $(VENV)/.test-tools: $(VENV)/.installed
 
 test: lint $(VENV)/.test-tools
 	$(BIN)/pytest -n 2 -q
+
+# man/ports.1 and man/portsd.8, generated from the parsers
+man: $(VENV)/.installed
+	$(BIN)/python -m portsd.cli.manpage man
 
 bench: $(VENV)/.installed
 	PORTSD_BENCH=1 tools/bootstrap
