@@ -282,3 +282,4 @@ def add_discover_options(parser: argparse.ArgumentParser) -> None:
         help="trust this public key (a file, or the base64 of `minisign -P`) instead of the "
         "config's trusted-keys (repeatable)",
     )
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
