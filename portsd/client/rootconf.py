@@ -52,7 +52,16 @@ def remembered(root: Path) -> Remembered:
 
 
 def remember(root: Path, caches: tuple[str, ...] | None, keys: tuple[PublicKey, ...]) -> None:
-    """Record ``caches`` (replacing the list; None keeps it) and add ``keys`` in ``root``."""
+    """Record ``caches`` (replacing the list; None keeps it) and add ``keys`` in ``root``;
+    ConfigError naming the path if it cannot be written."""
+    try:
+        _remember(root, caches, keys)
+    except OSError as error:
+        where = error.filename or str(root / CACHES.parent)
+        raise ConfigError(f"cannot record the caches: {error.strerror}", path=where) from None
+
+
+def _remember(root: Path, caches: tuple[str, ...] | None, keys: tuple[PublicKey, ...]) -> None:
     if caches is not None:
         (root / CACHES).parent.mkdir(parents=True, exist_ok=True)
         text = "# caches of this root, in order (written by ports)\n" + "".join(
