@@ -204,7 +204,7 @@ def install(
     reporter.resolved(resolution)
     obtainer = Obtainer(
         sources.settings,
-        store_of(sources.settings),
+        store_config(sources.settings),
         sources.caches,
         sources.checkout,
         reporter,
@@ -240,7 +240,7 @@ def reinstall(
         wanted.append(meta)
     obtainer = Obtainer(
         sources.settings,
-        store_of(sources.settings),
+        store_config(sources.settings),
         sources.caches,
         sources.checkout,
         reporter,
