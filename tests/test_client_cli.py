@@ -486,6 +486,8 @@ def test_an_index_with_a_seen_serial_and_other_content_is_refused(
             app.router.add_static("/repo/", tmp_path / directory)
             urls.append(stack.enter_context(serving(app)))
         ok("install", "extra", "--root", root, "--cache", urls[0], "--key", cache.key)
+        searched = ports("search", "hello", "--root", root, "--cache", urls[1])
+        assert "(a fork)" in searched.stdout  # a query is refused it too, and records nothing
         forked = ports("install", "hello", "--root", root, "--cache", urls[1])
         assert forked.returncode == 1
         assert "was seen before with other content (a fork)" in forked.stdout + forked.stderr

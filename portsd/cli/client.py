@@ -36,6 +36,7 @@ from portsd.cli.query import (
     settings_from,
     size,
 )
+from portsd.client.db import PackageDb
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
@@ -77,7 +78,7 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
     settings = settings_from(args)
     if args.dry_run:  # no lock, no serials recorded, nothing written
         with read_root(settings, console) as installed, Display(console) as display:
-            sources = open_sources(settings, _Unrecorded(), display)
+            sources = open_sources(settings, _Unrecorded(installed.db), display)
             names = add_package_files(
                 sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
             )
@@ -190,9 +191,11 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
     with read_root(settings, console) as installed:
         mine = installed.db.installed(args.name)
         files = len(installed.db.files(args.name)) if mine else 0
-    available = (
-        _catalogue(settings, console).available.get(args.name) if _has_sources(settings) else None
-    )
+        available = (
+            _catalogue(settings, console, installed.db).available.get(args.name)
+            if _has_sources(settings)
+            else None
+        )
     if mine is None and available is None:
         if not _has_sources(settings):
             error = ConfigError(f"{args.name} is not installed, and no caches are configured")
@@ -262,20 +265,20 @@ def _meta_json(meta: PackageMeta) -> dict[str, object]:
 
 def search_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
-    with read_root(settings, console) as installed:
-        mine = {p.meta.name: p for p in installed.db.search(args.text)}
-        everything = {p.meta.name: p for p in installed.db.packages()}
     found: dict[str, PackageMeta] = {}
     if not args.installed and not _has_sources(settings):
         err_console().print(
             "[yellow]note:[/] no caches configured: searching installed packages only"
             f" ({NO_CACHES})"
         )
-    if not args.installed and _has_sources(settings):
-        needle = args.text.lower()
-        for name, candidate in _catalogue(settings, console).available.items():
-            if needle in name.lower() or needle in candidate.summary.lower():
-                found[name] = candidate
+    with read_root(settings, console) as installed:
+        mine = {p.meta.name: p for p in installed.db.search(args.text)}
+        everything = {p.meta.name: p for p in installed.db.packages()}
+        if not args.installed and _has_sources(settings):
+            needle = args.text.lower()
+            for name, candidate in _catalogue(settings, console, installed.db).available.items():
+                if needle in name.lower() or needle in candidate.summary.lower():
+                    found[name] = candidate
     rows: list[tuple[str, str, str, str]] = []
     for name in sorted(mine.keys() | found.keys()):
         have = mine.get(name) or everything.get(name)
@@ -310,23 +313,27 @@ def _has_sources(settings: ClientSettings) -> bool:
     return bool(settings.caches or settings.tree or settings.discover)
 
 
-def _catalogue(settings: ClientSettings, console: Console) -> Sources:
+def _catalogue(settings: ClientSettings, console: Console, db: PackageDb) -> Sources:
     with Display(console) as display:
-        return open_sources(settings, _Unrecorded(), display)
+        return open_sources(settings, _Unrecorded(db), display)
 
 
 class _Unrecorded:
-    """Reading commands verify indexes but keep no rollback memory (they change nothing;
-    the next install checks the serial against the database)."""
+    """Reading commands (and dry runs) check indexes against the root's memory of serials
+    and index contents (rollbacks and forks are refused) but record nothing: they change
+    nothing, and the next install records what it uses."""
+
+    def __init__(self, db: PackageDb | None = None) -> None:
+        self.db = db
 
     def last_serial(self, key_id: str) -> int | None:
-        return None
+        return None if self.db is None else self.db.last_serial(key_id)
 
     def record_serial(self, key_id: str, serial: int) -> int:
-        return serial
+        return max(serial, self.last_serial(key_id) or 0)
 
     def serial_digest(self, key_id: str, serial: int) -> str | None:
-        return None
+        return None if self.db is None else self.db.serial_digest(key_id, serial)
 
     def record_digest(self, key_id: str, serial: int, sha256: str) -> None:
         pass
