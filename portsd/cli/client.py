@@ -76,9 +76,10 @@ def upgrade_command(args: argparse.Namespace, console: Console) -> int:
 
 def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
     settings = settings_from(args)
+    files = any(name.endswith(PACKAGE_SUFFIX) for name in args.names)
     if args.dry_run:  # no lock, no serials recorded, nothing written
         with read_root(settings, console) as installed, Display(console) as display:
-            sources = open_sources(settings, _Unrecorded(installed.db), display)
+            sources = open_sources(settings, _Unrecorded(installed.db), display, files_given=files)
             names = add_package_files(
                 sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
             )
@@ -87,7 +88,6 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
         console.print("dry run: nothing changed" if resolution.steps else "nothing to do")
         return 0
     initdb = getattr(args, "initdb", False)  # install only
-    files = any(name.endswith(PACKAGE_SUFFIX) for name in args.names)
     with fresh_root_undone(settings.root):
         with (
             open_root(settings, args.wait, console, initdb=initdb) as installed,
