@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE ?= .portsd
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench man
 $(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
 	tools/bootstrap
 
@@ -16,8 +16,17 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check portsd tests bench
 	$(BIN)/mypy
 
-test: lint
+# what only the tests need (a browser for the status page), never installed by `make run`
+$(VENV)/.test-tools: $(VENV)/.installed
+	PORTSD_TEST=1 tools/bootstrap
+	touch $@
+
+test: lint $(VENV)/.test-tools
 	$(BIN)/pytest -n 2 -q
+
+# man/ports.1 and man/portsd.8, generated from the parsers
+man: $(VENV)/.installed
+	$(BIN)/python -m portsd.cli.manpage man
 
 bench: $(VENV)/.installed
 	PORTSD_BENCH=1 tools/bootstrap

@@ -8,6 +8,7 @@ import inspect
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,21 @@ def test_building_the_ports_parser_loads_no_handler_dependencies() -> None:
     ).stdout.split()
     heavy = ("aiohttp", "pygit2", "zeroconf", "sqlite3", "portsd.client", "portsd.build")
     assert [m for m in loaded if any(m == h or m.startswith(f"{h}.") for h in heavy)] == []
+
+
+def test_man_pages_are_generated_from_the_parsers(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "portsd.cli.manpage", str(tmp_path)], check=True, timeout=60
+    )
+    for page, parser in (("ports.1", ports.parser()), ("portsd.8", daemon.parser())):
+        rendered = subprocess.run(
+            ["groff", "-man", "-Tutf8", "-ww", str(tmp_path / page)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert rendered.stderr == "", rendered.stderr
+        for command, _ in subcommands(parser, ""):
+            assert f".SS {command.strip()}\n" in (tmp_path / page).read_text(), command
+    assert "--dry-run" in (tmp_path / "ports.1").read_text().replace("\\-", "-")

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -378,7 +379,8 @@ def test_ports_discover_shows_trusted_and_untrusted_caches(lan: Lan, tmp_path: P
         lan.a.run(trusted.stop())
         lan.a.run(other.stop())
     assert code == 0
-    rows = {line.split("│")[0].strip(): line for line in out.getvalue().splitlines()}
+    # not a terminal: plain columns, two spaces or more apart (names hold single spaces)
+    rows = {re.split(r"\s{2,}", line.strip())[0]: line for line in out.getvalue().splitlines()}
     assert f"http://{ADDRESS_A}:8471/repo/" in rows[trusted.name]
     assert ours.key_id in rows[trusted.name] and rows[trusted.name].rstrip().endswith("trusted")
     assert stranger.key_id in rows[other.name] and "untrusted" in rows[other.name]

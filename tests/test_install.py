@@ -103,13 +103,14 @@ def run_installed(root: Path, program: str) -> str:
 
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything installed: each path outside var/ with its type, mode and content, and the
-    database's packages and files (not its rollback memory, nor the download cache)."""
+    """Everything installed: each path outside var/ and etc/ports/ with its type, mode and
+    content, and the database's packages and files (not its rollback memory, nor the
+    download cache, nor the caches the root remembers)."""
     files: dict[str, tuple[object, ...]] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if rel == "var" or rel.startswith("var/"):
-            continue
+        if rel == "var" or rel.startswith(("var/", "etc/ports/")):
+            continue  # downloads, the database, the caches and keys the root remembers
         st = path.lstat()
         if path.is_symlink():
             files[rel] = ("link", os.readlink(path))

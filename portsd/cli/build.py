@@ -21,11 +21,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from portsd.build.builder import step_of
 from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
+from portsd.cli import output
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import build_settings, config_from, open_tree
 from portsd.config import Config
@@ -254,11 +254,15 @@ def _republish(workspace: Workspace, revision: Revision, names: frozenset[str]) 
 
 
 def _summary(console: Console, results: list[Result], elapsed: float) -> None:
-    table = Table(title=f"build finished in {elapsed:.1f} s", show_edge=False)
-    table.add_column("port")
-    table.add_column("result")
-    table.add_column("time", justify="right")
-    table.add_column("detail", overflow="fold")
+    table = output.table(
+        console,
+        "port",
+        "result",
+        "time",
+        "detail",
+        right=("time",),
+        title=f"build finished in {elapsed:.1f} s",
+    )
     colours = {
         Outcome.BUILT: "green",
         Outcome.FAILED: "red",

@@ -28,20 +28,43 @@ from rich.table import Table
 
 from portsd.build.builder import step_of
 from portsd.build.scheduler import Outcome, Result
-from portsd.cli.query import open_root, read_root, settings_from, size
+from portsd.cli import err_console
+from portsd.cli.output import emit_json, emit_lines, table
+from portsd.cli.query import (
+    fresh_root_undone,
+    open_root,
+    package_json,
+    read_root,
+    settings_from,
+    size,
+)
+from portsd.client.db import PackageDb
 from portsd.client.download import Download
 from portsd.client.progress import Phase
 from portsd.client.progress import Progress as TransactionProgress
-from portsd.client.session import Sources, add_package_files, install, open_sources, remove
+from portsd.client.relations import orphans
+from portsd.client.rootconf import remember
+from portsd.client.session import (
+    Sources,
+    add_package_files,
+    install,
+    open_sources,
+    plan,
+    reinstall,
+    removal,
+    remove,
+)
 from portsd.client.settings import ClientSettings
 from portsd.client.transaction import TransactionResult
 from portsd.client.verify import verify
-from portsd.core.metadata import PackageMeta
+from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.resolve import Action, Mode, Resolution
 from portsd.core.version import full_version
-from portsd.errors import InstallError
+from portsd.errors import ConfigError, InstallError
 from portsd.pkg.package import PortInfo
+
+NO_CACHES = "--cache URL --key KEY once (the root remembers them), or caches in /etc/ports.toml"
 
 # -- changing the root ---------------------------------------------------------------------
 
@@ -56,12 +79,37 @@ def upgrade_command(args: argparse.Namespace, console: Console) -> int:
 
 def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
     settings = settings_from(args)
-    with open_root(settings, args.wait, console) as installed, Display(console) as display:
-        sources = open_sources(settings, installed.db, display)
-        names = add_package_files(
-            sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
-        )
-        result = install(installed, sources, names, display, mode=mode, force=args.force)
+    files = any(name.endswith(PACKAGE_SUFFIX) for name in args.names)
+    if args.dry_run:  # no lock, no serials recorded, nothing written
+        with read_root(settings, console) as installed, Display(console) as display:
+            sources = open_sources(settings, _Unrecorded(installed.db), display, files_given=files)
+            names = add_package_files(
+                sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
+            )
+            resolution = plan(installed, sources, names, mode)
+            display.resolved(resolution)
+        console.print("dry run: nothing changed" if resolution.steps else "nothing to do")
+        return 0
+    initdb = getattr(args, "initdb", False)  # install only
+    with fresh_root_undone(settings.root):
+        with (
+            open_root(settings, args.wait, console, initdb=initdb) as installed,
+            Display(console) as display,
+        ):
+            sources = open_sources(settings, installed.db, display, files_given=files)
+            names = add_package_files(
+                sources, args.names, unsigned=getattr(args, "allow_untrusted", False)
+            )
+            if getattr(args, "reinstall", False):  # install only
+                result: TransactionResult | None = reinstall(installed, sources, names, display)
+            else:
+                result = install(installed, sources, names, display, mode=mode, force=args.force)
+        if args.cache or args.key:  # the root remembers where it came from
+            remember(
+                settings.root,
+                settings.caches if args.cache else None,
+                settings.trusted_keys if args.key else (),
+            )
     if result is None:
         console.print(
             "nothing to do: "
@@ -74,8 +122,43 @@ def _change(args: argparse.Namespace, console: Console, mode: Mode) -> int:
 
 def remove_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
+    if args.dry_run:
+        with read_root(settings, console) as installed:
+            for package in removal(installed, args.names, force=args.force):
+                console.print(f"would remove {package.meta.name} {package.meta.full_version}")
+        console.print("dry run: nothing changed")
+        return 0
     with open_root(settings, args.wait, console) as installed, Display(console) as display:
         result = remove(installed, args.names, display, force=args.force)
+    _done(console, result)
+    return 0
+
+
+def autoremove_command(args: argparse.Namespace, console: Console) -> int:
+    """Remove the packages installed as dependencies that nothing needs any more."""
+    settings = settings_from(args)
+    if args.dry_run:
+        with read_root(settings, console) as installed:
+            for package in orphans(installed.db.packages()):
+                console.print(f"would remove {package.meta.name} {package.meta.full_version}")
+        console.print("dry run: nothing changed")
+        return 0
+    with open_root(settings, args.wait, console) as installed, Display(console) as display:
+        names = [package.meta.name for package in orphans(installed.db.packages())]
+        if not names:
+            console.print("nothing to do: every installed package is needed")
+            return 0
+        result = remove(installed, names, display)
+    _done(console, result)
+    return 0
+
+
+def repair(args: argparse.Namespace, console: Console, names: list[str]) -> int:
+    """``ports check --repair``: install the damaged packages ``names`` again."""
+    settings = settings_from(args)
+    with open_root(settings, 0.0, console) as installed, Display(console) as display:
+        sources = open_sources(settings, installed.db, display)
+        result = reinstall(installed, sources, names, display)
     _done(console, result)
     return 0
 
@@ -86,6 +169,9 @@ def _done(console: Console, result: TransactionResult) -> None:
     for old_row, new_row in result.upgraded:
         old, new = old_row.meta, new_row.meta
         change = f"{old.full_version} -> {new.full_version}"
+        if old.build_key == new.build_key:
+            console.print(f"[green]reinstalled[/] {new.name} {new.full_version}")
+            continue
         if old.full_version == new.full_version:
             change = f"{old.full_version} (build {old.build_key[:12]} -> {new.build_key[:12]})"
         console.print(f"[green]upgraded[/] {new.name} {change}")
@@ -93,7 +179,11 @@ def _done(console: Console, result: TransactionResult) -> None:
         console.print(f"[green]removed[/] {package.meta.name} {package.meta.full_version}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(f"{result.files} files, {size(result.bytes)}")
+    if result.installed or result.upgraded:
+        console.print(f"{result.files} files, {size(result.bytes)}")
+    else:  # nothing unpacked: say what went
+        freed = sum(package.meta.installed_size for package in result.removed)
+        console.print(f"{len(result.removed)} package(s) removed, {size(freed)} freed")
 
 
 def verify_command(args: argparse.Namespace, console: Console) -> int:
@@ -125,34 +215,51 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
     with read_root(settings, console) as installed:
         mine = installed.db.installed(args.name)
         files = len(installed.db.files(args.name)) if mine else 0
-    available = (
-        _catalogue(settings, console).available.get(args.name) if _has_sources(settings) else None
-    )
+        available = (
+            _catalogue(settings, console, installed.db).available.get(args.name)
+            if _has_sources(settings)
+            else None
+        )
     if mine is None and available is None:
+        if not _has_sources(settings):
+            error = ConfigError(f"{args.name} is not installed, and no caches are configured")
+            error.hint = NO_CACHES
+            raise error
         raise InstallError(f"no package named {args.name} is installed or available")
+    if args.json:
+        emit_json(
+            console,
+            {
+                "name": args.name,
+                "installed": None if mine is None else package_json(mine) | {"files": files},
+                "available": None if available is None else _meta_json(available),
+            },
+        )
+        return 0
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
+    meta = mine.meta if mine is not None else available
+    assert meta is not None  # one of the two, said above
+    grid.add_row("name", meta.name)
     if mine is not None:
-        meta = mine.meta
-        grid.add_row("name", meta.name)
         grid.add_row(
             "installed",
             f"{meta.full_version} ({mine.reason}, {files} files, {size(meta.installed_size)})",
         )
-        grid.add_row("summary", escape(meta.summary))
-        grid.add_row("license", escape(meta.license))
-        grid.add_row("build key", meta.build_key)
+    grid.add_row("summary", escape(meta.summary or "-"))
+    grid.add_row("license", escape(meta.license or "-"))
+    if mine is None and meta.installed_size:
+        grid.add_row("size", size(meta.installed_size) + " installed")
+    grid.add_row("build key", meta.build_key)
+    if mine is not None:
         grid.add_row("from", escape(mine.origin))
-        grid.add_row("depends", escape(", ".join(meta.depends) or "-"))
-        if meta.provides:
-            grid.add_row("provides", escape(", ".join(meta.provides)))
-        if meta.conflicts:
-            grid.add_row("conflicts", escape(", ".join(meta.conflicts)))
+    grid.add_row("depends", escape(", ".join(meta.depends) or "-"))
+    if meta.provides:
+        grid.add_row("provides", escape(", ".join(meta.provides)))
+    if meta.conflicts:
+        grid.add_row("conflicts", escape(", ".join(meta.conflicts)))
     if available is not None:
-        if mine is None:
-            grid.add_row("name", available.name)
-            grid.add_row("depends", escape(", ".join(available.depends) or "-"))
         state = (
             ""
             if mine is None
@@ -166,57 +273,94 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _meta_json(meta: PackageMeta) -> dict[str, object]:
+    return {
+        "name": meta.name,
+        "version": meta.full_version,
+        "build_key": meta.build_key,
+        "summary": meta.summary,
+        "license": meta.license,
+        "depends": list(meta.depends),
+        "provides": list(meta.provides),
+        "conflicts": list(meta.conflicts),
+        "installed_size": meta.installed_size,
+    }
+
+
 def search_command(args: argparse.Namespace, console: Console) -> int:
     settings = settings_from(args)
+    found: dict[str, PackageMeta] = {}
+    if not args.installed and not _has_sources(settings):
+        err_console().print(
+            "[yellow]note:[/] no caches configured: searching installed packages only"
+            f" ({NO_CACHES})"
+        )
     with read_root(settings, console) as installed:
         mine = {p.meta.name: p for p in installed.db.search(args.text)}
         everything = {p.meta.name: p for p in installed.db.packages()}
-    found: dict[str, PackageMeta] = {}
-    if not args.installed and _has_sources(settings):
-        needle = args.text.lower()
-        for name, candidate in _catalogue(settings, console).available.items():
-            if needle in name.lower() or needle in candidate.summary.lower():
-                found[name] = candidate
-    table = Table(show_edge=False)
-    for column in ("name", "version", "status", "summary"):
-        table.add_column(column)
+        if not args.installed and _has_sources(settings):
+            needle = args.text.lower()
+            for name, candidate in _catalogue(settings, console, installed.db).available.items():
+                if needle in name.lower() or needle in candidate.summary.lower():
+                    found[name] = candidate
+    rows: list[tuple[str, str, str, str]] = []
     for name in sorted(mine.keys() | found.keys()):
         have = mine.get(name) or everything.get(name)
         package = found.get(name)
         if package is None:
             assert have is not None  # the name came from one of the two
-            table.add_row(name, have.meta.full_version, "installed", escape(have.meta.summary))
+            rows.append((name, have.meta.full_version, "installed", have.meta.summary))
             continue
         status = "available"
         if have is not None:
             status = "installed" if have.meta.build_key == package.build_key else "upgradable"
         summary = package.summary or (have.meta.summary if have else "")
-        table.add_row(name, package.full_version, status, escape(summary))
-    if not table.row_count:
-        console.print(f"no package matches {args.text!r}")
-        return 1
-    console.print(table)
-    return 0
+        rows.append((name, package.full_version, status, summary))
+    if args.json:
+        emit_json(
+            console,
+            [{"name": n, "version": v, "status": st, "summary": su} for n, v, st, su in rows],
+        )
+    elif args.quiet:
+        emit_lines(console, [row[0] for row in rows])
+    elif rows:
+        grid = table(console, "name", "version", "status", "summary")
+        for name, version, status, summary in rows:
+            grid.add_row(name, version, status, escape(summary))
+        console.print(grid)
+    else:
+        err_console().print(f"no package matches {args.text!r}")
+    return 0 if rows else 1
 
 
 def _has_sources(settings: ClientSettings) -> bool:
     return bool(settings.caches or settings.tree or settings.discover)
 
 
-def _catalogue(settings: ClientSettings, console: Console) -> Sources:
+def _catalogue(settings: ClientSettings, console: Console, db: PackageDb) -> Sources:
     with Display(console) as display:
-        return open_sources(settings, _Unrecorded(), display)
+        return open_sources(settings, _Unrecorded(db), display)
 
 
 class _Unrecorded:
-    """Reading commands verify indexes but keep no rollback memory (they change nothing;
-    the next install checks the serial against the database)."""
+    """Reading commands (and dry runs) check indexes against the root's memory of serials
+    and index contents (rollbacks and forks are refused) but record nothing: they change
+    nothing, and the next install records what it uses."""
+
+    def __init__(self, db: PackageDb | None = None) -> None:
+        self.db = db
 
     def last_serial(self, key_id: str) -> int | None:
-        return None
+        return None if self.db is None else self.db.last_serial(key_id)
 
     def record_serial(self, key_id: str, serial: int) -> int:
-        return serial
+        return max(serial, self.last_serial(key_id) or 0)
+
+    def serial_digest(self, key_id: str, serial: int) -> str | None:
+        return None if self.db is None else self.db.serial_digest(key_id, serial)
+
+    def record_digest(self, key_id: str, serial: int, sha256: str) -> None:
+        pass
 
 
 # -- the display ---------------------------------------------------------------------------
@@ -259,20 +403,25 @@ class Display:
     def resolved(self, resolution: Resolution) -> None:
         if not resolution.steps:
             return
-        table = Table(show_edge=False, title=f"{len(resolution)} package(s)")
-        for column in ("action", "package", "version", "why"):
-            table.add_column(column)
+        grid = table(
+            self.console,
+            "action",
+            "package",
+            "version",
+            "why",
+            title=f"{len(resolution)} package(s)",
+        )
         for step in resolution:
             version = full_version(step.package.version, step.package.release)
             if step.replaces is not None:
                 old = full_version(step.replaces.version, step.replaces.release)
                 version = f"{old} -> {version}" if old != version else f"{version} (rebuilt)"
             colour = "green" if step.action is Action.INSTALL else "cyan"
-            table.add_row(
+            grid.add_row(
                 f"[{colour}]{step.action}[/]", step.package.name, version, escape(step.why)
             )
         self.print("")
-        self.print(table)
+        self.print(grid)
 
     def transaction(self) -> TransactionProgress:
         return _TransactionBar(self)

@@ -6,8 +6,9 @@ import argparse
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from portsd.cli.output import emit_json
+from portsd.cli.output import table as output_table
 from portsd.client.settings import load_settings
 from portsd.pkg.discover import BROWSE_SECONDS, Verdict, browse, trusted_caches
 
@@ -27,13 +28,26 @@ def discover(args: argparse.Namespace, console: Console) -> int:
     settings = load_settings(args.config, trusted_keys=args.trusted_key or None)
     timeout = BROWSE_SECONDS if args.timeout is None else args.timeout
     found = browse(timeout, args.interface or None)
+    judged_caches = trusted_caches(found, settings.trusted_keys)
+    if args.json:
+        emit_json(
+            console,
+            [
+                {
+                    "name": judged.cache.name,
+                    "url": judged.cache.url,
+                    "archs": list(judged.cache.archs),
+                    "key_id": judged.cache.key_id,
+                    "trust": judged.verdict.value,
+                }
+                for judged in judged_caches
+            ],
+        )
+        return 0
     if not found:
         console.print(f"no portsd caches answered within {timeout:g} s")
         return 0
-    table = Table(show_edge=False)
-    for column in ("name", "URL", "arch", "key id", "trust"):
-        table.add_column(column)
-    judged_caches = trusted_caches(found, settings.trusted_keys)
+    table = output_table(console, "name", "URL", "arch", "key id", "trust")
     for judged in judged_caches:
         cache = judged.cache
         archs = ", ".join(  # dim: of no use to this machine

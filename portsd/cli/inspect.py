@@ -15,10 +15,18 @@ from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.graph import Graph
-from portsd.errors import ConfigError, GitError, RecipeError, RepoError
+from portsd.core.recipe import Dependency
+from portsd.errors import (
+    ConfigError,
+    DependencyCycle,
+    GitError,
+    MissingDependency,
+    RecipeError,
+    RepoError,
+)
 from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import PublicKey
-from portsd.tree.gitrepo import GitRepo, GitSnapshot
+from portsd.tree.gitrepo import GitRepo, GitSnapshot, TreeSnapshot
 from portsd.tree.loader import TreeLoader
 
 
@@ -27,12 +35,21 @@ def lint(args: argparse.Namespace, console: Console) -> int:
     opened = open_tree(args, None, args.arch or platform.machine())
     graph = opened.evaluation.graph
     count, ports = 0, 0
+    cycles: set[frozenset[str]] = set()
     for _name, problem in graph.problems():
-        lines = (
-            [str(p) for p in problem.problems]
-            if isinstance(problem, RecipeError)
-            else [str(problem)]
-        )
+        if isinstance(problem, RecipeError):
+            lines = [str(p) for p in problem.problems]
+        elif isinstance(problem, DependencyCycle):
+            if frozenset(problem.cycle) in cycles:
+                continue  # each port on it reports it: say it once
+            cycles.add(frozenset(problem.cycle))
+            first, then = problem.cycle[0], problem.cycle[1 % len(problem.cycle)]
+            lines = [f"{_where(opened.tree.snapshot, first, then)}: {problem}"]
+        elif isinstance(problem, MissingDependency):
+            where = _where(opened.tree.snapshot, problem.port, problem.dependency)
+            lines = [f"{where}: {problem}"]
+        else:
+            lines = [str(problem)]
         ports += 1
         for line in lines:
             count += 1
@@ -43,6 +60,21 @@ def lint(args: argparse.Namespace, console: Console) -> int:
         return 1
     console.print(f"{total} ports checked: no problems")
     return 0
+
+
+def _where(snapshot: TreeSnapshot, port: str, dependency: str) -> str:
+    """``ports/PORT/port.toml:LINE``: the line of the recipe naming ``dependency`` (its
+    name, for a versioned one), or the file alone when no line does."""
+    path = f"ports/{port}/port.toml"
+    try:
+        text = snapshot.read_port(port).recipe.decode("utf-8", errors="replace")
+    except RecipeError:
+        return path
+    name = Dependency.parse(dependency).name
+    for number, line in enumerate(text.splitlines(), 1):
+        if f'"{dependency}"' in line or f'"{name}' in line:
+            return f"{path}:{number}"
+    return path
 
 
 def graph(args: argparse.Namespace, console: Console) -> int:

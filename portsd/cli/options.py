@@ -116,6 +116,14 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _changing(p)
     _sources(p)
     p.add_argument(
+        "--reinstall",
+        action="store_true",
+        help="install installed packages again, every file rewritten (repairs damage)",
+    )
+    p.add_argument(
+        "--initdb", action="store_true", help="create the root directory if it does not exist"
+    )
+    p.add_argument(
         "--allow-untrusted",
         action="store_true",
         help="install package files without a trusted signature",
@@ -128,6 +136,12 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _sources(p)
     p.set_defaults(handler="portsd.cli.client:upgrade_command")
 
+    p = commands.add_parser(
+        "autoremove", help="remove dependencies that no installed package needs any more"
+    )
+    _changing(p)
+    p.set_defaults(handler="portsd.cli.client:autoremove_command")
+
     p = commands.add_parser("remove", help="remove packages (only the files they own)")
     p.add_argument("names", nargs="+", metavar="NAME")
     _changing(p)
@@ -137,6 +151,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("name")
     _reading(p)
     _sources(p)
+    _output(p)
     p.set_defaults(handler="portsd.cli.client:info_command")
 
     p = commands.add_parser(
@@ -153,25 +168,34 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _reading(p)
     _sources(p)
     p.add_argument("--installed", action="store_true", help="search installed packages only")
+    _output(p)
     p.set_defaults(handler="portsd.cli.client:search_command")
 
     p = commands.add_parser("list", help="the installed packages")
     _reading(p)
+    _output(p)
     p.set_defaults(handler="portsd.cli.query:list_command")
 
     p = commands.add_parser("files", help="the files an installed package owns")
     p.add_argument("name")
     _reading(p)
+    _output(p)
     p.set_defaults(handler="portsd.cli.query:files_command")
 
     p = commands.add_parser("check", help="compare installed files with the database")
     p.add_argument("names", nargs="*", metavar="NAME", help="default: every installed package")
     _reading(p)
+    _output(p)
+    p.add_argument(
+        "--repair", action="store_true", help="install the damaged packages again (from a cache)"
+    )
+    _sources(p)
     p.set_defaults(handler="portsd.cli.query:check_command")
 
     p = commands.add_parser("owner", help="which installed package owns a path")
     p.add_argument("path")
     _reading(p)
+    _output(p)
     p.set_defaults(handler="portsd.cli.query:owner_command")
 
 
@@ -180,9 +204,21 @@ def _reading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="the client config (default: /etc/ports.toml)")
 
 
+def _output(p: argparse.ArgumentParser) -> None:
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    shape.add_argument("-q", "--quiet", action="store_true", help="print names only")
+
+
 def _changing(p: argparse.ArgumentParser) -> None:
     _reading(p)
     p.add_argument("--force", action="store_true", help="even if dependencies break")
+    p.add_argument(
+        "-s",
+        "--dry-run",
+        action="store_true",
+        help="print what would be done, and change nothing",
+    )
     p.add_argument(
         "--wait",
         type=float,
@@ -256,3 +292,4 @@ def add_discover_options(parser: argparse.ArgumentParser) -> None:
         help="trust this public key (a file, or the base64 of `minisign -P`) instead of the "
         "config's trusted-keys (repeatable)",
     )
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import sys
+from importlib.metadata import version
+from pathlib import Path
 
 from rich.console import Console
 
-from portsd.cli import run_main
+from portsd.cli import EXIT_USAGE, run_main
 from portsd.cli.options import (
     add_build_settings,
     add_client_commands,
@@ -24,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
         description="Build, inspect and install the packages of a ports tree.",
     )
     top.add_argument("-v", "--verbose", action="store_true", help="show debug output")
+    top.add_argument("--version", action="version", version=f"%(prog)s {version('portsd')}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("lint", help="check every recipe and dependency; list every problem")
@@ -75,15 +80,47 @@ def parser() -> argparse.ArgumentParser:
     add_state_options(p)
     p.set_defaults(handler="portsd.cli.seed:seed")
 
+    p = commands.add_parser(
+        "checksum", help="download a port's url sources and write their sha256s into port.toml"
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--tree", type=Path, default=Path("."), help="the ports tree's working directory"
+    )
+    add_state_options(p)
+    p.set_defaults(handler="portsd.cli.checksum:checksum")
+
     add_client_commands(commands)
     p = commands.add_parser("discover", help="find portsd caches on the LAN (mDNS)")
     add_discover_options(p)
     p.set_defaults(handler="portsd.cli.discover:discover")
+
+    p = commands.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", choices=["bash"])
+    p.set_defaults(handler="portsd.cli.completion:completion")
+    for sub in commands.choices.values():  # global flags after the verb too
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return top
 
 
+def unknown_command(top: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'unknown command ...; did you mean ...?' for a misspelt verb, else None."""
+    commands = next(a.choices for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    verb = next((arg for arg in argv if not arg.startswith("-")), None)
+    if verb is None or verb in commands:
+        return None
+    close = difflib.get_close_matches(verb, list(commands), n=1)
+    return f"unknown command {verb!r}" + (f"; did you mean {close[0]}?" if close else "")
+
+
 def _main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    unknown = unknown_command(top, argv)
+    if unknown is not None:
+        top.print_usage(sys.stderr)
+        print(f"ports: error: {unknown}", file=sys.stderr)
+        return EXIT_USAGE
+    args = top.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s"
     )

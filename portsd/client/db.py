@@ -8,7 +8,8 @@ be on disk when ``commit()`` returns.
 What it holds: every installed package (its manifest's metadata, when and why it was
 installed, where it came from), every path it owns (type, mode, size, sha256, link
 target, mtime), the history of transactions, and a small key-value ``meta`` table (the
-highest index serial seen per signing key: rollback protection for the client).
+highest index serial seen per signing key, and the sha256 of the index accepted at it:
+rollback and fork protection for the client).
 
 Paths are root-relative and *canonical*: the installer resolves a package's paths through
 the symlinks other packages own (``bin -> usr/bin``), so a file has one path here whatever
@@ -19,6 +20,7 @@ path its package used. A directory may be owned by many packages; anything else 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +85,7 @@ CREATE TABLE IF NOT EXISTS transactions (
 _PACKAGE_COLUMNS = ", ".join((*FACTS, "installed_at", "reason", "origin"))
 _FILE_COLUMNS = "path, package, type, mode, size, sha256, target, mtime, adopted"
 _SERIAL = "serial:"
+_DIGEST = "index-sha256:"
 
 
 class InstallReason(StrEnum):
@@ -150,7 +153,8 @@ class DbChange:
 class PackageDb:
     """The database of one root. Not thread-safe: one connection, one thread.
 
-    ``readonly`` opens an existing file for queries only (a missing one reads as empty);
+    ``readonly`` opens an existing file for queries only (a missing one reads as empty;
+    one in a directory this user cannot write, as immutable);
     otherwise the file and its schema are created as needed. Every sqlite failure is
     raised as PackageDbError naming the file.
     """
@@ -163,7 +167,11 @@ class PackageDb:
                 self._db = sqlite3.connect(":memory:", isolation_level=None)
                 self._db.executescript(_SCHEMA)
             elif readonly:
-                uri = f"file:{path}?mode=ro"
+                # sqlite's WAL needs a -shm file beside the database: where this user may
+                # not create one, read the file as immutable (what the last writer left;
+                # every ports command checkpoints the WAL into the file when it closes)
+                immutable = not os.access(path.parent, os.W_OK)
+                uri = f"file:{path}?mode=ro" + ("&immutable=1" if immutable else "")
                 self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
             else:
                 self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -384,6 +392,22 @@ class PackageDb:
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_SERIAL + key_id, str(highest))
             )
         return highest
+
+    def serial_digest(self, key_id: str, serial: int) -> str | None:
+        """The sha256 of the index accepted at ``serial`` for ``key_id``, if recorded."""
+        row = self._one("SELECT value FROM meta WHERE name = ?", (_DIGEST + key_id,))
+        if row is None:
+            return None
+        recorded, _, sha256 = str(row[0]).partition(":")
+        return sha256 if int(recorded) == serial else None
+
+    def record_digest(self, key_id: str, serial: int, sha256: str) -> None:
+        """Remember which index content was accepted at ``serial`` (the highest seen)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                (_DIGEST + key_id, f"{serial}:{sha256}"),
+            )
 
 
 def _meta_row(meta: PackageMeta) -> tuple[object, ...]:

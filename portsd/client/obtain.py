@@ -28,16 +28,18 @@ from typing import Protocol
 
 import aiohttp
 
-from portsd.build.pipeline import Revision, Workspace
+from portsd.build.pipeline import Revision, Workspace, ensure_signing_key
 from portsd.build.scheduler import Outcome, Reporter, run_plan
 from portsd.client.download import Download, DownloadReporter, download_all
 from portsd.client.remote import Caches, Substitute, ask_for_key
 from portsd.client.settings import ClientSettings, SourcePolicy
+from portsd.config import Config
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild, critical_path, make_plan
 from portsd.errors import PackageError, PortsdError, Unobtainable
 from portsd.pkg.archive import content_id
 from portsd.pkg.package import PortInfo, read_portinfo
+from portsd.pkg.repo import Repository
 from portsd.tree.checkout import Checkout
 
 
@@ -72,14 +74,21 @@ class Obtainer:
     def __init__(
         self,
         settings: ClientSettings,
-        store: Workspace,
+        config: Config,
         caches: Caches,
         checkout: Checkout | None,
         reporter: ObtainReporter,
         files: Mapping[str, Path] | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.config = config  # the store's: a private repository under the cache directory
+        self.repo = Repository(
+            config.repo,
+            config.arch,
+            ensure_signing_key(config),
+            expires_in=int(config.index_expiry_days * 86400),
+        )
+        self._workspace: Workspace | None = None
         self.caches = caches
         self.checkout = checkout
         self.reporter = reporter
@@ -107,11 +116,19 @@ class Obtainer:
 
     def _have(self, key: str) -> bool:
         """Whether the store holds the whole package of ``key`` (not only its record)."""
-        return self.store.repo.find_key(key) is not None
+        return self.repo.find_key(key) is not None
 
     @property
     def _downloads(self) -> Path:
-        return self.store.config.state_dir / "downloads"
+        return self.config.state_dir / "downloads"
+
+    @property
+    def workspace(self) -> Workspace:
+        """The builder's workspace, opened for the first source build only: opening it
+        makes the bootstrap seed from this host, which a run that downloads never needs."""
+        if self._workspace is None:
+            self._workspace = Workspace.open(self.config)
+        return self._workspace
 
     # -- substitution ---------------------------------------------------------------------
 
@@ -165,7 +182,7 @@ class Obtainer:
                 f"with key {package.build_key[:12]} was asked for (from {origin})",
             )
         with self.lock:
-            self.store.repo.publish(path, info.meta, content=content_id(info.files), commit=None)
+            self.repo.publish(path, info.meta, content=content_id(info.files), commit=None)
             self.origins[package.build_key] = origin
 
     # -- source builds --------------------------------------------------------------------
@@ -188,7 +205,7 @@ class Obtainer:
                     package.build_key,
                     [f"the ports tree at {self.settings.tree} builds another key of it"],
                 )
-        plan = make_plan(graph, keys, self.store.present(), [p.name for p in packages])
+        plan = make_plan(graph, keys, self.workspace.present(), [p.name for p in packages])
         if plan.blocked:
             name, problem = sorted(plan.blocked.items())[0]
             raise Unobtainable(name, "", [str(problem)])
@@ -196,7 +213,7 @@ class Obtainer:
         results = run_plan(
             plan,
             self._runner(revision),
-            jobs=self.store.config.jobs,
+            jobs=self.config.jobs,
             priority=critical_path(plan, {}),
             reporter=self.reporter.builds,
         )
@@ -219,7 +236,7 @@ class Obtainer:
                     pass  # a broken substitute is no reason not to build it here
                 if self._have(build.key):
                     return
-            self.store.build(
+            self.workspace.build(
                 revision,
                 build,
                 cancel,
@@ -233,7 +250,7 @@ class Obtainer:
     # -- the store ------------------------------------------------------------------------
 
     def _stored(self, package: PackageMeta) -> Obtained:
-        repo = self.store.repo
+        repo = self.repo
         entry = repo.find_key(package.build_key)
         if entry is None:
             raise Unobtainable(package.name, package.build_key, ["it vanished from the store"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from portsd.client.db import InstalledPackage
+from portsd.client.db import InstalledPackage, InstallReason
 from portsd.client.planner import Request
 from portsd.core.metadata import PackageMeta
 from portsd.core.provider import package_meets
@@ -75,3 +75,19 @@ def install_order(requests: Sequence[Request]) -> list[Request]:
         else:
             done.append(pending.pop(0))
     return done
+
+
+def orphans(packages: Sequence[InstalledPackage]) -> list[InstalledPackage]:
+    """Packages installed only as dependencies that no explicitly installed package needs,
+    directly or through others: what ``ports autoremove`` removes. A dependency several
+    packages provide keeps all of them."""
+    needed = {p.meta.name for p in packages if p.reason is InstallReason.EXPLICIT}
+    by_name = {p.meta.name: p for p in packages}
+    frontier = list(needed)
+    while frontier:
+        for dependency in by_name[frontier.pop()].meta.depends:
+            for other in packages:
+                if other.meta.name not in needed and package_meets(other.meta, dependency):
+                    needed.add(other.meta.name)
+                    frontier.append(other.meta.name)
+    return [p for p in packages if p.meta.name not in needed]

@@ -24,9 +24,10 @@ that no index lists (an old build, after a revert). That answer is not signed: i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -34,6 +35,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import aiohttp
 
 from portsd.client.download import MAX_SIGNATURE_BYTES, lan_limits
+from portsd.client.settings import INDEX_TIMEOUT
 from portsd.core.index import (
     MAX_INDEX_BYTES,
     Index,
@@ -48,6 +50,9 @@ from portsd.pkg.repo import INDEX_NAME, SIG_SUFFIX
 from portsd.pkg.sign import PublicKey, verify
 from portsd.transfer import NoAnswer, Unavailable, get_bytes
 
+SLOWER_GRACE = 2.0
+"""Seconds the other caches get, beyond twice the time of the first index read."""
+
 MAX_ANSWER_BYTES = 64 * 1024
 """Bytes of a substituter answer: one entry in JSON is well under a kilobyte."""
 
@@ -56,11 +61,16 @@ _SCHEMES = ("http", "https")
 
 
 class SerialBook(Protocol):
-    """The client's memory of index serials, by signing key (``PackageDb`` is one)."""
+    """The client's memory of index serials, by signing key (``PackageDb`` is one), and of
+    the sha256 of the index last accepted at the highest serial."""
 
     def last_serial(self, key_id: str) -> int | None: ...
 
     def record_serial(self, key_id: str, serial: int) -> int: ...
+
+    def serial_digest(self, key_id: str, serial: int) -> str | None: ...
+
+    def record_digest(self, key_id: str, serial: int, sha256: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +158,7 @@ class _Read:
     url: str
     index: Index
     signer: PublicKey
+    sha256: str  # of the index file: one serial, one content
 
 
 async def open_caches(
@@ -159,22 +170,29 @@ async def open_caches(
     *,
     now: int,
     answer_within: float = 1.0,
+    read_within: float = INDEX_TIMEOUT,
 ) -> Caches:
     """Read and check every cache's index (concurrently); the usable ones and the problems.
 
-    Records the serial of every index used in ``serials``. No usable cache is not an error
-    here (the caller decides); no trusted key is a ``ConfigError``.
+    Each index (with its signature) must be read within ``read_within`` seconds, however
+    steadily it trickles in; and once one cache's index is read, the others get at most
+    ``SLOWER_GRACE`` seconds plus twice what that one took, so one slow cache does not
+    hold up the others. Records the serial (and the index's sha256) of every index used in
+    ``serials``; an index at a serial already seen must be byte-identical to the one seen
+    (another is a fork signed with the same key). No usable cache is not an error here
+    (the caller decides); no trusted key is a ``ConfigError``.
     """
     if not keys:
         raise ConfigError("no trusted signing keys: a cache's index cannot be verified")
     bases = _bases(urls)
-    results = await asyncio.gather(
-        *(_read(session, base, arch, keys, answer_within) for base in bases)
+    results = await _read_all(
+        [_read(session, base, arch, keys, answer_within) for base in bases], read_within
     )
     # One signing key, one serial sequence: an index older than another seen now, or than
     # one recorded before, is a rollback whichever cache comes first. Expired indexes do
     # not raise the floor (they are refused anyway).
     floors: dict[str, int] = {}
+    digests: dict[tuple[str, int], str] = {}  # (key id, serial) -> sha256 accepted now
     for result in results:
         if isinstance(result, _Read) and now < result.index.expires:
             key_id = result.signer.key_id
@@ -193,14 +211,55 @@ async def open_caches(
         except RepoError as error:
             problems.append((base, error.message))
             continue
+        serial = result.index.serial
+        seen = digests.get((key_id, serial)) or serials.serial_digest(key_id, serial)
+        if seen is not None and seen != result.sha256:
+            problems.append(
+                (base, f"index serial {serial} was seen before with other content (a fork)")
+            )
+            continue
+        digests[key_id, serial] = result.sha256
         usable.append(Cache(base, arch, result.index, result.signer))
-    highest: dict[str, int] = {}
+    highest: dict[str, Cache] = {}
     for cache in usable:
         key_id = cache.signer.key_id
-        highest[key_id] = max(highest.get(key_id, 0), cache.index.serial)
-    for key_id, serial in highest.items():
-        serials.record_serial(key_id, serial)
+        if key_id not in highest or cache.index.serial > highest[key_id].index.serial:
+            highest[key_id] = cache
+    for key_id, cache in highest.items():
+        serial = serials.record_serial(key_id, cache.index.serial)
+        if serial == cache.index.serial:
+            serials.record_digest(key_id, serial, digests[key_id, serial])
     return Caches(tuple(usable), tuple(problems))
+
+
+async def _read_all(
+    reads: Sequence[Coroutine[None, None, _Read | str]], read_within: float
+) -> list[_Read | str]:
+    """Every read's result, or why it was cut short: the total deadline, or the grace
+    after the first index read."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + read_within
+    tasks = [asyncio.create_task(read) for read in reads]
+    pending: set[asyncio.Task[_Read | str]] = set(tasks)
+    slower = False
+    while pending:
+        done, pending = await asyncio.wait(
+            pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            break
+        if not slower and any(isinstance(task.result(), _Read) for task in done):
+            slower = True  # the others may take a little longer than this one, no more
+            took = loop.time() - started
+            deadline = min(deadline, loop.time() + SLOWER_GRACE + 2 * took)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    why = "index not read in time" + (
+        ", while another cache answered" if slower else f" ({read_within:g} s)"
+    )
+    return [task.result() if task not in pending else why for task in tasks]
 
 
 async def _read(
@@ -238,7 +297,7 @@ async def _read(
             continue
         except RepoError as error:
             return error.message
-        return _Read(base, index, signer)
+        return _Read(base, index, signer, hashlib.sha256(data).hexdigest())
     raise AssertionError("unreachable")
 
 

@@ -29,9 +29,10 @@ from typing import Protocol
 import aiohttp
 
 from portsd.build.pipeline import Workspace, seed_of
-from portsd.client.db import InstallReason
+from portsd.client.db import InstalledPackage, InstallReason
 from portsd.client.obtain import Obtainer, ObtainReporter
 from portsd.client.progress import Progress
+from portsd.client.relations import check_relations
 from portsd.client.remote import Caches, SerialBook, open_caches
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
@@ -40,7 +41,14 @@ from portsd.core.keys import Contents
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
-from portsd.errors import ConfigError, InstallError, PackageError, ResolutionError
+from portsd.errors import (
+    BrokenDependencies,
+    ConfigError,
+    InstallError,
+    InvalidTransaction,
+    PackageError,
+    ResolutionError,
+)
 from portsd.pkg.discover import browse, trusted_caches
 from portsd.pkg.package import read_portinfo
 from portsd.pkg.repo import StoredContents
@@ -74,9 +82,14 @@ class Sources:
 
 
 def open_sources(
-    settings: ClientSettings, serials: SerialBook, reporter: ClientReporter
+    settings: ClientSettings,
+    serials: SerialBook,
+    reporter: ClientReporter,
+    *,
+    files_given: bool = False,
 ) -> Sources:
-    """Open the caches (unless every package is built here) and the ports checkout."""
+    """Open the caches (unless every package is built here) and the ports checkout.
+    ``files_given``: package files are asked for, which need neither."""
     urls = list(settings.caches)
     if settings.discover and settings.source is not SourcePolicy.ALWAYS:
         urls += _discovered(settings, urls)
@@ -107,9 +120,10 @@ def open_sources(
     else:
         available = {entry.meta.name: entry.meta for entry in caches.entries()}
         origin = "the cache" if len(caches.usable) <= 1 else "the caches"
-        if not urls:
+        if not urls and not files_given:
             raise ConfigError(
-                "no cache and no ports tree: nothing to install from (caches, tree; or --cache)"
+                "no caches configured, and no ports tree: nothing to install from "
+                "(--cache URL --key KEY, which the root remembers; or caches, tree in the config)"
             )
     sources = Sources(settings, caches, checkout, available, origin)
     if checkout is None and not caches.usable:  # fail closed: nothing of a bad cache is used
@@ -188,6 +202,7 @@ async def _open_caches(
             settings.trusted_keys,
             serials,
             now=int(time.time()),
+            read_within=settings.index_timeout,
         )
 
 
@@ -247,18 +262,14 @@ def install(
 ) -> TransactionResult | None:
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
-    current = {p.meta.name: p.meta for p in installed.db.packages()}
     obtainer = None
     if sources.checkout is not None and sources.checkout.evaluation.keys.pending:
         obtainer = _obtainer(sources, reporter)
-        _settle(sources, requests, obtainer, _Contents(sources.caches, obtainer.store.contents))
+        _settle(
+            sources, requests, obtainer, _Contents(sources.caches, StoredContents(obtainer.repo))
+        )
         obtainer.checkout = sources.checkout
-    try:
-        resolution = resolve(sources.available, current, requests, mode, origin=sources.origin)
-    except ResolutionError:
-        if sources.failure:
-            raise InstallError(sources.failure) from None
-        raise
+    resolution = plan(installed, sources, requests, mode)
     if not resolution.steps:
         _mark_explicit(installed, requests)
         return None
@@ -280,15 +291,68 @@ def install(
     return result
 
 
+def reinstall(
+    installed: Installed, sources: Sources, names: Sequence[str], reporter: ClientReporter
+) -> TransactionResult:
+    """Install ``names`` again, every file rewritten: what repairs a package whose files a
+    disk error or a hand edit damaged. Each comes from the catalogue (the same build when
+    it still offers that one); a package only there in another build is upgraded."""
+    wanted = []
+    for name in names:
+        if installed.db.installed(name) is None:
+            raise InvalidTransaction(name, "is not installed")
+        meta = sources.available.get(name)
+        if meta is None:
+            raise InstallError(sources.failure or f"{name} is not offered by {sources.origin}")
+        wanted.append(meta)
+    obtainer = _obtainer(sources, reporter)
+    packages = obtainer.obtain(wanted)
+    tx = installed.transaction()
+    for meta in wanted:
+        got = packages[meta.build_key]
+        tx.upgrade(got.path, got.info, origin=got.origin, reinstall=True)
+    return tx.commit(reporter.transaction())
+
+
 def _obtainer(sources: Sources, reporter: ClientReporter) -> Obtainer:
     return Obtainer(
         sources.settings,
-        store_of(sources.settings),
+        store_config(sources.settings),
         sources.caches,
         sources.checkout,
         reporter,
         sources.files,
     )
+
+
+def plan(installed: Installed, sources: Sources, requests: Sequence[str], mode: Mode) -> Resolution:
+    """What installing (or upgrading) ``requests`` would do; changes nothing (a dry run)."""
+    current = {p.meta.name: p.meta for p in installed.db.packages()}
+    try:
+        return resolve(sources.available, current, requests, mode, origin=sources.origin)
+    except ResolutionError:
+        if sources.failure:
+            raise InstallError(sources.failure) from None
+        raise
+
+
+def removal(installed: Installed, names: Sequence[str], *, force: bool) -> list[InstalledPackage]:
+    """What removing ``names`` would remove, refused as ``remove`` would refuse it; changes
+    nothing (a dry run)."""
+    if not names:
+        raise InstallError("name at least one package to remove")
+    packages = []
+    for name in names:
+        package = installed.db.installed(name)
+        if package is None:
+            raise InvalidTransaction(name, "is not installed")
+        packages.append(package)
+    if not force:
+        try:
+            check_relations(installed.db.packages(), [], packages)
+        except BrokenDependencies as error:
+            raise _removal_hint(error) from None
+    return packages
 
 
 def _mark_explicit(installed: Installed, requests: Sequence[str]) -> None:
@@ -310,4 +374,14 @@ def remove(
     tx = installed.transaction()
     for name in names:
         tx.remove(name)
-    return tx.commit(reporter.transaction(), force=force)
+    try:
+        return tx.commit(reporter.transaction(), force=force)
+    except BrokenDependencies as error:
+        raise _removal_hint(error) from None
+
+
+def _removal_hint(error: BrokenDependencies) -> BrokenDependencies:
+    """A removal that breaks dependents is fixed by removing them too (or forcing it)."""
+    dependents = sorted({package for package, _ in error.unmet})
+    error.hint = f"remove {', '.join(dependents)} too, or give --force to break them"
+    return error

@@ -1,7 +1,8 @@
 """The client's settings: which caches, which keys to trust, which root, which ports tree.
 
 One TOML file (``--config``, else ``$PORTS_CONFIG``, else ``/etc/ports.toml`` if it
-exists), every setting also a flag (flags win):
+exists), every setting also a flag (flags win). Between the two, the caches and keys the
+root records (``portsd.client.rootconf``) replace the file's:
 
     caches = ["http://build.lan:8470"]       # tried in order; a silent one is skipped after 1 s
     trusted-keys = ["/etc/ports/build.pub"]  # minisign public key files (or the base64 itself)
@@ -10,6 +11,7 @@ exists), every setting also a flag (flags win):
     source = "auto"                          # auto: build when no cache has it; always; never
     cache-dir = "/var/cache/ports"           # downloads and source builds (default: in root)
     discover = false                         # also use trusted caches found on the LAN (mDNS)
+    index-timeout = 20                       # seconds to read a cache's whole index
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from portsd.client.rootconf import CACHES, remembered
 from portsd.errors import ConfigError
 from portsd.pkg.sign import PublicKey
 from portsd.tomlfile import TomlFile
 
 DEFAULT_FILE = Path("/etc/ports.toml")
+INDEX_TIMEOUT = 20.0
+"""Seconds within which a cache's whole index must be read (a 1 byte/s cache is cut off)."""
 
 
 class SourcePolicy(StrEnum):
@@ -45,6 +50,7 @@ class ClientSettings:
     cache_dir: Path | None = None
     discover: bool = False
     arch: str = os.uname().machine
+    index_timeout: float = INDEX_TIMEOUT
 
     @property
     def cache(self) -> Path:
@@ -52,7 +58,7 @@ class ClientSettings:
         return self.cache_dir or self.root / "var" / "cache" / "ports"
 
 
-_KEYS = {
+_KEYS: dict[str, type | tuple[type, ...]] = {
     "caches": list,
     "trusted-keys": list,
     "root": str,
@@ -61,6 +67,7 @@ _KEYS = {
     "cache-dir": str,
     "discover": bool,
     "arch": str,
+    "index-timeout": (int, float),
 }
 
 
@@ -70,11 +77,22 @@ def load_settings(path: Path | None, **flags: Any) -> ClientSettings:
     values: dict[str, Any] = {}
     if file is not None or DEFAULT_FILE.is_file():
         values = _read(file or DEFAULT_FILE)
-    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
     settings = ClientSettings()
     label = str(file or "flags")
-    if "root" in values:
-        settings = replace(settings, root=Path(values["root"]).absolute())
+    root = given.get("root", values.get("root"))
+    if root is not None:
+        settings = replace(settings, root=Path(root).absolute())
+    # what the root records beats the config file; a flag beats both
+    memory = remembered(settings.root)
+    if memory.caches:
+        values.pop("caches", None)
+        where = str(settings.root / CACHES)
+        settings = replace(settings, caches=tuple(_url(u, where) for u in memory.caches))
+    if memory.keys:
+        values.pop("trusted_keys", None)
+        settings = replace(settings, trusted_keys=memory.keys)
+    values.update(given)
     if "caches" in values:
         settings = replace(settings, caches=tuple(_url(u, label) for u in values["caches"]))
     if "trusted_keys" in values:
@@ -96,6 +114,10 @@ def load_settings(path: Path | None, **flags: Any) -> ClientSettings:
         settings = replace(settings, discover=bool(values["discover"]))
     if "arch" in values:
         settings = replace(settings, arch=str(values["arch"]))
+    if "index_timeout" in values:
+        if values["index_timeout"] <= 0:
+            raise ConfigError("index-timeout must be a positive number of seconds", path=label)
+        settings = replace(settings, index_timeout=float(values["index_timeout"]))
     return settings
 
 
@@ -106,8 +128,8 @@ def _read(path: Path) -> dict[str, Any]:
         kind = _KEYS.get(key)
         if kind is None:
             raise file.error(f"unknown setting '{key}'", key)
-        if not isinstance(value, kind):
-            raise file.error(f"'{key}' must be {kind.__name__}", key)
+        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+            raise file.error(f"'{key}' must be {getattr(kind, '__name__', 'a number')}", key)
         if key in ("root", "tree", "cache-dir"):
             value = str(path.parent / str(value))  # relative to the file; absolute stays
         values[key.replace("-", "_")] = value
@@ -125,4 +147,9 @@ def _key(text: object, label: str) -> PublicKey:
         raise ConfigError(f"a trusted key must be a file or a base64 key, not {text!r}", path=label)
     if os.path.exists(text):
         return PublicKey.load(text)
-    return PublicKey.parse(text, label)
+    try:
+        return PublicKey.parse(text, label)
+    except ConfigError:
+        if "\n" in text:  # a key file's text: its own problem is the one to say
+            raise
+        raise ConfigError(f"trusted key {text}: no such file", path=label) from None

@@ -69,7 +69,7 @@ from portsd.client.progress import Checkpoint, Phase, Progress
 from portsd.client.relations import check_relations, install_order
 from portsd.client.rootfs import RootFs
 from portsd.client.staging import stage_all
-from portsd.errors import InvalidTransaction, PackageDbError
+from portsd.errors import InvalidTransaction, PackageDbError, RootError
 from portsd.pkg.archive import FileType
 from portsd.pkg.package import PortInfo
 
@@ -160,12 +160,11 @@ class Installed:
             db = PackageDb(root / DB_DIR / DB_NAME)
             recovered = recover(fs, db, root / DB_DIR / JOURNAL_NAME)
             return cls(root, fs, db, lock, command, recovered)
+        except PermissionError as exc:  # not a traceback: the usual mistake of a user
+            _close(db, lock, fs)
+            raise RootError(str(root), f"cannot change the root: {exc.strerror}") from None
         except BaseException:
-            if db is not None:
-                db.close()
-            if lock is not None:
-                lock.release()
-            fs.close()
+            _close(db, lock, fs)
             raise
 
     def close(self) -> None:
@@ -274,16 +273,23 @@ class Transaction:
         self._requests.append(Request(path, info, reason, origin, sha256))
 
     def upgrade(
-        self, path: Path, info: PortInfo, *, origin: str = "", sha256: str | None = None
+        self,
+        path: Path,
+        info: PortInfo,
+        *,
+        origin: str = "",
+        sha256: str | None = None,
+        reinstall: bool = False,
     ) -> None:
         """Replace the installed package of the same name by this build (any version, a
-        different build key); it keeps being explicit or a dependency as before."""
+        different build key, or with ``reinstall`` the same one: every file written again);
+        it keeps being explicit or a dependency as before."""
         info.check(str(path))
         self._check_name(info.meta.name)
         current = self._installed.db.installed(info.meta.name)
         if current is None:
             raise InvalidTransaction(info.meta.name, "is not installed")
-        if current.meta.build_key == info.meta.build_key:
+        if current.meta.build_key == info.meta.build_key and not reinstall:
             raise InvalidTransaction(
                 info.meta.name, f"build {info.meta.build_key[:12]} is installed already"
             )
@@ -382,6 +388,14 @@ class Transaction:
             files=sizes[0],
             bytes=sizes[1],
         )
+
+
+def _close(db: PackageDb | None, lock: RootLock | None, fs: RootFs) -> None:
+    if db is not None:
+        db.close()
+    if lock is not None:
+        lock.release()
+    fs.close()
 
 
 def _label(info: PortInfo) -> str:

@@ -60,7 +60,7 @@ def verify(sources: Sources, names: Sequence[str], reporter: ObtainReporter) -> 
     store = store_of(settings)
     graph, keys = checkout.evaluation.graph, checkout.evaluation.keys
     revision = Revision(checkout.tree, checkout.evaluation, checkout.commit)
-    obtainer = Obtainer(settings, store, sources.caches, checkout, reporter)
+    obtainer = Obtainer(settings, store.config, sources.caches, checkout, reporter)
     work = settings.cache / "verify"
     remove_tree(work)
     verdicts = []
