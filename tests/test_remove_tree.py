@@ -53,14 +53,14 @@ def test_a_crashed_builds_read_only_leftovers_do_not_stop_the_next_build(base: P
         """
         import sys
         from pathlib import Path
-        from portsd.build.pipeline import _Scratch
+        from portsd.build.produce import Scratch
 
         leftover = Path(sys.argv[1]) / "hello-0123456789ab"
         (leftover / "src" / "docs").mkdir(parents=True)
         (leftover / "src" / "docs" / "README").write_text("installed -m 444\\n")
         (leftover / "src" / "docs").chmod(0o555)
         (leftover / "src").chmod(0o500)
-        with _Scratch(leftover) as fresh:
+        with Scratch(leftover) as fresh:
             print(sorted(fresh.iterdir()))
         print(leftover.exists())
         """,

@@ -37,6 +37,7 @@ SEED = "5" * 64
         ('ports = ["cc", "cc"]\n', "toolchain.toml:1: a port is listed twice in 'ports'"),
         ('ports = ["cc"]\nstages = 1\n', "toolchain.toml:2: 'stages' must be a whole number"),
         ("ports = [\n", "toolchain.toml: invalid TOML"),
+        ('ports = ["cc"]\narch = "x86_64"\n', "toolchain.toml:2: 'arch' must be a list"),
     ],
 )
 def test_a_wrong_toolchain_file_names_the_file_and_line(text: str, message: str) -> None:
@@ -48,6 +49,23 @@ def test_a_wrong_toolchain_file_names_the_file_and_line(text: str, message: str)
 def test_a_toolchain_file_is_its_ports_and_a_cap() -> None:
     assert parse_toolchain('ports = ["make", "cc"]\n') == ToolchainSpec(("cc", "make"), 3)
     assert parse_toolchain('ports = ["cc"]\nstages = 5\n').stages == 5
+    spec = parse_toolchain('ports = ["cc"]\narch = ["x86_64_musl"]\n')
+    assert spec.arch == ("x86_64_musl",) and spec.applies_to("x86_64_musl")
+    assert not spec.applies_to("x86_64") and ToolchainSpec(("cc",)).applies_to("x86_64")
+
+
+def test_a_toolchain_for_another_architecture_leaves_this_one_on_the_seed() -> None:
+    """The base system's toolchain (musl, for x86_64_musl) must not make a build for the
+    host's architecture bootstrap it: there, every port builds on the seed as before."""
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    other = compute_stages(graph, ids, SEED, ToolchainSpec(("cc",), 3, ("x86_64_musl",)), {})
+    seed_only = compute_stages(graph, ids, SEED, None, {})
+    assert other.converged and other.current.keys.keys == seed_only.current.keys.keys
+    assert other.describe() == f"the seed {SEED[:12]}"
+    mine = compute_stages(graph, ids, SEED, ToolchainSpec(("cc",), 3, ("x86_64",)), {})
+    assert not mine.converged and "app" not in mine.current.keys.keys
 
 
 def tree() -> dict[str, Recipe | RecipeError]:

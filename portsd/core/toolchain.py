@@ -38,6 +38,10 @@ class ToolchainSpec:
 
     ports: tuple[str, ...]
     stages: int = DEFAULT_STAGES
+    arch: tuple[str, ...] = ()  # the architectures it is for; empty: every one
+
+    def applies_to(self, arch: str) -> bool:
+        return not self.arch or arch in self.arch
 
 
 def parse_toolchain(text: str, path: str = TOOLCHAIN_FILE) -> ToolchainSpec:
@@ -54,8 +58,10 @@ def parse_toolchain(text: str, path: str = TOOLCHAIN_FILE) -> ToolchainSpec:
         return ToolchainError(FileProblem(path, message, line))
 
     for key in data:
-        if key not in ("ports", "stages"):
-            raise fail(key, f"unknown key '{key}' (toolchain.toml has 'ports' and 'stages')")
+        if key not in ("ports", "stages", "arch"):
+            raise fail(
+                key, f"unknown key '{key}' (toolchain.toml has 'ports', 'stages' and 'arch')"
+            )
     ports = data.get("ports")
     if not isinstance(ports, list) or not ports or not all(isinstance(p, str) for p in ports):
         raise fail("ports", "'ports' must be a non-empty list of port names")
@@ -65,7 +71,10 @@ def parse_toolchain(text: str, path: str = TOOLCHAIN_FILE) -> ToolchainSpec:
     if type(stages) is not int or not 2 <= stages <= MAX_STAGES:
         # two at least: a fixed point is a stage that reproduces the one before
         raise fail("stages", f"'stages' must be a whole number from 2 to {MAX_STAGES}")
-    return ToolchainSpec(tuple(sorted(ports)), stages)
+    arch = data.get("arch", [])
+    if not isinstance(arch, list) or not all(isinstance(a, str) and a for a in arch):
+        raise fail("arch", "'arch' must be a list of architecture names")
+    return ToolchainSpec(tuple(sorted(ports)), stages, tuple(sorted(set(arch))))
 
 
 Layer = tuple[tuple[str, str, str], ...]
@@ -139,6 +148,8 @@ def compute_stages(
     before (converged) or one is still building. ``previous`` (the last evaluation's
     stages) makes each stage incremental where its toolchain id is unchanged."""
     affected = frozenset(affected)
+    if spec is not None and not spec.applies_to(graph.arch):
+        spec = None  # a toolchain for other architectures: this one builds on the seed
     if spec is None:
         before = previous.stages[0].keys if previous is not None and not previous.members else None
         keys = KeySet.compute(graph, tree_ids, seed, contents, before, affected)
