@@ -100,7 +100,7 @@ def slice_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def in_root(root: Path, *command: str) -> subprocess.CompletedProcess[str]:
     """``command`` in ``root`` as /, under bwrap: nothing of the host is mounted."""
     return subprocess.run(
-        ["bwrap", "--bind", root, "/", "--proc", "/proc", "--dev", "/dev", "--unshare-all"]
+        ["bwrap", "--bind", str(root), "/", "--proc", "/proc", "--dev", "/dev", "--unshare-all"]
         + ["--clearenv", "--setenv", "PATH", "/usr/bin:/usr/sbin", "--", *command],
         capture_output=True,
         text=True,
