@@ -14,10 +14,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from portsd.core.graph import Graph
 from portsd.tree.gitrepo import DirSnapshot
 from portsd.tree.loader import TreeLoader
+from tests.conftest import serving
 from tests.daemon_harness import command_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +92,11 @@ def slice_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = tmp_path_factory.mktemp("distro-state")
     ports("build", *SLICE, "--tree", ROOT, "--arch", ARCH, "--mirror", mirror, "--state", state)
     root = tmp_path_factory.mktemp("distro-root")
-    packages = state / "repo" / ARCH / "packages"
-    files = [next(packages.glob(f"{name}-[0-9]*.pkg.tar.zst")) for name in SLICE]
-    key = state / "keys" / "portsd.pub"
-    ports("install", "--root", root, "--arch", ARCH, "--key", key, *files)
+    app = web.Application()
+    app.router.add_static("/repo", state / "repo")  # a binary cache: the signed repository
+    with serving(app) as cache:
+        key = state / "keys" / "portsd.pub"
+        ports("install", "--root", root, "--arch", ARCH, "--cache", cache, "--key", key, *SLICE)
     return root
 
 
