@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE ?= .portsd
 
-.PHONY: run test lint bench man
+.PHONY: run test lint bench man distro
 $(VENV)/.installed: pyproject.toml constraints.txt tools/bootstrap
 	tools/bootstrap
 
@@ -31,3 +31,8 @@ man: $(VENV)/.installed
 bench: $(VENV)/.installed
 	PORTSD_BENCH=1 tools/bootstrap
 	$(BIN)/python -m bench
+
+# The base system of ports/ bootstrapped through a local `portsd serve` (docs/distro.md):
+# hours, resumable. `make run` never starts it: the base is built for x86_64_musl only.
+distro: $(VENV)/.installed
+	tools/distro

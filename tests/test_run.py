@@ -195,32 +195,3 @@ def test_cancel_from_another_thread_kills_the_tree() -> None:
     assert time.monotonic() - start < 3.0
     assert result.cancelled and not result.ok and result.status == "cancelled"
     assert wait_until_gone(tag) == []
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK), reason="needs root"
-)
-def test_nothing_outlives_an_unprivileged_caller_killed_with_sigkill() -> None:
-    """A daemon running as nobody, killed with SIGKILL while its command has a child that
-    left the session: the reaper (a subreaper, as any user may be) adopts and kills it."""
-    tag = marker()
-    code = (
-        "from portsd.build.run import run\n"
-        f"run(['sh', '-c', \"setsid sh -c 'sleep {tag}' & sleep {tag}\"])\n"
-    )
-    caller = subprocess.Popen(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-        + ["/usr/bin/python3", "-c", code],
-        cwd=Path(__file__).resolve().parents[1],
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 20
-    while len(processes_with(f"sleep\0{tag}")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(processes_with(f"sleep\0{tag}")) == 2
-    caller.kill()
-    caller.wait()
-    left = wait_until_gone(tag)
-    for pid in left:
-        os.kill(pid, 9)
-    assert left == []
