@@ -81,9 +81,9 @@ def test_environment_is_built_from_scratch(tmp_path: Path) -> None:
 
 def test_cwd_and_new_session(tmp_path: Path) -> None:
     lines: list[str] = []
-    run(["sh", "-c", "pwd; ps -o sid= -p $$; echo $$"], cwd=tmp_path, on_line=lines.append)
+    run(["sh", "-c", "pwd; ps -o sid= -p $$; echo $PPID"], cwd=tmp_path, on_line=lines.append)
     assert lines[0] == str(tmp_path)
-    assert int(lines[1]) == int(lines[2])  # the shell leads its own session
+    assert int(lines[1]) == int(lines[2])  # the reaper above the shell leads a new session
     assert int(lines[1]) != os.getsid(0)
 
 
