@@ -33,6 +33,7 @@ import _signal as signal  # type: ignore[import-not-found]
 import os
 import select
 import sys
+import time
 
 _PR_SET_CHILD_SUBREAPER = 36
 _KILL_ROUNDS = 100  # bound on freeze-and-rescan rounds while a tree keeps forking
@@ -191,16 +192,104 @@ def _exit_like(status: int) -> int:
     return 128 - code  # a signal whose default is not to terminate: the shell's convention
 
 
-def supervise(argv: list[str]) -> int:
-    """Run ``argv`` under the lifeline on stdin; returns the exit code to leave with."""
+class _Limits:
+    """The limits of the reaper's command line (``run.Limits.options``); None: none."""
+
+    def __init__(self, options: list[str]) -> None:
+        self.report: int | None = None
+        self.processes: int | None = None
+        self.memory: int | None = None
+        self.open_files: int | None = None
+        self.disk: tuple[int, str] | None = None
+        while options:
+            option = options.pop(0)
+            if option == "--disk":
+                self.disk = (int(options.pop(0)), options.pop(0))
+            else:
+                setattr(self, option[2:].replace("-", "_"), int(options.pop(0)))
+
+    def apply(self) -> None:
+        """The kernel's share, set on the reaper and inherited by the command: each
+        process's open files, and the size of any one file (a backstop for disk).
+        Processes are only counted by the reaper: RLIMIT_NPROC counts every process of
+        the user, in every PID namespace of the machine (even those this one cannot see),
+        not those of one build, and the kernel exempts root from it."""
+        import resource
+
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+        if self.disk is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk[0], self.disk[0]))
+
+    def sampled(self) -> bool:
+        return self.processes is not None or self.memory is not None or self.disk is not None
+
+    def exceeded(self, root: int, disk_too: bool) -> str | None:
+        """Which limit the tree below ``root`` is at or over, if any (one sample)."""
+        if self.processes is not None or self.memory is not None:
+            members = _tree_members(root, _process_table())
+            members.pop(root, None)
+            if self.processes is not None and len(members) >= self.processes:
+                return "processes"
+            if self.memory is not None and _resident(members) >= self.memory:
+                return "memory"
+        if disk_too and self.disk is not None and _disk_usage(self.disk[1]) >= self.disk[0]:
+            return "disk"
+        return None
+
+
+def _resident(pids: dict[int, int]) -> int:
+    """Bytes resident in memory, summed over ``pids`` (shared pages counted in each)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                total += int(statm.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
+def _disk_usage(top: str) -> int:
+    """Bytes allocated under ``top`` (hard links once), as du counts them."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    pending = [top]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+    return total
+
+
+def supervise(arguments: list[str]) -> int:
+    """``[LIMIT OPTIONS] -- ARGV``: run ARGV under the lifeline on stdin within the limits;
+    returns the exit code to leave with."""
+    split = arguments.index("--")
+    limits, argv = _Limits(arguments[:split]), arguments[split + 1 :]
+    if limits.report is not None:
+        os.set_inheritable(limits.report, False)  # for run() alone, never the command
     environment = _read_environment()
     if environment is None:
         return 1
     _make_subreaper()
+    limits.apply()
     try:
         child = os.posix_spawn(
             _executable(argv[0], environment),
-            list(argv),
+            argv,
             environment,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
             setpgroup=0,
@@ -209,24 +298,39 @@ def supervise(argv: list[str]) -> int:
     except OSError as error:
         os.write(1, f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
         return 127 if isinstance(error, FileNotFoundError) else 126
-    status = _wait(child)
+    status, over = _wait(child, limits)
     kill_tree(os.getpid(), reap=True)
+    if status is not None and over is None and os.waitstatus_to_exitcode(status) != 0:
+        over = limits.exceeded(os.getpid(), disk_too=True)  # a file stopped at RLIMIT_FSIZE
+    if over is not None:
+        if limits.report is not None:
+            os.write(limits.report, over.encode())
+        os.write(1, f"portsd: killed: over its {over} limit\n".encode())
+        return 1
     if status is None:  # the caller is gone
         return 1
     return _exit_like(status)
 
 
-def _wait(child: int) -> int | None:
-    """The command's wait status, or None once the caller is gone. Adopted orphans are
-    reaped as they exit; only the command's own exit ends the wait."""
+_SAMPLE = 0.1  # seconds between samples of processes and memory
+_DISK_SAMPLE = 1.0  # seconds between walks of the disk directory (a walk costs more)
+
+
+def _wait(child: int, limits: _Limits) -> tuple[int | None, str | None]:
+    """The command's wait status (None once the caller is gone), and the limit it went
+    over (the command is then still running). Adopted orphans are reaped as they exit;
+    only the command's own exit ends the wait."""
     pidfd = os.pidfd_open(child)
     poller = select.poll()
     poller.register(0, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
+    me = os.getpid()
+    tick = int((_SAMPLE if limits.sampled() else 1.0) * 1000)
+    walked = 0.0
     while True:
-        ready = {fd for fd, _ in poller.poll(1000)}
+        ready = {fd for fd, _ in poller.poll(tick)}
         if 0 in ready and not os.read(0, 65536):
-            return None
+            return None, None
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -236,7 +340,14 @@ def _wait(child: int) -> int | None:
                 break
             if pid == child:
                 os.close(pidfd)
-                return status
+                return status, None
+        if limits.sampled():
+            now = time.monotonic()
+            disk_too = now - walked >= _DISK_SAMPLE
+            walked = now if disk_too else walked
+            over = limits.exceeded(me, disk_too)
+            if over is not None:
+                return None, over
 
 
 if __name__ == "__main__":

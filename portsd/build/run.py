@@ -46,8 +46,34 @@ _MAX_LINE = 65536  # a "line" longer than this is passed on in pieces
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What a command's whole process tree may use; None: no limit. The reaper
+    (portsd/build/reaper.py, which says how each is enforced) kills the tree that goes over
+    ``processes`` (at once), ``memory`` (bytes resident, summed) or ``disk`` (bytes under
+    ``disk_path``); ``open_files`` is each process's own RLIMIT_NOFILE."""
+
+    processes: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    open_files: int | None = None
+    disk_path: Path | None = None
+
+    def options(self) -> list[str]:
+        """The reaper's command-line options for these limits."""
+        args: list[str] = []
+        for name in ("processes", "memory", "open_files"):
+            value = getattr(self, name)
+            if value is not None:
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        if self.disk is not None and self.disk_path is not None:
+            args += ["--disk", str(self.disk), str(self.disk_path)]
+        return args
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
-    """What became of one command. ``returncode`` is Popen's (negative: killed by a signal)."""
+    """What became of one command. ``returncode`` is Popen's (negative: killed by a signal).
+    ``limit``: the limit the reaper killed it for (``processes``, ``memory``, ``disk``)."""
 
     argv: tuple[str, ...]
     returncode: int
@@ -55,10 +81,11 @@ class RunResult:
     duration: float
     timed_out: bool = False
     cancelled: bool = False
+    limit: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.cancelled
+        return self.returncode == 0 and not self.timed_out and not self.cancelled and not self.limit
 
 
 def describe_exit(returncode: int, timed_out_after: float | None = None) -> str:
@@ -97,6 +124,7 @@ def run(
     timeout: float | None = None,
     umask: int = 0o022,
     cancel: threading.Event | None = None,
+    limits: Limits | None = None,
 ) -> RunResult:
     """Run ``argv`` to completion and describe the outcome; never raises for a failed command.
 
@@ -107,22 +135,29 @@ def run(
     is reported like a shell would: ``exit 127 (command not found)`` or ``exit 126``.
     Exceptions from ``on_line`` and interrupts propagate after the process tree is killed.
     Setting ``cancel`` (from another thread) kills the tree too; the result says "cancelled".
+    A tree that goes over ``limits`` is killed; the result names the limit.
     """
     argv = tuple(argv)
     environment = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
     log.debug("+ %s", shlex.join(argv))
     start = time.monotonic()
-    with _LogSink(log_path, on_line) as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper.__file__, *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={},
-            cwd=cwd,
-            start_new_session=True,
-            umask=umask,
-        )
+    report, reported = os.pipe()  # the reaper writes there the limit it killed the tree for
+    options = ["--report", str(reported), *(limits.options() if limits else [])]
+    with _LogSink(log_path, on_line) as sink, open(report, "rb") as report_file:
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", reaper.__file__, *options, "--", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env={},
+                cwd=cwd,
+                start_new_session=True,
+                umask=umask,
+                pass_fds=(reported,),
+            )
+        finally:
+            os.close(reported)
         assert process.stdin is not None
         try:
             # The lifeline: the reaper reads the environment, then end of file when we die.
@@ -141,10 +176,13 @@ def run(
             process.stdin.close()  # end of file on the lifeline: the reaper cleans up too
             returncode = process.wait()
         sink.finish()
+        limit = report_file.read().decode() or None
     duration = time.monotonic() - start
     timed_out = stopped == "timeout"
     if stopped == "cancelled":
         return RunResult(argv, returncode, "cancelled", duration, cancelled=True)
+    if limit is not None:
+        return RunResult(argv, returncode, f"over its {limit} limit", duration, limit=limit)
     status = describe_exit(returncode, timeout if timed_out else None)
     return RunResult(argv, returncode, status, duration, timed_out)
 
