@@ -35,13 +35,24 @@ def over_limit(tmp_path: Path, script: str) -> tuple[OverLimit, float]:
     return caught.value, time.monotonic() - started
 
 
+def pids_cgroup() -> bool:
+    """Whether builds here get a pids cgroup (root, and a pids controller): without one a
+    fork bomb is only counted, and may fill the machine's PID space between two samples,
+    which a test on a shared machine must not do."""
+    v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/cgroup.controllers")
+    return os.geteuid() == 0 and (
+        os.access(v1, os.W_OK) or (v2.is_file() and "pids" in v2.read_text().split())
+    )
+
+
+@pytest.mark.skipif(not pids_cgroup(), reason="no pids cgroup: a fork bomb would not be held")
 def test_a_fork_bomb_is_stopped_at_the_process_limit(tmp_path: Path) -> None:
     tag = marker()
     error, seconds = over_limit(tmp_path, f"bomb() {{ bomb | bomb & }}; bomb; sleep {tag}")
     assert str(error).startswith(
         "build of greedy exceeded its process limit (40 processes); raise [build] process-limit"
     )
-    assert error.step == "build" and seconds < 30
+    assert error.step == "build" and seconds < 10
     assert wait_until_gone(tag) == []
     assert (
         "==> build: killed, over its process limit (40 processes)"
@@ -97,13 +108,13 @@ def test_open_files_are_limited_per_process() -> None:
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs root and python3"
 )
-def test_a_fork_bomb_of_an_unprivileged_daemon_is_stopped_too() -> None:
-    """As another user than root the kernel's RLIMIT_NPROC holds too (root is exempt)."""
+def test_a_memory_hog_of_an_unprivileged_daemon_is_stopped_too() -> None:
+    """The same limit, counted by the reaper of a daemon that runs as nobody."""
     tag = marker()
     script = f"""
         from portsd.build.run import Limits, run
-        bomb = "bomb() {{ bomb | bomb & }}; bomb; sleep {tag}"
-        result = run(["sh", "-c", bomb], limits=Limits(processes=30), timeout=60)
+        hog = "perl -e 'my @a; for (1..2048) {{ push @a, q(x) x (1<<20); sleep 0 }}' {tag}"
+        result = run(["sh", "-c", hog], limits=Limits(memory=64 << 20), timeout=60)
         print(result.limit, result.status)
     """
     done = subprocess.run(
@@ -115,7 +126,7 @@ def test_a_fork_bomb_of_an_unprivileged_daemon_is_stopped_too() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "processes over its processes limit"
+    assert done.stdout.strip() == "memory over its memory limit"
     assert wait_until_gone(tag) == []
 
 

@@ -201,6 +201,7 @@ class _Limits:
         self.memory: int | None = None
         self.open_files: int | None = None
         self.disk: tuple[int, str] | None = None
+        self.cgroup: str | None = None  # the build's pids cgroup, where there is one
         while options:
             option = options.pop(0)
             if option == "--disk":
@@ -216,6 +217,8 @@ class _Limits:
         not those of one build, and the kernel exempts root from it."""
         import resource
 
+        if self.processes is not None:
+            self.cgroup = _pids_cgroup(self.processes)
         if self.open_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
         if self.disk is not None:
@@ -231,11 +234,66 @@ class _Limits:
             members.pop(root, None)
             if self.processes is not None and len(members) >= self.processes:
                 return "processes"
+            if self.cgroup is not None and _forks_refused(self.cgroup):
+                return "processes"
             if self.memory is not None and _resident(members) >= self.memory:
                 return "memory"
         if disk_too and self.disk is not None and _disk_usage(self.disk[1]) >= self.disk[0]:
             return "disk"
         return None
+
+
+def _pids_cgroup(limit: int) -> str | None:
+    """Move the reaper into a new pids cgroup (v1 or v2) below its own, holding at most
+    ``limit`` tasks; its directory, or None where no writable pids controller exists."""
+    try:
+        with open("/proc/self/cgroup") as own:
+            lines = own.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            parent = "/sys/fs/cgroup/pids" + path.rstrip("/")
+        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            parent = "/sys/fs/cgroup" + path.rstrip("/")
+        else:
+            continue
+        directory = f"{parent}/portsd-build-{os.getpid()}"
+        try:
+            os.mkdir(directory)
+        except OSError:
+            continue
+        try:
+            _write(f"{directory}/pids.max", str(limit))
+            _write(f"{directory}/cgroup.procs", str(os.getpid()))
+            return directory
+        except OSError:
+            os.rmdir(directory)
+    return None
+
+
+def _leave_cgroup(directory: str) -> None:
+    """Back to the parent cgroup, and the build's removed (everything in it is dead)."""
+    try:
+        _write(f"{os.path.dirname(directory)}/cgroup.procs", str(os.getpid()))
+        os.rmdir(directory)
+    except OSError:
+        pass  # the kernel frees an empty cgroup's resources; the directory is harmless
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def _forks_refused(directory: str) -> bool:
+    """Whether the cgroup's pids.max refused a fork (pids.events: ``max N``)."""
+    try:
+        with open(f"{directory}/pids.events") as events:
+            return any(line.split() != ["max", "0"] for line in events if line.startswith("max"))
+    except OSError:
+        return False
 
 
 def _resident(pids: dict[int, int]) -> int:
@@ -299,9 +357,15 @@ def supervise(arguments: list[str]) -> int:
         os.write(1, f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
         return 127 if isinstance(error, FileNotFoundError) else 126
     status, over = _wait(child, limits)
+    # The command's group at once (in a sandbox: bwrap and its namespace's init, whose
+    # death takes the namespace with it), then whatever else is below: even a fork bomb
+    # is gone in one call, not after rounds of scanning /proc while it grows.
+    _signal_group(child, signal.SIGKILL)
     kill_tree(os.getpid(), reap=True)
     if status is not None and over is None and os.waitstatus_to_exitcode(status) != 0:
         over = limits.exceeded(os.getpid(), disk_too=True)  # a file stopped at RLIMIT_FSIZE
+    if limits.cgroup is not None:
+        _leave_cgroup(limits.cgroup)
     if over is not None:
         if limits.report is not None:
             os.write(limits.report, over.encode())
