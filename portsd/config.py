@@ -65,6 +65,10 @@ class Config:
     idle_timeout: float = 15.0  # seconds a connection may take to send a request head
     max_connections: int = 1000  # at once; more get a 503 at once
     max_connections_per_address: int = 256  # behind a proxy, all come from its address
+    process_limit: int = 4096  # processes of one build at once; 0: none
+    memory_limit: int = 0  # bytes resident, one build's total; 0: none
+    disk_limit: int = 0  # bytes in one build's work directory; 0: none
+    open_files_limit: int = 4096  # per process of a build; 0: none
 
     @property
     def repo(self) -> Path:
@@ -130,6 +134,37 @@ class Config:
         return self.state_dir / "cache"
 
 
+class Size(int):
+    """A number of bytes, written ``2 GiB``, ``512M``, ``100 KiB`` or as a plain integer."""
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``text``: an integer, or a number with K, M, G or T (binary: KiB = K = 1024);
+    raises ValueError."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative: {text}")
+        return text
+    number = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = number[-1:] if number[-1:] in _UNITS else ""
+    value = float(number.removesuffix(unit).strip())
+    if value < 0:
+        raise ValueError(f"a size cannot be negative: {text}")
+    return int(value * _UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes in the largest binary unit that keeps it whole-ish: ``2 GiB``."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = _UNITS[unit[0].lower()]
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} B"
+
+
 # TOML key -> (field name, expected type); the file groups settings in tables.
 _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "build": {
@@ -140,6 +175,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "seed": ("seed_dir", str),
         "cluster": ("cluster", str),
         "verify": ("verify", int),
+        "process-limit": ("process_limit", int),
+        "memory-limit": ("memory_limit", Size),
+        "disk-limit": ("disk_limit", Size),
+        "open-files-limit": ("open_files_limit", int),
     },
     "sources": {
         "mirrors": ("mirrors", list),
@@ -190,6 +229,9 @@ def load_config(
     config = replace(config, **values)
     if config.jobs < 1 or config.make_jobs < 1:
         raise ConfigError("jobs and make-jobs must be at least 1", path=str(file))
+    limits = (config.process_limit, config.memory_limit, config.disk_limit)
+    if min(*limits, config.open_files_limit) < 0:
+        raise ConfigError("limits must be at least 0 (0: no limit)", path=str(file))
     if config.verify < 1:
         raise ConfigError("verify must be at least 1", path=str(file))
     if config.verify > 1 and config.cluster is None:
@@ -216,6 +258,13 @@ def _coerce(
     value: Any, kind: type, name: str, state_dir: Path, file: TomlFile, where: tuple[str, str]
 ) -> Any:
     table, key = where
+    if kind is Size:
+        try:
+            return parse_size(value) if isinstance(value, (int, str)) else parse_size("?")
+        except ValueError:
+            raise file.error(
+                f"[{table}] {key} must be a size (2 GiB, 512M, bytes)", key, table
+            ) from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not isinstance(value, bool)

@@ -13,6 +13,7 @@
     │   ├── ChecksumMismatch     ... or its sha256 is not the recipe's
     │   └── FetchCancelled       ... before the build that wanted it was cancelled
     ├── BuildError               a build step failed, timed out or was killed
+    │   ├── OverLimit            ... or went over a [build] limit (processes, memory, disk)
     │   └── UnmetNeed            ... or made a file needing a soname nothing it depends on provides
     ├── PackageError             a package file is malformed
     │   └── UnsafeArchive        ... or tries to escape its root
@@ -204,6 +205,26 @@ class BuildError(PortsdError):
 
     def __str__(self) -> str:
         text = f"{self.port}: {self.step} failed ({self.status})"
+        return f"{text}; log: {self.log}" if self.log else text
+
+
+class OverLimit(BuildError):
+    """A build of ``port`` went over one of its limits, the [build] setting ``key``, whose
+    value is ``amount`` (``2 GiB``, ``512 processes``): the sandbox killed it."""
+
+    def __init__(
+        self, port: str, step: str, what: str, amount: str, key: str, log: str | None = None
+    ) -> None:
+        self.what = what
+        self.amount = amount
+        self.key = key
+        super().__init__(port, step, f"over its {what} limit ({amount})", log)
+
+    def __str__(self) -> str:
+        text = (
+            f"build of {self.port} exceeded its {self.what} limit ({self.amount});"
+            f" raise [build] {self.key}"
+        )
         return f"{text}; log: {self.log}" if self.log else text
 
 

@@ -47,6 +47,16 @@ def test_the_contrib_example_is_valid(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert config.jobs == 4 and config.port == 8470 and config.branch == "main"
     assert config.tree_dir == tmp_path.parent
+    assert (config.memory_limit, config.disk_limit) == (8 << 30, 40 << 30)
+
+
+def test_limits_from_the_file_and_flags(tmp_path: Path) -> None:
+    (tmp_path / CONFIG_NAME).write_text(
+        '[build]\nmemory-limit = "2 GiB"\ndisk-limit = 1048576\nprocess-limit = 0\n'
+    )
+    config = load_config(tmp_path, overrides={"open_files_limit": 128})
+    assert (config.memory_limit, config.disk_limit) == (2 << 30, 1 << 20)
+    assert (config.process_limit, config.open_files_limit) == (0, 128)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +66,12 @@ def test_the_contrib_example_is_valid(tmp_path: Path) -> None:
         ("[bild]\njobs = 1\n", ":1", "unknown table [bild]"),
         ("# a comment\n[build]\njobs = 'two'\n", ":3", "[build] jobs must be int"),
         ("[build]\njobs = 0\n", "", "jobs and make-jobs must be at least 1"),
+        (
+            '[build]\nmemory-limit = "lots"\n',
+            ":2",
+            "[build] memory-limit must be a size (2 GiB, 512M, bytes)",
+        ),
+        ("[build]\nprocess-limit = -1\n", "", "limits must be at least 0 (0: no limit)"),
         ("[sources]\nmirrors = [1]\n", ":2", "[sources] mirrors must be a list of strings"),
         ("[build]\njobs = 1\n[build\n", ":3", "invalid TOML: unclosed table, expected `]`"),
     ],

@@ -3,6 +3,7 @@ hook, real sandboxed builds, the signed index served over HTTP, and real SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -24,6 +25,7 @@ from tests.browser import chromium, mark, same_page, text, until
 from tests.conftest import SourceServer
 from tests.daemon_harness import RunningDaemon, portsd
 from tests.fixtures import commit_all, git
+from tests.processes import processes_with, wait_until_gone
 from tests.test_toolchain import TINYCC
 
 pytestmark = pytest.mark.slow
@@ -257,6 +259,33 @@ def test_kill_9_at_random_moments_never_corrupts_and_ends_complete(
     finally:
         daemon.stop()
     assert_consistent(bare)
+
+
+def test_no_build_process_survives_its_daemon_killed_mid_build(
+    tmp_path: Path, bare: Path, ports_tree: Path
+) -> None:
+    """kill -9 of the daemon, again and again while it builds: not one process of any
+    build (a reaper, bwrap, the step) outlives it. Every one of them names a path under
+    the state directory on its command line (the build's work directory)."""
+    state = str(bare / "portsd")
+    commit = head(ports_tree)
+    daemon = RunningDaemon(bare, tmp_path / "daemon.log").start()
+    push(ports_tree)
+    rng = random.Random(11)
+    survivors: list[int] = []
+    try:
+        for _ in range(10):
+            time.sleep(rng.uniform(0.2, 1.0))
+            daemon.kill()
+            survivors += wait_until_gone(state)
+            daemon.start()
+        daemon.wait_idle(commit)
+    finally:
+        daemon.stop()
+        for pid in processes_with(state):
+            with contextlib.suppress(ProcessLookupError):  # gone with its namespace's init
+                os.kill(pid, 9)
+    assert survivors == []
 
 
 def assert_consistent(bare: Path) -> None:

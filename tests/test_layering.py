@@ -138,7 +138,11 @@ EDGES = (
     Apart("cluster", "daemon", "workers talk to the daemon over HTTP, never through its code"),
     Apart("client", "cluster", "an installer needs no cluster"),
     Confined(("rich",), ("cli",), "only the command line draws on a terminal"),
-    Confined(SPAWNING, ("build.run",), "one wrapper starts every child process"),
+    Confined(
+        SPAWNING,
+        ("build.run", "build.reaper"),
+        "one wrapper (and its reaper) starts every child process",
+    ),
     Confined(
         ("pygit2",),
         ("tree.gitrepo", "daemon.initrepo"),
@@ -385,17 +389,17 @@ def planted_violations(root: Path) -> list[str]:
         ),
         pytest.param(
             {"build/sandbox.py": "import subprocess\n"},
-            "build.sandbox uses subprocess: only build.run may",
+            "build.sandbox uses subprocess: only build.run, build.reaper may",
             id="subprocess-outside-run",
         ),
         pytest.param(
             {"daemon/x.py": "import os\n\nos.system('true')\n"},
-            "portsd/daemon/x.py:3: daemon.x uses os.system: only build.run may",
+            "portsd/daemon/x.py:3: daemon.x uses os.system: only build.run, build.reaper may",
             id="os-system-outside-run",
         ),
         pytest.param(
             {"client/x.py": "from asyncio import create_subprocess_exec as spawn\n"},
-            "client.x uses asyncio.create_subprocess_exec: only build.run may",
+            "client.x uses asyncio.create_subprocess_exec: only build.run, build.reaper may",
             id="asyncio-spawn-outside-run",
         ),
         pytest.param(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from portsd.build.run import RunResult, describe_exit, run
-from tests.processes import marker, wait_until_gone
+from tests.processes import marker, processes_with, wait_until_gone
 
 
 @pytest.mark.parametrize(
@@ -81,9 +82,9 @@ def test_environment_is_built_from_scratch(tmp_path: Path) -> None:
 
 def test_cwd_and_new_session(tmp_path: Path) -> None:
     lines: list[str] = []
-    run(["sh", "-c", "pwd; ps -o sid= -p $$; echo $$"], cwd=tmp_path, on_line=lines.append)
+    run(["sh", "-c", "pwd; ps -o sid= -p $$; echo $PPID"], cwd=tmp_path, on_line=lines.append)
     assert lines[0] == str(tmp_path)
-    assert int(lines[1]) == int(lines[2])  # the shell leads its own session
+    assert int(lines[1]) == int(lines[2])  # the reaper above the shell leads a new session
     assert int(lines[1]) != os.getsid(0)
 
 
@@ -195,3 +196,32 @@ def test_cancel_from_another_thread_kills_the_tree() -> None:
     assert time.monotonic() - start < 3.0
     assert result.cancelled and not result.ok and result.status == "cancelled"
     assert wait_until_gone(tag) == []
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK), reason="needs root"
+)
+def test_nothing_outlives_an_unprivileged_caller_killed_with_sigkill() -> None:
+    """A daemon running as nobody, killed with SIGKILL while its command has a child that
+    left the session: the reaper (a subreaper, as any user may be) adopts and kills it."""
+    tag = marker()
+    code = (
+        "from portsd.build.run import run\n"
+        f"run(['sh', '-c', \"setsid sh -c 'sleep {tag}' & sleep {tag}\"])\n"
+    )
+    caller = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        + ["/usr/bin/python3", "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while len(processes_with(f"sleep\0{tag}")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(processes_with(f"sleep\0{tag}")) == 2
+    caller.kill()
+    caller.wait()
+    left = wait_until_gone(tag)
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -15,7 +16,7 @@ from portsd.build import sandbox
 from portsd.build.run import run
 from portsd.build.sandbox import Host, Mount, SandboxSpec
 from portsd.errors import ConfigError
-from tests.processes import processes_with
+from tests.processes import marker, processes_with, wait_until_gone
 
 HOST = Host(
     bwrap="/usr/bin/bwrap",
@@ -321,3 +322,28 @@ def test_sandbox_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     while processes_with(tag) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with(tag) == []
+
+
+def test_no_sandbox_outlives_a_caller_killed_at_any_moment(tmp_path: Path) -> None:
+    """kill -9 of the daemon at any moment, also while a sandbox is starting or being
+    killed at its timeout, leaves no process behind. Parent-death signals alone left one
+    in about 1 kill in 8 of this loop: bwrap's PID-namespace init, orphaned before it had
+    armed ``--die-with-parent``, adopted by init and deaf to SIGTERM, for good. The reaper
+    under ``run()`` adopts it and kills it when the caller's lifeline closes."""
+    spec = real_spec(tmp_path, root=None)
+    rng = random.Random(20)
+    survivors: list[int] = []
+    for _ in range(20):
+        tag = marker()
+        argv = sandbox.command(spec, ["sh", "-c", f"sleep {tag}"])
+        code = f"from portsd.build.run import run\nwhile True: run({argv!r}, timeout=0.05)"
+        caller = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        time.sleep(rng.uniform(0.3, 0.8))
+        caller.kill()
+        caller.wait()
+        left = wait_until_gone(tag)
+        for pid in left:  # ours (the tag says so): do not leave them to the next test
+            with contextlib.suppress(ProcessLookupError):  # gone with its namespace's init
+                os.kill(pid, 9)
+        survivors += left
+    assert survivors == []

@@ -33,10 +33,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from portsd.build import sandbox, styles
-from portsd.build.run import run
+from portsd.build.run import Limits, run
 from portsd.build.sandbox import Host, Mount, SandboxSpec
+from portsd.config import format_size
 from portsd.core.recipe import BuildStep, Recipe
-from portsd.errors import BuildError, ConfigError, FetchError, FileConflict, PackageError
+from portsd.errors import (
+    BuildError,
+    ConfigError,
+    FetchError,
+    FileConflict,
+    OverLimit,
+    PackageError,
+)
 from portsd.fsio import remove_tree
 
 SOURCE_DATE_EPOCH = 315532800
@@ -83,7 +91,8 @@ class BuildRequest:
     build's /usr: nothing of the host's is. ``workdir`` is this build's private directory
     (its subdirectories are wiped first); ``hidden`` are host paths the build must never
     see (state directory, signing key). ``timeout`` (seconds) bounds the whole build;
-    setting ``cancel`` stops it.
+    setting ``cancel`` stops it. ``limits`` bound each step's processes, memory and open
+    files; its disk limit bounds ``workdir``.
     """
 
     recipe: Recipe
@@ -103,6 +112,7 @@ class BuildRequest:
     run_check: bool = True
     host: Host | None = None
     cancel: threading.Event | None = None
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +402,12 @@ class _Build:
             on_line=self.request.on_line,
             timeout=remaining,
             cancel=self.request.cancel,
+            limits=replace(self.request.limits, disk_path=self.request.workdir),
         )
+        if result.limit is not None:
+            what, key, amount = describe_limit(self.request.limits, result.limit)
+            self._say(f"==> {step}: killed, over its {what} limit ({amount})")
+            raise OverLimit(self.recipe.name, step.value, what, amount, key, str(self.log))
         if not result.ok:
             status = f"timed out after {self.request.timeout:g} s" if result.timed_out else None
             status = status or result.status
@@ -409,6 +424,23 @@ class _Build:
             log.write(line + "\n")
         if self.request.on_line is not None:
             self.request.on_line(line)
+
+
+_LIMIT_NAMES = {
+    "processes": ("process", "process-limit"),
+    "memory": ("memory", "memory-limit"),
+    "disk": ("disk", "disk-limit"),
+}
+"""A limit the reaper reports -> its name in messages, and its [build] setting."""
+
+
+def describe_limit(limits: Limits, limit: str) -> tuple[str, str, str]:
+    """(what, setting, amount) of the limit named ``limit``: ``memory``, ``memory-limit``,
+    ``2 GiB``."""
+    what, key = _LIMIT_NAMES[limit]
+    value = getattr(limits, limit)
+    amount = f"{value} processes" if limit == "processes" else format_size(value)
+    return what, key, amount
 
 
 def _usable_as_is(root: Path) -> bool:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from portsd.build.fetch import Fetcher, FetchReporter
 from portsd.build.order import BuildOrder, Layer, pack_tree
-from portsd.build.produce import Producer, Scratch
+from portsd.build.produce import Producer, Scratch, limits_of
 from portsd.build.seed import Seed, ensure_seed
 from portsd.build.store import Store
 from portsd.config import Config
@@ -131,6 +131,7 @@ class Workspace:
             self.seed,
             _RepoPackages(self.repo),
             self.hidden,
+            limits=limits_of(self.config),
         )
 
     def order(self, revision: Revision, build: PlannedBuild, cancel: threading.Event) -> BuildOrder:

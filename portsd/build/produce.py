@@ -22,8 +22,10 @@ from portsd.build.builder import SOURCE_DATE_EPOCH, BuildRequest, build_port
 from portsd.build.fetch import Fetcher
 from portsd.build.needs import check_needs
 from portsd.build.order import BuildOrder, Layer, check_builder, unpack_tree
+from portsd.build.run import Limits
 from portsd.build.seed import Seed
 from portsd.build.store import Store
+from portsd.config import Config
 from portsd.core.keys import BUILDER_FORMAT
 from portsd.core.metadata import PackageMeta
 from portsd.fsio import remove_tree
@@ -34,6 +36,16 @@ T = TypeVar("T")
 
 Deliver = Callable[[Path, PackageMeta, str], T]  # the package, its facts, its content id
 """What becomes of the built package file (it is removed afterwards unless moved)."""
+
+
+def limits_of(config: Config) -> Limits:
+    """What one build may use on this machine, from its [build] settings (0: no limit)."""
+    return Limits(
+        processes=config.process_limit or None,
+        memory=config.memory_limit or None,
+        disk=config.disk_limit or None,
+        open_files=config.open_files_limit or None,
+    )
 
 
 class Packages(Protocol):
@@ -58,6 +70,7 @@ class Producer:
     packages: Packages
     hidden: tuple[Path, ...] = ()
     alter: Callable[[Path], None] | None = field(default=None)
+    limits: Limits = Limits()
 
     def produce(
         self,
@@ -101,6 +114,7 @@ class Producer:
                     hidden=self.hidden,
                     on_line=on_line,
                     cancel=cancel,
+                    limits=self.limits,
                 )
             )
             sonames = check_needs(

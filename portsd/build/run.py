@@ -9,16 +9,13 @@ Every child goes through ``run()``, in mkosi's manner:
   callback (live logs) as they arrive;
 - a timeout, any exception in the caller (including KeyboardInterrupt) or a callback that
   raises kills the whole process tree with SIGKILL: the child, its descendants (also those
-  that called setsid(), as long as their parent is alive) and every process left in its
-  session;
+  that called setsid() or lost their parent) and every process left in its session;
 - nothing the command started outlives ``run()``: after the command exits, processes left
   behind in its session are killed too;
+- nor its caller: the command runs under a reaper (portsd/build/reaper.py), a subreaper
+  that kills the whole tree when the calling process dies, even by SIGKILL;
 - the outcome is described as what happened: ``exit 2``, ``exit 127 (command not found)``,
   ``killed by SIGTERM``, ``timed out after 30 s``.
-
-A process that leaves the session *and* loses its parent before ``run()`` looks for it is
-beyond a plain process tree's reach; commands that must be contained completely run inside
-the sandbox (portsd/build/sandbox.py), whose PID namespace dies with its first process.
 """
 
 from __future__ import annotations
@@ -29,11 +26,15 @@ import selectors
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from portsd.build import reaper
+from portsd.build.reaper import kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,37 @@ DEFAULT_PATH = "/usr/bin:/usr/sbin:/bin:/sbin"
 
 _EXIT_GRACE = 0.25  # seconds to keep reading after the command exited, for buffered output
 _MAX_LINE = 65536  # a "line" longer than this is passed on in pieces
-_KILL_ROUNDS = 100  # bound on freeze-and-rescan rounds while a tree keeps forking
-_KILL_PASSES = 10  # bound on stop-all-then-kill passes (a pass ends when nothing is left)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a command's whole process tree may use; None: no limit. The reaper
+    (portsd/build/reaper.py, which says how each is enforced) kills the tree that goes over
+    ``processes`` (at once), ``memory`` (bytes resident, summed) or ``disk`` (bytes under
+    ``disk_path``); ``open_files`` is each process's own RLIMIT_NOFILE."""
+
+    processes: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    open_files: int | None = None
+    disk_path: Path | None = None
+
+    def options(self) -> list[str]:
+        """The reaper's command-line options for these limits."""
+        args: list[str] = []
+        for name in ("processes", "memory", "open_files"):
+            value = getattr(self, name)
+            if value is not None:
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        if self.disk is not None and self.disk_path is not None:
+            args += ["--disk", str(self.disk), str(self.disk_path)]
+        return args
 
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """What became of one command. ``returncode`` is Popen's (negative: killed by a signal)."""
+    """What became of one command. ``returncode`` is Popen's (negative: killed by a signal).
+    ``limit``: the limit the reaper killed it for (``processes``, ``memory``, ``disk``)."""
 
     argv: tuple[str, ...]
     returncode: int
@@ -56,10 +81,11 @@ class RunResult:
     duration: float
     timed_out: bool = False
     cancelled: bool = False
+    limit: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.cancelled
+        return self.returncode == 0 and not self.timed_out and not self.cancelled and not self.limit
 
 
 def describe_exit(returncode: int, timed_out_after: float | None = None) -> str:
@@ -98,6 +124,7 @@ def run(
     timeout: float | None = None,
     umask: int = 0o022,
     cancel: threading.Event | None = None,
+    limits: Limits | None = None,
 ) -> RunResult:
     """Run ``argv`` to completion and describe the outcome; never raises for a failed command.
 
@@ -108,45 +135,54 @@ def run(
     is reported like a shell would: ``exit 127 (command not found)`` or ``exit 126``.
     Exceptions from ``on_line`` and interrupts propagate after the process tree is killed.
     Setting ``cancel`` (from another thread) kills the tree too; the result says "cancelled".
+    A tree that goes over ``limits`` is killed; the result names the limit.
     """
     argv = tuple(argv)
     environment = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
     log.debug("+ %s", shlex.join(argv))
     start = time.monotonic()
-    with _LogSink(log_path, on_line) as sink:
+    report, reported = os.pipe()  # the reaper writes there the limit it killed the tree for
+    options = ["--report", str(reported), *(limits.options() if limits else [])]
+    with _LogSink(log_path, on_line) as sink, open(report, "rb") as report_file:
         try:
             process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
+                [sys.executable, "-I", "-S", reaper.__file__, *options, "--", *argv],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=environment,
+                env={},
                 cwd=cwd,
                 start_new_session=True,
                 umask=umask,
+                pass_fds=(reported,),
             )
-        except OSError as error:
-            if error.filename is not None and os.fsdecode(error.filename) != argv[0]:
-                raise  # e.g. a missing cwd: the caller's mistake, not the command's failure
-            code = 127 if isinstance(error, FileNotFoundError) else 126
-            sink.feed(f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
-            sink.finish()
-            return RunResult(argv, code, describe_exit(code), time.monotonic() - start)
+        finally:
+            os.close(reported)
+        assert process.stdin is not None
+        try:
+            # The lifeline: the reaper reads the environment, then end of file when we die.
+            process.stdin.write(reaper.encode_environment(environment))
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the reaper is gone already; its exit status says how
         try:
             stopped = _pump(process, sink, start, timeout, cancel)
         except BaseException:
-            _kill_tree(process.pid)
-            process.wait()
+            kill_tree(process.pid)
             raise
         finally:
             assert process.stdout is not None
             process.stdout.close()
-        returncode = process.wait()
+            process.stdin.close()  # end of file on the lifeline: the reaper cleans up too
+            returncode = process.wait()
         sink.finish()
+        limit = report_file.read().decode() or None
     duration = time.monotonic() - start
     timed_out = stopped == "timeout"
     if stopped == "cancelled":
         return RunResult(argv, returncode, "cancelled", duration, cancelled=True)
+    if limit is not None:
+        return RunResult(argv, returncode, f"over its {limit} limit", duration, limit=limit)
     status = describe_exit(returncode, timeout if timed_out else None)
     return RunResult(argv, returncode, status, duration, timed_out)
 
@@ -172,11 +208,11 @@ def _pump(
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                _kill_tree(process.pid)
+                kill_tree(process.pid)
                 _drain(fd, sink)
                 return "timeout"
             if cancel is not None and cancel.is_set():
-                _kill_tree(process.pid)
+                kill_tree(process.pid)
                 _drain(fd, sink)
                 return "cancelled"
             if exited_at is None and _has_exited(process.pid):
@@ -196,7 +232,7 @@ def _pump(
                 break
             sink.feed(data)
     # The command is done; whatever it left in its session goes with it.
-    _kill_tree(process.pid)
+    kill_tree(process.pid)
     _drain(fd, sink)
     return None
 
@@ -264,82 +300,3 @@ class _LogSink:
     def _emit(self, line: bytes) -> None:
         assert self._on_line is not None
         self._on_line(line.decode("utf-8", "replace").removesuffix("\r"))
-
-
-def _kill_tree(root: int) -> None:
-    """SIGKILL ``root``, its descendants and its session (``root`` started it with setsid).
-
-    Everything is stopped before anything is killed, so no process is orphaned (and lost
-    from the tree) while we look. Stopping works a process group at a time, atomically
-    with respect to fork: a group whose members keep forking is frozen in one call.
-    """
-    for _ in range(_KILL_PASSES):
-        stopped: set[int] = set()
-        groups: set[int] = set()
-        for _ in range(_KILL_ROUNDS):
-            found = _tree_members(root, _process_table())
-            new = {pid: group for pid, group in found.items() if pid not in stopped}
-            if not new:
-                break
-            for group in set(new.values()) - groups:
-                _signal_group(group, signal.SIGSTOP)
-                groups.add(group)
-            _signal_all(new, signal.SIGSTOP)
-            stopped |= new.keys()
-        for group in groups:
-            _signal_group(group, signal.SIGKILL)
-        _signal_all(stopped | {root}, signal.SIGKILL)
-        if not stopped:
-            return
-
-
-def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone (or reused by someone else's process: not ours to touch)
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _process_table() -> list[tuple[int, int, int, int]]:
-    """(pid, parent pid, process group, session) of every live (non-zombie) process."""
-    table: list[tuple[int, int, int, int]] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                text = stat.read()
-        except OSError:
-            continue  # exited while we looked
-        # "pid (comm) state ppid pgrp session ...": comm may contain spaces and parens
-        fields = text[text.rfind(b")") + 2 :].split()
-        if len(fields) < 4 or fields[0] == b"Z":
-            continue
-        table.append((int(entry.name), int(fields[1]), int(fields[2]), int(fields[3])))
-    return table
-
-
-def _tree_members(root: int, table: Sequence[tuple[int, int, int, int]]) -> dict[int, int]:
-    """``root``, its living descendants and every process in session ``root``: pid -> group."""
-    groups = {pid: group for pid, _, group, _ in table}
-    children: dict[int, list[int]] = {}
-    pending = [root] if root in groups else []
-    for pid, ppid, _, session in table:
-        children.setdefault(ppid, []).append(pid)
-        if session == root:
-            pending.append(pid)
-    members: dict[int, int] = {}
-    while pending:
-        pid = pending.pop()
-        if pid not in members:
-            members[pid] = groups[pid]
-            pending.extend(children.get(pid, ()))
-    return members

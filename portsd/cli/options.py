@@ -74,6 +74,30 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         help="how long a build may take before it is killed (default: config, else 3600)",
     )
     parser.add_argument(
+        "--process-limit",
+        type=int,
+        metavar="N",
+        help="processes one build may run at once (default: config, else 4096; 0: none)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=_size,
+        metavar="SIZE",
+        help="memory one build may use, e.g. 2G (default: config, else none)",
+    )
+    parser.add_argument(
+        "--disk-limit",
+        type=_size,
+        metavar="SIZE",
+        help="disk one build's work directory may use, e.g. 20G (default: config, else none)",
+    )
+    parser.add_argument(
+        "--open-files-limit",
+        type=int,
+        metavar="N",
+        help="files each process of a build may open (default: config, else 4096; 0: none)",
+    )
+    parser.add_argument(
         "--mirror",
         action="append",
         metavar="DIR|URL",
@@ -94,6 +118,15 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the downloaded sources, by sha256 (default: config, else <state>/distfiles)",
     )
+
+
+def _size(text: str) -> int:
+    from portsd.config import parse_size  # when a flag is given: the parsers stay light
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size (2G, 512M, bytes): {text!r}") from None
 
 
 def _named_mirror(text: str) -> tuple[str, str]:

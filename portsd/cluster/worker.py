@@ -35,7 +35,7 @@ import distributed
 from portsd.build.fetch import Fetcher
 from portsd.build.order import BuildOrder
 from portsd.build.pipeline import seed_of
-from portsd.build.produce import Producer
+from portsd.build.produce import Producer, limits_of
 from portsd.build.store import Store
 from portsd.cluster.remote import DaemonPackages, Uploaded, upload
 from portsd.config import Config, load_config
@@ -109,6 +109,7 @@ class WorkerBuilder:
             DaemonPackages(daemon, config.arch, (key,), config.state_dir / "packages"),
             hidden=(config.state_dir.resolve(),),
             alter=_fault if environ.get("PORTSD_WORKER_FAULT") == "1" else None,
+            limits=limits_of(config),
         )
         return cls(producer, config, daemon, token, roots, threading.Lock())
 
