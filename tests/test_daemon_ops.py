@@ -152,7 +152,9 @@ def test_the_log_has_one_line_per_build_outcome_and_no_access_lines(
         rf"build #{failed['id']} failed: liba \S+: build failed \(exit 1\) \(after ", failure
     )
     assert failure.endswith(f"log: {daemon.url}/api/v1/builds/{failed['id']}/log")
-    assert any(re.search(r"skipped: diamond \S+: dependency liba failed$", line) for line in lines)
+    # diamond is no build: its key waits for liba's package (early cutoff), so the journal
+    # has no line for it; `portsd status` lists it as skipped
+    assert not any("diamond" in line for line in lines if "build #" in line)
     assert not [line for line in lines if '"GET /' in line]  # polled often: DEBUG only
     assert "Traceback" not in daemon.log.read_text()
 

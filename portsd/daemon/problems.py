@@ -62,9 +62,12 @@ def find_problems(
     keys: Mapping[str, str],
     blocked: Mapping[str, str],
     present: Container[str],
+    waiting: Mapping[str, str] | None = None,
 ) -> Problems:
     """``keys``: port -> current build key; ``blocked``: port -> why it cannot be built;
-    ``present``: the keys the repository has."""
+    ``present``: the keys the repository has; ``waiting``: port -> why it is not built,
+    for ports without a key yet (early cutoff) whose dependency failed or was skipped."""
+    waiting = waiting or {}
     latest = state.latest_by_key()
     outcomes: dict[str, list[BuildRow]] = {}
     for outcome in state.recent_outcomes(HISTORY):
@@ -84,6 +87,8 @@ def find_problems(
             failed.append(Problem(port, one_line(port, row.detail), row, newly))
         elif row.state is BuildState.SKIPPED:
             skipped.append(Problem(port, one_line(port, row.detail), row))
+    skipped.extend(Problem(port, reason) for port, reason in waiting.items())
+    skipped.sort(key=lambda problem: problem.port)
     fixed = [
         history[0]
         for port, history in outcomes.items()
@@ -94,7 +99,7 @@ def find_problems(
     ]
     fixed.sort(key=lambda row: row.id, reverse=True)
     return Problems(
-        ports=len(keys.keys() | blocked.keys()),
+        ports=len(keys.keys() | blocked.keys() | waiting.keys()),
         published=sum(1 for key in keys.values() if key in present),
         failed=tuple(failed),
         skipped=tuple(skipped),

@@ -715,9 +715,18 @@ class Daemon:
         latest = self._latest
         if latest is None:
             return Problems(ports=0, published=0)
-        blocked = {name: str(problem) for name, problem in latest.triaged.plan.blocked.items()}
+        triaged = latest.triaged
+        blocked = {name: str(problem) for name, problem in triaged.plan.blocked.items()}
+        # a port whose key waits for a dependency that failed (or was skipped) is not a
+        # build, but it is as unpublished as a skipped one
+        doomed = {skip.build.name for skip in triaged.doomed}
+        waiting = {
+            name: f"dependency {dep} {'was skipped' if dep in doomed else 'failed'}"
+            for name, dep in triaged.plan.pending.items()
+            if name not in triaged.wanted.pending
+        }
         return find_problems(
-            self.state, latest.revision.keys.keys, blocked, self.repo.stored_keys()
+            self.state, latest.revision.keys.keys, blocked, self.repo.stored_keys(), waiting
         )
 
     def plan_graph(self) -> PlanGraph:
