@@ -163,6 +163,7 @@ def idle(url: str, commit: str) -> bool:
         and not status["evaluating"]
         and status["queued"] == 0
         and not status["running"]
+        and status["pending"] == 0  # no key still waits for a build (early cutoff)
         and (status["cluster"] is None or status["cluster"]["workers"])
     )
 
