@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from portsd.build.seed import Seed, ensure_seed
+from tests.daemon_harness import portsd
 from tests.fixtures import commit_all, git, write_tree
 
 
@@ -103,6 +104,15 @@ def ports_tree(tmp_path: Path, source_server: SourceServer) -> Path:
     git(root, "init", "-q", "-b", "main")
     commit_all(root, "the test ports tree")
     return root
+
+
+@pytest.fixture
+def bare(tmp_path: Path, ports_tree: Path) -> Path:
+    """A repository made by `portsd init`, the fixture tree's remote `build`."""
+    repo = tmp_path / "build.git"
+    portsd("init", repo)
+    git(ports_tree, "remote", "add", "build", str(repo))
+    return repo
 
 
 @pytest.fixture

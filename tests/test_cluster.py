@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from portsd.fsio import file_sha256
-from tests.daemon_harness import RunningDaemon, command_environment, free_port, portsd
+from tests.daemon_harness import RunningDaemon, command_environment, free_port
 from tests.fixtures import commit_all, git
 from tests.test_daemon import ALL, ARCH, assert_consistent, head, keys_at, push, served_index
 
@@ -79,14 +79,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-@pytest.fixture
-def bare(tmp_path: Path, ports_tree: Path) -> Path:
-    repo = tmp_path / "build.git"
-    portsd("init", repo)
-    git(ports_tree, "remote", "add", "build", str(repo))
-    return repo
 
 
 @pytest.fixture

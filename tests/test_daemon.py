@@ -35,15 +35,6 @@ ALL = {"libbase", "libmid", "libtop", "toptool", "liba", "libb", "diamond", "hel
 
 
 @pytest.fixture
-def bare(tmp_path: Path, ports_tree: Path) -> Path:
-    """A repository made by `portsd init`, the fixture tree's remote `build`."""
-    repo = tmp_path / "build.git"
-    portsd("init", repo)
-    git(ports_tree, "remote", "add", "build", str(repo))
-    return repo
-
-
-@pytest.fixture
 def daemon(tmp_path: Path, bare: Path) -> Iterator[RunningDaemon]:
     running = RunningDaemon(bare, tmp_path / "daemon.log").start()
     yield running

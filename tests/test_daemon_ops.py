@@ -26,21 +26,13 @@ from portsd.daemon.service import RETRY_EVERY
 from portsd.errors import BadSignature
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import PublicKey
-from tests.daemon_harness import RunningDaemon, command_environment, portsd
+from tests.daemon_harness import RunningDaemon, command_environment
 from tests.fixtures import commit_all, git
 from tests.test_daemon import assert_consistent, edit, head, keys_at, push, slow_down
 
 pytestmark = pytest.mark.slow
 
 ARCH = platform.machine()
-
-
-@pytest.fixture
-def bare(tmp_path: Path, ports_tree: Path) -> Path:
-    repo = tmp_path / "build.git"
-    portsd("init", repo)
-    git(ports_tree, "remote", "add", "build", str(repo))
-    return repo
 
 
 @pytest.fixture
