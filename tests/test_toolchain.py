@@ -7,6 +7,7 @@ stage 1 (built by the seed) differs from stage 2 (built by tinycc) and stage 3 =
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph
 from portsd.core.keys import KeySet
 from portsd.core.plan import staged_plan
-from portsd.core.recipe import Recipe
+from portsd.core.recipe import Dependency, Recipe, parse_recipe
 from portsd.core.toolchain import (
+    Stages,
     ToolchainSpec,
     compute_stages,
     parse_toolchain,
@@ -193,3 +195,103 @@ def test_a_toolchain_that_cannot_be_built_blocks_the_rest_of_the_tree() -> None:
     assert str(plan.blocked["tool"]) == (
         "tool: dependency cc cannot be built: the tree's toolchain cannot be built"
     )
+
+
+def bootstrapped() -> dict[str, Recipe | RecipeError]:
+    """gcc needs a cross compiler in stage 1 only (``bootstrap-depends``), and gmp always."""
+    gcc = replace(port("gcc", depends=("libc",), build=("gmp",)), bootstrap_depends=(dep("cross"),))
+    recipes = [gcc, port("cross", build=("gmp",)), port("gmp"), port("libc"), port("app")]
+    return {recipe.name: recipe for recipe in recipes}
+
+
+def dep(text: str) -> Dependency:
+    return Dependency.parse(text)
+
+
+def build_stage(stages: Stages, contents: dict[str, str]) -> None:
+    """Simulate the current stage's builds: each port's content says which stage made it,
+    until stage 2, then repeats (the fixed point at stage 3)."""
+    number = min(stages.current.number, 2)
+    for name in stages.current.keys.unbuilt:
+        key = stages.current.keys.keys[name]
+        contents[key] = hashlib.sha256(f"{name} of stage {number}".encode()).hexdigest()
+
+
+def test_bootstrap_depends_are_in_stage_1_only() -> None:
+    """Stage 1's gcc is keyed (and planned) with the cross compiler, later stages' without:
+    their keys are those of a recipe that does not have the key at all."""
+    ports_ = bootstrapped()
+    graph = Graph.build(ports_, "x86_64_musl")
+    ids = {name: f"tree-{name}" for name in ports_}
+    spec = ToolchainSpec(("gcc",), 3)
+    contents: dict[str, str] = {}
+    evaluation = Evaluation.full(ids, ports_, "x86_64_musl", SEED, contents, spec)
+    stage1 = evaluation.stages.current.keys
+    assert stage1.on_seed and stage1.build_root(graph, "gcc") == ["cross", "gmp", "libc"]
+    plan = staged_plan(evaluation, set(), None)
+    assert plan.names() == ["gmp", "libc"]  # then cross, then gcc: planned, not pending
+    assert plan.pending.keys() == {"app", "cross", "gcc"}
+    assert plan.pending["app"] == "gmp" and plan.pending["gcc"] == "gmp"
+    stages = evaluation.stages
+    while stages.current.number == 1:
+        build_stage(stages, contents)
+        stages = compute_stages(graph, ids, SEED, spec, contents, stages)
+    stage1 = stages.stages[0].keys
+    assert "cross" in stage1.contents and "cross" in stage1.build_root(graph, "gcc")
+    build_stage(stages, contents)  # stage 2's gmp and libc: gcc's key is known now
+    stages = compute_stages(graph, ids, SEED, spec, contents, stages)
+    stage2 = stages.current.keys
+    assert not stage2.on_seed and stage2.build_root(graph, "gcc") == ["gmp", "libc"]
+    gcc = port("gcc", depends=("libc",), build=("gmp",))
+    plain = Graph.build(ports_ | {"gcc": gcc}, "x86_64_musl")
+    same = KeySet.compute(plain, ids, stage2.toolchain, contents, on_seed=False)
+    assert same.keys["gcc"] == stage2.keys["gcc"] != stage1.keys["gcc"]
+    evaluation = Evaluation.full(ids, ports_, "x86_64_musl", SEED, contents, spec)
+    assert evaluation.stages.current.number == 2
+    plan = staged_plan(evaluation, set(contents), None)
+    assert plan.names() == ["gcc"]  # no cross compiler again
+
+
+def test_without_a_toolchain_every_build_is_on_the_seed_with_its_bootstrap_depends() -> None:
+    ports_ = bootstrapped()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    musl_only = ToolchainSpec(("gcc",), 3, ("x86_64_musl",))
+    for spec in (None, musl_only):
+        keys = compute_stages(graph, ids, SEED, spec, {}).current.keys
+        assert keys.on_seed and keys.build_root(graph, "gcc") == ["cross", "gmp", "libc"]
+
+
+def test_a_recipe_without_bootstrap_depends_keeps_its_key_on_every_stage() -> None:
+    """The key vector of a recipe without the key does not change: ``on_seed`` only drops
+    edges that exist."""
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    contents = {
+        key: hashlib.sha256(key.encode()).hexdigest()
+        for key in KeySet.compute(graph, ids, SEED, {}).keys.values()
+    }
+    contents |= {
+        key: hashlib.sha256(key.encode()).hexdigest()
+        for key in KeySet.compute(graph, ids, SEED, contents).keys.values()
+    }
+    on_seed = KeySet.compute(graph, ids, SEED, contents)
+    on_stage = KeySet.compute(graph, ids, SEED, contents, on_seed=False)
+    assert on_seed.keys == on_stage.keys and len(on_seed.keys) == 3
+
+
+def test_an_unknown_bootstrap_dependency_is_the_error_of_build_depends() -> None:
+    gcc = replace(port("gcc"), bootstrap_depends=(dep("nowhere"),))
+    graph = Graph.build({"gcc": gcc}, "x86_64")
+    assert str(graph.problem("gcc")) == (
+        "gcc: bootstrap-depends 'nowhere' is not provided by any port"
+    )
+    text = 'name = "gcc"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\nbootstrap-depends = [1]\n'
+    with pytest.raises(RecipeError) as raised:
+        parse_recipe(text, "ports/gcc/port.toml", "gcc")
+    assert str(raised.value).endswith(
+        "ports/gcc/port.toml:5: 'bootstrap-depends' must be a list of strings"
+    )
+    parsed = parse_recipe(text.replace("[1]", '["cross>=1"]'), "ports/gcc/port.toml", "gcc")
+    assert parsed.bootstrap_depends == (dep("cross>=1"),) and parsed.build_depends == ()

@@ -253,6 +253,9 @@ def test_a_persisted_cache_starts_warm_with_identical_recipes(tmp_path: Path, re
     assert {n: p for n, p in warm.items() if isinstance(p, Recipe)} == {
         n: p for n, p in cold.items() if isinstance(p, Recipe)
     }
+    rich = warm["rich"]  # every field survives the cache, the rarely used ones too
+    assert isinstance(rich, Recipe) and [str(d) for d in rich.bootstrap_depends] == ["cross-cc"]
+    assert rich.build.allow_missing_sonames == ("libGL.so.1",)
     assert str(warm["broken"]) == str(cold["broken"])
     error, original = warm["broken"], cold["broken"]
     assert isinstance(error, RecipeError) and isinstance(original, RecipeError)
@@ -270,6 +273,7 @@ homepage = "https://example.org/rich"
 arch = ["x86_64", "aarch64"]
 build-depends = ["make>=4.0"]
 check-depends = ["perl"]
+bootstrap-depends = ["cross-cc"]
 provides = ["richness=1.0"]
 conflicts = ["poor<2"]
 [[source]]
@@ -280,6 +284,7 @@ configure-args = ["--enable-static", "--with-x"]
 dir = "rich-1.0"
 prepare = "sed -i s/a/b/ configure"
 check = "make check"
+allow-missing-sonames = ["libGL.so.1"]
 """
 
 

@@ -168,7 +168,9 @@ def _settle(
         return
     graph = checkout.evaluation.graph
     asked = [n for n in (Dependency.parse(r).name for r in requests) if n in graph]
-    closure = graph.runtime_closure(graph.dependency_closure(asked))
+    closure = graph.runtime_closure(
+        graph.dependency_closure(asked, checkout.evaluation.keys.on_seed)
+    )
     obtained: set[str] = set()
     while True:
         keys = checkout.evaluation.keys

@@ -365,6 +365,17 @@ class Graph:
         """The resolved dependencies of ``name``, in recipe order (empty if unresolvable)."""
         return self._edges.get(name, ())
 
+    def build_edges(self, name: str, on_seed: bool) -> tuple[Edge, ...]:
+        """The edges of ``name``'s build root: all of them for a build on the seed, all but
+        ``bootstrap-depends`` for one on a toolchain stage."""
+        edges = self._edges.get(name, ())
+        if on_seed:
+            return edges
+        recipe = self._recipes.get(name)
+        if recipe is None or not recipe.bootstrap_depends:
+            return edges
+        return tuple(edge for edge in edges if edge.kind is not DepKind.BOOTSTRAP)
+
     def dependents(self, name: str) -> frozenset[str]:
         """Ports with a direct edge (of any kind) to ``name``."""
         return frozenset(self._dependents.get(name))
@@ -385,9 +396,12 @@ class Graph:
         """Ports installed to build ``name``: its dependencies plus their runtime closure."""
         return sorted(self.runtime_closure(edge.target for edge in self.edges(name)))
 
-    def dependency_closure(self, names: Iterable[str]) -> set[str]:
-        """``names`` and everything they need to build, transitively."""
-        return _closure(names, lambda name: (edge.target for edge in self.edges(name)))
+    def dependency_closure(self, names: Iterable[str], on_seed: bool = True) -> set[str]:
+        """``names`` and everything they need to build (on the seed, or on a toolchain
+        stage: ``build_edges``), transitively."""
+        return _closure(
+            names, lambda name: (edge.target for edge in self.build_edges(name, on_seed))
+        )
 
     def reverse_closure(self, names: Iterable[str]) -> set[str]:
         """``names`` and every port whose build transitively involves one of them."""

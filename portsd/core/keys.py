@@ -7,8 +7,9 @@ A port's key is the sha256 of a canonical msgpack encoding of
      content id of the toolchain every build stands on (the bootstrap seed),
      [[name, content id] of every port in its build root, sorted by name]]
 
-where the build root is the port's runtime, build and check dependencies plus their
-runtime dependencies, transitively, and a dependency's content id is the digest of its
+where the build root is the port's runtime, build and check dependencies (and, for a
+build on the seed, its bootstrap dependencies) plus their runtime dependencies,
+transitively, and a dependency's content id is the digest of its
 package's files (``portsd.pkg.archive.content_id``), not of its own key or metadata. So a
 rebuild that comes out identical (a comment, a bumped ``release``) changes no key above
 it: the cascade is cut off there (early cutoff).
@@ -81,12 +82,15 @@ class KeySet:
         "contents",
         "unbuilt",
         "toolchain",
+        "on_seed",
         "_closures",
         "_pack",
     )
 
-    def __init__(self, toolchain: str) -> None:
+    def __init__(self, toolchain: str, on_seed: bool = True) -> None:
         self.toolchain = toolchain
+        self.on_seed = on_seed
+        """the builds stand on the seed (no toolchain stage): bootstrap-depends count"""
         self.keys: dict[str, str] = {}
         self.blocked: dict[str, PortProblem] = {}
         self.pending: dict[str, str] = {}
@@ -109,9 +113,12 @@ class KeySet:
         contents: Contents,
         previous: KeySet | None = None,
         affected: Iterable[str] = (),
+        on_seed: bool = True,
     ) -> KeySet:
         """Keys for every port of ``graph`` whose build root is built, on the toolchain
         of content id ``toolchain``; ``contents`` gives the content id of a built key.
+        ``on_seed``: the builds stand on the seed, not on a stage of the tree's
+        toolchain, so their ``bootstrap-depends`` are in their build roots.
 
         With ``previous`` (of the same toolchain), only ``affected`` ports (those whose tree
         id or graph facts changed, removed ports included), the ports whose package has
@@ -119,10 +126,10 @@ class KeySet:
         inputs differ in turn are re-examined; the rest is carried over. ``contents`` must
         only grow between the two: a package, once built, keeps its content id.
         """
-        result = cls(toolchain)
-        if previous is None or previous.toolchain != toolchain:
+        result = cls(toolchain, on_seed)
+        if previous is None or (previous.toolchain, previous.on_seed) != (toolchain, on_seed):
             names = set(graph.names())
-            result._propagate(graph, tree_ids, contents, names, names, cls(toolchain))
+            result._propagate(graph, tree_ids, contents, names, names, cls(toolchain, on_seed))
             return result
         affected = set(affected)
         removed = {name for name in affected if name not in graph}
@@ -209,7 +216,7 @@ class KeySet:
         # Every dependency's own build root is in this one, so the direct dependencies
         # decide: one blocked blocks this port, one without a package makes it wait.
         waits = None
-        targets = sorted({edge.target for edge in graph.edges(name)})
+        targets = sorted({edge.target for edge in graph.build_edges(name, self.on_seed)})
         for dep in targets:
             if dep in self.blocked or (dep not in self.keys and dep not in self.pending):
                 self.blocked[name] = self._blocked_by(name, dep)
@@ -240,7 +247,7 @@ class KeySet:
     def build_root(self, graph: Graph, name: str) -> list[str]:
         """The ports installed to build ``name``, sorted (memoised runtime closures)."""
         root: set[str] = set()
-        for edge in graph.edges(name):
+        for edge in graph.build_edges(name, self.on_seed):
             root |= self._runtime_closure(graph, edge.target)
         return sorted(root)
 

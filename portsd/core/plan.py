@@ -99,7 +99,8 @@ def make_plan(
         waiting = list(keys.pending)  # copied below: plans outlive the next evaluation
     else:
         missing, blocked, up_to_date, waiting = set(), {}, set(), []
-        for name in graph.dependency_closure(n for n in wanted if graph.supported(n)):
+        closure = graph.dependency_closure((n for n in wanted if graph.supported(n)), keys.on_seed)
+        for name in closure:
             key = keys.keys.get(name)
             if key is None:
                 problem = keys.blocked.get(name)
@@ -137,11 +138,15 @@ def staged_plan(
     if stages.converged:
         return plan
     building = [b.name for b in plan.builds] or sorted(plan.pending.values())
-    names = graph.dependency_closure(wanted) if wanted is not None else graph.names()
+    on_seed = evaluation.keys.on_seed
+    names = graph.dependency_closure(wanted, on_seed) if wanted is not None else graph.names()
+    # what the toolchain's own builds need (gcc's gmp, stage 1's cross compiler) is planned
+    # with it, not waiting for it
+    needed = graph.dependency_closure(stages.members, on_seed)
     others = [
         name
         for name in names
-        if name not in stages.members and graph.supported(name) and graph.problem(name) is None
+        if name not in needed and graph.supported(name) and graph.problem(name) is None
     ]
     if not building:  # the toolchain is stuck: a port of it cannot be built
         stuck = min(plan.blocked, default="")

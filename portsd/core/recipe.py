@@ -40,6 +40,7 @@ class DepKind(StrEnum):
     RUNTIME = "depends"
     BUILD = "build-depends"
     CHECK = "check-depends"
+    BOOTSTRAP = "bootstrap-depends"  # only for builds on the seed (docs/toolchain.md)
 
 
 class BuildStyle(StrEnum):
@@ -151,6 +152,7 @@ class Recipe:
     conflicts: tuple[Dependency, ...] = ()
     sources: tuple[Source, ...] = ()
     build: BuildSpec = BuildSpec()
+    bootstrap_depends: tuple[Dependency, ...] = ()
 
     @property
     def full_version(self) -> str:
@@ -162,11 +164,13 @@ class Recipe:
         return tuple(source.path for source in self.sources if source.path is not None)
 
     def dependencies(self) -> Iterator[tuple[DepKind, Dependency]]:
-        """Everything the build root needs, tagged with the list it came from."""
+        """Everything the build root needs, tagged with the list it came from (the
+        bootstrap dependencies too: which builds get them is the toolchain's business)."""
         for kind, deps in (
             (DepKind.RUNTIME, self.depends),
             (DepKind.BUILD, self.build_depends),
             (DepKind.CHECK, self.check_depends),
+            (DepKind.BOOTSTRAP, self.bootstrap_depends),
         ):
             for dep in deps:
                 yield kind, dep
@@ -175,7 +179,7 @@ class Recipe:
         return "any" in self.arch or arch in self.arch
 
 
-_DEP_LISTS = ("depends", "build-depends", "check-depends", "conflicts")
+_DEP_LISTS = ("depends", "build-depends", "check-depends", "bootstrap-depends", "conflicts")
 _TOP_KEYS = frozenset(
     {
         "name",
@@ -409,6 +413,7 @@ def parse_recipe(
         conflicts=deps["conflicts"],
         sources=sources,
         build=build,
+        bootstrap_depends=deps["bootstrap-depends"],
     )
 
 

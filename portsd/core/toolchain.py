@@ -168,7 +168,9 @@ def compute_stages(
     previous_layer: Layer = ()
     for number in range(1, spec.stages + 1):
         toolchain = toolchain_id(seed, layer)
-        keys = KeySet.compute(graph, tree_ids, toolchain, contents, old.get(toolchain), affected)
+        keys = KeySet.compute(
+            graph, tree_ids, toolchain, contents, old.get(toolchain), affected, on_seed=not layer
+        )
         stages.append(Stage(number, keys, layer))
         built = tuple(
             (name, keys.keys[name], keys.contents[name])

@@ -70,7 +70,9 @@ Key = tuple[str, str]
 
 # -- the recipe cache --------------------------------------------------------------------
 
-CACHE_FORMAT = 2  # 2: path sources, and the keys of the recipes that have them
+CACHE_FORMAT = 3
+"""2: path sources, and the keys of the recipes that have them; 3: bootstrap-depends, and
+allow-missing-sonames (which format 2 lost)"""
 CACHE_FILE = "recipes.msgpack"
 _MAGIC = "portsd-recipe-cache"
 _RECIPE, _ERROR = 1, 0
@@ -114,6 +116,7 @@ def encode_port(port: Port) -> bytes:
                 build.build,
                 build.check,
                 build.package,
+                list(build.allow_missing_sonames),
             ],
         ]
     )
@@ -124,7 +127,14 @@ def _has_paths(port: Port) -> bool:
 
 
 def _dependency_lists(port: Recipe) -> tuple[tuple[Dependency, ...], ...]:
-    return (port.depends, port.build_depends, port.check_depends, port.provides, port.conflicts)
+    return (
+        port.depends,
+        port.build_depends,
+        port.check_depends,
+        port.bootstrap_depends,
+        port.provides,
+        port.conflicts,
+    )
 
 
 class _Decoder:
@@ -151,10 +161,14 @@ class _Decoder:
         if fields[0] == _ERROR:
             return RecipeError(fields[1], [FileProblem(*problem) for problem in fields[2]])
         (_, name, version, release, summary, license_, homepage, arch) = fields[:8]
-        depends, build_depends, check_depends, provides, conflicts, sources, build = fields[8:]
+        depends, build_depends, check_depends, bootstrap, provides, conflicts = fields[8:14]
+        sources, build = fields[14:]
         spec = self.builds.get(build)
         if spec is None:
-            spec = self.builds[build] = BuildSpec(self.styles[build[0]], *build[1:])
+            style, args, directory, prepare, steps, check, package, allowed = build
+            spec = self.builds[build] = BuildSpec(
+                self.styles[style], args, directory, prepare, steps, check, package, allowed
+            )
         listed = self.dependency_list  # most lists are empty: skip the call for those
         return Recipe(
             name,
@@ -171,6 +185,7 @@ class _Decoder:
             listed(conflicts) if conflicts else (),
             tuple([Source(*source) for source in sources]),
             spec,
+            listed(bootstrap) if bootstrap else (),
         )
 
 
