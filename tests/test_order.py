@@ -83,6 +83,8 @@ def test_an_order_for_another_seed_format_or_arch_is_refused() -> None:
     ]:
         with pytest.raises(ConfigError, match=f"demo .*wants {what}"):
             check_builder(good, builder=builder, seed=seed, arch=arch)
+    # a self-contained toolchain's order stands on no seed: any builder's will do
+    check_builder(replace(good, seed=None), builder=BUILDER_FORMAT, seed="other", arch="x86_64")
 
 
 def test_the_store_keeps_the_most_recently_used_trees(tmp_path: Path) -> None:

@@ -295,3 +295,136 @@ def test_an_unknown_bootstrap_dependency_is_the_error_of_build_depends() -> None
     )
     parsed = parse_recipe(text.replace("[1]", '["cross>=1"]'), "ports/gcc/port.toml", "gcc")
     assert parsed.bootstrap_depends == (dep("cross>=1"),) and parsed.build_depends == ()
+
+
+BOOT = """\
+name = "boot"
+version = "1.0"
+summary = "A shell and four tools with their libraries: a toolchain that needs no seed"
+license = "MIT"
+bootstrap-depends = ["probe"]
+
+[build]
+package = '''
+if [ -e /usr/share/probe/here ]; then echo "with $(cat /usr/share/probe/here)"; fi
+for f in /usr/bin/dash /usr/bin/sh /usr/bin/cat /usr/bin/chmod /usr/bin/cp /usr/bin/mkdir \\
+    /usr/lib/x86_64-linux-gnu/libc.so.6 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \\
+    /usr/lib64/ld-linux-x86-64.so.2 /usr/lib/portsd-seed/libselinux.so.1 \\
+    /usr/lib/portsd-seed/libacl.so.1 /usr/lib/portsd-seed/libattr.so.1 \\
+    /usr/lib/portsd-seed/libpcre2-8.so.0; do
+  mkdir -p "$DESTDIR${f%/*}"
+  cp -P "$f" "$DESTDIR$f"
+done
+'''
+"""
+"""Stage 1 copies these files from the seed; stage 2, with no seed, from stage 1's
+package, at the same paths: the same content, so stage 2 is the fixed point."""
+
+PROBE = """\
+name = "probe"
+version = "1.0"
+summary = "What boot needs in stage 1 only"
+license = "MIT"
+
+[build]
+package = 'mkdir -p "$DESTDIR/usr/share/probe" && echo here > "$DESTDIR/usr/share/probe/here"'
+"""
+
+LOOK = """\
+name = "look"
+version = "1.0"
+summary = "Lists what its build root has"
+license = "MIT"
+
+[build]
+build = '''
+for f in /usr/bin/*; do echo "tool: ${f##*/}"; done
+'''
+package = 'mkdir -p "$DESTDIR/usr/share/look" && echo seen > "$DESTDIR/usr/share/look/seen"'
+"""
+
+
+def write_tree(tree: Path, toolchain: str, recipes: dict[str, str]) -> None:
+    for name, text in recipes.items():
+        (tree / "ports" / name).mkdir(parents=True)
+        (tree / "ports" / name / "port.toml").write_text(text)
+    (tree / "toolchain.toml").write_text(toolchain)
+
+
+def test_a_self_contained_toolchain_builds_from_stage_2_on_with_no_seed(tmp_path: Path) -> None:
+    """Stage 1 of ``boot`` stands on the seed (with its bootstrap dependency ``probe``);
+    stage 2 and everything built on it stand on stage 1's packages alone: no seed file
+    is in their build roots, and a build that needs a seed tool fails saying why."""
+    tree = tmp_path / "tree"
+    write_tree(
+        tree,
+        'ports = ["boot"]\nstages = 3\nself-contained = true\n',
+        {"boot": BOOT, "probe": PROBE, "look": LOOK},
+    )
+    state = tmp_path / "state"
+    first = build(tree, state)
+    assert first.stdout.count("built boot") == 2  # stage 2 reproduces stage 1
+    # probe: for stage 1's boot, then as any port of the tree, on the final stage
+    assert first.stdout.count("built probe") == 2 and "built look" in first.stdout
+    graph = ports("graph", "look", "--tree", tree, "--state", state).stdout
+    assert (
+        "toolchain: stage 2 of boot (built on stage 1's packages, no seed) (its fixed point)"
+        in graph
+    )
+    assert "build root (0)" in ports("graph", "boot", "--tree", tree, "--state", state).stdout
+    log = next((state / "logs" / "look").glob("*.log")).read_text()
+    tools = {line[len("tool: ") :] for line in log.splitlines() if line.startswith("tool: ")}
+    assert tools == {"dash", "sh", "cat", "chmod", "cp", "mkdir"}  # no gcc, no make, no tar
+    boots = [log.read_text().splitlines() for log in (state / "logs" / "boot").glob("*.log")]
+    assert sorted("with here" in lines for lines in boots) == [False, True]  # stage 1's only
+
+    gcc = 'name = "cc-user"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\n'
+    gcc += "[build]\nbuild = 'gcc --version'\n"
+    (tree / "ports" / "cc-user").mkdir()
+    (tree / "ports" / "cc-user" / "port.toml").write_text(gcc)
+    failed = build(tree, state, "cc-user", check=False)
+    assert failed.returncode != 0
+    assert (
+        "cc-user: build failed (exit 127 (command not found): this build root has no seed"
+        " beneath it (a self-contained toolchain), only the toolchain's packages"
+        in " ".join(failed.stdout.split())
+    )
+
+
+def test_a_self_contained_toolchain_without_a_shell_fails_in_one_line(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    write_tree(tree, 'ports = ["probe"]\nself-contained = true\n', {"probe": PROBE, "look": LOOK})
+    state = tmp_path / "state"
+    result = build(tree, state, check=False)
+    assert result.returncode != 0 and result.stdout.count("built probe") == 1  # stage 1
+    assert (
+        "probe: prepare failed (the build root has no /bin/sh: the toolchain is self-contained"
+        " (toolchain.toml), so one of its ports must provide the shell, as busybox does)"
+        in " ".join(result.stdout.split())
+    )
+
+
+def test_a_self_contained_toolchain_leaves_the_seed_out_of_its_later_keys() -> None:
+    """From stage 2 on nothing of the seed is in a build root, so nothing of it is in the
+    keys: two seeds whose stage 1 comes out the same give the same stage 2. A toolchain
+    with the seed beneath has other keys (its roots differ)."""
+    assert parse_toolchain('ports = ["cc"]\nself-contained = true\n').self_contained
+    with pytest.raises(ToolchainError) as raised:
+        parse_toolchain('ports = ["cc"]\nself-contained = "yes"\n')
+    assert str(raised.value) == "toolchain.toml:2: 'self-contained' must be true or false"
+    ports_ = tree()
+    graph = Graph.build(ports_, "x86_64")
+    ids = {name: f"tree-{name}" for name in ports_}
+    alone, beneath = ToolchainSpec(("cc",), 3, (), True), ToolchainSpec(("cc",), 3)
+    found = {}
+    for seed, spec in ((SEED, alone), ("6" * 64, alone), (SEED, beneath)):
+        contents: dict[str, str] = {}
+        stages = compute_stages(graph, ids, seed, spec, contents)
+        while stages.current.number < 2:
+            for name in stages.current.keys.unbuilt:  # stage 1 makes the same content
+                contents[stages.current.keys.keys[name]] = hashlib.sha256(name.encode()).hexdigest()
+            stages = compute_stages(graph, ids, seed, spec, contents, stages)
+        assert stages.current.seed_beneath is not spec.self_contained
+        found[seed, spec.self_contained] = stages.current.keys.keys
+    assert found[SEED, True] == found["6" * 64, True] != found[SEED, False]
+    assert "libc" in found[SEED, True]

@@ -74,6 +74,16 @@ ARCHIVE_SUFFIXES = (
 MERGED_USR = sandbox.LAYOUT
 """Top-level directories of a dependency merged into usr/: what the sandbox links there."""
 
+NO_SHELL = (
+    "the build root has no /bin/sh: the toolchain is self-contained (toolchain.toml), so"
+    " one of its ports must provide the shell, as busybox does"
+)
+NOT_FOUND = 127  # the shell's status for a command it cannot find
+NO_SEED = (
+    "this build root has no seed beneath it (a self-contained toolchain), only the"
+    " toolchain's packages and the port's dependencies"
+)
+
 _WORK_DIRS = ("src", "pkg", "home", "tmp", "etc", "usr", "deps")
 _HOST_ENV = {"PATH": sandbox.SYSTEM_PATH, "LANG": "C.UTF-8"}
 
@@ -88,7 +98,9 @@ class BuildRequest:
     root of one package (``usr/include/...``); a single root is used as it is, so a caller
     may pass one tree composed once with ``compose_root`` and cached by the set of
     dependency keys. ``toolchain`` is the unpacked root (the seed's) whose ``usr/`` is the
-    build's /usr: nothing of the host's is. ``workdir`` is this build's private directory
+    build's /usr: nothing of the host's is. ``self_contained``: that root is a tree of
+    packages with no seed in it (a self-contained toolchain's stage), which must bring
+    its own /bin/sh. ``workdir`` is this build's private directory
     (its subdirectories are wiped first); ``hidden`` are host paths the build must never
     see (state directory, signing key). ``timeout`` (seconds) bounds the whole build;
     setting ``cancel`` stops it. ``limits`` bound each step's processes, memory and open
@@ -103,6 +115,7 @@ class BuildRequest:
     log: Path
     arch: str
     toolchain: Path
+    self_contained: bool = False
     dependency_roots: tuple[Path, ...] = ()
     jobs: int = 1
     timeout: float = 3600.0
@@ -299,6 +312,10 @@ class _Build:
                 raise FetchError(self.recipe.name, source.filename, "not among the fetched sources")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write_bytes(b"")
+        shell = request.toolchain / "usr" / "bin" / "sh"
+        if request.self_contained and not os.path.lexists(shell):
+            self._say(f"==> prepare: {NO_SHELL}")
+            raise BuildError(self.recipe.name, BuildStep.PREPARE.value, NO_SHELL, str(self.log))
         self.spec = self._setup()
         sandbox.check(self.spec)
         self._say(
@@ -411,6 +428,8 @@ class _Build:
         if not result.ok:
             status = f"timed out after {self.request.timeout:g} s" if result.timed_out else None
             status = status or result.status
+            if result.returncode == NOT_FOUND and self.request.self_contained:
+                status += f": {NO_SEED}"
             self._say(f"==> {step}: failed ({status}) after {result.duration:.2f} s")
             raise BuildError(self.recipe.name, step.value, status, str(self.log))
 

@@ -67,20 +67,23 @@ def check_needs(
     destdir: Path,
     log: Path,
     *,
-    seed_root: Path,
+    seed_root: Path | None,
     closure: Sequence[tuple[Path, Iterable[str]]],
 ) -> tuple[str, ...]:
     """Check the package built in ``destdir`` and return the sonames it provides.
 
-    ``closure`` is each runtime dependency's unpacked root and recorded sonames. Raises
+    ``seed_root`` is the seed beneath the build (None: a self-contained toolchain's stage,
+    whose C runtime is a port's like any library). ``closure`` is each runtime
+    dependency's unpacked root and recorded sonames. Raises
     ``UnmetNeed`` for the first need nothing meets (unless the recipe allows it), after
     listing every one in ``log``.
     """
     files = read_tree(destdir)
-    provided = set(seed_sonames(seed_root))
+    provided = set(seed_sonames(seed_root)) if seed_root is not None else set()
     for _, sonames in closure:
         provided.update(sonames)
-    roots = (destdir, seed_root, *(root for root, _ in closure))
+    beneath = () if seed_root is None else (seed_root,)
+    roots = (destdir, *beneath, *(root for root, _ in closure))
     present = set()
     for interpreter in interpreters(files):
         rel = interpreter.lstrip("/")

@@ -6,7 +6,8 @@ packages of the build root and of the runtime closure by build key (with their f
 size and sha256, so they can be fetched from any copy of the repository and verified),
 and the builder format and seed its key was computed for. A builder whose format or seed
 differs would make other bytes under the same key, so it refuses the order
-(``check_builder``).
+(``check_builder``). An order with no seed (a stage of a self-contained toolchain) is
+built in a root of its packages alone, so any builder's seed will do.
 
 The builder returns a package file; only the coordinator checks, signs and publishes it.
 """
@@ -53,7 +54,7 @@ class BuildOrder:
     paths: tuple[tuple[str, str], ...]
     root: tuple[Layer, ...]
     runtime: tuple[Layer, ...]
-    seed: str  # content id of the bootstrap seed
+    seed: str | None  # content id of the bootstrap seed beneath the root; None: no seed
     builder: int  # BUILDER_FORMAT
     jobs: int
     timeout: float
@@ -107,7 +108,7 @@ def check_builder(order: BuildOrder, *, builder: int, seed: str, arch: str) -> N
     """Refuse an order this builder would build differently from its key's promise."""
     for what, wanted, have in (
         ("builder format", order.builder, builder),
-        ("seed", order.seed, seed),
+        ("seed", order.seed or seed, seed),
         ("arch", order.arch, arch),
     ):
         if wanted != have:

@@ -34,6 +34,7 @@ from portsd.core.keys import BUILDER_FORMAT, KeySet
 from portsd.core.metadata import PackageMeta
 from portsd.core.plan import PlannedBuild
 from portsd.core.recipe import DepKind
+from portsd.core.toolchain import Stage
 from portsd.errors import PackageError, RepoError
 from portsd.pkg.archive import content_id
 from portsd.pkg.package import PackageReader
@@ -71,6 +72,11 @@ class Revision:
     @property
     def keys(self) -> KeySet:
         return self.evaluation.keys
+
+    @property
+    def stage(self) -> Stage:
+        """The toolchain stage the planned builds stand on."""
+        return self.evaluation.stages.current
 
 
 @dataclass(slots=True)
@@ -158,7 +164,7 @@ class Workspace:
             ),
             root=self._root(revision, build.name),
             runtime=tuple(self._layer(revision, dep) for dep in sorted(runtime)),
-            seed=self.seed.content_id,
+            seed=self.seed.content_id if revision.stage.seed_beneath else None,
             builder=BUILDER_FORMAT,
             jobs=self.config.make_jobs,
             timeout=self.config.build_timeout,
@@ -201,9 +207,7 @@ class Workspace:
         port's build root."""
         root = revision.keys.build_root(revision.graph, name)
         toolchain = [
-            self._layer_of(tool, key)
-            for tool, key, _ in revision.evaluation.stages.current.layer
-            if tool not in root
+            self._layer_of(tool, key) for tool, key, _ in revision.stage.layer if tool not in root
         ]
         return (*toolchain, *(self._layer(revision, dep) for dep in root))
 

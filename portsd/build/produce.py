@@ -92,11 +92,17 @@ class Producer:
             sources.update(self.fetcher.fetch_sync(order.name, order.sources, cancel))
             unpacked = self._unpacked((*order.root, *order.runtime), cancel)
             layers = [(layer.key, unpacked[layer.key]) for layer in order.root]
-            # several packages: one tree per set of keys, composed once and then reused
-            if len(layers) > 1:
-                roots: tuple[Path, ...] = (self.store.composed(layers),)
+            seed_root = self.seed.root if order.seed is not None else None
+            # several packages: one tree per set of keys, composed once and then reused;
+            # with no seed, that tree is the whole /usr (even of one package: composing
+            # merges its top-level bin/ and lib/ into usr/)
+            if seed_root is None:
+                toolchain = self.store.composed(layers)
+                roots: tuple[Path, ...] = ()
+            elif len(layers) > 1:
+                toolchain, roots = seed_root, (self.store.composed(layers),)
             else:
-                roots = tuple(root for _, root in layers)
+                toolchain, roots = seed_root, tuple(root for _, root in layers)
             result = build_port(
                 BuildRequest(
                     recipe=recipe,
@@ -106,7 +112,8 @@ class Producer:
                     workdir=workdir / "build",
                     log=log,
                     arch=order.arch,
-                    toolchain=self.seed.root,
+                    toolchain=toolchain,
+                    self_contained=seed_root is None,
                     dependency_roots=roots,
                     jobs=order.jobs,
                     timeout=order.timeout,
@@ -121,7 +128,7 @@ class Producer:
                 recipe,
                 result.destdir,
                 log,
-                seed_root=self.seed.root,
+                seed_root=seed_root,
                 closure=[(unpacked[layer.key], layer.sonames) for layer in order.runtime],
             )
             if self.alter is not None:

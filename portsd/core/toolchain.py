@@ -3,11 +3,13 @@
 Pure. A tree may name, in ``toolchain.toml`` beside ``ports/``, the ports every build gets
 implicitly. They cannot be built with themselves before they exist, so they are built in
 stages: stage 1 on the bootstrap seed alone, stage k+1 on stage k's packages (the
-toolchain ports and their runtime closure: the **layer**). A stage's key set is an
-ordinary ``KeySet`` whose toolchain id covers the seed and the layer's content ids, so
-stage k+1 == stage k in content means stage k+2 would repeat stage k+1 key for key: the
-fixed point. The stage that reaches it is the final one; every port of the tree is built
-on it. A tree without ``toolchain.toml`` has one stage, the seed, and keys as before.
+toolchain ports and their runtime closure: the **layer**), over the seed, or, for a
+``self-contained`` toolchain, with no seed beneath at all. A stage's key set is an
+ordinary ``KeySet`` whose toolchain id covers the layer's content ids and the seed
+beneath it (if any), so stage k+1 == stage k in content means stage k+2 would repeat
+stage k+1 key for key: the fixed point. The stage that reaches it is the final one;
+every port of the tree is built on it. A tree without ``toolchain.toml`` has one stage,
+the seed, and keys as before.
 
 While the toolchain is still building, only its ports (and what they need) are planned;
 every other port waits for the toolchain. More than ``stages`` stages is an error naming
@@ -39,6 +41,7 @@ class ToolchainSpec:
     ports: tuple[str, ...]
     stages: int = DEFAULT_STAGES
     arch: tuple[str, ...] = ()  # the architectures it is for; empty: every one
+    self_contained: bool = False  # from stage 2 on, no seed beneath the stage's packages
 
     def applies_to(self, arch: str) -> bool:
         return not self.arch or arch in self.arch
@@ -58,9 +61,11 @@ def parse_toolchain(text: str, path: str = TOOLCHAIN_FILE) -> ToolchainSpec:
         return ToolchainError(FileProblem(path, message, line))
 
     for key in data:
-        if key not in ("ports", "stages", "arch"):
+        if key not in ("ports", "stages", "arch", "self-contained"):
             raise fail(
-                key, f"unknown key '{key}' (toolchain.toml has 'ports', 'stages' and 'arch')"
+                key,
+                f"unknown key '{key}' (toolchain.toml has 'ports', 'stages', 'arch' and"
+                " 'self-contained')",
             )
     ports = data.get("ports")
     if not isinstance(ports, list) or not ports or not all(isinstance(p, str) for p in ports):
@@ -74,20 +79,26 @@ def parse_toolchain(text: str, path: str = TOOLCHAIN_FILE) -> ToolchainSpec:
     arch = data.get("arch", [])
     if not isinstance(arch, list) or not all(isinstance(a, str) and a for a in arch):
         raise fail("arch", "'arch' must be a list of architecture names")
-    return ToolchainSpec(tuple(sorted(ports)), stages, tuple(sorted(set(arch))))
+    alone = data.get("self-contained", False)
+    if not isinstance(alone, bool):
+        raise fail("self-contained", "'self-contained' must be true or false")
+    return ToolchainSpec(tuple(sorted(ports)), stages, tuple(sorted(set(arch))), alone)
 
 
 Layer = tuple[tuple[str, str, str], ...]
 """(name, build key, content id) of each package a stage stands on, sorted by name."""
 
 
-def toolchain_id(seed: str, layer: Layer) -> str:
+def toolchain_id(seed: str, layer: Layer, self_contained: bool = False) -> str:
     """The toolchain id that enters a stage's keys: the seed's content id alone without a
-    layer (so a tree without a toolchain keeps its keys), else a digest of both."""
+    layer (so a tree without a toolchain keeps its keys), else a digest of both; for a
+    self-contained layer, of the layer alone (no seed is beneath it: two seeds that give
+    the same stage 1 give the same keys from stage 2 on)."""
     if not layer:
         return seed
     contents = [[name, content] for name, _, content in layer]
-    return hashlib.sha256(msgpack.packb(["portsd-toolchain", seed, contents])).hexdigest()
+    beneath = None if self_contained else seed
+    return hashlib.sha256(msgpack.packb(["portsd-toolchain", beneath, contents])).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +108,20 @@ class Stage:
     number: int
     keys: KeySet
     layer: Layer  # empty: the seed alone
+    self_contained: bool = False  # the layer has no seed beneath
+
+    @property
+    def seed_beneath(self) -> bool:
+        """Whether this stage's build roots have the seed beneath their packages."""
+        return not (self.self_contained and self.layer)
 
     def describe(self, spec: ToolchainSpec | None) -> str:
         """``the seed 1a2b3c4d5e6f`` or ``stage 2 of gcc, make, musl``, for humans."""
         if spec is None:
             return f"the seed {self.keys.toolchain[:12]}"
         on = "the seed" if not self.layer else f"stage {self.number - 1}'s packages"
-        return f"stage {self.number} of {', '.join(spec.ports)} (built on {on})"
+        alone = "" if self.seed_beneath else ", no seed"
+        return f"stage {self.number} of {', '.join(spec.ports)} (built on {on}{alone})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +185,11 @@ def compute_stages(
     layer: Layer = ()
     previous_layer: Layer = ()
     for number in range(1, spec.stages + 1):
-        toolchain = toolchain_id(seed, layer)
+        toolchain = toolchain_id(seed, layer, spec.self_contained)
         keys = KeySet.compute(
             graph, tree_ids, toolchain, contents, old.get(toolchain), affected, on_seed=not layer
         )
-        stages.append(Stage(number, keys, layer))
+        stages.append(Stage(number, keys, layer, spec.self_contained))
         built = tuple(
             (name, keys.keys[name], keys.contents[name])
             for name in sorted(members)
