@@ -428,3 +428,19 @@ def test_a_self_contained_toolchain_leaves_the_seed_out_of_its_later_keys() -> N
         found[seed, spec.self_contained] = stages.current.keys.keys
     assert found[SEED, True] == found["6" * 64, True] != found[SEED, False]
     assert "libc" in found[SEED, True]
+
+
+def test_the_client_builds_the_toolchain_stages_itself(tmp_path: Path) -> None:
+    """``ports install --tree`` with no cache: the toolchain's three stages, then the port
+    on the final one, the same builds ``ports build`` makes."""
+    tree = tmp_path / "tree"
+    write_tree(tree, 'ports = ["tinycc"]\n', {"tinycc": TINYCC, "hello": HELLO})
+    root = tmp_path / "root"
+    root.mkdir()
+    result = ports("install", "hello", "--root", root, "--tree", tree)
+    assert result.stdout.count("building tinycc from source") == 3
+    assert "building hello from source" in result.stdout
+    assert (root / "usr" / "bin" / "hello").is_file()
+    state = tmp_path / "state"
+    build(tree, state, "hello")  # a build host's: the same stages, the same key
+    assert published(state)["hello"] in ports("info", "hello", "--root", root).stdout

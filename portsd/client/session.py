@@ -162,35 +162,60 @@ def _settle(
     sources: Sources, requests: Sequence[str], obtainer: Obtainer, contents: Contents
 ) -> None:
     """Obtain what the ports ``requests`` name (and what they need) wait for, wave by wave,
-    until none of them is pending: then their keys are known and they can be resolved."""
+    until none of them is pending: then their keys are known and they can be resolved.
+    The tree's toolchain comes first, stage by stage, where no cache has its packages."""
     checkout = sources.checkout
     if checkout is None:
         return
     graph = checkout.evaluation.graph
+    obtained: set[str] = set()
+    while not checkout.evaluation.stages.converged:
+        stages = checkout.evaluation.stages
+        keys = stages.current.keys
+        # the stage's toolchain ports no cache has, or what they wait for (gmp, stage 1's
+        # cross compiler): built here, then the next stage is keyed on their content
+        waits = {keys.pending[n] for n in stages.members if n in keys.pending}
+        waits.update(n for n in stages.members if n in keys.unbuilt)
+        if not waits or obtained.issuperset(keys.keys[n] for n in waits):
+            break  # stuck (a toolchain port cannot be built): resolving says what is missing
+        checkout = _obtain(obtainer, checkout, sorted(waits), obtained, contents)
     asked = [n for n in (Dependency.parse(r).name for r in requests) if n in graph]
     closure = graph.runtime_closure(
         graph.dependency_closure(asked, checkout.evaluation.keys.on_seed)
     )
-    obtained: set[str] = set()
-    while True:
+    while checkout.evaluation.stages.converged:
         keys = checkout.evaluation.keys
-        waits = sorted({keys.pending[n] for n in closure if n in keys.pending})
+        waits = {keys.pending[n] for n in closure if n in keys.pending}
         if not waits or obtained.issuperset(keys.keys[n] for n in waits):
             break  # nothing waits, or on nothing new: resolving says what is missing
-        obtained.update(keys.keys[n] for n in waits)
-        obtainer.checkout = checkout  # it builds the keys of this evaluation
-        recipes = [(name, graph.recipe(name)) for name in waits]
-        obtainer.obtain(
-            [
-                PackageMeta.of(recipe, keys.keys[name], graph.arch)
-                for name, recipe in recipes
-                if recipe is not None
-            ]
-        )
-        evaluation = checkout.evaluation.advance(checkout.evaluation.listing, {}, contents)
-        checkout = replace(checkout, evaluation=evaluation)
+        checkout = _obtain(obtainer, checkout, sorted(waits), obtained, contents)
     sources.checkout = checkout
     sources.available = _buildable(checkout, graph.arch)
+
+
+def _obtain(
+    obtainer: Obtainer,
+    checkout: Checkout,
+    names: Sequence[str],
+    obtained: set[str],
+    contents: Contents,
+) -> Checkout:
+    """Obtain the packages of ``names`` (keyed ports of the checkout's current stage) and
+    return the checkout evaluated again with their content known."""
+    keys = checkout.evaluation.keys
+    graph = checkout.evaluation.graph
+    obtained.update(keys.keys[n] for n in names)
+    obtainer.checkout = checkout  # it builds the keys of this evaluation
+    recipes = [(name, graph.recipe(name)) for name in names]
+    obtainer.obtain(
+        [
+            PackageMeta.of(recipe, keys.keys[name], graph.arch)
+            for name, recipe in recipes
+            if recipe is not None
+        ]
+    )
+    evaluation = checkout.evaluation.advance(checkout.evaluation.listing, {}, contents)
+    return replace(checkout, evaluation=evaluation)
 
 
 async def _open_caches(
@@ -265,7 +290,8 @@ def install(
     """Install (or upgrade) ``requests`` and what they need, all or nothing; None when the
     system already has everything asked for."""
     obtainer = None
-    if sources.checkout is not None and sources.checkout.evaluation.keys.pending:
+    evaluation = sources.checkout.evaluation if sources.checkout is not None else None
+    if evaluation is not None and (evaluation.keys.pending or not evaluation.stages.converged):
         obtainer = _obtainer(sources, reporter)
         _settle(
             sources, requests, obtainer, _Contents(sources.caches, StoredContents(obtainer.repo))
