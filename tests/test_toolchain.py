@@ -444,3 +444,19 @@ def test_the_client_builds_the_toolchain_stages_itself(tmp_path: Path) -> None:
     state = tmp_path / "state"
     build(tree, state, "hello")  # a build host's: the same stages, the same key
     assert published(state)["hello"] in ports("info", "hello", "--root", root).stdout
+
+
+def test_lint_names_bootstrap_depends_no_build_uses(tmp_path: Path) -> None:
+    """With a toolchain, only stage 1 stands on the seed, and it builds the toolchain and
+    what that needs: another port's bootstrap-depends are dead, and lint says so."""
+    tree = tmp_path / "tree"
+    idle = LOOK.replace('license = "MIT"\n', 'license = "MIT"\nbootstrap-depends = ["probe"]\n')
+    write_tree(tree, 'ports = ["boot"]\n', {"boot": BOOT, "probe": PROBE, "look": idle})
+    result = ports("lint", "--tree", tree, check=False)
+    assert result.returncode == 1
+    assert (
+        "ports/look/port.toml:5: look is not built in stage 1 of the toolchain (toolchain.toml),"
+        " so its bootstrap-depends are never used" in " ".join(result.stdout.split())
+    )
+    (tree / "toolchain.toml").unlink()  # every build on the seed: they count
+    assert "no problems" in ports("lint", "--tree", tree).stdout

@@ -54,12 +54,35 @@ def lint(args: argparse.Namespace, console: Console) -> int:
         for line in lines:
             count += 1
             console.print(f"[red]{escape(line)}[/]")
+    for line in _unused_bootstraps(opened.evaluation, opened.tree.snapshot):
+        ports += 1
+        count += 1
+        console.print(f"[red]{escape(line)}[/]")
     total = len(opened.tree.listing)
     if count:
         console.print(f"{total} ports checked: {count} problem(s) in {ports} port(s)")
         return 1
     console.print(f"{total} ports checked: no problems")
     return 0
+
+
+def _unused_bootstraps(evaluation: Evaluation, snapshot: TreeSnapshot) -> list[str]:
+    """Where a tree's toolchain applies, only stage 1 builds on the seed, and it builds only
+    the toolchain and what that needs: ``bootstrap-depends`` of any other port are dead."""
+    stages, graph = evaluation.stages, evaluation.graph
+    if stages.spec is None:
+        return []  # every build stands on the seed: every bootstrap-depends counts
+    stage1 = graph.dependency_closure(stages.members, on_seed=True)
+    found = []
+    for name in sorted(set(graph.names()) - stage1):
+        recipe = graph.recipe(name)
+        if recipe is not None and recipe.bootstrap_depends:
+            where = _where(snapshot, name, str(recipe.bootstrap_depends[0]))
+            found.append(
+                f"{where}: {name} is not built in stage 1 of the toolchain (toolchain.toml),"
+                " so its bootstrap-depends are never used"
+            )
+    return found
 
 
 def _where(snapshot: TreeSnapshot, port: str, dependency: str) -> str:
