@@ -445,6 +445,17 @@ def test_the_client_builds_the_toolchain_stages_itself(tmp_path: Path) -> None:
     build(tree, state, "hello")  # a build host's: the same stages, the same key
     assert published(state)["hello"] in ports("info", "hello", "--root", root).stdout
 
+    (tree / "ports" / "tinycc" / "port.toml").write_text(
+        TINYCC.replace('version = "1.0"', "version = 1")
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    broken = ports("install", "hello", "--root", other, "--tree", tree, check=False)
+    assert broken.returncode == 1
+    assert "error: the tree's toolchain (toolchain.toml) cannot be built: ports/tinycc" in (
+        broken.stderr
+    )
+
 
 def test_lint_names_bootstrap_depends_no_build_uses(tmp_path: Path) -> None:
     """With a toolchain, only stage 1 stands on the seed, and it builds the toolchain and

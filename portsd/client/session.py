@@ -41,6 +41,7 @@ from portsd.core.keys import Contents
 from portsd.core.metadata import PACKAGE_SUFFIX, PackageMeta
 from portsd.core.recipe import Dependency
 from portsd.core.resolve import Action, Mode, Resolution, resolve
+from portsd.core.toolchain import TOOLCHAIN_FILE
 from portsd.errors import (
     BrokenDependencies,
     ConfigError,
@@ -177,7 +178,11 @@ def _settle(
         waits = {keys.pending[n] for n in stages.members if n in keys.pending}
         waits.update(n for n in stages.members if n in keys.unbuilt)
         if not waits or obtained.issuperset(keys.keys[n] for n in waits):
-            break  # stuck (a toolchain port cannot be built): resolving says what is missing
+            problems = [str(keys.blocked[n]) for n in sorted(stages.members) if n in keys.blocked]
+            raise InstallError(
+                f"the tree's toolchain ({TOOLCHAIN_FILE}) cannot be built: "
+                + (problems[0].splitlines()[0] if problems else stages.describe())
+            )
         checkout = _obtain(obtainer, checkout, sorted(waits), obtained, contents)
     asked = [n for n in (Dependency.parse(r).name for r in requests) if n in graph]
     closure = graph.runtime_closure(
