@@ -4,13 +4,16 @@ real builds with `ports build`: gcc in the sandbox, a real shared library."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from portsd.build.needs import seed_sonames
+from portsd.build.needs import check_needs, seed_sonames
 from portsd.build.seed import Seed
 from portsd.core.linkage import ElfLinkage, Miss, misses, provided_sonames
+from portsd.core.recipe import parse_recipe
+from portsd.errors import UnmetNeed
 from tests.fixtures import commit_all, git
 from tests.test_build import build, repository
 
@@ -58,6 +61,26 @@ def test_the_seed_provides_the_c_runtime_and_nothing_private(seed: Seed) -> None
     assert "ld-linux-x86-64.so.2" in provided
     # the seed's programs' own libraries stay out of sight
     assert not {"libz.so.1", "libzstd.so.1", "libgmp.so.10"} & provided
+
+
+MINIMAL = 'name = "cat"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\n'
+
+
+def test_with_no_seed_beneath_its_c_runtime_provides_nothing(seed: Seed, tmp_path: Path) -> None:
+    """A stage of a self-contained toolchain has no seed in its roots: a program linked
+    against the seed's libc is then a miss, as it would be where the package is installed."""
+    destdir = tmp_path / "pkg"
+    (destdir / "usr" / "bin").mkdir(parents=True)
+    shutil.copyfile(seed.root / "usr" / "bin" / "cat", destdir / "usr" / "bin" / "cat")
+    recipe = parse_recipe(MINIMAL, "ports/cat/port.toml", "cat")
+    log = tmp_path / "log"
+    assert check_needs(recipe, destdir, log, seed_root=seed.root, closure=[]) == ()
+    with pytest.raises(UnmetNeed) as raised:
+        check_needs(recipe, destdir, log, seed_root=None, closure=[])
+    assert str(raised.value).startswith(
+        "cat: usr/bin/cat needs /lib64/ld-linux-x86-64.so.2, which neither cat nor its runtime"
+    )
+    assert "needs soname libc.so.6, unprovided" in log.read_text()
 
 
 # -- real builds ---------------------------------------------------------------------------
