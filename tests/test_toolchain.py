@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portsd.core.evaluate import Evaluation
 from portsd.core.graph import Graph
@@ -471,3 +473,61 @@ def test_lint_names_bootstrap_depends_no_build_uses(tmp_path: Path) -> None:
     )
     (tree / "toolchain.toml").unlink()  # every build on the seed: they count
     assert "no problems" in ports("lint", "--tree", tree).stdout
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    on_seed=st.booleans(),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e"]),
+            st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=2, unique=True),
+            st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=2, unique=True),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_incremental_keys_with_bootstrap_depends_equal_a_full_evaluation(
+    on_seed: bool, edits: list[tuple[str, list[str], list[str]]]
+) -> None:
+    """Recipes gain and lose build and bootstrap dependencies one commit at a time, every
+    build done in between: on the seed or on a stage, the incremental keys are a full
+    evaluation's, and on a stage no key depends on a bootstrap dependency."""
+    ports: dict[str, Recipe] = {n: port(n) for n in "abcde"}
+    graph = Graph.build(ports, "x86_64")
+    tree_ids = {name: f"tree-{name}" for name in ports}
+    contents: dict[str, str] = {}
+
+    def settle(keys: KeySet | None, affected: frozenset[str] = frozenset()) -> KeySet:
+        keys = KeySet.compute(graph, tree_ids, SEED, contents, keys, affected, on_seed)
+        while keys.unbuilt:
+            for name in keys.unbuilt:
+                contents[keys.keys[name]] = hashlib.sha256(keys.keys[name].encode()).hexdigest()
+            keys = KeySet.compute(graph, tree_ids, SEED, contents, keys, (), on_seed)
+        return keys
+
+    keys = settle(None)
+    for step, (name, build_deps, bootstrap) in enumerate(edits):
+        recipe = replace(
+            port(name, build=tuple(d for d in build_deps if d != name)),
+            bootstrap_depends=tuple(dep(d) for d in bootstrap if d != name),
+        )
+        ports[name] = recipe
+        tree_ids[name] = f"tree-{name}-{step}"
+        graph, affected = graph.updated({name: recipe})
+        keys = settle(keys, affected)
+        full = KeySet.compute(graph, tree_ids, SEED, contents, on_seed=on_seed)
+        assert keys.keys == full.keys and keys.contents == full.contents
+        assert {n: str(p) for n, p in keys.blocked.items()} == {
+            n: str(p) for n, p in full.blocked.items()
+        }
+        if not on_seed:  # the same keys as with every bootstrap-depends removed
+            plain = {n: replace(r, bootstrap_depends=()) for n, r in ports.items()}
+            plain_keys = KeySet.compute(
+                Graph.build(plain, "x86_64"), tree_ids, SEED, contents, on_seed=False
+            )
+            assert plain_keys.keys.keys() <= keys.keys.keys() | full.blocked.keys()
+            assert {n: k for n, k in plain_keys.keys.items() if n in keys.keys} == {
+                n: keys.keys[n] for n in plain_keys.keys if n in keys.keys
+            }
