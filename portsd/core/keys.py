@@ -283,9 +283,13 @@ class KeySet:
             # one (both edited) was keyed from stale states, and is pending too.
             above = graph.reverse_closure({d for h in holds for d in graph.dependents(h)})
             above.difference_update(self.blocked)
-            for name in above:
-                self.keys.pop(name, None)
-                self.contents.pop(name, None)
+            if len(above) * 8 < len(self.keys):
+                for name in above:
+                    self.keys.pop(name, None)
+                    self.contents.pop(name, None)
+            else:  # thousands: filtering the whole dicts once is faster than popping each
+                self.keys = {k: v for k, v in self.keys.items() if k not in above}
+                self.contents = {k: v for k, v in self.contents.items() if k not in above}
             self.unbuilt -= above
             self._pending |= above
 
