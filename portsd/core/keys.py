@@ -364,7 +364,15 @@ class KeySet:
             pending.add(name)
             return
         sources = [s.sha256 for s in recipe.sources if s.url is not None and s.sha256]
-        pairs = [(dep, built[dep]) for dep in self.build_root(graph, name)]
+        pairs = []
+        for dep in self.build_root(graph, name):
+            content = built.get(dep)
+            if content is None:
+                # Only above a port that lost its package in this very walk, whose
+                # dependents' states are stale until its sweep makes them all pending.
+                pending.add(name)
+                return
+            pairs.append((dep, content))
         key = _key(self._pack, tree_id, sources, graph.arch, self.toolchain, pairs)
         keys[name] = key
         content = contents.get(key)
