@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import repeat
 
-from portsd.core.provider import choose_provider, offered_version
+from portsd.core.provider import choose_provider, meets, offered_version
 from portsd.core.recipe import Dependency, DepKind, Recipe
 from portsd.errors import DependencyCycle, GraphError, MissingDependency, RecipeError
 
@@ -150,10 +150,10 @@ class Graph:
                 was, now = old.get(provided), new.get(provided)
                 if was == now:
                     continue
-                # Another version offered changes only what a versioned dependency chooses.
-                versioned = was is not None and now is not None and was[0] == now[0] == OFFERS
-                index = graph._constrained_by if versioned else graph._wanted_by
-                rescan.update(index.get(provided))
+                if was is None or now is None or not was[0] == now[0] == OFFERS:
+                    rescan.update(graph._wanted_by.get(provided))
+                else:
+                    rescan.update(graph._reversioned(provided, was[1], now[1]))
         affected = set(changes)
         rewired = set(changes)  # ports whose edges changed
         for name in rescan:
@@ -191,6 +191,25 @@ class Graph:
         graph._missing = dict(self._missing)
         graph._cycles = dict(self._cycles)
         return graph
+
+    def _reversioned(self, name: str, was: str | None, now: str | None) -> Iterator[str]:
+        """The ports whose dependencies may resolve differently now that a port offers
+        ``now`` instead of ``was`` for ``name``: those with a versioned dependency on it
+        that one version meets and the other does not (the other candidates are as they
+        were), and those missing one (the message names the versions offered)."""
+        differs: dict[Dependency, bool] = {}
+        for port in self._constrained_by.get(name):
+            if port in self._missing:
+                yield port
+                continue
+            for _, dep in self._recipes[port].dependencies():
+                if dep.name != name or dep.op is None:
+                    continue
+                if dep not in differs:
+                    differs[dep] = meets(was, dep) != meets(now, dep)
+                if differs[dep]:
+                    yield port
+                    break
 
     def _offers(self, name: str) -> dict[str, tuple[str, str | None]]:
         """What port ``name`` offers, by provided name: a version (``OFFERS``), or itself
