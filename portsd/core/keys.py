@@ -260,7 +260,6 @@ class KeySet:
         def examine(name: str) -> None:
             if name not in seeds and changed.isdisjoint(e.target for e in graph.edges(name)):
                 return
-            before = previous._state(name)
             self._forget(name)
             self._evaluate(graph, name, tree_ids[name], contents)
             if name in self._pending or name in self.unbuilt:
@@ -269,7 +268,11 @@ class KeySet:
                     return
                 if name in previous._pending or name in previous.unbuilt:
                     return  # what is above it waited before, and still waits
-            elif name not in seeds and self._state(name) == before:
+            elif (
+                name not in seeds
+                and name not in previous._pending  # pending then, not now: changed
+                and self._state(name) == previous._state(name)
+            ):
                 return
             changed.add(name)
             queue.extend(graph.dependents(name))
