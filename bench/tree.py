@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pygit2
 
 from portsd.core.evaluate import Evaluation
-from portsd.core.graph import Graph
+from portsd.core.graph import Graph, PortChange
 from portsd.core.keys import KeySet
-from portsd.core.plan import make_plan
+from portsd.core.plan import Triage, critical_path, make_plan, triage
 from portsd.core.recipe import parse_recipe
 from portsd.tree.gitrepo import GitRepo, GitSnapshot
-from portsd.tree.loader import TreeLoader
+from portsd.tree.loader import Tree, TreeLoader
 
 PORTS = 30_000
 SEED = 20_240_601
@@ -240,27 +240,57 @@ def child(scenario: str, repo: str, cache: str, leaf: str, hub: str) -> Timings:
         clock.time("materialise", tree.recipes)
         assert loader.parses == 0
     elif scenario in ("leaf", "hub"):
+        # What the daemon does from seeing a new head to handing its builds over (the
+        # repository's bookkeeping aside): the tree advanced, the evaluation advanced,
+        # triage (the plan less remembered failures) and the builds' priorities.
         loader = TreeLoader(cache)
         base = loader.load_git(repo, "main")
         evaluation = Evaluation.full(
-            base.listing, base.recipes(), "x86_64", TOOLCHAIN, EveryKeyBuilt()
+            base.inputs(), base.recipes(), "x86_64", TOOLCHAIN, EveryKeyBuilt(), base.toolchain()
         )
         present = set(evaluation.keys.keys.values())
         contents = {key: key for key in present}  # what is built: not the edited port's new key
-        make_plan(evaluation.graph, evaluation.keys, present)
+        triage(evaluation, present, {})
         gc.collect()
         step = Clock()
         start = time.perf_counter(), time.process_time()
-        tree = step.time("diff + reparse", lambda: loader.advance(base, scenario))
-        changes = tree.changed_ports()
+
+        def diff() -> tuple[Tree, dict[str, PortChange]]:
+            tree = loader.advance(base, scenario)
+            return tree, tree.changed_ports()
+
+        tree, changes = step.time("diff + reparse", diff)
         after = step.time(
-            "graph + keys", lambda: evaluation.advance(tree.listing, changes, contents)
+            "graph + keys",
+            lambda: evaluation.advance(tree.inputs(), changes, contents, tree.toolchain()),
         )
-        plan = step.time("plan", lambda: make_plan(after.graph, after.keys, present))
+
+        def order() -> Triage:
+            triaged = triage(after, present, {})
+            critical_path(triaged.wanted, {})
+            return triaged
+
+        triaged = step.time("triage", order)
         clock.timings = step.timings
         clock.timings["total"] = (time.perf_counter() - start[0], time.process_time() - start[1])
         assert loader.parses == 1 and list(changes) == [leaf if scenario == "leaf" else hub]
-        clock.timings["builds"] = (float(len(plan)), 0.0)
+        clock.timings["builds"] = (float(len(triaged.wanted)), 0.0)
+        clock.timings["pending"] = (float(len(triaged.wanted.pending)), 0.0)
+        # the parts, again on the same values: Graph.updated alone, make_plan alone
+        clock.time("graph", lambda: evaluation.graph.updated(changes))
+        clock.time("plan", lambda: make_plan(after.graph, after.keys, present))
+        if scenario == "hub":  # the hub's build finishes, identical: the cut-off wave
+            for build in triaged.wanted.builds:
+                contents[build.key] = evaluation.keys.contents[build.name]
+                present.add(build.key)
+            gc.collect()
+
+            def wave() -> Triage:
+                settled = after.advance(tree.inputs(), {}, contents)
+                return triage(settled, present, {})
+
+            again = clock.time("cut-off wave", wave)
+            assert not again.wanted.builds and not again.wanted.pending
     elif scenario == "read+tomllib":
         repository = pygit2.Repository(repo)
         found = repository.revparse_single("main").peel(pygit2.Tree) / "ports"
@@ -363,14 +393,19 @@ ROWS: list[tuple[str, str, tuple[str, ...], float | None]] = [
     ("  KeySet.compute (full)", "cold", ("keys",), None),
     ("warm start: list + cache file (lazy)", "warm", ("load",), 200),
     ("warm start, all recipes decoded", "warm", ("load", "materialise"), None),
-    ("leaf commit: incremental plan", "leaf", ("total",), 30),
+    ("leaf commit: seen -> build order ready", "leaf", ("total",), 30),
     ("  diff + reparse 1", "leaf", ("diff + reparse",), None),
     ("  Graph.updated + KeySet (incr.)", "leaf", ("graph + keys",), None),
-    ("  make_plan", "leaf", ("plan",), None),
-    ("hub (musl) commit: incremental plan", "hub", ("total",), None),
+    ("    of which Graph.updated", "leaf", ("graph",), None),
+    ("  triage + critical path", "leaf", ("triage",), None),
+    ("    of which make_plan", "leaf", ("plan",), None),
+    ("hub (musl) commit: seen -> build order ready", "hub", ("total",), 50),
     ("  diff + reparse 1", "hub", ("diff + reparse",), None),
     ("  Graph.updated + KeySet (incr.)", "hub", ("graph + keys",), None),
-    ("  make_plan", "hub", ("plan",), None),
+    ("    of which Graph.updated", "hub", ("graph",), None),
+    ("  triage + critical path", "hub", ("triage",), None),
+    ("    of which make_plan", "hub", ("plan",), None),
+    ("hub rebuilt identical: advance + triage", "hub", ("cut-off wave",), None),
     ("peer: pygit2 read of every port.toml", "read+tomllib", ("pygit2 read",), None),
     ("  ours: read_port of all (+ file lists)", "read+tomllib", ("read",), None),
     ("peer: tomllib parse of every recipe", "read+tomllib", ("tomllib",), None),
@@ -398,10 +433,16 @@ def table(results: dict[str, list[Timings]]) -> str:
     for label, scenario, phases, target in ROWS:
         wall, cpu = median(scenario, phases, 0), median(scenario, phases, 1)
         goal = f"<{target:g}" if target is not None else ""
-        verdict = "" if target is None else ("  ok" if wall < target else "  MISSED")
+        judged = cpu if scenario in ("leaf", "hub") else wall  # robust on a shared machine
+        verdict = "" if target is None else ("  ok" if judged < target else "  MISSED")
         lines.append(f"{label:<44}{wall:>10.1f}{cpu:>10.1f}{wall * factor:>9.1f}{goal:>9}{verdict}")
     builds = {s: int(results[s][0]["builds"][0]) for s in ("leaf", "hub")}
-    lines.append(f"(planned builds: leaf commit {builds['leaf']}, hub commit {builds['hub']})")
+    pending = int(results["hub"][0]["pending"][0])
+    lines.append(
+        f"(planned builds: leaf commit {builds['leaf']}, hub commit {builds['hub']} "
+        f"and {pending} pending on it)"
+    )
+    lines.append("(targets: the commits' on CPU time, the others' on wall time)")
     lines.append(
         f"(scaled: wall x {factor:.2f}, the tomllib peer's speed here relative to the issue's "
         f"{ISSUE_TOMLLIB_MS:g} ms)"

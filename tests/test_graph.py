@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -208,11 +209,21 @@ def trees_and_changes(
         )
 
     tree = {name: random_port(name) for name in rng.sample(names, 8)}
+
+    def random_change(name: str) -> PortChange:
+        roll = rng.random()
+        if roll < 0.2:
+            return None
+        recipe = tree.get(name)
+        if roll < 0.5 and isinstance(recipe, Recipe):  # another version, the same needs
+            offered = (
+                (Dependency.parse(f"virt={rng.choice(['1.0', '2.0'])}"),) if recipe.provides else ()
+            )
+            return replace(recipe, version=rng.choice(["1.0", "2.0", "3.0"]), provides=offered)
+        return random_port(name)
+
     changes = [
-        {
-            name: (None if rng.random() < 0.2 else random_port(name))
-            for name in rng.sample(names, rng.randint(1, 3))
-        }
+        {name: random_change(name) for name in rng.sample(names, rng.randint(1, 3))}
         for _ in range(4)
     ]
     return tree, changes

@@ -18,6 +18,7 @@ from portsd.core.keys import BUILDER_FORMAT, KeySet, build_key
 from portsd.core.plan import make_plan
 from portsd.core.recipe import Recipe, Source
 from portsd.errors import BrokenDependency, DependencyCycle, FileProblem, RecipeError
+from tests.test_evaluate import eager_pending
 from tests.test_graph import port
 
 SHA_A = "a" * 64
@@ -242,6 +243,50 @@ def test_incremental_cutoff_equals_a_full_recomputation(edits: list[tuple[str, b
         # a real change rebuilds at most its reverse closure: a dependent whose own
         # output ignores it still comes out the same (the toy build is deterministic)
         assert rebuilt == expected if identical else rebuilt <= expected and name in rebuilt
+
+
+NAMES = ["libc", "zlib", "ssl", "png", "checker", "app", "make", "doc"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    commits=st.lists(
+        st.tuples(st.sets(st.sampled_from(NAMES), min_size=1, max_size=3), st.booleans()),
+        min_size=1,
+        max_size=4,
+    ),
+    order=st.randoms(use_true_random=False),
+)
+def test_every_wave_equals_a_full_recomputation(
+    commits: list[tuple[set[str], bool]], order: random.Random
+) -> None:
+    """Commits editing several ports at once (one above another: the pending sweep from
+    both), then their builds finishing one at a time, in any order: after each commit
+    and each build the incremental keys, pending ports (and what each waits for,
+    checked against its definition) and blocked ports equal a full evaluation's."""
+    ports = tree()
+    graph = Graph.build(ports, "x86_64")
+    tree_ids = ids(ports)
+    contents: dict[str, str] = {}
+    keys = build_all(graph, tree_ids, contents, same_output)
+
+    def check(keys: KeySet) -> None:
+        full = KeySet.compute(graph, tree_ids, TOOLCHAIN, contents)
+        assert keys.keys == full.keys and keys.contents == full.contents
+        assert keys.unbuilt == full.unbuilt and keys.blocked == full.blocked
+        assert keys.pending == full.pending == eager_pending(graph, full)
+
+    for step, (edited, identical) in enumerate(commits):
+        tree_ids = tree_ids | {name: f"{name}-{step}" for name in edited}
+        keys = KeySet.compute(graph, tree_ids, TOOLCHAIN, contents, keys, frozenset(edited))
+        check(keys)
+        while keys.unbuilt:
+            name = order.choice(sorted(keys.unbuilt))
+            contents[keys.keys[name]] = (same_output if identical else distinct)(
+                name, keys.keys[name]
+            )
+            keys = KeySet.compute(graph, tree_ids, TOOLCHAIN, contents, keys)
+            check(keys)
 
 
 def test_incremental_keys_equal_a_full_evaluation() -> None:

@@ -8,7 +8,7 @@ from portsd.core.evaluate import Evaluation
 from portsd.core.plan import BuildPlan, PlannedBuild, Skip, skips, triage
 from portsd.core.recipe import Recipe
 from portsd.errors import RecipeError
-from tests.test_evaluate import settle
+from tests.test_evaluate import eager_pending, settle
 from tests.test_graph import port
 
 
@@ -133,3 +133,36 @@ def test_a_failure_of_an_older_key_is_not_this_ones() -> None:
     triaged = triage(TREE, set(), {"key-of-an-older-zlib": "zlib: build failed (exit 2)"})
     assert triaged.wanted.names() == BUILDABLE
     assert triaged.doomed == ()
+
+
+@pytest.mark.parametrize(
+    ("edited", "failed"),
+    [
+        (("zlib",), ()),
+        (("zlib",), ("zlib",)),
+        (("zlib",), ("other",)),
+        (("zlib", "other"), ("other",)),
+        (("libc", "png"), ("libc",)),
+    ],
+)
+def test_ports_waiting_for_a_failed_build_are_blocked(
+    edited: tuple[str, ...], failed: tuple[str, ...]
+) -> None:
+    """After a commit the ports above an edited one wait for its build; those waiting for
+    a remembered failure are blocked, the rest still wait: as worked out port by port."""
+    listing = {
+        name: f"{tree}-edited" if name in edited else tree for name, tree in TREE.listing.items()
+    }
+    changes = {name: TREE.graph.recipe(name) for name in edited}
+    built = {KEYS[name]: content for name, content in TREE.keys.contents.items()}
+    evaluation = TREE.advance(listing, changes, built)
+    keys = evaluation.keys
+    triaged = triage(evaluation, set(KEYS.values()), {keys.keys[n]: "it failed" for n in failed})
+    waits = eager_pending(evaluation.graph, keys)
+    assert dict(triaged.plan.pending) == waits and waits
+    assert triaged.plan.names() == sorted(edited) or edited == ("libc", "png")
+    assert dict(triaged.stranded) == {n: d for n, d in waits.items() if d in failed}
+    assert dict(triaged.wanted.pending) == {n: d for n, d in waits.items() if d not in failed}
+    assert len(triaged.wanted.pending) == len(waits) - len(triaged.stranded)
+    for name, dep in triaged.stranded.items():
+        assert triaged.blocked[name] == f"waits for the package of {dep}, which cannot be built now"

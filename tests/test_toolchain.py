@@ -516,7 +516,11 @@ def test_incremental_keys_with_bootstrap_depends_equal_a_full_evaluation(
         ports[name] = recipe
         tree_ids[name] = f"tree-{name}-{step}"
         graph, affected = graph.updated({name: recipe})
-        keys = settle(keys, affected)
+        # before anything is rebuilt: the same keys, and the same ports waiting for the same
+        keys = KeySet.compute(graph, tree_ids, SEED, contents, keys, affected, on_seed)
+        fresh = KeySet.compute(graph, tree_ids, SEED, contents, on_seed=on_seed)
+        assert keys.keys == fresh.keys and dict(keys.pending) == dict(fresh.pending)
+        keys = settle(keys)
         full = KeySet.compute(graph, tree_ids, SEED, contents, on_seed=on_seed)
         assert keys.keys == full.keys and keys.contents == full.contents
         assert {n: str(p) for n, p in keys.blocked.items()} == {

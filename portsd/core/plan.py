@@ -15,7 +15,7 @@ what a remembered failure dooms, what cannot be built and why.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from portsd.core.evaluate import Evaluation
@@ -89,14 +89,14 @@ def make_plan(
     missing: set[str]
     blocked: dict[str, PortProblem]
     up_to_date: set[str]
-    waiting: list[str]
+    pending: Mapping[str, str]
     if wanted is None:
         # The whole tree: ``keys`` already covers it (edges only lead to supported ports),
         # and set operations beat walking 30,000 names on every push.
         missing = {name for name, key in keys.keys.items() if key not in present}
         up_to_date = keys.keys.keys() - missing
         blocked = dict(keys.blocked)
-        waiting = list(keys.pending)  # copied below: plans outlive the next evaluation
+        pending = keys.pending  # a KeySet does not change: no copy, and nothing worked out
     else:
         missing, blocked, up_to_date, waiting = set(), {}, set(), []
         closure = graph.dependency_closure((n for n in wanted if graph.supported(n)), keys.on_seed)
@@ -112,6 +112,7 @@ def make_plan(
                 up_to_date.add(name)
             else:
                 missing.add(name)
+        pending = {name: keys.pending[name] for name in waiting}
     needs = {
         name: [dep for dep in keys.build_root(graph, name) if dep in missing and dep != name]
         for name in missing
@@ -120,7 +121,6 @@ def make_plan(
         PlannedBuild(name=name, key=keys.keys[name], needs=tuple(needs[name]))
         for name in _order(needs)
     )
-    pending = {name: keys.pending[name] for name in waiting}
     return BuildPlan(
         builds=builds, blocked=blocked, up_to_date=frozenset(up_to_date), pending=pending
     )
@@ -168,6 +168,8 @@ class Triage:
     wanted: BuildPlan  # what to build now: ``plan`` less remembered failures and their dependents
     doomed: tuple[Skip, ...]  # the builds that need a remembered failure
     blocked: Mapping[str, str]  # port -> why it is not built now, in one line
+    stranded: Mapping[str, str] = field(default_factory=dict)
+    """pending port -> the build it waits for, a remembered failure or doomed by one"""
 
 
 def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str, str]) -> Triage:
@@ -178,22 +180,57 @@ def triage(evaluation: Evaluation, present: Container[str], failed: Mapping[str,
     failures = {b.name: failed[b.key] for b in plan.builds if b.key in failed}
     doomed = skips(plan, failures)
     dropped = failures.keys() | {skip.build.name for skip in doomed}
+    stranded = _waiting_for(evaluation, plan.pending, dropped)
     wanted = BuildPlan(
         builds=tuple(b for b in plan.builds if b.name not in dropped),
         blocked=plan.blocked,
         up_to_date=plan.up_to_date,
-        pending={name: dep for name, dep in plan.pending.items() if dep not in dropped},
+        pending=_Without(plan.pending, stranded.keys()) if stranded else plan.pending,
     )
     blocked = {name: _first_line(str(problem)) for name, problem in plan.blocked.items()}
-    for name, dep in plan.pending.items():
-        if dep in dropped:
-            blocked[name] = f"waits for the package of {dep}, which cannot be built now"
+    for name, dep in stranded.items():
+        blocked[name] = f"waits for the package of {dep}, which cannot be built now"
     for name, detail in failures.items():
         blocked[name] = (
             "failed before, not retried until it changes or `portsd rebuild` asks: "
             + _first_line(detail)
         )
-    return Triage(plan=plan, wanted=wanted, doomed=doomed, blocked=blocked)
+    return Triage(plan=plan, wanted=wanted, doomed=doomed, blocked=blocked, stranded=stranded)
+
+
+def _waiting_for(
+    evaluation: Evaluation, pending: Mapping[str, str], builds: Collection[str]
+) -> dict[str, str]:
+    """The ``pending`` ports that wait for one of ``builds``, and which. Only the ports
+    above those builds can, so only theirs are worked out (see ``keys.Pending``); while
+    the toolchain builds, every port waits for it, whatever its dependencies."""
+    if not builds:
+        return {}
+    if not evaluation.stages.converged:
+        return {name: dep for name, dep in pending.items() if dep in builds}
+    above = evaluation.graph.reverse_closure(builds)
+    return {name: pending[name] for name in above if name in pending and pending[name] in builds}
+
+
+class _Without(Mapping[str, str]):
+    """A mapping less some of its keys, without copying the rest."""
+
+    __slots__ = ("_mapping", "_without")
+
+    def __init__(self, mapping: Mapping[str, str], without: Collection[str]) -> None:
+        self._mapping = mapping
+        self._without = without
+
+    def __getitem__(self, name: str) -> str:
+        if name in self._without:
+            raise KeyError(name)
+        return self._mapping[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._mapping if name not in self._without)
+
+    def __len__(self) -> int:
+        return len(self._mapping) - len(self._without)  # ``without`` is among its keys
 
 
 def _first_line(text: str) -> str:

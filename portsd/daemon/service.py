@@ -722,8 +722,7 @@ class Daemon:
         doomed = {skip.build.name for skip in triaged.doomed}
         waiting = {
             name: f"dependency {dep} {'was skipped' if dep in doomed else 'failed'}"
-            for name, dep in triaged.plan.pending.items()
-            if name not in triaged.wanted.pending
+            for name, dep in triaged.stranded.items()
         }
         return find_problems(
             self.state, latest.revision.keys.keys, blocked, self.repo.stored_keys(), waiting
