@@ -370,3 +370,35 @@ def test_a_superseded_build_stops_on_its_worker(
         assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
     finally:
         daemon.stop()
+
+
+def test_the_last_lines_of_a_remote_build_reach_the_daemons_log(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    """Lines printed at the very end of a build, just before its answer, are all in the
+    daemon's copy of its log, in order, before the daemon's own closing line."""
+    for port in ALL - {"libbase"}:
+        git(ports_tree, "rm", "-rq", f"ports/{port}")
+    commit_all(ports_tree, "libbase alone")
+    recipe = ports_tree / "ports" / "libbase" / "port.toml"
+    plain = recipe.read_text()
+    daemon = start_daemon(tmp_path, bare, cluster)
+    cluster.worker("w1", daemon)
+    wait_workers(daemon, 1)
+    try:
+        for round_ in range(3):
+            # the package step ends with the lines: nothing of the build runs after them
+            tail = f"seq 1 300 | sed s/^/tail-{round_}-/"
+            package = f'make DESTDIR="$DESTDIR" PREFIX=/usr install && {tail}'
+            recipe.write_text(plain + f"package = '{package}'\n")
+            commit = commit_all(ports_tree, f"libbase: {round_}")
+            push(ports_tree)
+            daemon.wait_idle(commit)
+            built = max(daemon.builds(port="libbase", state="built"), key=lambda b: int(b["id"]))
+            log = bare / "portsd" / "logs" / "libbase" / f"{built['id']}.log"
+            lines = log.read_text().splitlines()
+            printed = [line for line in lines if line.startswith(f"tail-{round_}-")]
+            assert printed == [f"tail-{round_}-{n}" for n in range(1, 301)]
+            assert lines[-1] == "==> built on w1"
+    finally:
+        daemon.stop()
