@@ -91,11 +91,6 @@ def cluster(tmp_path: Path, bare: Path) -> Iterator[Cluster]:
         running.stop()
 
 
-def start_daemon(tmp: Path, bare: Path, cluster: Cluster, *extra: str) -> RunningDaemon:
-    daemon = RunningDaemon(bare, tmp / "daemon.log", "--cluster", cluster.address, *extra)
-    return daemon.start()
-
-
 def wait_workers(daemon: RunningDaemon, count: int) -> None:
     def ready() -> bool:
         status = daemon.get("/api/v1/status")
@@ -105,13 +100,23 @@ def wait_workers(daemon: RunningDaemon, count: int) -> None:
 
 
 def with_daemon_and_workers(
-    tmp: Path, bare: Path, cluster: Cluster, *extra: str, **settings: str
+    tmp: Path, bare: Path, cluster: Cluster, *extra: str, workers: int = 2, **settings: str
 ) -> RunningDaemon:
-    daemon = start_daemon(tmp, bare, cluster, *extra)
-    cluster.worker("w1", daemon)
-    cluster.worker("w2", daemon, **settings)
-    wait_workers(daemon, 2)
+    """A daemon in cluster mode and its workers w1, w2...; ``settings`` (a worker's
+    environment) go to the last worker."""
+    daemon = RunningDaemon(bare, tmp / "daemon.log", "--cluster", cluster.address, *extra)
+    daemon.start()
+    for number in range(1, workers + 1):
+        cluster.worker(f"w{number}", daemon, **(settings if number == workers else {}))
+    wait_workers(daemon, workers)
     return daemon
+
+
+def libbase_alone(tree: Path) -> str:
+    """Commit the fixture tree with libbase as its only port."""
+    for port in ALL - {"libbase"}:
+        git(tree, "rm", "-rq", f"ports/{port}")
+    return commit_all(tree, "libbase alone")
 
 
 def packages(state: Path) -> dict[str, str]:
@@ -182,12 +187,8 @@ def ports_verify(
 def test_ports_verify_finds_what_a_faulty_worker_published(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
-    daemon = start_daemon(tmp_path, bare, cluster)
-    cluster.worker("w1", daemon, PORTSD_WORKER_FAULT="1")
-    wait_workers(daemon, 1)
+    commit = libbase_alone(ports_tree)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1, PORTSD_WORKER_FAULT="1")
     try:
         push(ports_tree)
         daemon.wait_idle(commit)
@@ -208,14 +209,12 @@ def test_ports_verify_finds_what_a_faulty_worker_published(
 def test_only_workers_with_the_token_upload(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
-    daemon = start_daemon(tmp_path, bare, cluster)
+    commit = libbase_alone(ports_tree)
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not the token\n")
-    cluster.worker("w1", daemon, PORTSD_WORKER_TOKEN_FILE=str(wrong))
-    wait_workers(daemon, 1)
+    daemon = with_daemon_and_workers(
+        tmp_path, bare, cluster, workers=1, PORTSD_WORKER_TOKEN_FILE=str(wrong)
+    )
     try:
         push(ports_tree)
         daemon.wait_idle(commit)
@@ -316,9 +315,7 @@ def test_the_daemon_killed_while_workers_build_publishes_each_key_once(
 def test_verify_2_publishes_nothing_when_a_worker_disagrees(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:  # libbase alone: what depends on it cannot build
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
+    commit = libbase_alone(ports_tree)  # alone: what depends on it cannot build
     daemon = with_daemon_and_workers(
         tmp_path, bare, cluster, "--verify", "2", PORTSD_WORKER_FAULT="1"
     )
@@ -343,15 +340,12 @@ def test_verify_2_publishes_nothing_when_a_worker_disagrees(
 def test_a_superseded_build_stops_on_its_worker(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit_all(ports_tree, "libbase alone")
+    libbase_alone(ports_tree)
     recipe = ports_tree / "ports" / "libbase" / "port.toml"
     plain = recipe.read_text()
     slow(ports_tree, "libbase", 60)
-    daemon = start_daemon(tmp_path, bare, cluster)
-    cluster.worker("w1", daemon)  # one build slot: the newer build waits for the old to stop
-    wait_workers(daemon, 1)
+    # one build slot: the newer build waits for the old to stop
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1)
     try:
         push(ports_tree)
         daemon.wait_for(
@@ -377,14 +371,10 @@ def test_the_last_lines_of_a_remote_build_reach_the_daemons_log(
 ) -> None:
     """Lines printed at the very end of a build, just before its answer, are all in the
     daemon's copy of its log, in order, before the daemon's own closing line."""
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit_all(ports_tree, "libbase alone")
+    libbase_alone(ports_tree)
     recipe = ports_tree / "ports" / "libbase" / "port.toml"
     plain = recipe.read_text()
-    daemon = start_daemon(tmp_path, bare, cluster)
-    cluster.worker("w1", daemon)
-    wait_workers(daemon, 1)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1)
     try:
         for round_ in range(3):
             # the package step ends with the lines: nothing of the build runs after them

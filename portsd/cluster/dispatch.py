@@ -9,7 +9,9 @@ of a task that finished names an upload, so nothing a dead worker half-made is e
 With ``verify = N`` the order is built N times, each on a worker that has not built it
 yet, and the answers are returned for ``agree`` to compare.
 
-Log lines arrive as Dask events (``LOG_TOPIC``) and go to the build's ``on_line``.
+Log lines arrive as Dask events (``LOG_TOPIC``) and go to the build's ``on_line``; the
+task's answer carries the lines no event did, and how many the events carried, so the
+log is complete (or says how many lines did not arrive) the moment the answer is in.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class Cancelled(PortsdError):
     """The build was cancelled while its task was on the cluster."""
 
 
+@dataclass(slots=True)
+class _Follower:
+    """Where a task's log lines go, and how many have arrived."""
+
+    on_line: Callable[[str], None]
+    received: int = 0
+
+
 class Cluster:
     """A connection to one Dask scheduler, shared by every build thread."""
 
@@ -57,7 +67,7 @@ class Cluster:
             raise ConfigError(f"cannot reach the Dask scheduler at {address}: {error}") from None
         self.address = address
         self._lock = threading.Lock()
-        self._follow: dict[str, Callable[[str], None]] = {}  # task -> its build's on_line
+        self._follow: dict[str, _Follower] = {}  # task -> its build's log
         self._labels: dict[str, str] = {}  # task -> the build it is
         self._done: Counter[str] = Counter()  # worker name -> builds finished
         self.client.subscribe_topic(LOG_TOPIC, self._on_log)
@@ -106,7 +116,7 @@ class Cluster:
                     "many workers)"
                 )
         with self._lock:
-            self._follow[task] = on_line
+            self._follow[task] = _Follower(on_line)
             self._labels[task] = f"{order.name} {order.key[:12]}"
         done = threading.Event()
         try:
@@ -125,6 +135,7 @@ class Cluster:
                     future.cancel()
                     raise Cancelled(f"{order.label}: cancelled")
             answer = _answer(order, future)
+            self._end_log(task, order, answer)
         finally:
             with self._lock:
                 self._follow.pop(task, None)
@@ -140,10 +151,24 @@ class Cluster:
     def _on_log(self, event: tuple[float, dict[str, Any]]) -> None:
         _, message = event
         with self._lock:  # held while writing: a build's log is not closed under a line
-            follow = self._follow.get(str(message.get("task")))
-            if follow is not None:
+            follower = self._follow.get(str(message.get("task")))
+            if follower is not None:
                 for line in message.get("lines", ()):
-                    follow(str(line))
+                    follower.on_line(str(line))
+                    follower.received += 1
+
+    def _end_log(self, task: str, order: BuildOrder, answer: Built | Failed) -> None:
+        """Complete the log from the answer; events still on their way are then dropped."""
+        with self._lock:
+            follower = self._follow.pop(task)
+            missing = answer.log.sent - follower.received
+            if missing > 0:
+                follower.on_line(
+                    f"==> {missing} log lines did not arrive from worker {answer.worker}; its "
+                    f"logs/{order.name}/{order.key[:12]}.log has them"
+                )
+            for line in answer.log.tail:
+                follower.on_line(line)
 
     def _workers(self) -> dict[str, dict[str, Any]]:
         workers: dict[str, dict[str, Any]] = self.client.scheduler_info(n_workers=-1)["workers"]
