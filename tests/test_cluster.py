@@ -37,6 +37,7 @@ class Cluster:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.dashboard = "none"
 
     def _start(self, name: str, argv: list[str], environment: dict[str, str]) -> None:
         with (self.tmp / f"{name}.log").open("ab") as log:
@@ -44,10 +45,23 @@ class Cluster:
                 argv, stdout=log, stderr=subprocess.STDOUT, env=environment
             )
 
-    def scheduler(self) -> None:
+    def scheduler(self, dashboard: str) -> None:
+        """``dashboard``: "none" (--no-dashboard), "bokeh", or "no bokeh" (a dashboard
+        asked for on a machine without bokeh: an import of bokeh fails there)."""
         argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
-        validation = {"DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL": "0.5s"}
-        self._start("scheduler", [*argv, "--no-dashboard"], command_environment() | validation)
+        self.dashboard = dashboard
+        environment = command_environment()
+        environment["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL"] = "0.5s"
+        if dashboard == "none":
+            argv.append("--no-dashboard")
+        else:
+            argv += ["--dashboard-address", f"127.0.0.1:{free_port()}"]
+        if dashboard == "no bokeh":
+            hidden = self.tmp / "no-bokeh" / "bokeh"
+            hidden.mkdir(parents=True)
+            (hidden / "__init__.py").write_text("raise ImportError('no bokeh on this machine')\n")
+            environment["PYTHONPATH"] = str(hidden.parent)
+        self._start("scheduler", argv, environment)
 
     def worker(self, name: str, daemon: RunningDaemon, **settings: str) -> None:
         state = self.tmp / f"worker-{name}"
@@ -82,9 +96,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, bare: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, bare: Path) -> Iterator[Cluster]:
+    """A scheduler; its dashboard as the test's indirect parameter, default "none"."""
     running = Cluster(tmp_path, bare)
-    running.scheduler()
+    running.scheduler(getattr(request, "param", "none"))
     try:
         yield running
     finally:
@@ -137,11 +152,13 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         built = daemon.builds(state="built")
         assert {b["port"] for b in built} == ALL
         assert {b["detail"].removeprefix("built on ") for b in built} <= {"w1", "w2"}
-        workers = daemon.get("/api/v1/status")["cluster"]["workers"]
-        assert sum(w["done"] for w in workers) == len(ALL)
-        assert {w["name"] for w in workers} == {"w1", "w2"}
+        status = daemon.get("/api/v1/status")["cluster"]
+        assert sum(w["done"] for w in status["workers"]) == len(ALL)
+        assert {w["name"] for w in status["workers"]} == {"w1", "w2"}
+        assert status["dashboard"] is None and "--no-dashboard" in status["no_dashboard"]
         code, page = daemon.raw("/")
         assert code == 200 and b"<td>w1</td>" in page and b"<td>w2</td>" in page
+        assert b"no Dask dashboard: the scheduler serves no dashboard" in page
         root = tmp_path / "root"
         root.mkdir()
         installed = subprocess.run(
@@ -390,5 +407,27 @@ def test_the_last_lines_of_a_remote_build_reach_the_daemons_log(
             printed = [line for line in lines if line.startswith(f"tail-{round_}-")]
             assert printed == [f"tail-{round_}-{n}" for n in range(1, 301)]
             assert lines[-1] == "==> built on w1"
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("cluster", ["bokeh", "no bokeh"], indirect=True)
+def test_the_status_links_the_dask_dashboard_or_says_why_there_is_none(
+    tmp_path: Path, bare: Path, cluster: Cluster
+) -> None:
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=0)
+    try:
+        status = daemon.get("/api/v1/status")["cluster"]
+        code, page = daemon.raw("/")
+        assert code == 200
+        if cluster.dashboard == "no bokeh":
+            assert status["dashboard"] is None and "lacks bokeh" in status["no_dashboard"]
+            assert b"no Dask dashboard: the scheduler&#39;s machine lacks bokeh" in page
+            return
+        link = status["dashboard"]
+        assert link.startswith("http://127.0.0.1:") and status["no_dashboard"] is None
+        with urllib.request.urlopen(link, timeout=30) as dashboard:
+            assert dashboard.status == 200 and b"bokeh" in dashboard.read().lower()
+        assert f'<a href="{link}">Dask dashboard</a>'.encode() in page
     finally:
         daemon.stop()

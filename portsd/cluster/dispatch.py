@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +34,8 @@ from portsd.errors import ConfigError, PortsdError
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler at start
 _POLL = 0.05  # seconds between looks at a build's cancel event
+DASHBOARD_EVERY = 60.0  # seconds between looks at the scheduler's dashboard
+DASHBOARD_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,14 @@ class WorkerView:
     running: tuple[str, ...]  # the builds it runs (port and key)
     done: int  # builds it finished for this daemon
     last_seen: float  # seconds ago
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """The scheduler's Dask dashboard, or why there is none."""
+
+    link: str | None
+    missing: str | None  # one line, when ``link`` is None
 
 
 class Cancelled(PortsdError):
@@ -70,6 +82,7 @@ class Cluster:
         self._follow: dict[str, _Follower] = {}  # task -> its build's log
         self._labels: dict[str, str] = {}  # task -> the build it is
         self._done: Counter[str] = Counter()  # worker name -> builds finished
+        self._dashboard: tuple[float, Dashboard] | None = None  # when it was looked at
         self.client.subscribe_topic(LOG_TOPIC, self._on_log)
 
     def close(self) -> None:
@@ -198,10 +211,32 @@ class Cluster:
             views.append(WorkerView(name, address, running, done[name], max(now - seen, 0.0)))
         return views
 
-    @property
-    def dashboard(self) -> str | None:
-        link = self.client.dashboard_link
-        return str(link) if link else None
+    def dashboard(self) -> Dashboard:
+        """The scheduler's dashboard, looked at once a minute at most: Dask names a link
+        whether or not a dashboard is behind it (not with ``--no-dashboard``, nor without
+        bokeh on the scheduler's machine)."""
+        now = time.monotonic()
+        if self._dashboard is None or now - self._dashboard[0] > DASHBOARD_EVERY:
+            self._dashboard = (now, _look_at(str(self.client.dashboard_link)))
+        return self._dashboard[1]
+
+
+def _look_at(link: str) -> Dashboard:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(link, timeout=DASHBOARD_TIMEOUT) as response:
+            page = response.read(64 * 1024)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return Dashboard(None, "the scheduler serves no dashboard (--no-dashboard)")
+        return Dashboard(None, f"the dashboard {link} answers {error.code}")
+    except OSError as error:
+        return Dashboard(None, f"the dashboard {link} does not answer here: {error}")
+    if b"needs bokeh" in page:  # Dask's page in its place when bokeh is missing
+        return Dashboard(
+            None, "the scheduler's machine lacks bokeh (pip install bokeh, restart the scheduler)"
+        )
+    return Dashboard(link, None)
 
 
 def _answer(order: BuildOrder, future: distributed.Future[Any]) -> Built | Failed:

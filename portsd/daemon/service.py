@@ -695,7 +695,7 @@ class Daemon:
             workers = ()
         return ClusterStatus(
             scheduler=cluster.address,
-            dashboard=cluster.dashboard,
+            dashboard=cluster.dashboard(),
             workers=workers,
             disagreements=tuple((str(d), d.workers, d.files) for d in disagreements),
         )

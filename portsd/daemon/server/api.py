@@ -122,7 +122,8 @@ def cluster_json(cluster: ClusterStatus | None) -> dict[str, Any] | None:
         return None
     return {
         "scheduler": cluster.scheduler,
-        "dashboard": cluster.dashboard,
+        "dashboard": cluster.dashboard.link,
+        "no_dashboard": cluster.dashboard.missing,
         "workers": [
             {
                 "name": worker.name,
