@@ -23,10 +23,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from portsd.errors import PortsdError
+from portsd.sqlitedb import open_database, transaction
 
 SCHEMA_VERSION = 1
 
@@ -152,14 +154,7 @@ class State:
         self.path = path
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL: durable at checkpoints, never corrupt
-            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db = open_database(path, durable=False, threads=True)
             self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
             with self._transaction() as db:
                 version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
@@ -179,22 +174,8 @@ class State:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One transaction; a failure of sqlite (a full disk, say) is a StateError."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                if self._db.in_transaction:
-                    try:
-                        self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # sqlite rolls back by itself on the next BEGIN
-                raise StateError(str(self.path), f"cannot write: {error}") from None
+        with self._lock, transaction(self._db, partial(StateError, str(self.path))) as db:
+            yield db
 
     def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
