@@ -152,13 +152,18 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         built = daemon.builds(state="built")
         assert {b["port"] for b in built} == ALL
         assert {b["detail"].removeprefix("built on ") for b in built} <= {"w1", "w2"}
-        status = daemon.get("/api/v1/status")["cluster"]
+        whole = daemon.get("/api/v1/status")
+        # which toolchain built what: this tree declares none, so the seed
+        assert {b["toolchain"] for b in built} == {f"the seed {whole['seed'][:12]}"}
+        status = whole["cluster"]
         assert sum(w["done"] for w in status["workers"]) == len(ALL)
         assert {w["name"] for w in status["workers"]} == {"w1", "w2"}
         assert status["dashboard"] is None and "--no-dashboard" in status["no_dashboard"]
         code, page = daemon.raw("/")
         assert code == 200 and b"<td>w1</td>" in page and b"<td>w2</td>" in page
         assert b"no Dask dashboard: the scheduler serves no dashboard" in page
+        code, port_page = daemon.raw("/port/toptool")
+        assert code == 200 and f"<td>the seed {whole['seed'][:12]}</td>".encode() in port_page
         root = tmp_path / "root"
         root.mkdir()
         installed = subprocess.run(

@@ -30,7 +30,7 @@ from typing import Any
 from portsd.errors import PortsdError
 from portsd.sqlitedb import open_database, transaction
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS builds (
     queued REAL NOT NULL,
     started REAL,
     finished REAL,
-    log TEXT
+    log TEXT,
+    toolchain TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS builds_by_state ON builds(state);
 CREATE INDEX IF NOT EXISTS builds_by_key ON builds(key);
@@ -114,6 +115,7 @@ class BuildRow:
     started: float | None
     finished: float | None
     log: str | None
+    toolchain: str  # what it stood on: the seed, or a stage of the tree's toolchain
 
     @property
     def duration(self) -> float | None:
@@ -130,6 +132,7 @@ class NewBuild:
     version: str
     key: str
     reason: str
+    toolchain: str = ""  # what its key stands on: the seed, or a stage of the tree's toolchain
 
 
 class StateError(PortsdError):
@@ -142,7 +145,8 @@ class StateError(PortsdError):
 
 
 _BUILD_COLUMNS = (
-    "id, evaluation, port, version, key, state, reason, detail, queued, started, finished, log"
+    "id, evaluation, port, version, key, state, reason, detail, queued, started, finished, log, "
+    "toolchain"
 )
 _EVALUATION_COLUMNS = "id, revision, branch, trigger, created, finished, planned, blocked, error"
 
@@ -160,6 +164,9 @@ class State:
                 version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if version is None:
                     db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                elif int(version[0]) == 1:  # builds did not say what they stood on
+                    db.execute("ALTER TABLE builds ADD COLUMN toolchain TEXT NOT NULL DEFAULT ''")
+                    db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("2",))
                 elif int(version[0]) != SCHEMA_VERSION:
                     raise StateError(
                         str(path), f"schema {version[0]}, this portsd knows {SCHEMA_VERSION}"
@@ -232,9 +239,18 @@ class State:
             ids = []
             for build in builds:
                 cursor = db.execute(
-                    "INSERT INTO builds (evaluation, port, version, key, state, reason, queued) "
-                    "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    (evaluation, build.port, build.version, build.key, build.reason, now),
+                    "INSERT INTO builds "
+                    "(evaluation, port, version, key, state, reason, queued, toolchain) "
+                    "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (
+                        evaluation,
+                        build.port,
+                        build.version,
+                        build.key,
+                        build.reason,
+                        now,
+                        build.toolchain,
+                    ),
                 )
                 ids.append(cursor.lastrowid)
             db.execute(
@@ -416,7 +432,8 @@ class State:
 
 
 def _build(row: tuple[Any, ...]) -> BuildRow:
-    id_, evaluation, port, version, key, state, reason, detail, queued, started, finished, log = row
+    (id_, evaluation, port, version, key, state, reason, detail) = row[:8]
+    queued, started, finished, log, toolchain = row[8:]
     return BuildRow(
         id=int(id_),
         evaluation=int(evaluation),
@@ -430,6 +447,7 @@ def _build(row: tuple[Any, ...]) -> BuildRow:
         started=None if started is None else float(started),
         finished=None if finished is None else float(finished),
         log=None if log is None else str(log),
+        toolchain=str(toolchain),
     )
 
 

@@ -77,6 +77,7 @@ def build_json(row: BuildRow) -> dict[str, Any]:
         "finished": row.finished,
         "duration": row.duration,
         "log": f"{PREFIX}/builds/{row.id}/log" if row.log is not None else None,
+        "toolchain": row.toolchain,
     }
 
 
