@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,16 @@ import pytest
 from portsd.fsio import file_sha256
 from tests.daemon_harness import RunningDaemon, command_environment, free_port
 from tests.fixtures import commit_all, git
-from tests.test_daemon import ALL, ARCH, assert_consistent, head, keys_at, push, served_index
+from tests.test_daemon import (
+    ALL,
+    ARCH,
+    assert_consistent,
+    head,
+    keys_at,
+    push,
+    served_index,
+    slow_down,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -252,25 +260,14 @@ def test_only_workers_with_the_token_upload(
             ({"Authorization": "Bearer wrong"}, 401),
             ({"Authorization": f"Bearer {token}"}, 201),
         ]:
-            assert put(daemon, "/api/v1/uploads", body, headers | digest) == expected
+            assert daemon.send("PUT", "/api/v1/uploads", body, headers | digest) == expected
         assert len(list((bare / "portsd" / "uploads").iterdir())) == 1
     finally:
         daemon.stop()
 
 
-def put(daemon: RunningDaemon, path: str, body: bytes, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(daemon.url + path, data=body, headers=headers, method="PUT")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def slow(tree: Path, port: str, seconds: float) -> str:
-    recipe = tree / "ports" / port / "port.toml"
-    recipe.write_text(recipe.read_text() + f"prepare = 'sleep {seconds}'\n")
-    return commit_all(tree, f"{port}: slow")
+    return slow_down(tree, port, f"sleep {seconds}", f"{port}: slow")
 
 
 def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
