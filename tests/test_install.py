@@ -25,6 +25,9 @@ from aiohttp import web
 
 from portsd.build.seed import find_seed
 from portsd.client.transaction import Installed
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.archive import content_id
+from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 from tests.conftest import SourceServer, serving, serving_files
@@ -238,6 +241,37 @@ def test_a_client_without_a_seed_takes_the_daemons_and_substitutes_by_its_keys(
     again = ports("install", "hello", "--root", root, "--tree", checkout, *from_cache(host),
                   PORTSD_SEED=str(seed))  # fmt: skip
     assert "seed" not in again.stdout  # the same seed on both sides: nothing to say
+
+
+def test_a_client_keeping_another_seed_is_told_its_keys_cannot_be_the_caches(
+    host: Host, tmp_path: Path
+) -> None:
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
+    other = tmp_path / "other-seed"  # a seed of other content (no toolchain: nothing builds)
+    (tmp_path / "files" / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "files" / "usr" / "bin" / "cc").write_text("#!/bin/sh\nexit 1\n")
+    meta = PackageMeta("seed", "1", 1, ARCH, hashlib.sha256(b"other").hexdigest())
+    built = create_package(tmp_path / "files", meta, other, epoch=0)
+    (other / "manifest").write_text("made by the test\n")
+    (other / "root").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    result = ports(
+        "install", "toptool", "--root", root, "--tree", checkout, "--no-build", *from_cache(host),
+        PORTSD_SEED=str(other), check=False,
+    )  # fmt: skip
+    daemons = find_seed(Path(os.environ["PORTSD_SEED"]))
+    assert daemons is not None and result.returncode == 1
+    mine = content_id(built.info.files)
+    told = (
+        f"{host.daemon.url} builds on the seed {daemons.content_id[:12]}, this client on "
+        f"{mine[:12]} ({other}): no key computed here is one of its packages"
+    )
+    assert told in " ".join(result.stdout.split())  # a long line: wrapped on a terminal
+    # its keys are not the cache's, from the bottom of the chain up
+    assert "libbase: no package for build key" in result.stderr
+    assert f"{host.daemon.url}: does not have it" in result.stderr
 
 
 def test_a_changed_port_is_built_and_its_dependencies_substituted(
