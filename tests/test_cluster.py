@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from portsd.build.seed import find_seed
 from portsd.fsio import file_sha256
 from tests.daemon_harness import RunningDaemon, command_environment, free_port
 from tests.fixtures import commit_all, git
@@ -119,7 +120,8 @@ def wait_workers(daemon: RunningDaemon, count: int) -> None:
         status = daemon.get("/api/v1/status")
         return bool(status and len(status["cluster"]["workers"]) == count)
 
-    daemon.wait_for(ready, timeout=60, what=f"{count} workers")
+    # a worker without a seed takes the daemon's (100 MB) before it registers
+    daemon.wait_for(ready, timeout=120, what=f"{count} workers")
 
 
 def with_daemon_and_workers(
@@ -411,6 +413,27 @@ def test_the_last_lines_of_a_remote_build_reach_the_daemons_log(
             assert lines[-1] == "==> built on w1"
     finally:
         daemon.stop()
+
+
+def test_a_worker_without_a_seed_takes_the_daemons(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    commit = libbase_alone(ports_tree)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1, PORTSD_SEED="")
+    try:
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        (built,) = daemon.builds(port="libbase", state="built")
+        assert built["detail"] == "built on w1"
+    finally:
+        daemon.stop()
+    daemons = find_seed(Path(os.environ["PORTSD_SEED"]))
+    taken = find_seed(tmp_path / "worker-w1" / "seed")
+    assert daemons is not None and taken is not None
+    assert taken.content_id == daemons.content_id
+    log = (tmp_path / "w1.log").read_text()
+    assert f"took the bootstrap seed {daemons.content_id[:12]} of {daemon.url}" in log
+    assert "making the bootstrap seed" not in log
 
 
 @pytest.mark.parametrize("cluster", ["bokeh", "no bokeh"], indirect=True)

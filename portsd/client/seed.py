@@ -21,7 +21,6 @@ import aiohttp
 
 from portsd.build.seed import Seed, adopt_seed, find_seed
 from portsd.client.download import Download, DownloadReporter, download_all
-from portsd.client.remote import Caches
 from portsd.errors import PortsdError
 from portsd.pkg.sign import PublicKey
 
@@ -29,31 +28,32 @@ ANSWER_WITHIN = 5.0  # seconds for a cache to describe its seed
 
 
 def take_seed(
-    caches: Caches,
+    caches: Sequence[str],
     directory: Path,
     arch: str,
     keys: Sequence[PublicKey],
     say: Callable[[str], None],
     reporter: DownloadReporter | None = None,
 ) -> None:
-    """Keep the first cache's seed in ``directory`` if it has none; ``say`` why not."""
+    """Keep the first of the ``caches``' seeds (base URLs: caches, or a cluster worker's
+    daemon) in ``directory`` if it has none; ``say`` what happened, or why not."""
     own = find_seed(directory)
-    for cache in caches.usable:
+    for url in caches:
         try:
-            taken = asyncio.run(_take(cache.url, directory, arch, keys, own, reporter))
+            taken = asyncio.run(_take(url, directory, arch, keys, own, reporter))
         except (PortsdError, OSError, aiohttp.ClientError, ValueError) as error:
-            say(f"not using the bootstrap seed of {cache.url}: {error}")
+            say(f"not using the bootstrap seed of {url}: {error}")
             continue
         if taken is None:
             continue  # no daemon behind this cache, or one without a seed
         if own is not None and own.content_id != taken:
             say(
-                f"{cache.url} builds on the seed {taken[:12]}, this client on "
+                f"{url} builds on the seed {taken[:12]}, this client on "
                 f"{own.content_id[:12]} ({directory}): no key computed here is one of its "
                 f"packages (remove {directory} to take its seed)"
             )
         elif own is None:
-            say(f"took the bootstrap seed {taken[:12]} of {cache.url}")
+            say(f"took the bootstrap seed {taken[:12]} of {url}")
         return
 
 

@@ -107,7 +107,7 @@ def open_sources(
         config = store_config(settings)
         # the caches' keys stand on their seed: take it rather than make one (said so)
         take_seed(
-            caches,
+            [cache.url for cache in caches.usable],
             config.seed,
             settings.arch,
             settings.trusted_keys,

@@ -11,7 +11,8 @@ variables (docs/cluster.md):
     PORTSD_WORKER_ROOTS       unpacked packages (and composed roots) kept; default 64
     PORTSD_WORKER_FAULT       fault injection for tests: 1 makes every package of this worker
                               differ (a byte appended to the first regular file)
-    PORTSD_SEED               the bootstrap seed, as for the daemon (must be the daemon's)
+    PORTSD_SEED               the bootstrap seed, as for the daemon (must be the daemon's;
+                              a worker that keeps none takes the daemon's at start)
 
 ``build_on_worker`` is the task the daemon submits. It holds a cluster-wide lock named by
 the build key (one key never builds twice at once, even across a daemon restart), stops
@@ -26,9 +27,11 @@ and Dask runs the task again elsewhere.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +41,16 @@ from portsd.build.fetch import Fetcher
 from portsd.build.order import BuildOrder
 from portsd.build.pipeline import seed_of
 from portsd.build.produce import Producer, limits_of
+from portsd.build.seed import Seed
 from portsd.build.store import Store
+from portsd.client.seed import take_seed
 from portsd.cluster.remote import DaemonPackages, Uploaded, upload
 from portsd.config import Config, load_config
 from portsd.core.metadata import PackageMeta
 from portsd.errors import ConfigError, PortsdError
 from portsd.pkg.sign import PublicKey
+
+log = logging.getLogger("distributed.portsd")  # in Dask's worker log, as Dask's own lines
 
 EXTENSION = "portsd"
 LOG_TOPIC = "portsd-log"
@@ -137,7 +144,7 @@ class WorkerBuilder:
             config.arch,
             fetcher,
             Store(config.store),
-            seed_of(config),
+            _seed(config, daemon, key),
             DaemonPackages(daemon, config.arch, (key,), config.state_dir / "packages"),
             hidden=(config.state_dir.resolve(),),
             alter=_fault if environ.get("PORTSD_WORKER_FAULT") == "1" else None,
@@ -221,6 +228,14 @@ def build_on_worker(order: BuildOrder) -> Built | Failed:
         return builder.build(order, worker, task, still_wanted, stream)
     except PortsdError as error:
         return Failed(name, str(error), stream.end(), cancelled=not still_wanted())
+
+
+def _seed(config: Config, daemon: str, key: PublicKey) -> Seed:
+    """The daemon's seed: taken from it when this worker keeps none (a thread of its own:
+    Dask calls the preload on its event loop), else this worker's, checked by the orders."""
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(take_seed, (daemon,), config.seed, config.arch, (key,), log.info).result()
+    return seed_of(config, log.info)
 
 
 def _fault(destdir: Path) -> None:
