@@ -106,7 +106,11 @@ class RunningDaemon:
             return error.code, error.read()
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
-        request = urllib.request.Request(self.url + path, data=body, headers=headers, method="POST")
+        return self.send("POST", path, body, headers)
+
+    def send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+        """The status of ``method path`` with ``body``."""
+        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return int(response.status)

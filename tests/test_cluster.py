@@ -11,17 +11,26 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from portsd.build.seed import find_seed
 from portsd.fsio import file_sha256
 from tests.daemon_harness import RunningDaemon, command_environment, free_port
 from tests.fixtures import commit_all, git
-from tests.test_daemon import ALL, ARCH, assert_consistent, head, keys_at, push, served_index
+from tests.test_daemon import (
+    ALL,
+    ARCH,
+    assert_consistent,
+    head,
+    keys_at,
+    push,
+    served_index,
+    slow_down,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +46,7 @@ class Cluster:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.dashboard = "none"
 
     def _start(self, name: str, argv: list[str], environment: dict[str, str]) -> None:
         with (self.tmp / f"{name}.log").open("ab") as log:
@@ -44,10 +54,23 @@ class Cluster:
                 argv, stdout=log, stderr=subprocess.STDOUT, env=environment
             )
 
-    def scheduler(self) -> None:
+    def scheduler(self, dashboard: str) -> None:
+        """``dashboard``: "none" (--no-dashboard), "bokeh", or "no bokeh" (a dashboard
+        asked for on a machine without bokeh: an import of bokeh fails there)."""
         argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
-        validation = {"DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL": "0.5s"}
-        self._start("scheduler", [*argv, "--no-dashboard"], command_environment() | validation)
+        self.dashboard = dashboard
+        environment = command_environment()
+        environment["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_VALIDATION_INTERVAL"] = "0.5s"
+        if dashboard == "none":
+            argv.append("--no-dashboard")
+        else:
+            argv += ["--dashboard-address", f"127.0.0.1:{free_port()}"]
+        if dashboard == "no bokeh":
+            hidden = self.tmp / "no-bokeh" / "bokeh"
+            hidden.mkdir(parents=True)
+            (hidden / "__init__.py").write_text("raise ImportError('no bokeh on this machine')\n")
+            environment["PYTHONPATH"] = str(hidden.parent)
+        self._start("scheduler", argv, environment)
 
     def worker(self, name: str, daemon: RunningDaemon, **settings: str) -> None:
         state = self.tmp / f"worker-{name}"
@@ -82,18 +105,14 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, bare: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, bare: Path) -> Iterator[Cluster]:
+    """A scheduler; its dashboard as the test's indirect parameter, default "none"."""
     running = Cluster(tmp_path, bare)
-    running.scheduler()
+    running.scheduler(getattr(request, "param", "none"))
     try:
         yield running
     finally:
         running.stop()
-
-
-def start_daemon(tmp: Path, bare: Path, cluster: Cluster, *extra: str) -> RunningDaemon:
-    daemon = RunningDaemon(bare, tmp / "daemon.log", "--cluster", cluster.address, *extra)
-    return daemon.start()
 
 
 def wait_workers(daemon: RunningDaemon, count: int) -> None:
@@ -101,17 +120,28 @@ def wait_workers(daemon: RunningDaemon, count: int) -> None:
         status = daemon.get("/api/v1/status")
         return bool(status and len(status["cluster"]["workers"]) == count)
 
-    daemon.wait_for(ready, timeout=60, what=f"{count} workers")
+    # a worker without a seed takes the daemon's (100 MB) before it registers
+    daemon.wait_for(ready, timeout=120, what=f"{count} workers")
 
 
 def with_daemon_and_workers(
-    tmp: Path, bare: Path, cluster: Cluster, *extra: str, **settings: str
+    tmp: Path, bare: Path, cluster: Cluster, *extra: str, workers: int = 2, **settings: str
 ) -> RunningDaemon:
-    daemon = start_daemon(tmp, bare, cluster, *extra)
-    cluster.worker("w1", daemon)
-    cluster.worker("w2", daemon, **settings)
-    wait_workers(daemon, 2)
+    """A daemon in cluster mode and its workers w1, w2...; ``settings`` (a worker's
+    environment) go to the last worker."""
+    daemon = RunningDaemon(bare, tmp / "daemon.log", "--cluster", cluster.address, *extra)
+    daemon.start()
+    for number in range(1, workers + 1):
+        cluster.worker(f"w{number}", daemon, **(settings if number == workers else {}))
+    wait_workers(daemon, workers)
     return daemon
+
+
+def libbase_alone(tree: Path) -> str:
+    """Commit the fixture tree with libbase as its only port."""
+    for port in ALL - {"libbase"}:
+        git(tree, "rm", "-rq", f"ports/{port}")
+    return commit_all(tree, "libbase alone")
 
 
 def packages(state: Path) -> dict[str, str]:
@@ -132,11 +162,18 @@ def test_builds_on_workers_are_published_installable_and_identical_to_local_ones
         built = daemon.builds(state="built")
         assert {b["port"] for b in built} == ALL
         assert {b["detail"].removeprefix("built on ") for b in built} <= {"w1", "w2"}
-        workers = daemon.get("/api/v1/status")["cluster"]["workers"]
-        assert sum(w["done"] for w in workers) == len(ALL)
-        assert {w["name"] for w in workers} == {"w1", "w2"}
+        whole = daemon.get("/api/v1/status")
+        # which toolchain built what: this tree declares none, so the seed
+        assert {b["toolchain"] for b in built} == {f"the seed {whole['seed'][:12]}"}
+        status = whole["cluster"]
+        assert sum(w["done"] for w in status["workers"]) == len(ALL)
+        assert {w["name"] for w in status["workers"]} == {"w1", "w2"}
+        assert status["dashboard"] is None and "--no-dashboard" in status["no_dashboard"]
         code, page = daemon.raw("/")
         assert code == 200 and b"<td>w1</td>" in page and b"<td>w2</td>" in page
+        assert b"no Dask dashboard: the scheduler serves no dashboard" in page
+        code, port_page = daemon.raw("/port/toptool")
+        assert code == 200 and f"<td>the seed {whole['seed'][:12]}</td>".encode() in port_page
         root = tmp_path / "root"
         root.mkdir()
         installed = subprocess.run(
@@ -182,12 +219,8 @@ def ports_verify(
 def test_ports_verify_finds_what_a_faulty_worker_published(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
-    daemon = start_daemon(tmp_path, bare, cluster)
-    cluster.worker("w1", daemon, PORTSD_WORKER_FAULT="1")
-    wait_workers(daemon, 1)
+    commit = libbase_alone(ports_tree)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1, PORTSD_WORKER_FAULT="1")
     try:
         push(ports_tree)
         daemon.wait_idle(commit)
@@ -208,14 +241,12 @@ def test_ports_verify_finds_what_a_faulty_worker_published(
 def test_only_workers_with_the_token_upload(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
-    daemon = start_daemon(tmp_path, bare, cluster)
+    commit = libbase_alone(ports_tree)
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not the token\n")
-    cluster.worker("w1", daemon, PORTSD_WORKER_TOKEN_FILE=str(wrong))
-    wait_workers(daemon, 1)
+    daemon = with_daemon_and_workers(
+        tmp_path, bare, cluster, workers=1, PORTSD_WORKER_TOKEN_FILE=str(wrong)
+    )
     try:
         push(ports_tree)
         daemon.wait_idle(commit)
@@ -231,25 +262,14 @@ def test_only_workers_with_the_token_upload(
             ({"Authorization": "Bearer wrong"}, 401),
             ({"Authorization": f"Bearer {token}"}, 201),
         ]:
-            assert put(daemon, "/api/v1/uploads", body, headers | digest) == expected
+            assert daemon.send("PUT", "/api/v1/uploads", body, headers | digest) == expected
         assert len(list((bare / "portsd" / "uploads").iterdir())) == 1
     finally:
         daemon.stop()
 
 
-def put(daemon: RunningDaemon, path: str, body: bytes, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(daemon.url + path, data=body, headers=headers, method="PUT")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def slow(tree: Path, port: str, seconds: float) -> str:
-    recipe = tree / "ports" / port / "port.toml"
-    recipe.write_text(recipe.read_text() + f"prepare = 'sleep {seconds}'\n")
-    return commit_all(tree, f"{port}: slow")
+    return slow_down(tree, port, f"sleep {seconds}", f"{port}: slow")
 
 
 def test_a_worker_killed_mid_build_leaves_the_build_to_the_other(
@@ -316,9 +336,7 @@ def test_the_daemon_killed_while_workers_build_publishes_each_key_once(
 def test_verify_2_publishes_nothing_when_a_worker_disagrees(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:  # libbase alone: what depends on it cannot build
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit = commit_all(ports_tree, "libbase alone")
+    commit = libbase_alone(ports_tree)  # alone: what depends on it cannot build
     daemon = with_daemon_and_workers(
         tmp_path, bare, cluster, "--verify", "2", PORTSD_WORKER_FAULT="1"
     )
@@ -343,15 +361,12 @@ def test_verify_2_publishes_nothing_when_a_worker_disagrees(
 def test_a_superseded_build_stops_on_its_worker(
     tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
 ) -> None:
-    for port in ALL - {"libbase"}:
-        git(ports_tree, "rm", "-rq", f"ports/{port}")
-    commit_all(ports_tree, "libbase alone")
+    libbase_alone(ports_tree)
     recipe = ports_tree / "ports" / "libbase" / "port.toml"
     plain = recipe.read_text()
     slow(ports_tree, "libbase", 60)
-    daemon = start_daemon(tmp_path, bare, cluster)
-    cluster.worker("w1", daemon)  # one build slot: the newer build waits for the old to stop
-    wait_workers(daemon, 1)
+    # one build slot: the newer build waits for the old to stop
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1)
     try:
         push(ports_tree)
         daemon.wait_for(
@@ -368,5 +383,76 @@ def test_a_superseded_build_stops_on_its_worker(
         (old,) = daemon.builds(port="libbase", state="cancelled")
         assert old["detail"] == "superseded by a newer commit"
         assert served_index(daemon, bare / "portsd") == keys_at(ports_tree, commit, bare / "portsd")
+    finally:
+        daemon.stop()
+
+
+def test_the_last_lines_of_a_remote_build_reach_the_daemons_log(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    """Lines printed at the very end of a build, just before its answer, are all in the
+    daemon's copy of its log, in order, before the daemon's own closing line."""
+    libbase_alone(ports_tree)
+    recipe = ports_tree / "ports" / "libbase" / "port.toml"
+    plain = recipe.read_text()
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1)
+    try:
+        for round_ in range(3):
+            # the package step ends with the lines: nothing of the build runs after them
+            tail = f"seq 1 300 | sed s/^/tail-{round_}-/"
+            package = f'make DESTDIR="$DESTDIR" PREFIX=/usr install && {tail}'
+            recipe.write_text(plain + f"package = '{package}'\n")
+            commit = commit_all(ports_tree, f"libbase: {round_}")
+            push(ports_tree)
+            daemon.wait_idle(commit)
+            built = max(daemon.builds(port="libbase", state="built"), key=lambda b: int(b["id"]))
+            log = bare / "portsd" / "logs" / "libbase" / f"{built['id']}.log"
+            lines = log.read_text().splitlines()
+            printed = [line for line in lines if line.startswith(f"tail-{round_}-")]
+            assert printed == [f"tail-{round_}-{n}" for n in range(1, 301)]
+            assert lines[-1] == "==> built on w1"
+    finally:
+        daemon.stop()
+
+
+def test_a_worker_without_a_seed_takes_the_daemons(
+    tmp_path: Path, bare: Path, ports_tree: Path, cluster: Cluster
+) -> None:
+    commit = libbase_alone(ports_tree)
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=1, PORTSD_SEED="")
+    try:
+        push(ports_tree)
+        daemon.wait_idle(commit)
+        (built,) = daemon.builds(port="libbase", state="built")
+        assert built["detail"] == "built on w1"
+    finally:
+        daemon.stop()
+    daemons = find_seed(Path(os.environ["PORTSD_SEED"]))
+    taken = find_seed(tmp_path / "worker-w1" / "seed")
+    assert daemons is not None and taken is not None
+    assert taken.content_id == daemons.content_id
+    log = (tmp_path / "w1.log").read_text()
+    assert f"took the bootstrap seed {daemons.content_id[:12]} of {daemon.url}" in log
+    assert "making the bootstrap seed" not in log
+
+
+@pytest.mark.parametrize("cluster", ["bokeh", "no bokeh"], indirect=True)
+def test_the_status_links_the_dask_dashboard_or_says_why_there_is_none(
+    tmp_path: Path, bare: Path, cluster: Cluster
+) -> None:
+    daemon = with_daemon_and_workers(tmp_path, bare, cluster, workers=0)
+    try:
+        status = daemon.get("/api/v1/status")["cluster"]
+        code, page = daemon.raw("/")
+        assert code == 200
+        if cluster.dashboard == "no bokeh":
+            assert status["dashboard"] is None and "lacks bokeh" in status["no_dashboard"]
+            assert b"no Dask dashboard: the scheduler&#39;s machine lacks bokeh" in page
+            return
+        link = status["dashboard"]
+        assert link.startswith("http://127.0.0.1:") and status["no_dashboard"] is None
+        with urllib.request.urlopen(link, timeout=30) as dashboard:
+            assert dashboard.status == 200 and b"bokeh" in dashboard.read().lower()
+        assert f'<a href="{link}">Dask dashboard</a>'.encode() in page
     finally:
         daemon.stop()

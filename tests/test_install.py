@@ -23,7 +23,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from portsd.build.seed import find_seed
 from portsd.client.transaction import Installed
+from portsd.core.metadata import PackageMeta
+from portsd.pkg.archive import content_id
+from portsd.pkg.package import create_package
 from portsd.pkg.repo import Repository
 from portsd.pkg.sign import SecretKey
 from tests.conftest import SourceServer, serving, serving_files
@@ -79,13 +83,18 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
             daemon.stop()
 
 
-def ports(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ports(
+    *args: str | Path, check: bool = True, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """``ports ARGS``; ``environment`` adds to (or replaces in) the tests' own."""
     result = subprocess.run(
         [sys.executable, "-m", "portsd.cli.ports", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "PORTS_CONFIG"} | {"COLUMNS": "200"},
+        env={k: v for k, v in os.environ.items() if k != "PORTS_CONFIG"}
+        | {"COLUMNS": "200"}
+        | environment,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"ports {' '.join(map(str, args))} failed:\n{result.stderr}")
@@ -200,6 +209,69 @@ def test_cache_down_builds_from_source_with_identical_files(
     installed_files = {k: v for k, v in snapshot(source).items() if not k.startswith("db:")}
     assert installed_files == {k: v for k, v in snapshot(binary).items() if not k.startswith("db:")}
     assert elapsed < 120  # a bound for the test, not a benchmark: a dead cache costs ~1 s
+
+
+def test_a_client_without_a_seed_takes_the_daemons_and_substitutes_by_its_keys(
+    host: Host, tmp_path: Path
+) -> None:
+    """Keys contain the seed's content id: a client with a ports checkout and no seed of
+    its own takes the daemon's (signed) instead of making one from its host, so the keys
+    it computes are the cache's and nothing is built here."""
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
+    root = tmp_path / "root"
+    root.mkdir()
+    seed = tmp_path / "client-seed"
+    result = ports(
+        "install", "toptool", "--root", root, "--tree", checkout, *from_cache(host),
+        PORTSD_SEED=str(seed),
+    )  # fmt: skip
+    daemons = find_seed(Path(os.environ["PORTSD_SEED"]))
+    assert daemons is not None
+    took = f"took the bootstrap seed {daemons.content_id[:12]} of {host.daemon.url}"
+    assert took in result.stdout
+    assert "making the bootstrap seed" not in result.stdout
+    assert "from source" not in result.stdout
+    for name in TOPTOOL:
+        assert f"downloaded {name}" in result.stdout
+    taken = find_seed(seed)
+    assert taken is not None and taken.content_id == daemons.content_id
+    assert taken.manifest == daemons.manifest
+    assert run_installed(root, "toptool") == TOPTOOL_SAYS
+    again = ports("install", "hello", "--root", root, "--tree", checkout, *from_cache(host),
+                  PORTSD_SEED=str(seed))  # fmt: skip
+    assert "seed" not in again.stdout  # the same seed on both sides: nothing to say
+
+
+def test_a_client_keeping_another_seed_is_told_its_keys_cannot_be_the_caches(
+    host: Host, tmp_path: Path
+) -> None:
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", str(host.tree), str(checkout))
+    other = tmp_path / "other-seed"  # a seed of other content (no toolchain: nothing builds)
+    (tmp_path / "files" / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "files" / "usr" / "bin" / "cc").write_text("#!/bin/sh\nexit 1\n")
+    meta = PackageMeta("seed", "1", 1, ARCH, hashlib.sha256(b"other").hexdigest())
+    built = create_package(tmp_path / "files", meta, other, epoch=0)
+    (other / "manifest").write_text("made by the test\n")
+    (other / "root").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    result = ports(
+        "install", "toptool", "--root", root, "--tree", checkout, "--no-build", *from_cache(host),
+        PORTSD_SEED=str(other), check=False,
+    )  # fmt: skip
+    daemons = find_seed(Path(os.environ["PORTSD_SEED"]))
+    assert daemons is not None and result.returncode == 1
+    mine = content_id(built.info.files)
+    told = (
+        f"{host.daemon.url} builds on the seed {daemons.content_id[:12]}, this client on "
+        f"{mine[:12]} ({other}): no key computed here is one of its packages"
+    )
+    assert told in " ".join(result.stdout.split())  # a long line: wrapped on a terminal
+    # its keys are not the cache's, from the bottom of the chain up
+    assert "libbase: no package for build key" in result.stderr
+    assert f"{host.daemon.url}: does not have it" in result.stderr
 
 
 def test_a_changed_port_is_built_and_its_dependencies_substituted(

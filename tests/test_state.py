@@ -104,3 +104,46 @@ def test_an_unusable_database_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StateError, match="cannot open the state database"):
         State(path)
+
+
+def test_a_build_records_the_toolchain_it_stands_on(tmp_path: Path) -> None:
+    state = State(tmp_path / "db.sqlite")
+    evaluation = state.start_evaluation("f" * 40, "main", "push")
+    on = "stage 2 of cc, libc (built on stage 1's packages)"
+    [row] = state.finish_evaluation(
+        evaluation, [NewBuild("zlib", "1.0-1", KEY_A, "", on)], blocked=0
+    )
+    assert row.toolchain == on
+    assert State(tmp_path / "db.sqlite").build(row.id) == row
+
+
+def test_a_database_of_schema_1_gains_the_toolchain_of_builds(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    with sqlite3.connect(path) as db:  # the builds table as schema 1 had it, with a build
+        db.executescript(
+            """
+            CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema', '1');
+            CREATE TABLE evaluations (id INTEGER PRIMARY KEY, revision TEXT NOT NULL,
+                branch TEXT NOT NULL, trigger TEXT NOT NULL, created REAL NOT NULL,
+                finished REAL, planned INTEGER NOT NULL DEFAULT 0,
+                blocked INTEGER NOT NULL DEFAULT 0, error TEXT);
+            CREATE TABLE builds (id INTEGER PRIMARY KEY,
+                evaluation INTEGER NOT NULL REFERENCES evaluations(id), port TEXT NOT NULL,
+                version TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL,
+                reason TEXT NOT NULL DEFAULT '', detail TEXT, queued REAL NOT NULL,
+                started REAL, finished REAL, log TEXT);
+            INSERT INTO evaluations (revision, branch, trigger, created)
+                VALUES ('r', 'main', 'push', 1);
+            INSERT INTO builds (evaluation, port, version, key, state, queued)
+                VALUES (1, 'zlib', '1.0-1', 'k', 'built', 1);
+            """
+        )
+    db.close()
+    state = State(path)
+    old = state.build(1)
+    assert old is not None and old.port == "zlib" and old.toolchain == ""
+    [new] = queue(state, ("png", KEY_B))
+    assert state.build(new) is not None
+    state.close()
+    assert State(path).build(1) == old  # migrated once, opened again as schema 2

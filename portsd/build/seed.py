@@ -429,13 +429,41 @@ def ensure_seed(directory: Path, work: Path, arch: str, say: Callable[[str], Non
 
 def keep_seed(seed: Seed, directory: Path) -> Seed:
     """Make ``seed`` the one kept in ``directory``, replacing any other, and unpack it."""
+    root = _unpack(seed.path, directory)
+    _write_manifest(directory, seed.manifest)
+    return Seed(directory / seed.path.name, seed.content_id, seed.build_key, seed.manifest, root)
+
+
+def adopt_seed(package: Path, directory: Path, arch: str) -> Seed:
+    """Keep ``package``, a seed made on another machine (a daemon's, its signature checked
+    by the caller), as the seed of ``directory``: builds here then stand on the same
+    content id, and so have the same keys."""
+    info = read_portinfo(package)
+    if info.meta.name != NAME or info.meta.arch != arch:
+        raise PackageError(
+            str(package), f"not a seed for {arch}: {info.meta.name} for {info.meta.arch}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (directory / "manifest").unlink(missing_ok=True)
+        root = _unpack(package, directory)
+        manifest = (root / MANIFEST).read_text()
+        _write_manifest(directory, manifest)
+        return Seed(
+            directory / package.name, content_id(info.files), info.meta.build_key, manifest, root
+        )
+
+
+def _unpack(package: Path, directory: Path) -> Path:
+    """Move ``package`` into ``directory`` in place of any other seed, and unpack it."""
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob(f"{NAME}-*{PACKAGE_SUFFIX}"):
-        if old != directory / seed.path.name:
+        if old != directory / package.name:
             old.unlink()
-    target = directory / seed.path.name
-    if seed.path != target:
-        os.replace(seed.path, target)
+    target = directory / package.name
+    if package != target:
+        os.replace(package, target)
     root = directory / "root"
     if root.exists():
         remove_tree(root)
@@ -444,7 +472,10 @@ def keep_seed(seed: Seed, directory: Path) -> Seed:
         remove_tree(unpacking)
     extract_package(target, unpacking)
     os.replace(unpacking, root)
+    return root
+
+
+def _write_manifest(directory: Path, manifest: str) -> None:
     # the manifest last: find_seed sees a whole seed or none
-    (directory / "manifest.tmp").write_text(seed.manifest)
+    (directory / "manifest.tmp").write_text(manifest)
     os.replace(directory / "manifest.tmp", directory / "manifest")
-    return Seed(target, seed.content_id, seed.build_key, seed.manifest, root)

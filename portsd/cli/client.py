@@ -32,6 +32,7 @@ from portsd.cli import err_console
 from portsd.cli.output import emit_json, emit_lines, table
 from portsd.cli.query import (
     fresh_root_undone,
+    meta_json,
     open_root,
     package_json,
     read_root,
@@ -232,7 +233,7 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
             {
                 "name": args.name,
                 "installed": None if mine is None else package_json(mine) | {"files": files},
-                "available": None if available is None else _meta_json(available),
+                "available": None if available is None else meta_json(available),
             },
         )
         return 0
@@ -271,20 +272,6 @@ def info_command(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(grid)
     return 0
-
-
-def _meta_json(meta: PackageMeta) -> dict[str, object]:
-    return {
-        "name": meta.name,
-        "version": meta.full_version,
-        "build_key": meta.build_key,
-        "summary": meta.summary,
-        "license": meta.license,
-        "depends": list(meta.depends),
-        "provides": list(meta.provides),
-        "conflicts": list(meta.conflicts),
-        "installed_size": meta.installed_size,
-    }
 
 
 def search_command(args: argparse.Namespace, console: Console) -> int:

@@ -19,6 +19,7 @@ from portsd.client.db import InstalledPackage
 from portsd.client.journal import DB_DIR
 from portsd.client.settings import ClientSettings, load_settings
 from portsd.client.transaction import JOURNAL_NAME, Installed
+from portsd.core.metadata import PackageMeta
 from portsd.errors import InstallError, RootError, RootLocked
 from portsd.fsio import remove_tree
 
@@ -123,9 +124,8 @@ def list_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def package_json(package: InstalledPackage) -> dict[str, object]:
-    """An installed package for ``--json``: its manifest's facts and why it is here."""
-    meta = package.meta
+def meta_json(meta: PackageMeta) -> dict[str, object]:
+    """A package's facts for ``--json``, installed or available."""
     return {
         "name": meta.name,
         "version": meta.full_version,
@@ -134,7 +134,14 @@ def package_json(package: InstalledPackage) -> dict[str, object]:
         "license": meta.license,
         "depends": list(meta.depends),
         "provides": list(meta.provides),
+        "conflicts": list(meta.conflicts),
         "installed_size": meta.installed_size,
+    }
+
+
+def package_json(package: InstalledPackage) -> dict[str, object]:
+    """An installed package for ``--json``: its manifest's facts and why it is here."""
+    return meta_json(package.meta) | {
         "reason": str(package.reason),
         "origin": package.origin,
         "installed_at": package.installed_at,

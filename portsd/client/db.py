@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ from portsd.core.provider import package_meets
 from portsd.core.recipe import Dependency
 from portsd.errors import PackageDbError
 from portsd.pkg.archive import FileType
+from portsd.sqlitedb import TIMEOUT, open_database, transaction
 
 SCHEMA_VERSION = 2  # 2: sonames
 
@@ -172,13 +174,10 @@ class PackageDb:
                 # every ports command checkpoints the WAL into the file when it closes)
                 immutable = not os.access(path.parent, os.W_OK)
                 uri = f"file:{path}?mode=ro" + ("&immutable=1" if immutable else "")
-                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=TIMEOUT)
             else:
-                self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")  # a commit is a commit point
+                self._db = open_database(path, durable=True)  # a commit is a commit point
                 self._db.executescript(_SCHEMA)
-            self._db.execute("PRAGMA foreign_keys=ON")
             if not readonly:
                 with self._write() as db:
                     row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
@@ -209,16 +208,8 @@ class PackageDb:
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise PackageDbError(str(self.path), "opened read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise PackageDbError(str(self.path), f"write failed: {exc}") from None
+        with transaction(self._db, partial(PackageDbError, str(self.path))) as db:
+            yield db
 
     def _all(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         try:

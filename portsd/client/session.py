@@ -34,6 +34,7 @@ from portsd.client.obtain import Obtainer, ObtainReporter
 from portsd.client.progress import Progress
 from portsd.client.relations import check_relations
 from portsd.client.remote import Caches, SerialBook, open_caches
+from portsd.client.seed import take_seed
 from portsd.client.settings import ClientSettings, SourcePolicy
 from portsd.client.transaction import Installed, TransactionResult
 from portsd.config import Config, load_config
@@ -104,7 +105,17 @@ def open_sources(
         caches = Caches(usable=(), problems=())
     checkout = None
     if settings.tree is not None:
-        seed = seed_of(store_config(settings), reporter.warn)
+        config = store_config(settings)
+        # the caches' keys stand on their seed: take it rather than make one (said so)
+        take_seed(
+            [cache.url for cache in caches.usable],
+            config.seed,
+            settings.arch,
+            settings.trusted_keys,
+            reporter.warn,
+            reporter.downloads,
+        )
+        seed = seed_of(config, reporter.warn)
         contents = _Contents(caches, store_of(settings).contents)
         checkout = open_checkout(
             settings.tree,

@@ -9,13 +9,17 @@ of a task that finished names an upload, so nothing a dead worker half-made is e
 With ``verify = N`` the order is built N times, each on a worker that has not built it
 yet, and the answers are returned for ``agree`` to compare.
 
-Log lines arrive as Dask events (``LOG_TOPIC``) and go to the build's ``on_line``.
+Log lines arrive as Dask events (``LOG_TOPIC``) and go to the build's ``on_line``; the
+task's answer carries the lines no event did, and how many the events carried, so the
+log is complete (or says how many lines did not arrive) the moment the answer is in.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +34,8 @@ from portsd.errors import ConfigError, PortsdError
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler at start
 _POLL = 0.05  # seconds between looks at a build's cancel event
+DASHBOARD_EVERY = 60.0  # seconds between looks at the scheduler's dashboard
+DASHBOARD_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +49,24 @@ class WorkerView:
     last_seen: float  # seconds ago
 
 
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """The scheduler's Dask dashboard, or why there is none."""
+
+    link: str | None
+    missing: str | None  # one line, when ``link`` is None
+
+
 class Cancelled(PortsdError):
     """The build was cancelled while its task was on the cluster."""
+
+
+@dataclass(slots=True)
+class _Follower:
+    """Where a task's log lines go, and how many have arrived."""
+
+    on_line: Callable[[str], None]
+    received: int = 0
 
 
 class Cluster:
@@ -57,9 +79,10 @@ class Cluster:
             raise ConfigError(f"cannot reach the Dask scheduler at {address}: {error}") from None
         self.address = address
         self._lock = threading.Lock()
-        self._follow: dict[str, Callable[[str], None]] = {}  # task -> its build's on_line
+        self._follow: dict[str, _Follower] = {}  # task -> its build's log
         self._labels: dict[str, str] = {}  # task -> the build it is
         self._done: Counter[str] = Counter()  # worker name -> builds finished
+        self._dashboard: tuple[float, Dashboard] | None = None  # when it was looked at
         self.client.subscribe_topic(LOG_TOPIC, self._on_log)
 
     def close(self) -> None:
@@ -106,7 +129,7 @@ class Cluster:
                     "many workers)"
                 )
         with self._lock:
-            self._follow[task] = on_line
+            self._follow[task] = _Follower(on_line)
             self._labels[task] = f"{order.name} {order.key[:12]}"
         done = threading.Event()
         try:
@@ -125,6 +148,7 @@ class Cluster:
                     future.cancel()
                     raise Cancelled(f"{order.label}: cancelled")
             answer = _answer(order, future)
+            self._end_log(task, order, answer)
         finally:
             with self._lock:
                 self._follow.pop(task, None)
@@ -140,10 +164,24 @@ class Cluster:
     def _on_log(self, event: tuple[float, dict[str, Any]]) -> None:
         _, message = event
         with self._lock:  # held while writing: a build's log is not closed under a line
-            follow = self._follow.get(str(message.get("task")))
-            if follow is not None:
+            follower = self._follow.get(str(message.get("task")))
+            if follower is not None:
                 for line in message.get("lines", ()):
-                    follow(str(line))
+                    follower.on_line(str(line))
+                    follower.received += 1
+
+    def _end_log(self, task: str, order: BuildOrder, answer: Built | Failed) -> None:
+        """Complete the log from the answer; events still on their way are then dropped."""
+        with self._lock:
+            follower = self._follow.pop(task)
+            missing = answer.log.sent - follower.received
+            if missing > 0:
+                follower.on_line(
+                    f"==> {missing} log lines did not arrive from worker {answer.worker}; its "
+                    f"logs/{order.name}/{order.key[:12]}.log has them"
+                )
+            for line in answer.log.tail:
+                follower.on_line(line)
 
     def _workers(self) -> dict[str, dict[str, Any]]:
         workers: dict[str, dict[str, Any]] = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -173,10 +211,32 @@ class Cluster:
             views.append(WorkerView(name, address, running, done[name], max(now - seen, 0.0)))
         return views
 
-    @property
-    def dashboard(self) -> str | None:
-        link = self.client.dashboard_link
-        return str(link) if link else None
+    def dashboard(self) -> Dashboard:
+        """The scheduler's dashboard, looked at once a minute at most: Dask names a link
+        whether or not a dashboard is behind it (not with ``--no-dashboard``, nor without
+        bokeh on the scheduler's machine)."""
+        now = time.monotonic()
+        if self._dashboard is None or now - self._dashboard[0] > DASHBOARD_EVERY:
+            self._dashboard = (now, _look_at(str(self.client.dashboard_link)))
+        return self._dashboard[1]
+
+
+def _look_at(link: str) -> Dashboard:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(link, timeout=DASHBOARD_TIMEOUT) as response:
+            page = response.read(64 * 1024)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return Dashboard(None, "the scheduler serves no dashboard (--no-dashboard)")
+        return Dashboard(None, f"the dashboard {link} answers {error.code}")
+    except OSError as error:
+        return Dashboard(None, f"the dashboard {link} does not answer here: {error}")
+    if b"needs bokeh" in page:  # Dask's page in its place when bokeh is missing
+        return Dashboard(
+            None, "the scheduler's machine lacks bokeh (pip install bokeh, restart the scheduler)"
+        )
+    return Dashboard(link, None)
 
 
 def _answer(order: BuildOrder, future: distributed.Future[Any]) -> Built | Failed:

@@ -11,23 +11,28 @@ variables (docs/cluster.md):
     PORTSD_WORKER_ROOTS       unpacked packages (and composed roots) kept; default 64
     PORTSD_WORKER_FAULT       fault injection for tests: 1 makes every package of this worker
                               differ (a byte appended to the first regular file)
-    PORTSD_SEED               the bootstrap seed, as for the daemon (must be the daemon's)
+    PORTSD_SEED               the bootstrap seed, as for the daemon (must be the daemon's;
+                              a worker that keeps none takes the daemon's at start)
 
 ``build_on_worker`` is the task the daemon submits. It holds a cluster-wide lock named by
 the build key (one key never builds twice at once, even across a daemon restart), stops
 the build as soon as the task is released on the scheduler (cancelled, superseded, or
 its daemon gone), sends the log lines to the daemon as Dask events (``LOG_TOPIC``), and
 returns what the daemon needs to take the package: where the upload is, its size and
-sha256, and the worker's name. A worker that dies mid-build returns nothing, and Dask
-runs the task again elsewhere.
+sha256, and the worker's name. The answer also ends the log: the lines not sent yet, and
+how many were, so the daemon completes its copy from the answer alone (or says what did
+not arrive) instead of waiting for events. A worker that dies mid-build returns nothing,
+and Dask runs the task again elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import distributed
@@ -36,12 +41,16 @@ from portsd.build.fetch import Fetcher
 from portsd.build.order import BuildOrder
 from portsd.build.pipeline import seed_of
 from portsd.build.produce import Producer, limits_of
+from portsd.build.seed import Seed
 from portsd.build.store import Store
+from portsd.client.seed import take_seed
 from portsd.cluster.remote import DaemonPackages, Uploaded, upload
 from portsd.config import Config, load_config
 from portsd.core.metadata import PackageMeta
 from portsd.errors import ConfigError, PortsdError
 from portsd.pkg.sign import PublicKey
+
+log = logging.getLogger("distributed.portsd")  # in Dask's worker log, as Dask's own lines
 
 EXTENSION = "portsd"
 LOG_TOPIC = "portsd-log"
@@ -51,11 +60,20 @@ _GONE = {"cancelled", "released", "forgotten", "error"}  # the scheduler no long
 
 
 @dataclass(frozen=True, slots=True)
+class LogEnd:
+    """The end of a build's log, in its task's answer."""
+
+    sent: int  # lines sent as events before the answer
+    tail: tuple[str, ...]  # the lines after those
+
+
+@dataclass(frozen=True, slots=True)
 class Built:
     """A finished remote build."""
 
     worker: str
     upload: Uploaded
+    log: LogEnd
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +83,28 @@ class Failed:
 
     worker: str
     reason: str
+    log: LogEnd = LogEnd(0, ())
     cancelled: bool = False
+
+
+@dataclass(slots=True)
+class LogStream:
+    """A build's log lines on their way to the daemon: the build thread appends, the
+    watcher sends what has gathered as one event, the answer carries the rest."""
+
+    lines: list[str] = field(default_factory=list)
+    sent: int = 0
+
+    def send(self, worker: distributed.Worker, task: str) -> None:
+        batch = self.lines[:]
+        del self.lines[: len(batch)]  # list ops are atomic: the build thread only appends
+        if batch:
+            worker.log_event(LOG_TOPIC, {"task": task, "lines": batch})
+            self.sent += len(batch)
+
+    def end(self) -> LogEnd:
+        """Once the build thread is done: the lines no event carries."""
+        return LogEnd(self.sent, tuple(self.lines))
 
 
 @dataclass(slots=True)
@@ -105,7 +144,7 @@ class WorkerBuilder:
             config.arch,
             fetcher,
             Store(config.store),
-            seed_of(config),
+            _seed(config, daemon, key),
             DaemonPackages(daemon, config.arch, (key,), config.state_dir / "packages"),
             hidden=(config.state_dir.resolve(),),
             alter=_fault if environ.get("PORTSD_WORKER_FAULT") == "1" else None,
@@ -119,13 +158,13 @@ class WorkerBuilder:
         worker: distributed.Worker,
         task: str,
         still_wanted: Callable[[], bool],
+        stream: LogStream,
     ) -> Built:
         """Build ``order``, upload the package; raises a PortsdError on failure."""
         cancel = threading.Event()
-        lines: list[str] = []
         stop = threading.Event()
         watcher = threading.Thread(
-            target=self._watch, args=(worker, task, still_wanted, cancel, lines, stop), daemon=True
+            target=self._watch, args=(worker, task, still_wanted, cancel, stream, stop), daemon=True
         )
         watcher.start()
         try:
@@ -140,7 +179,7 @@ class WorkerBuilder:
                         cancel,
                         self._deliver,
                         log=self.config.logs / order.name / f"{order.key[:12]}.log",
-                        on_line=lines.append,
+                        on_line=stream.lines.append,
                     )
                     self.producer.store.prune(self.roots)
             finally:
@@ -148,7 +187,7 @@ class WorkerBuilder:
         finally:
             stop.set()
             watcher.join()
-        return Built(str(worker.name), uploaded)
+        return Built(str(worker.name), uploaded, stream.end())
 
     def _deliver(self, package: Path, meta: PackageMeta, content: str) -> Uploaded:
         # the daemon computes the content id again from what arrives: it trusts no worker
@@ -160,18 +199,13 @@ class WorkerBuilder:
         task: str,
         still_wanted: Callable[[], bool],
         cancel: threading.Event,
-        lines: list[str],
+        stream: LogStream,
         stop: threading.Event,
     ) -> None:
-        """Send log lines in batches; set ``cancel`` once the scheduler drops the task."""
-        while True:
-            finished = stop.wait(FLUSH_EVERY)
-            batch = lines[:]
-            del lines[: len(batch)]  # list ops are atomic: the build thread only appends
-            if batch:
-                worker.log_event(LOG_TOPIC, {"task": task, "lines": batch})
-            if finished:
-                return
+        """Send log lines in batches; set ``cancel`` once the scheduler drops the task.
+        What is left when the build ends goes with the answer."""
+        while not stop.wait(FLUSH_EVERY):
+            stream.send(worker, task)
             if not still_wanted():
                 cancel.set()
 
@@ -189,10 +223,19 @@ def build_on_worker(order: BuildOrder) -> Built | Failed:
         state = worker.state.tasks.get(task)
         return state is not None and state.state not in _GONE
 
+    stream = LogStream()
     try:
-        return builder.build(order, worker, task, still_wanted)
+        return builder.build(order, worker, task, still_wanted, stream)
     except PortsdError as error:
-        return Failed(name, str(error), cancelled=not still_wanted())
+        return Failed(name, str(error), stream.end(), cancelled=not still_wanted())
+
+
+def _seed(config: Config, daemon: str, key: PublicKey) -> Seed:
+    """The daemon's seed: taken from it when this worker keeps none (a thread of its own:
+    Dask calls the preload on its event loop), else this worker's, checked by the orders."""
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(take_seed, (daemon,), config.seed, config.arch, (key,), log.info).result()
+    return seed_of(config, log.info)
 
 
 def _fault(destdir: Path) -> None:

@@ -19,7 +19,7 @@ from portsd.daemon.state import BuildRow, BuildState, State
 from portsd.pkg.repo import Repository
 
 if TYPE_CHECKING:
-    from portsd.cluster.dispatch import WorkerView
+    from portsd.cluster.dispatch import Dashboard, WorkerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class ClusterStatus:
     builds disagreed (message, the two workers, the differing files)."""
 
     scheduler: str
-    dashboard: str | None
+    dashboard: Dashboard
     workers: tuple[WorkerView, ...]
     disagreements: tuple[tuple[str, tuple[str, str], tuple[str, ...]], ...] = ()
 

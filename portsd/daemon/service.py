@@ -402,12 +402,14 @@ class Daemon:
                 for key, row in self._rows.items()
                 if key not in keep and key not in running_keys
             ]
+            stages = revision.evaluation.stages
+            on = stages.current.describe(stages.spec)  # every key planned here stands on it
             builds = [
-                NewBuild(b.name, _version(revision, b.name), b.key, "")
+                NewBuild(b.name, _version(revision, b.name), b.key, "", on)
                 for b in triaged.wanted.builds
                 if b.key not in self._rows
             ] + [
-                NewBuild(s.build.name, _version(revision, s.build.name), s.build.key, s.reason)
+                NewBuild(s.build.name, _version(revision, s.build.name), s.build.key, s.reason, on)
                 for s in triaged.doomed
             ]
             rows = self.state.finish_evaluation(
@@ -695,7 +697,7 @@ class Daemon:
             workers = ()
         return ClusterStatus(
             scheduler=cluster.address,
-            dashboard=cluster.dashboard,
+            dashboard=cluster.dashboard(),
             workers=workers,
             disagreements=tuple((str(d), d.workers, d.files) for d in disagreements),
         )

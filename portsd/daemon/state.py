@@ -23,12 +23,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from portsd.errors import PortsdError
+from portsd.sqlitedb import open_database, transaction
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS builds (
     queued REAL NOT NULL,
     started REAL,
     finished REAL,
-    log TEXT
+    log TEXT,
+    toolchain TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS builds_by_state ON builds(state);
 CREATE INDEX IF NOT EXISTS builds_by_key ON builds(key);
@@ -112,6 +115,7 @@ class BuildRow:
     started: float | None
     finished: float | None
     log: str | None
+    toolchain: str  # what it stood on: the seed, or a stage of the tree's toolchain
 
     @property
     def duration(self) -> float | None:
@@ -128,6 +132,7 @@ class NewBuild:
     version: str
     key: str
     reason: str
+    toolchain: str = ""  # what its key stands on: the seed, or a stage of the tree's toolchain
 
 
 class StateError(PortsdError):
@@ -140,7 +145,8 @@ class StateError(PortsdError):
 
 
 _BUILD_COLUMNS = (
-    "id, evaluation, port, version, key, state, reason, detail, queued, started, finished, log"
+    "id, evaluation, port, version, key, state, reason, detail, queued, started, finished, log, "
+    "toolchain"
 )
 _EVALUATION_COLUMNS = "id, revision, branch, trigger, created, finished, planned, blocked, error"
 
@@ -152,19 +158,15 @@ class State:
         self.path = path
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL: durable at checkpoints, never corrupt
-            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db = open_database(path, durable=False, threads=True)
             self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
             with self._transaction() as db:
                 version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if version is None:
                     db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                elif int(version[0]) == 1:  # builds did not say what they stood on
+                    db.execute("ALTER TABLE builds ADD COLUMN toolchain TEXT NOT NULL DEFAULT ''")
+                    db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("2",))
                 elif int(version[0]) != SCHEMA_VERSION:
                     raise StateError(
                         str(path), f"schema {version[0]}, this portsd knows {SCHEMA_VERSION}"
@@ -179,22 +181,8 @@ class State:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One transaction; a failure of sqlite (a full disk, say) is a StateError."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                if self._db.in_transaction:
-                    try:
-                        self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # sqlite rolls back by itself on the next BEGIN
-                raise StateError(str(self.path), f"cannot write: {error}") from None
+        with self._lock, transaction(self._db, partial(StateError, str(self.path))) as db:
+            yield db
 
     def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -251,9 +239,18 @@ class State:
             ids = []
             for build in builds:
                 cursor = db.execute(
-                    "INSERT INTO builds (evaluation, port, version, key, state, reason, queued) "
-                    "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    (evaluation, build.port, build.version, build.key, build.reason, now),
+                    "INSERT INTO builds "
+                    "(evaluation, port, version, key, state, reason, queued, toolchain) "
+                    "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (
+                        evaluation,
+                        build.port,
+                        build.version,
+                        build.key,
+                        build.reason,
+                        now,
+                        build.toolchain,
+                    ),
                 )
                 ids.append(cursor.lastrowid)
             db.execute(
@@ -435,7 +432,8 @@ class State:
 
 
 def _build(row: tuple[Any, ...]) -> BuildRow:
-    id_, evaluation, port, version, key, state, reason, detail, queued, started, finished, log = row
+    (id_, evaluation, port, version, key, state, reason, detail) = row[:8]
+    queued, started, finished, log, toolchain = row[8:]
     return BuildRow(
         id=int(id_),
         evaluation=int(evaluation),
@@ -449,6 +447,7 @@ def _build(row: tuple[Any, ...]) -> BuildRow:
         started=None if started is None else float(started),
         finished=None if finished is None else float(finished),
         log=None if log is None else str(log),
+        toolchain=str(toolchain),
     )
 
 

@@ -77,6 +77,7 @@ def build_json(row: BuildRow) -> dict[str, Any]:
         "finished": row.finished,
         "duration": row.duration,
         "log": f"{PREFIX}/builds/{row.id}/log" if row.log is not None else None,
+        "toolchain": row.toolchain,
     }
 
 
@@ -122,7 +123,8 @@ def cluster_json(cluster: ClusterStatus | None) -> dict[str, Any] | None:
         return None
     return {
         "scheduler": cluster.scheduler,
-        "dashboard": cluster.dashboard,
+        "dashboard": cluster.dashboard.link,
+        "no_dashboard": cluster.dashboard.missing,
         "workers": [
             {
                 "name": worker.name,

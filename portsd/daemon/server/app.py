@@ -25,6 +25,7 @@ from portsd.daemon.server.api import Api, api_errors
 from portsd.daemon.server.appkeys import CONFIG, COUNTERS, ENGINE, REPO_FILES, STREAMS
 from portsd.daemon.server.files import RepoFiles
 from portsd.daemon.server.metrics import Counters, MetricsView
+from portsd.daemon.server.seed import SeedFiles
 from portsd.daemon.server.streams import Streams
 from portsd.daemon.server.uploads import Uploads
 
@@ -33,7 +34,7 @@ SHUTDOWN_TIMEOUT = 5.0
 
 
 def routes(
-    files: RepoFiles, api: Api, metrics: MetricsView, uploads: Uploads
+    files: RepoFiles, api: Api, metrics: MetricsView, uploads: Uploads, seed: SeedFiles
 ) -> list[web.RouteDef]:
     """Every route but the status page's (``GET`` routes answer ``HEAD`` too)."""
     v1 = "/api/v1"
@@ -51,6 +52,8 @@ def routes(
         web.get("/metrics", metrics.get, name="metrics"),
         web.get("/distfiles/{sha256}", uploads.distfile, name="distfile"),
         web.put(f"{v1}/uploads", uploads.upload, name="api-upload"),
+        web.get(f"{v1}/seed", seed.describe, name="api-seed"),
+        web.get("/seed/{name}", seed.file, name="seed"),
     ]
 
 
@@ -71,7 +74,13 @@ def create_app(config: Config, engine: Engine) -> web.Application:
     app[REPO_FILES] = files
     app[STREAMS] = streams
     app.add_routes(
-        routes(files, Api(config, engine, streams), MetricsView(engine, counters), Uploads(config))
+        routes(
+            files,
+            Api(config, engine, streams),
+            MetricsView(engine, counters),
+            Uploads(config),
+            SeedFiles(config),
+        )
     )
     app.on_response_prepare.append(counters.on_response_prepare)
     app.on_shutdown.append(streams.close)
