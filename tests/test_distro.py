@@ -29,7 +29,7 @@ ARCH = "x86_64_musl"
 BASE = {
     "linux-headers", "musl", "binutils", "gmp", "mpfr", "mpc", "gcc", "make", "busybox",
     "bash", "m4", "perl", "autoconf", "automake", "libtool", "pkgconf", "zlib", "ncurses",
-    "vim", "patch", "runit", "baselayout",
+    "vim", "patch", "baselayout",
 }  # fmt: skip
 SLICE = ("musl", "linux-headers", "busybox", "hello", "baselayout")
 MIRROR = Path(os.environ.get("PORTSD_DISTFILES_MIRROR", "~/.cache/portsd/distfiles"))
