@@ -30,6 +30,7 @@ BASE = {
     "linux-headers", "musl", "binutils", "gmp", "mpfr", "mpc", "gcc", "make", "busybox",
     "bash", "m4", "perl", "autoconf", "automake", "libtool", "pkgconf", "zlib", "ncurses",
     "vim", "patch", "baselayout",
+    "cross-gcc",  # stage 1's cross toolchain: builds gcc on the seed
 }  # fmt: skip
 SLICE = ("musl", "linux-headers", "busybox", "hello", "baselayout")
 MIRROR = Path(os.environ.get("PORTSD_DISTFILES_MIRROR", "~/.cache/portsd/distfiles"))
