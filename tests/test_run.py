@@ -99,6 +99,22 @@ def test_umask_is_fixed_whatever_the_callers() -> None:
         os.umask(previous)
 
 
+def test_no_signal_is_ignored_whatever_the_callers() -> None:
+    """A daemon started as a background job of a script has SIGINT and SIGQUIT ignored,
+    and a shell cannot undo an ignore it inherits: a build's test suite that interrupts
+    its own children would hang or fail. The command starts with none ignored."""
+    previous = [
+        (sig, signal.signal(sig, signal.SIG_IGN)) for sig in (signal.SIGINT, signal.SIGQUIT)
+    ]
+    try:
+        lines: list[str] = []
+        run(["sh", "-c", "grep SigIgn /proc/self/status"], on_line=lines.append)
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+    assert lines == ["SigIgn:\t0000000000000000"]
+
+
 def test_stdin_is_empty() -> None:
     lines: list[str] = []
     result = run(["sh", "-c", "cat; echo done"], on_line=lines.append, timeout=5)

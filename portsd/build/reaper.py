@@ -332,6 +332,34 @@ def _disk_usage(top: str) -> int:
     return total
 
 
+# Every signal to its default in the command: Python ignores SIGPIPE and SIGXFSZ, a
+# daemon started as a background job of a script has SIGINT and SIGQUIT ignored, and a
+# shell cannot undo an ignore it inherits (a build's test suite that interrupts its own
+# children then hangs or fails).
+_DEFAULTED = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _start(path: str, argv: list[str], environment: dict[str, str]) -> int:
+    """Start the command in a process group of its own, stdin from /dev/null, no signal
+    ignored. By fork and exec, not posix_spawn: glibc's posix_spawn leaves the two signals
+    it keeps for itself (32 and 33) ignored in the command, and musl uses them (timers,
+    thread cancellation). The reaper has one thread, so forking it is safe."""
+    child = os.fork()
+    if child:
+        return child
+    try:
+        os.setpgid(0, 0)
+        for number in _DEFAULTED:
+            signal.signal(number, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.execve(path, argv, environment)
+    except OSError as error:
+        os.write(1, f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
+        os._exit(127 if isinstance(error, FileNotFoundError) else 126)
+
+
 def supervise(arguments: list[str]) -> int:
     """``[LIMIT OPTIONS] -- ARGV``: run ARGV under the lifeline on stdin within the limits;
     returns the exit code to leave with."""
@@ -344,18 +372,7 @@ def supervise(arguments: list[str]) -> int:
         return 1
     _make_subreaper()
     limits.apply()
-    try:
-        child = os.posix_spawn(
-            _executable(argv[0], environment),
-            argv,
-            environment,
-            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
-            setpgroup=0,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # ignored by Python, not by commands
-        )
-    except OSError as error:
-        os.write(1, f"portsd: cannot execute {argv[0]}: {error.strerror}\n".encode())
-        return 127 if isinstance(error, FileNotFoundError) else 126
+    child = _start(_executable(argv[0], environment), argv, environment)
     status, over = _wait(child, limits)
     # The command's group at once (in a sandbox: bwrap and its namespace's init, whose
     # death takes the namespace with it), then whatever else is below: even a fork bomb
