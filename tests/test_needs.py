@@ -50,9 +50,11 @@ def test_a_package_provides_the_sonames_the_loader_finds() -> None:
         "lib/libacl.so.1": elf(soname="libacl.so.1"),  # /lib is /usr/lib
         "usr/lib/x86_64-linux-gnu/libm.so.6": elf(soname="libm.so.6"),
         "usr/lib/app/libown.so.1": elf(soname="libown.so.1"),  # private
+        "usr/lib/libc.so": elf(),  # no SONAME (musl's): the linker records the file name
+        "usr/lib/helper": elf(),  # a program, not a library
         "usr/bin/app": elf("libz.so.1"),
     }
-    assert provided_sonames(files) == ("libacl.so.1", "libm.so.6", "libz.so.1")
+    assert provided_sonames(files) == ("libacl.so.1", "libc.so", "libm.so.6", "libz.so.1")
 
 
 def test_the_seed_provides_the_c_runtime_and_nothing_private(seed: Seed) -> None:
@@ -160,3 +162,30 @@ def test_a_library_of_a_build_dependency_fails_the_check_unless_declared_or_allo
     build(tree, state)
     app = repository(state).index().entry("app")
     assert app is not None and app.meta.depends == ()
+
+
+@pytest.mark.slow
+def test_a_library_without_soname_provides_its_file_name(tmp_path: Path) -> None:
+    """musl's libc.so has no SONAME: a program linked with it needs ``libc.so``, the file
+    name, and the package that holds the file provides exactly that."""
+    tree, state = tmp_path / "tree", tmp_path / "state"
+    noso = LIBGREET.replace("-Wl,-soname,libgreet.so.1 ", "").replace(
+        'install -D -m 755 libgreet.so.1 "$DESTDIR/usr/lib/libgreet.so.1"\n'
+        'ln -s libgreet.so.1 "$DESTDIR/usr/lib/libgreet.so"',
+        'install -D -m 755 libgreet.so.1 "$DESTDIR/usr/lib/libgreet.so"',
+    )
+    assert "soname" not in noso and "ln -s" not in noso
+    for port, files in {
+        "libgreet": {"port.toml": noso, "greet.c": "int greet(void) { return 7; }\n"},
+        "app": {"app.c": "#include <greet.h>\nint main(void) { return greet() - 7; }\n"},
+    }.items():
+        (tree / "ports" / port).mkdir(parents=True)
+        for name, text in files.items():
+            (tree / "ports" / port / name).write_text(text)
+    git(tree.parent, "init", "-q", "-b", "main", str(tree))
+    write_app(tree, "depends")
+    build(tree, state)
+    index = repository(state).index()
+    libgreet, app = index.entry("libgreet"), index.entry("app")
+    assert libgreet is not None and libgreet.meta.sonames == ("libgreet.so",)
+    assert app is not None and app.meta.depends == ("libgreet",)

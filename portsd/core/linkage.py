@@ -8,8 +8,10 @@ read from the files elsewhere (``portsd.pkg.elf``); here they are compared.
 
 A package *provides* the sonames (``DT_SONAME``) of its shared libraries in the
 directories the loader searches (``LIBRARY_DIRS``): those are recorded in its metadata
-for whoever depends on it. Within one package any SONAME counts: a program may reach a
-private library of its own package through its RUNPATH.
+for whoever depends on it. A library without a SONAME provides its file name, which is
+what the linker records as NEEDED then (musl's ``libc.so``, its own loader, has none).
+Within one package any SONAME counts: a program may reach a private library of its own
+package through its RUNPATH.
 """
 
 from __future__ import annotations
@@ -66,12 +68,21 @@ def provided_sonames(
 ) -> tuple[str, ...]:
     """The sonames of the shared libraries among ``files`` (path relative to the root ->
     linkage) that the loader finds: those in ``library_dirs``, sorted."""
-    found = {
-        linkage.soname
-        for path, linkage in files.items()
-        if linkage.soname is not None and usr_path(path).rpartition("/")[0] in library_dirs
-    }
+    found = set()
+    for path, linkage in files.items():
+        directory, _, name = usr_path(path).rpartition("/")
+        soname = _soname(name, linkage)
+        if soname is not None and directory in library_dirs:
+            found.add(soname)
     return tuple(sorted(found))
+
+
+def _soname(name: str, linkage: ElfLinkage) -> str | None:
+    """The name a program linked against the library file ``name`` needs it by: its
+    SONAME, else (a shared library without one) the file name the linker found."""
+    if linkage.soname is not None:
+        return linkage.soname
+    return name if ".so" in name else None
 
 
 def interpreters(files: Mapping[str, ElfLinkage]) -> set[str]:
@@ -92,7 +103,7 @@ def misses(
     that exist in the package or its closure. ``allowed`` (the recipe's
     ``allow-missing-sonames``) are sonames or interpreter paths never reported.
     """
-    own = {linkage.soname for linkage in files.values() if linkage.soname is not None}
+    own = {_soname(path.rpartition("/")[2], linkage) for path, linkage in files.items()}
     excused = set(allowed)
     found: list[Miss] = []
     for path in sorted(files):
