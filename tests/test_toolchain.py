@@ -596,6 +596,19 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     assert tools == {"dash", "sh", "cat", "chmod", "cp", "mkdir"}  # the root's, nothing else
     assert not (state / "repo").exists() and not (state / "keys").exists()  # nothing published
 
+    # one port's failure is its line; the others are still built, and the status says it
+    cc = 'name = "cc-user"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\n'
+    (tree / "ports" / "cc-user").mkdir()
+    (tree / "ports" / "cc-user" / "port.toml").write_text(cc + "[build]\nbuild = 'gcc --version'\n")
+    both = ports(
+        "build", "cc-user", "mark", "--tree", tree, "--state", state, "--on-root", root, "--json",
+        check=False,
+    )  # fmt: skip
+    assert both.returncode == 1
+    failed, marked = json.loads(both.stdout)
+    assert failed["port"] == "cc-user" and "build failed (exit 127" in failed["error"]
+    assert marked["port"] == "mark" and marked["identical"]
+
     bare = tmp_path / "bare"
     bare.mkdir()
     ports("install", "boot", "--root", bare, "--tree", tree)

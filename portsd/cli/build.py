@@ -36,7 +36,7 @@ from portsd.core.linkage import usr_path
 from portsd.core.plan import PlannedBuild, critical_path, staged_plan
 from portsd.daemon.binding import bind_state
 from portsd.daemon.instance import InstanceLock
-from portsd.errors import ConfigError, InstallError
+from portsd.errors import ConfigError, InstallError, PortsdError
 from portsd.pkg.archive import ManifestEntry
 
 
@@ -316,21 +316,29 @@ def _build_on_root(args: argparse.Namespace, console: Console, config: Config, r
                 f" (ports install --root {root} {' '.join(missing)})"
             )
     inputs = opened.tree.inputs()
-    reports: list[_Compared] = []
+    reports: list[dict[str, object]] = []
     for name in names:
         recipe = graph.recipe(name)
         assert recipe is not None, f"{name} resolved without a recipe"
         key = root_key(inputs[name], packages.items())
         if not args.json:
             console.print(f"building {name} on {root}")
-        built = build_on_root(config, opened.tree, recipe, key, root, config.state_dir / "on-root")
+        try:
+            built = build_on_root(
+                config, opened.tree, recipe, key, root, config.state_dir / "on-root"
+            )
+        except PortsdError as error:  # one port's failure; the others are still tried
+            reports.append({"port": name, "error": str(error)})
+            if not args.json:
+                console.print(f"[red]failed[/] {escape(str(error))}")
+            continue
         report = _Compared.of(name, built, theirs.get(name, []))
-        reports.append(report)
+        reports.append(report.as_json())
         if not args.json:
             console.print(report.line(root))
     if args.json:
-        output.emit_json(console, [report.as_json() for report in reports])
-    return 0
+        output.emit_json(console, reports)
+    return 1 if any("error" in report for report in reports) else 0
 
 
 Row = tuple[str, str, int, int, str]
