@@ -608,6 +608,8 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     failed, marked = json.loads(both.stdout)
     assert failed["port"] == "cc-user" and "build failed (exit 127" in failed["error"]
     assert marked["port"] == "mark" and marked["identical"]
+    alone = ports("build", "--tree", tree, "--state", state, "--json", check=False)
+    assert "error: --json goes with --on-root" in alone.stderr
 
     bare = tmp_path / "bare"
     bare.mkdir()
