@@ -621,3 +621,11 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     assert f"error: sees: {bare} lacks what it builds with: mark" in " ".join(
         refused.stderr.split()
     )
+    # the tree's toolchain is in every build root, so the root must hold it too
+    (tree / "toolchain.toml").write_text('ports = ["boot", "mark"]\n')
+    lacking = ports(
+        "build", "probe", "--tree", tree, "--state", state, "--on-root", bare, check=False
+    )
+    assert f"error: probe: {bare} lacks what it builds with: mark" in " ".join(
+        lacking.stderr.split()
+    )

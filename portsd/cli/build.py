@@ -304,12 +304,10 @@ def _build_on_root(args: argparse.Namespace, console: Console, config: Config, r
     with Installed.open(root, readonly=True) as installed:
         packages = {p.meta.name: p.meta.build_key for p in installed.db.packages()}
         theirs = {name: installed.db.files(name) for name in names if name in packages}
+    toolchain = opened.evaluation.stages.members  # in every build root (toolchain.toml)
     for name in names:
-        missing = sorted(
-            need
-            for need in graph.runtime_closure(e.target for e in graph.build_edges(name, False))
-            if need not in packages
-        )
+        needs = graph.runtime_closure(e.target for e in graph.build_edges(name, False))
+        missing = sorted(need for need in needs | toolchain if need not in packages)
         if missing:
             raise InstallError(
                 f"{name}: {root} lacks what it builds with: {', '.join(missing)}"
