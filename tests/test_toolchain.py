@@ -621,6 +621,12 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     assert f"error: sees: {bare} lacks what it builds with: mark" in " ".join(
         refused.stderr.split()
     )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shell = ports(
+        "build", "mark", "--tree", tree, "--state", state, "--on-root", empty, check=False
+    )
+    assert f"error: {empty}: no /usr/bin/sh to run the build steps" in shell.stderr
     # the tree's toolchain is in every build root, so the root must hold it too
     (tree / "toolchain.toml").write_text('ports = ["boot", "mark"]\n')
     lacking = ports(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -296,8 +297,8 @@ def _build_on_root(args: argparse.Namespace, console: Console, config: Config, r
     if not args.names:
         raise ConfigError("--on-root builds the ports it is given: name at least one")
     root = root.resolve()
-    if not (root / "usr" / "bin").is_dir():
-        raise InstallError(f"{root}: not an installed root (it has no usr/bin)")
+    if not os.path.lexists(root / "usr" / "bin" / "sh"):
+        raise InstallError(f"{root}: no /usr/bin/sh to run the build steps (install busybox)")
     opened = open_tree(args, None, config.arch)  # recipes only: no seed, no stage's keys
     graph = opened.evaluation.graph
     names = [known_port(graph, name) for name in args.names]
