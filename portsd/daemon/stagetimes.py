@@ -5,7 +5,9 @@ Pure: build records in, a table out. A build records the stage its key stood on
 (``toolchain`` in ``/api/v1/builds``: ``stage 2 of ... (built on stage 1's packages)``, or
 ``the seed ...`` for a tree without a toolchain). The fixed point's stage builds two
 things: the toolchain once more (the ports its stage before built too) and then every
-other port of the tree; the second part is reported as ``final``.
+other port of the tree; the second part is reported as ``final``. Two stages are compared
+by the content ids of their builds' packages (``identical``): stage 3 against stage 2 is
+the fixed point's evidence, port by port.
 """
 
 from __future__ import annotations
