@@ -18,6 +18,7 @@ import pytest
 from portsd.build.seed import Seed, find_seed
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import decode_index
+from portsd.daemon.stagetimes import TimedBuild, fixed_point, identical, latest_content, summarise
 from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import PublicKey, verify
 from portsd.tree.loader import TreeLoader
@@ -421,3 +422,19 @@ def test_a_toolchain_from_the_tree_is_built_in_stages_then_everything_on_it(
     stages = [b for b in daemon.builds(port="tinycc") if b["state"] == "built"]
     assert len(stages) == 3  # on the seed, on stage 1, on stage 2 (== stage 2: the fixed point)
     assert set(served_index(daemon, bare / "portsd")) == ALL | {"tinycc"}
+
+    # what `make distro` prints: the builds per stage (the rest of the tree on the final
+    # one), and stage 2 against stage 3 by the content ids of the builds' keys
+    builds = daemon.builds()
+    summary = summarise([TimedBuild.of(b) for b in builds], fixed_point(status["toolchain"]))
+    named = {s.name: s for s in summary}
+    assert list(named) == ["stage 1 (on the seed)", "stage 2", "stage 3", "final"]
+    assert named["stage 2"].built == named["stage 3"].built == ("tinycc",)
+    assert set(named["final"].built) == ALL and named["final"].work > 0
+    contents = [
+        (b["port"], b["toolchain"], daemon.get(f"/api/v1/keys/{b['key']}")["package"]["content"])
+        for b in builds
+        if b["state"] == "built"
+    ]
+    assert identical(latest_content(contents, 2), latest_content(contents, 3)) == (["tinycc"], [])
+    assert latest_content(contents, 1)["tinycc"] != latest_content(contents, 2)["tinycc"]

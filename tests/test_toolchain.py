@@ -7,6 +7,7 @@ stage 1 (built by the seed) differs from stage 2 (built by tinycc) and stage 3 =
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -535,3 +536,102 @@ def test_incremental_keys_with_bootstrap_depends_equal_a_full_evaluation(
             assert {n: k for n, k in plain_keys.keys.items() if n in keys.keys} == {
                 n: keys.keys[n] for n in plain_keys.keys if n in keys.keys
             }
+
+
+SEES = """\
+name = "sees"
+version = "1.0"
+summary = "Records the tools of its build root"
+license = "MIT"
+build-depends = ["mark"]
+
+[build]
+package = '''
+mkdir -p "$DESTDIR/usr/share/sees"
+for f in /usr/bin/*; do echo "tool: ${f##*/}"; done > "$DESTDIR/usr/share/sees/tools"
+cat "$DESTDIR/usr/share/sees/tools"
+'''
+"""
+
+MARK = """\
+name = "mark"
+version = "1.0"
+summary = "One file, whatever builds it"
+license = "MIT"
+
+[build]
+package = 'mkdir -p "$DESTDIR/usr/share/mark" && echo marked > "$DESTDIR/usr/share/mark/file"'
+"""
+
+
+def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -> None:
+    """``ports build --on-root R``: the root's /usr is the whole build root (its shell and
+    tools; no seed, no package laid over it), and each package is compared with the one
+    installed in R: ``mark`` comes out identical, ``sees`` has the same files with other
+    bytes (it lists its build root's tools). A port whose build dependency R lacks is
+    refused in one line, before anything is built."""
+    tree = tmp_path / "tree"
+    write_tree(tree, "", {"boot": BOOT, "probe": PROBE, "mark": MARK, "sees": SEES})
+    (tree / "toolchain.toml").unlink()  # boot is installed as a port, built on the seed
+    root = tmp_path / "root"
+    root.mkdir()
+    ports("install", "boot", "mark", "sees", "--root", root, "--tree", tree)
+    installed = (root / "usr/share/sees/tools").read_text()
+    assert "tool: gcc" in installed  # built on the seed
+
+    state = tmp_path / "state"
+    on = ports("build", "mark", "sees", "--tree", tree, "--state", state, "--on-root", root)
+    said = " ".join(on.stdout.split())
+    assert f"built mark on {root}" in said and "identical to the installed package" in said
+    assert "the installed package's files, 1 with other bytes" in said
+    shown = json.loads(
+        ports(
+            "build", "sees", "--tree", tree, "--state", state, "--on-root", root, "--json"
+        ).stdout
+    )  # fmt: skip
+    assert [(r["port"], r["same_files"], r["identical"]) for r in shown] == [("sees", True, False)]
+    assert shown[0]["differ"] == ["usr/share/sees/tools"] and shown[0]["files"] == 4
+    log = next((state / "logs" / "sees").glob("on-root-*.log")).read_text()
+    tools = {line[len("tool: ") :] for line in log.splitlines() if line.startswith("tool: ")}
+    assert tools == {"dash", "sh", "cat", "chmod", "cp", "mkdir"}  # the root's, nothing else
+    assert not (state / "repo").exists() and not (state / "keys").exists()  # nothing published
+
+    # one port's failure is its line; the others are still built, and the status says it
+    cc = 'name = "cc-user"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\n'
+    (tree / "ports" / "cc-user").mkdir()
+    (tree / "ports" / "cc-user" / "port.toml").write_text(cc + "[build]\nbuild = 'gcc --version'\n")
+    both = ports(
+        "build", "cc-user", "mark", "--tree", tree, "--state", state, "--on-root", root, "--json",
+        check=False,
+    )  # fmt: skip
+    assert both.returncode == 1
+    failed, marked = json.loads(both.stdout)
+    assert failed["port"] == "cc-user" and "build failed (exit 127" in failed["error"]
+    assert marked["port"] == "mark" and marked["identical"]
+    alone = ports("build", "--tree", tree, "--state", state, "--json", check=False)
+    assert "error: --json goes with --on-root" in alone.stderr
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    ports("install", "boot", "--root", bare, "--tree", tree)
+    refused = ports(
+        "build", "sees", "--tree", tree, "--state", state, "--on-root", bare, check=False
+    )
+    assert refused.returncode != 0
+    assert f"error: sees: {bare} lacks what it builds with: mark" in " ".join(
+        refused.stderr.split()
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shell = ports(
+        "build", "mark", "--tree", tree, "--state", state, "--on-root", empty, check=False
+    )
+    assert f"error: {empty}: no /usr/bin/sh to run the build steps" in shell.stderr
+    # the tree's toolchain is in every build root, so the root must hold it too
+    (tree / "toolchain.toml").write_text('ports = ["boot", "mark"]\n')
+    lacking = ports(
+        "build", "probe", "--tree", tree, "--state", state, "--on-root", bare, check=False
+    )
+    assert f"error: probe: {bare} lacks what it builds with: mark" in " ".join(
+        lacking.stderr.split()
+    )

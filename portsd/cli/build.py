@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -23,15 +24,21 @@ from rich.progress import (
 )
 
 from portsd.build.builder import step_of
+from portsd.build.onroot import RootBuild, build_on_root, root_key
 from portsd.build.pipeline import Revision, Workspace
 from portsd.build.scheduler import Outcome, Result, run_plan
 from portsd.cli import output
 from portsd.cli.inspect import known_port
 from portsd.cli.workspace import build_settings, config_from, open_tree
+from portsd.client.db import InstalledFile
+from portsd.client.transaction import Installed
 from portsd.config import Config
+from portsd.core.linkage import usr_path
 from portsd.core.plan import PlannedBuild, critical_path, staged_plan
 from portsd.daemon.binding import bind_state
 from portsd.daemon.instance import InstanceLock
+from portsd.errors import ConfigError, InstallError, PortsdError
+from portsd.pkg.archive import ManifestEntry
 
 
 class BuildDisplay:
@@ -158,6 +165,10 @@ def build(args: argparse.Namespace, console: Console) -> int:
     lock = InstanceLock.acquire(config.state_dir, "")
     try:
         bind_state(config.state_dir, args.tree, force=args.force)
+        if args.on_root is not None:
+            return _build_on_root(args, console, config, args.on_root)
+        if args.json:
+            raise ConfigError("--json goes with --on-root (ports build prints a table)")
         return _build(args, console, config)
     finally:
         lock.release()
@@ -278,3 +289,125 @@ def _summary(console: Console, results: list[Result], elapsed: float) -> None:
             escape(detail),
         )
     console.print(table)
+
+
+def _build_on_root(args: argparse.Namespace, console: Console, config: Config, root: Path) -> int:
+    """Build the named ports with ``root`` as /usr (docs/distro.md, "Running it") and
+    compare each with the package of that name installed in ``root``."""
+    if not args.names:
+        raise ConfigError("--on-root builds the ports it is given: name at least one")
+    root = root.resolve()
+    if not os.path.lexists(root / "usr" / "bin" / "sh"):
+        raise InstallError(f"{root}: no /usr/bin/sh to run the build steps (install busybox)")
+    opened = open_tree(args, None, config.arch)  # recipes only: no seed, no stage's keys
+    graph = opened.evaluation.graph
+    names = [known_port(graph, name) for name in args.names]
+    with Installed.open(root, readonly=True) as installed:
+        packages = {p.meta.name: p.meta.build_key for p in installed.db.packages()}
+        theirs = {name: installed.db.files(name) for name in names if name in packages}
+    toolchain = opened.evaluation.stages.members  # in every build root (toolchain.toml)
+    for name in names:
+        needs = graph.runtime_closure(e.target for e in graph.build_edges(name, False))
+        missing = sorted(need for need in needs | toolchain if need not in packages)
+        if missing:
+            raise InstallError(
+                f"{name}: {root} lacks what it builds with: {', '.join(missing)}"
+                f" (ports install --root {root} {' '.join(missing)})"
+            )
+    inputs = opened.tree.inputs()
+    reports: list[dict[str, object]] = []
+    for name in names:
+        recipe = graph.recipe(name)
+        assert recipe is not None, f"{name} resolved without a recipe"
+        key = root_key(inputs[name], packages.items())
+        if not args.json:
+            console.print(f"building {name} on {root}")
+        try:
+            built = build_on_root(
+                config, opened.tree, recipe, key, root, config.state_dir / "on-root"
+            )
+        except PortsdError as error:  # one port's failure; the others are still tried
+            reports.append({"port": name, "error": str(error)})
+            if not args.json:
+                console.print(f"[red]failed[/] {escape(str(error))}")
+            continue
+        report = _Compared.of(name, built, theirs.get(name, []))
+        reports.append(report.as_json())
+        if not args.json:
+            console.print(report.line(root))
+    if args.json:
+        output.emit_json(console, reports)
+    return 1 if any("error" in report for report in reports) else 0
+
+
+Row = tuple[str, str, int, int, str]
+"""(path on a merged-/usr root, type, mode, size, sha256 or link target) of one file."""
+
+
+def _row(entry: ManifestEntry | InstalledFile) -> Row:
+    what = entry.sha256 or entry.target or ""
+    return (usr_path(entry.path), str(entry.type), entry.mode, entry.size, what)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compared:
+    """A package built on a root against the one of that name installed there."""
+
+    port: str
+    built: RootBuild
+    installed: bool
+    only_built: tuple[str, ...]
+    only_installed: tuple[str, ...]
+    differ: tuple[str, ...]
+
+    @classmethod
+    def of(cls, port: str, built: RootBuild, installed: list[InstalledFile]) -> _Compared:
+        mine = {row[0]: row for row in map(_row, built.files)}
+        theirs = {row[0]: row for row in map(_row, installed)}
+        return cls(
+            port,
+            built,
+            bool(installed),
+            tuple(sorted(set(mine) - set(theirs))),
+            tuple(sorted(set(theirs) - set(mine))),
+            tuple(sorted(p for p in set(mine) & set(theirs) if mine[p] != theirs[p])),
+        )
+
+    @property
+    def same_files(self) -> bool:
+        return self.installed and not self.only_built and not self.only_installed
+
+    @property
+    def identical(self) -> bool:
+        return self.same_files and not self.differ
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "port": self.port,
+            "package": str(self.built.package),
+            "content": self.built.content,
+            "seconds": round(self.built.seconds, 1),
+            "files": len(self.built.files),
+            "installed": self.installed,
+            "same_files": self.same_files,
+            "identical": self.identical,
+            "only_built": list(self.only_built),
+            "only_installed": list(self.only_installed),
+            "differ": list(self.differ),
+        }
+
+    def line(self, root: Path) -> str:
+        head = (
+            f"built {self.port} on {root} in {self.built.seconds:.1f} s,"
+            f" {len(self.built.files)} files:"
+        )
+        if not self.installed:
+            return f"{head} [yellow]{self.port} is not installed there[/], nothing to compare"
+        if self.identical:
+            return f"{head} [green]identical[/] to the installed package, byte for byte"
+        if self.same_files:
+            return f"{head} the installed package's files, {len(self.differ)} with other bytes"
+        return (
+            f"{head} [red]not the installed package's files[/]: {len(self.only_built)} more,"
+            f" {len(self.only_installed)} missing"
+        )

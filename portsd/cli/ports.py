@@ -63,6 +63,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="adopt a state directory that belongs to another tree",
     )
+    p.add_argument(
+        "--on-root",
+        type=Path,
+        metavar="ROOT",
+        help="build the named ports with an installed root as the build's /usr (no seed, no"
+        " packages laid over it), compare each with the package installed there, publish"
+        " nothing",
+    )
+    p.add_argument("--json", action="store_true", help="with --on-root: print JSON")
     p.set_defaults(handler="portsd.cli.build:build")
 
     p = commands.add_parser(
