@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -113,6 +114,34 @@ def test_no_signal_is_ignored_whatever_the_callers() -> None:
         for sig, handler in previous:
             signal.signal(sig, handler)
     assert lines == ["SigIgn:\t0000000000000000"]
+
+
+# Ignores signal 32 by the raw syscall (glibc's sigaction refuses it), as a glibc
+# posix_spawn leaves it, then runs a command that reports its ignored signals.
+_RUN_WITH_SIGNAL_32_IGNORED = """
+import ctypes
+from portsd.build.run import run
+libc = ctypes.CDLL(None, use_errno=True)
+ignore = ctypes.create_string_buffer(32)
+ignore[0] = 1  # SIG_IGN in the kernel's struct sigaction
+assert libc.syscall(13, 32, ignore, None, 8) == 0  # rt_sigaction on x86_64
+run(["grep", "SigIgn", "/proc/self/status"], on_line=print)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="raw syscall number for x86_64")
+def test_the_c_library_signals_are_not_ignored_whatever_the_callers() -> None:
+    """glibc's posix_spawn starts its command with signals 32 and 33 ignored (a CI runner
+    had 32 so), and no glibc call can set them back; the command starts with neither."""
+    spawned = subprocess.run(
+        [sys.executable, "-c", _RUN_WITH_SIGNAL_32_IGNORED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert spawned.returncode == 0, spawned.stderr
+    assert spawned.stdout.splitlines() == ["SigIgn:\t0000000000000000"]
 
 
 def test_stdin_is_empty() -> None:

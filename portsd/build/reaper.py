@@ -170,12 +170,28 @@ def _executable(name: str, environment: dict[str, str]) -> str:
     return name  # not found: the spawn fails with ENOENT, reported as exit 127
 
 
-def _make_subreaper() -> None:
-    import ctypes  # only here: the one call the standard library has no wrapper for
+# rt_sigaction by number: glibc's sigaction refuses the two signals it keeps for itself
+_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+_LIBC_SIGNALS = (32, 33)
+
+
+def _prepare_process() -> None:
+    """Become the subreaper of the command's tree, and put the C library's own signals
+    back to their default: glibc's posix_spawn leaves them ignored in what it starts (a
+    CI runner does), an ignore survives fork and exec, and musl uses both in the command
+    (timers, thread cancellation). The standard library wraps neither call."""
+    import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    number = _RT_SIGACTION.get(os.uname().machine)
+    if number is None:
+        return  # another architecture: the ignores stay, as posix_spawn would leave them
+    default = ctypes.create_string_buffer(32)  # the kernel's struct sigaction, SIG_DFL
+    for sig in _LIBC_SIGNALS:
+        if libc.syscall(number, sig, default, None, 8) != 0:
+            raise OSError(ctypes.get_errno(), f"rt_sigaction({sig})")
 
 
 def _exit_like(status: int) -> int:
@@ -342,8 +358,8 @@ _DEFAULTED = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL
 def _start(path: str, argv: list[str], environment: dict[str, str]) -> int:
     """Start the command in a process group of its own, stdin from /dev/null, no signal
     ignored. By fork and exec, not posix_spawn: glibc's posix_spawn leaves the two signals
-    it keeps for itself (32 and 33) ignored in the command, and musl uses them (timers,
-    thread cancellation). The reaper has one thread, so forking it is safe."""
+    it keeps for itself (32 and 33) ignored in the command (``_prepare_process``). The
+    reaper has one thread, so forking it is safe."""
     child = os.fork()
     if child:
         return child
@@ -370,7 +386,7 @@ def supervise(arguments: list[str]) -> int:
     environment = _read_environment()
     if environment is None:
         return 1
-    _make_subreaper()
+    _prepare_process()
     limits.apply()
     child = _start(_executable(argv[0], environment), argv, environment)
     status, over = _wait(child, limits)
