@@ -388,8 +388,8 @@ def test_a_self_contained_toolchain_builds_from_stage_2_on_with_no_seed(tmp_path
     failed = build(tree, state, "cc-user", check=False)
     assert failed.returncode != 0
     assert (
-        "cc-user: build failed (exit 127 (command not found): this build root has no seed"
-        " beneath it (a self-contained toolchain), only the toolchain's packages"
+        "cc-user: build failed (exit 127 (command not found): this build root has nothing of"
+        " the seed or the host: only packages (a self-contained toolchain's"
         in " ".join(failed.stdout.split())
     )
 
@@ -606,7 +606,11 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     )  # fmt: skip
     assert both.returncode == 1
     failed, marked = json.loads(both.stdout)
-    assert failed["port"] == "cc-user" and "build failed (exit 127" in failed["error"]
+    assert (
+        failed["port"] == "cc-user"
+        and "build failed (exit 127 (command not found): " in (failed["error"])
+    )
+    assert "or the root of --on-root" in failed["error"]
     assert marked["port"] == "mark" and marked["identical"]
     alone = ports("build", "--tree", tree, "--state", state, "--json", check=False)
     assert "error: --json goes with --on-root" in alone.stderr

@@ -80,8 +80,8 @@ NO_SHELL = (
 )
 NOT_FOUND = 127  # the shell's status for a command it cannot find
 NO_SEED = (
-    "this build root has no seed beneath it (a self-contained toolchain), only the"
-    " toolchain's packages and the port's dependencies"
+    "this build root has nothing of the seed or the host: only packages (a self-contained"
+    " toolchain's, or the root of --on-root) and the port's dependencies"
 )
 
 _WORK_DIRS = ("src", "pkg", "home", "tmp", "etc", "usr", "deps")
