@@ -353,6 +353,17 @@ def test_upgrade_pulls_in_new_dependencies_of_a_replacement() -> None:
     ]
 
 
+def test_a_need_met_by_a_provides_an_upgrade_drops_is_ordered_after_its_new_provider() -> None:
+    """b needs ``sh``: the installed a provides it when b is walked, then b's need of a
+    upgrades a to a build that provides it no more, and e (also requested) does. b goes in
+    after e, not after a (found by the property test below)."""
+    installed = [pkg("a", provides=["sh"])]
+    available = [pkg("a", build="new"), pkg("b", depends=["sh", "a"]), pkg("e", provides=["sh"])]
+    result = plan(available, ["b", "e"], installed, Mode.UPGRADE)
+    names = result.names()
+    assert set(names) == {"a", "b", "e"} and names.index("e") < names.index("b")
+
+
 # -- candidates of other shapes ------------------------------------------------------------
 
 

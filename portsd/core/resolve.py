@@ -170,7 +170,6 @@ class _Resolver:
         self.chosen_for: dict[str, tuple[tuple[str, ...], Dependency]] = {}  # needer, need
         self.asked: dict[str, str] = {}  # requested name -> the request's text
         self.chains: dict[str, tuple[str, ...]] = {}  # name -> why it is walked
-        self.edges: dict[str, list[str]] = {}  # name -> names its dependencies resolved to
         self.queue: deque[str] = deque()
 
     def run(self, request: list[str]) -> Resolution:
@@ -210,13 +209,11 @@ class _Resolver:
     def expand(self, name: str) -> None:
         chain = self.chains[name]
         package = self.package(name)
-        targets = self.edges[name] = []
         for text in package.depends:
             dep = self.parse(text)
             target = self.resolve(dep, chain)
             if target is None:
                 raise self.error(chain, f"needs {dep}, but {self.shortfall(dep)}")
-            targets.append(target)
             self.walk(target, (*chain, target))
 
     def resolve(self, dep: Dependency, needer: tuple[str, ...]) -> str | None:
@@ -404,19 +401,30 @@ class _Resolver:
 
     def ordered(self) -> tuple[InstallStep, ...]:
         """The chosen packages, each after the chosen packages it depends on."""
+        # Each need as the final system meets it, not as it was met while walking: a later
+        # choice may replace the package it went to by one that no longer provides it (an
+        # upgrade that drops a provides), and another chosen package meets it then.
+        edges = {
+            name: [
+                target
+                for text in package.depends
+                if (target := self.on_system(self.parse(text))) is not None
+            ]
+            for name, package in self.chosen.items()
+        }
         steps: list[InstallStep] = []
         done: set[str] = set()
         for root in self.chosen:
             if root in done:
                 continue
             done.add(root)
-            stack = [(root, iter(self.edges.get(root, ())))]
+            stack = [(root, iter(edges[root]))]
             while stack:
                 name, targets = stack[-1]
                 for target in targets:
                     if target not in done and target in self.chosen:
                         done.add(target)  # on the stack: a cycle back to it is cut here
-                        stack.append((target, iter(self.edges.get(target, ()))))
+                        stack.append((target, iter(edges[target])))
                         break
                 else:
                     stack.pop()
