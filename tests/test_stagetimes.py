@@ -7,6 +7,7 @@ import pytest
 
 from portsd.daemon.stagetimes import (
     TimedBuild,
+    compare_stages,
     fixed_point,
     identical,
     latest_content,
@@ -102,3 +103,8 @@ def test_stage_2_against_stage_3_by_content_id() -> None:
     two, three = latest_content(newest_first, 2), latest_content(newest_first, 3)
     assert two == {"gcc": "c2", "musl": "m", "make": "k"}
     assert identical(two, three) == (["musl"], ["gcc"])
+    assert compare_stages(newest_first) == [
+        {"stages": [1, 2], "identical": [], "differ": ["musl"]},
+        {"stages": [2, 3], "identical": ["musl"], "differ": ["gcc"]},
+    ]
+    assert compare_stages(newest_first[:1]) == []  # one stage: nothing to compare

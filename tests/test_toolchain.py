@@ -606,10 +606,8 @@ def test_ports_build_on_an_installed_root_uses_that_root_alone(tmp_path: Path) -
     )  # fmt: skip
     assert both.returncode == 1
     failed, marked = json.loads(both.stdout)
-    assert (
-        failed["port"] == "cc-user"
-        and "build failed (exit 127 (command not found): " in (failed["error"])
-    )
+    assert failed["port"] == "cc-user"
+    assert "build failed (exit 127 (command not found): " in failed["error"]
     assert "or the root of --on-root" in failed["error"]
     assert marked["port"] == "mark" and marked["identical"]
     alone = ports("build", "--tree", tree, "--state", state, "--json", check=False)

@@ -149,5 +149,17 @@ def latest_content(
     return found
 
 
+def compare_stages(builds: Sequence[tuple[str, str, str]]) -> list[dict[str, object]]:
+    """Each stage against the one before (2 against 1, 3 against 2...), from (port,
+    toolchain, content) triples, newest first: the ports both built with the same content
+    and those that differ. The fixed point's evidence, stage by stage."""
+    numbers = sorted({n for _, toolchain, _ in builds if (n := stage_of(toolchain))})
+    compared: list[dict[str, object]] = []
+    for later in numbers[1:]:
+        same, differ = identical(latest_content(builds, later - 1), latest_content(builds, later))
+        compared.append({"stages": [later - 1, later], "identical": same, "differ": differ})
+    return compared
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
