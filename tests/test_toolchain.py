@@ -255,6 +255,38 @@ def test_bootstrap_depends_are_in_stage_1_only() -> None:
     assert plan.names() == ["gcc"]  # no cross compiler again
 
 
+def test_the_fixed_point_leaves_out_what_only_stage_1_needed() -> None:
+    """On the fixed point, the whole tree's plan has no cross compiler, nor what it alone
+    needs; a port some other build also needs stays, and asked for by name, all are built."""
+    gcc = replace(
+        port("gcc", depends=("libc",), build=("gmp",)),
+        bootstrap_depends=(dep("cross"), dep("libc")),  # libc: gcc's runtime need as well
+    )
+    ports_ = bootstrapped() | {
+        "gcc": gcc,
+        "cross": port("cross", build=("gmp", "sysroot")),
+        "sysroot": port("sysroot"),  # cross's alone
+    }
+    graph = Graph.build(ports_, "x86_64_musl")
+    assert graph.bootstrap_only() == {"cross", "sysroot"}
+    assert graph.bootstrap_only(keep={"cross"}) == set()
+    ids = {name: f"tree-{name}" for name in ports_}
+    spec = ToolchainSpec(("gcc",), 3)
+    contents: dict[str, str] = {}
+    stages = compute_stages(graph, ids, SEED, spec, contents)
+    while not stages.converged:
+        build_stage(stages, contents)
+        stages = compute_stages(graph, ids, SEED, spec, contents, stages)
+    assert stages.stages[0].keys.build_root(graph, "cross") == ["gmp", "sysroot"]
+    evaluation = Evaluation.full(ids, ports_, "x86_64_musl", SEED, contents, spec)
+    assert evaluation.stages.converged and evaluation.stages.current.number == 3
+    plan = staged_plan(evaluation, set(), None)
+    assert sorted(plan.names()) == ["app", "gcc", "gmp", "libc"]
+    assert not plan.pending and not plan.blocked
+    asked = staged_plan(evaluation, set(), ["cross"])
+    assert sorted(asked.names()) == ["cross", "gmp", "sysroot"]
+
+
 def test_without_a_toolchain_every_build_is_on_the_seed_with_its_bootstrap_depends() -> None:
     ports_ = bootstrapped()
     graph = Graph.build(ports_, "x86_64")
@@ -367,8 +399,8 @@ def test_a_self_contained_toolchain_builds_from_stage_2_on_with_no_seed(tmp_path
     state = tmp_path / "state"
     first = build(tree, state)
     assert first.stdout.count("built boot") == 2  # stage 2 reproduces stage 1
-    # probe: for stage 1's boot, then as any port of the tree, on the final stage
-    assert first.stdout.count("built probe") == 2 and "built look" in first.stdout
+    # probe: for stage 1's boot only; the final stage, which nothing of needs it, leaves it
+    assert first.stdout.count("built probe") == 1 and "built look" in first.stdout
     graph = ports("graph", "look", "--tree", tree, "--state", state).stdout
     assert (
         "toolchain: stage 2 of boot (built on stage 1's packages, no seed) (its fixed point)"

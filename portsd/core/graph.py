@@ -431,6 +431,34 @@ class Graph:
             return edges
         return tuple(edge for edge in edges if edge.kind is not DepKind.BOOTSTRAP)
 
+    def bootstrap_only(self, keep: Collection[str] = ()) -> frozenset[str]:
+        """The ports only builds on the seed need: named in ``bootstrap-depends``, and
+        needed by nothing else but ports like them (stage 1's cross compiler and whatever
+        it alone needs). Builds on a toolchain stage never use them. ``keep`` never are."""
+        stack = sorted(
+            {
+                edge.target
+                for name, recipe in self._recipes.items()
+                if recipe.bootstrap_depends
+                for edge in self._edges.get(name, ())
+                if edge.kind is DepKind.BOOTSTRAP
+            }
+        )
+        unused: set[str] = set()
+        while stack:
+            name = stack.pop()
+            if name in unused or name in keep:
+                continue
+            users = self.dependents(name) - {name}
+            if users and all(
+                user in unused
+                or all(e.kind is DepKind.BOOTSTRAP for e in self.edges(user) if e.target == name)
+                for user in users
+            ):
+                unused.add(name)
+                stack.extend(edge.target for edge in self.edges(name))  # theirs may be unused now
+        return frozenset(unused)
+
     def dependents(self, name: str) -> frozenset[str]:
         """Ports with a direct edge (of any kind) to ``name``."""
         return frozenset(self._dependents.get(name))

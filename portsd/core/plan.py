@@ -131,12 +131,14 @@ def staged_plan(
 ) -> BuildPlan:
     """``make_plan`` of the evaluation's current stage: until the tree's toolchain reaches
     its fixed point, only the toolchain is planned, and every other port (of ``wanted``)
-    waits for it, pending on one of its unbuilt ports."""
+    waits for it, pending on one of its unbuilt ports. On the fixed point, the whole tree
+    (``wanted`` None) leaves out what only stage 1 needed (``Graph.bootstrap_only``)."""
     stages = evaluation.stages
     graph = evaluation.graph
     plan = make_plan(graph, evaluation.keys, present, stages.scope(wanted))
     if stages.converged:
-        return plan
+        unused = graph.bootstrap_only(stages.members) if stages.members and wanted is None else ()
+        return _without(plan, unused) if unused else plan
     building = [b.name for b in plan.builds] or sorted(plan.pending.values())
     on_seed = evaluation.keys.on_seed
     names = graph.dependency_closure(wanted, on_seed) if wanted is not None else graph.names()
@@ -158,6 +160,16 @@ def staged_plan(
         return replace(plan, blocked={**blocked, **plan.blocked})
     waiting = dict.fromkeys(others, building[0])
     return BuildPlan(plan.builds, plan.blocked, plan.up_to_date, {**waiting, **plan.pending})
+
+
+def _without(plan: BuildPlan, names: Collection[str]) -> BuildPlan:
+    """``plan`` less the ports ``names``, which none of its other builds needs."""
+    return BuildPlan(
+        builds=tuple(b for b in plan.builds if b.name not in names),
+        blocked={n: p for n, p in plan.blocked.items() if n not in names},
+        up_to_date=plan.up_to_date - frozenset(names),
+        pending={n: dep for n, dep in plan.pending.items() if n not in names},
+    )
 
 
 @dataclass(frozen=True, slots=True)
