@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portsd.core.evaluate import Evaluation
+from portsd.core.explain import Evaluated, explain
 from portsd.core.graph import Graph
 from portsd.core.keys import KeySet
-from portsd.core.plan import staged_plan
+from portsd.core.plan import stage_one_only, staged_plan
 from portsd.core.recipe import Dependency, Recipe, parse_recipe
 from portsd.core.toolchain import (
     Stages,
@@ -285,6 +286,14 @@ def test_the_fixed_point_leaves_out_what_only_stage_1_needed() -> None:
     assert not plan.pending and not plan.blocked
     asked = staged_plan(evaluation, set(), ["cross"])
     assert sorted(asked.names()) == ["cross", "gmp", "sysroot"]
+    unused = stage_one_only(evaluation)
+    assert unused == {"cross", "sysroot"}
+    now = Evaluated("HEAD", graph, evaluation.keys, ids)
+    [verdict] = explain("cross", None, now, {}, set(), unused).lines()
+    assert verdict.startswith("cross is not built for the tree (key ") and verdict.endswith(
+        "only stage 1 of the toolchain needs it (bootstrap-depends); `ports build cross` builds it"
+    )
+    assert explain("app", None, now, {}, set(), unused).lines()[0].startswith("app must be built")
 
 
 def test_without_a_toolchain_every_build_is_on_the_seed_with_its_bootstrap_depends() -> None:

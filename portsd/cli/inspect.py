@@ -15,6 +15,7 @@ from portsd.config import Config
 from portsd.core.evaluate import Evaluation
 from portsd.core.explain import Evaluated, Touch, explain
 from portsd.core.graph import Graph
+from portsd.core.plan import stage_one_only
 from portsd.core.recipe import Dependency
 from portsd.errors import (
     ConfigError,
@@ -199,7 +200,8 @@ def why(args: argparse.Namespace, console: Console) -> int:
             )
     current = opened.commit or "working directory"
     new = Evaluated(current, opened.evaluation.graph, opened.evaluation.keys, opened.tree.inputs())
-    explanation = explain(name, old, new, touches, present)
+    unused = stage_one_only(opened.evaluation)
+    explanation = explain(name, old, new, touches, present, unused)
     for line in explanation.lines():
         console.print(escape(line))
     console.print(escape(f"  built on {opened.evaluation.stages.describe()}"))

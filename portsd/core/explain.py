@@ -60,6 +60,7 @@ class Explanation:
     compared: bool = True  # False: no earlier revision to compare with
     waits_for: str | None = None  # pending: the build whose package its key needs
     cut_off: tuple[str, ...] = ()  # dependencies rebuilt identical: the cascade stopped
+    stage_one_only: bool = False  # left out on the fixed point: only stage 1 needs it
 
     def lines(self) -> list[str]:
         """Human-readable lines, the first a verdict."""
@@ -75,6 +76,11 @@ class Explanation:
         short = self.key[:12]
         if self.present:
             lines = [f"{self.port} is up to date: key {short} is in the repository"]
+        elif self.stage_one_only:
+            lines = [
+                f"{self.port} is not built for the tree (key {short}): only stage 1 of the"
+                f" toolchain needs it (bootstrap-depends); `ports build {self.port}` builds it"
+            ]
         elif not self.compared:
             lines = [f"{self.port} must be built: the repository has no package for key {short}"]
         elif self.old_key is None:
@@ -103,8 +109,10 @@ def explain(
     new: Evaluated,
     touches: Mapping[str, Sequence[Touch]],
     present: Container[str],
+    stage_one_only: Container[str] = (),
 ) -> Explanation:
-    """Explain ``port``'s state at ``new`` relative to ``old`` (None: nothing to compare)."""
+    """Explain ``port``'s state at ``new`` relative to ``old`` (None: nothing to compare);
+    ``stage_one_only``: the ports the plan leaves out on the fixed point."""
     key = new.keys.key(port)
     old_key = old.keys.key(port) if old else None
     blocked = new.keys.blocked.get(port)
@@ -132,6 +140,7 @@ def explain(
         tuple(causes),
         compared=old is not None,
         cut_off=tuple(cut_off),
+        stage_one_only=port in stage_one_only,
     )
 
 

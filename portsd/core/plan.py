@@ -137,7 +137,7 @@ def staged_plan(
     graph = evaluation.graph
     plan = make_plan(graph, evaluation.keys, present, stages.scope(wanted))
     if stages.converged:
-        unused = graph.bootstrap_only(stages.members) if stages.members and wanted is None else ()
+        unused = stage_one_only(evaluation) if wanted is None else ()
         return _without(plan, unused) if unused else plan
     building = [b.name for b in plan.builds] or sorted(plan.pending.values())
     on_seed = evaluation.keys.on_seed
@@ -160,6 +160,15 @@ def staged_plan(
         return replace(plan, blocked={**blocked, **plan.blocked})
     waiting = dict.fromkeys(others, building[0])
     return BuildPlan(plan.builds, plan.blocked, plan.up_to_date, {**waiting, **plan.pending})
+
+
+def stage_one_only(evaluation: Evaluation) -> frozenset[str]:
+    """The ports the whole tree's plan leaves out on the toolchain's fixed point: only
+    stage 1's builds needed them (``Graph.bootstrap_only``), and no later build can."""
+    stages = evaluation.stages
+    if not (stages.converged and stages.members):
+        return frozenset()
+    return evaluation.graph.bootstrap_only(stages.members)
 
 
 def _without(plan: BuildPlan, names: Collection[str]) -> BuildPlan:
