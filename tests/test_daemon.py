@@ -18,7 +18,14 @@ import pytest
 from portsd.build.seed import Seed, find_seed
 from portsd.core.evaluate import Evaluation
 from portsd.core.index import decode_index
-from portsd.daemon.stagetimes import TimedBuild, fixed_point, identical, latest_content, summarise
+from portsd.daemon.stagetimes import (
+    TimedBuild,
+    fixed_point,
+    identical,
+    latest_content,
+    step_seconds,
+    summarise,
+)
 from portsd.pkg.repo import Repository, StoredContents
 from portsd.pkg.sign import PublicKey, verify
 from portsd.tree.loader import TreeLoader
@@ -426,11 +433,20 @@ def test_a_toolchain_from_the_tree_is_built_in_stages_then_everything_on_it(
     # what `make distro` prints: the builds per stage (the rest of the tree on the final
     # one), and stage 2 against stage 3 by the content ids of the builds' keys
     builds = daemon.builds()
-    summary = summarise([TimedBuild.of(b) for b in builds], fixed_point(status["toolchain"]))
+    logs = {b["id"]: daemon.raw(b["log"])[1].decode().splitlines() for b in builds if b["log"]}
+    summary = summarise(
+        [TimedBuild.of(b, step_seconds(logs.get(b["id"], ()))) for b in builds],
+        fixed_point(status["toolchain"]),
+    )
     named = {s.name: s for s in summary}
     assert list(named) == ["stage 1 (on the seed)", "stage 2", "stage 3", "final"]
     assert named["stage 2"].built == named["stage 3"].built == ("tinycc",)
     assert set(named["final"].built) == ALL and named["final"].work > 0
+    for build in named["final"].builds:  # the recipe's steps are part of each build's time
+        assert build.steps is not None and build.seconds is not None
+        assert 0 < build.steps < build.seconds
+    outside = named["final"].outside_steps
+    assert outside is not None and 0 < outside < 100
     contents = [
         (b["port"], b["toolchain"], daemon.get(f"/api/v1/keys/{b['key']}")["package"]["content"])
         for b in builds

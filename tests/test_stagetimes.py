@@ -12,6 +12,7 @@ from portsd.daemon.stagetimes import (
     identical,
     latest_content,
     stage_of,
+    step_seconds,
     summarise,
 )
 
@@ -61,8 +62,8 @@ def test_stages_in_order_with_wall_time_against_the_sum_of_build_times() -> None
     shown = final.as_json()
     assert shown["built"] == ["vim", "zlib"] and shown["overhead"] == -7.7
     assert shown["builds"] == [
-        {"port": "vim", "state": "built", "seconds": 60.0},
-        {"port": "zlib", "state": "built", "seconds": 5.0},
+        {"port": "vim", "state": "built", "seconds": 60.0, "steps": None},
+        {"port": "zlib", "state": "built", "seconds": 5.0, "steps": None},
     ]
 
     # before the fixed point, the last stage is the toolchain's alone
@@ -108,3 +109,32 @@ def test_stage_2_against_stage_3_by_content_id() -> None:
         {"stages": [2, 3], "identical": ["musl"], "differ": ["gcc"]},
     ]
     assert compare_stages(newest_first[:1]) == []  # one stage: nothing to compare
+
+
+def test_the_time_outside_a_builds_steps() -> None:
+    """The builder's step lines are summed (a failed step or a command is not); the share of
+    the builds' time outside them is per stage, over the builds whose steps are known."""
+    log = [
+        "==> prepare (in /build/src)",
+        "$ tar -xf /build/sources/zlib.tar.gz",
+        "==> prepare: ok in 1.50 s",
+        "==> build: ok in 6 s",
+        "echo '==> check: ok in 99 s'",
+        "==> check: failed (exit 1) after 2.00 s",
+        "==> package: ok in 0.50 s\n",
+    ]
+    assert step_seconds(log) == 8.0
+    assert step_seconds(["==> prepare (in /build/src)"]) is None
+    builds = [
+        TimedBuild("zlib", "built", ON[1], 0, 10, 8.0),
+        TimedBuild("gmp", "built", ON[1], 0, 30, 29.0),
+        TimedBuild("mpc", "built", ON[1], 0, 40),  # no log: not counted
+        TimedBuild("mpfr", "failed", ON[1], 0, 5, 1.0),  # failed: not counted
+    ]
+    [stage] = summarise(builds, None)
+    assert stage.outside_steps == pytest.approx(100 * 3 / 40)
+    assert stage.as_json()["outside_steps"] == 7.5
+    listed = stage.as_json()["builds"]
+    assert isinstance(listed, list)
+    assert [b["steps"] for b in listed] == [29.0, None, 1.0, 8.0]  # gmp, mpc, mpfr, zlib
+    assert summarise([TimedBuild("mpc", "built", ON[1], 0, 40)], None)[0].outside_steps is None

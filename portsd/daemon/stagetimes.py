@@ -7,7 +7,9 @@ Pure: build records in, a table out. A build records the stage its key stood on
 things: the toolchain once more (the ports its stage before built too) and then every
 other port of the tree; the second part is reported as ``final``. Two stages are compared
 by the content ids of their builds' packages (``identical``): stage 3 against stage 2 is
-the fixed point's evidence, port by port.
+the fixed point's evidence, port by port. A build's own steps (prepare, build, check,
+package: ``step_seconds`` of its log) against its whole time tell what portsd adds to
+the real work: setting up the build root, packing, checking and signing the package.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 _STAGE = re.compile(r"stage (\d+) of ")
 _FIXED_POINT = re.compile(r"^stage (\d+) of .*\(its fixed point\)$")
+_STEP_DONE = re.compile(r"^==> [a-z]+: ok in (\d+(?:\.\d+)?) s$")  # the builder's line
 FINAL = "final"
 
 
@@ -30,10 +33,11 @@ class TimedBuild:
     toolchain: str
     started: float | None
     finished: float | None
+    steps: float | None = None  # the seconds of its recipe's steps (``step_seconds``)
 
     @classmethod
-    def of(cls, data: Mapping[str, object]) -> TimedBuild:
-        """From one build of ``/api/v1/builds``."""
+    def of(cls, data: Mapping[str, object], steps: float | None = None) -> TimedBuild:
+        """From one build of ``/api/v1/builds`` (and ``step_seconds`` of its log)."""
         started, finished = data.get("started"), data.get("finished")
         return cls(
             str(data["port"]),
@@ -41,6 +45,7 @@ class TimedBuild:
             str(data.get("toolchain") or ""),
             float(started) if isinstance(started, (int, float)) else None,
             float(finished) if isinstance(finished, (int, float)) else None,
+            steps,
         )
 
     @property
@@ -70,18 +75,40 @@ class StageSummary:
         """Wall time over the sum of build times, in percent (negative: builds overlapped)."""
         return (self.wall - self.work) / self.work * 100 if self.work > 0 else None
 
+    @property
+    def outside_steps(self) -> float | None:
+        """Of the time of the builds whose steps are known, the share outside the recipe's
+        steps, in percent: build roots, packing, checks, signing, publishing."""
+        timed = [(b.seconds, b.steps) for b in self.builds if b.state == "built"]
+        known = [(whole, steps) for whole, steps in timed if whole and steps is not None]
+        whole = sum(w for w, _ in known)
+        return (whole - sum(s for _, s in known)) / whole * 100 if whole > 0 else None
+
     def as_json(self) -> dict[str, object]:
         return {
             "stage": self.name,
             "built": list(self.built),
             "wall": round(self.wall, 1),
             "work": round(self.work, 1),
-            "overhead": None if self.overhead is None else round(self.overhead, 1),
+            "overhead": _round(self.overhead),
+            "outside_steps": _round(self.outside_steps),
             "builds": [
-                {"port": b.port, "state": b.state, "seconds": _round(b.seconds)}
+                {
+                    "port": b.port,
+                    "state": b.state,
+                    "seconds": _round(b.seconds),
+                    "steps": _round(b.steps),
+                }
                 for b in self.builds
             ],
         }
+
+
+def step_seconds(log: Iterable[str]) -> float | None:
+    """The seconds a build's recipe steps took, from its log's lines (the builder ends
+    each step with ``==> build: ok in 12.34 s``); None when no step finished."""
+    found = [float(m.group(1)) for line in log if (m := _STEP_DONE.match(line.rstrip("\n")))]
+    return sum(found) if found else None
 
 
 def fixed_point(status_toolchain: str) -> int | None:
