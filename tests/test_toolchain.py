@@ -284,8 +284,16 @@ def test_the_fixed_point_leaves_out_what_only_stage_1_needed() -> None:
     plan = staged_plan(evaluation, set(), None)
     assert sorted(plan.names()) == ["app", "gcc", "gmp", "libc"]
     assert not plan.pending and not plan.blocked
-    asked = staged_plan(evaluation, set(), ["cross"])
-    assert sorted(asked.names()) == ["cross", "gmp", "sysroot"]
+    # sysroot's package unknown on the fixed point: cross's key waits for it, and neither
+    # is planned nor pending
+    del contents[evaluation.keys.keys["sysroot"]]
+    waiting = Evaluation.full(ids, ports_, "x86_64_musl", SEED, contents, spec)
+    assert waiting.keys.pending.keys() == {"cross"}
+    plan = staged_plan(waiting, set(), None)
+    assert sorted(plan.names()) == ["app", "gcc", "gmp", "libc"]
+    assert dict(plan.pending) == {} and len(plan.pending) == 0
+    asked = staged_plan(waiting, set(), ["cross"])
+    assert asked.names() == ["gmp", "sysroot"] and asked.pending == {"cross": "sysroot"}
     unused = stage_one_only(evaluation)
     assert unused == {"cross", "sysroot"}
     now = Evaluated("HEAD", graph, evaluation.keys, ids)

@@ -173,11 +173,13 @@ def stage_one_only(evaluation: Evaluation) -> frozenset[str]:
 
 def _without(plan: BuildPlan, names: Collection[str]) -> BuildPlan:
     """``plan`` less the ports ``names``, which none of its other builds needs."""
+    waiting = [name for name in names if name in plan.pending]
     return BuildPlan(
         builds=tuple(b for b in plan.builds if b.name not in names),
         blocked={n: p for n, p in plan.blocked.items() if n not in names},
         up_to_date=plan.up_to_date - frozenset(names),
-        pending={n: dep for n, dep in plan.pending.items() if n not in names},
+        # a view, not a copy: a KeySet works out what a pending port waits for when asked
+        pending=_Without(plan.pending, waiting) if waiting else plan.pending,
     )
 
 
