@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -70,6 +71,10 @@ ARCHIVE_SUFFIXES = (
     ".tar",
 )
 """Sources unpacked into SRCDIR (by GNU tar, which detects the compression itself)."""
+
+STEP_DONE = re.compile(r"^==> ([a-z]+): ok in (\d+(?:\.\d+)?) s$")
+"""The log line that ends a recipe step that succeeded (``_finished`` writes it; the
+summary of a bootstrap sums them: ``stagetimes.step_seconds``)."""
 
 MERGED_USR = sandbox.LAYOUT
 """Top-level directories of a dependency merged into usr/: what the sandbox links there."""
@@ -435,7 +440,7 @@ class _Build:
 
     def _finished(self, step: BuildStep, start: float) -> float:
         seconds = time.monotonic() - start
-        self._say(f"==> {step}: ok in {seconds:.2f} s")
+        self._say(f"==> {step}: ok in {seconds:.2f} s")  # STEP_DONE
         return seconds
 
     def _say(self, line: str) -> None:

@@ -18,9 +18,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from portsd.build.builder import STEP_DONE
+
 _STAGE = re.compile(r"stage (\d+) of ")
 _FIXED_POINT = re.compile(r"^stage (\d+) of .*\(its fixed point\)$")
-_STEP_DONE = re.compile(r"^==> [a-z]+: ok in (\d+(?:\.\d+)?) s$")  # the builder's line
 FINAL = "final"
 
 
@@ -79,10 +80,10 @@ class StageSummary:
     def outside_steps(self) -> float | None:
         """Of the time of the builds whose steps are known, the share outside the recipe's
         steps, in percent: build roots, packing, checks, signing, publishing."""
-        timed = [(b.seconds, b.steps) for b in self.builds if b.state == "built"]
-        known = [(whole, steps) for whole, steps in timed if whole and steps is not None]
-        whole = sum(w for w, _ in known)
-        return (whole - sum(s for _, s in known)) / whole * 100 if whole > 0 else None
+        known = [b for b in self.builds if b.state == "built" and b.seconds and b.steps is not None]
+        whole = sum(b.seconds or 0.0 for b in known)
+        inside = sum(b.steps or 0.0 for b in known)
+        return (whole - inside) / whole * 100 if whole > 0 else None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -107,7 +108,7 @@ class StageSummary:
 def step_seconds(log: Iterable[str]) -> float | None:
     """The seconds a build's recipe steps took, from its log's lines (the builder ends
     each step with ``==> build: ok in 12.34 s``); None when no step finished."""
-    found = [float(m.group(1)) for line in log if (m := _STEP_DONE.match(line.rstrip("\n")))]
+    found = [float(m.group(2)) for line in log if (m := STEP_DONE.match(line.rstrip("\n")))]
     return sum(found) if found else None
 
 
